@@ -1,0 +1,157 @@
+"""The context a stage implementation runs in.
+
+It gives a plugin what it should not build itself: the resolved device and dtype,
+the stage's temporary output folder, progress bars, model loading that follows the
+recipe's safety settings, and the counters that end up in report.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from engine import modelio
+from engine.api import ModelArtifact
+
+
+@dataclass
+class Runtime:
+    """Where and how models run; from the recipe's ``runtime:`` (stage overrides win)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    load_in_8bit: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StageStats:
+    """Counters a stage fills in; the runner adds wall time, memory and cache state."""
+
+    tokens: int = 0
+    trainable_params: int | None = None
+    forward_params: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class ProgressTracker:
+    """Handle of one progress bar; ``advance`` moves it and shows live fields."""
+
+    def __init__(self, progress: Progress | None, task_id: Any) -> None:
+        self._progress = progress
+        self._task = task_id
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        if self._progress is not None:
+            info = "  ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            self._progress.update(self._task, advance=n, info=info)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class StageContext:
+    """Everything a stage implementation may use besides its inputs and params."""
+
+    def __init__(
+        self,
+        *,
+        run_name: str,
+        stage_name: str,
+        stage_kind: str,
+        plugin: str,
+        workdir: Path,
+        output_dir: Path,
+        runtime: Runtime | None = None,
+        console: Console | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.run_name = run_name
+        self.stage_name = stage_name
+        self.stage_kind = stage_kind
+        self.plugin = plugin
+        self.workdir = Path(workdir)
+        self.output_dir = Path(output_dir)
+        self.runtime = runtime or Runtime()
+        self.console = console or Console(stderr=True)
+        self.stats = StageStats()
+        self._progress = progress
+
+    # -- where things run ------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return modelio.resolve_device(self.runtime.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return modelio.resolve_dtype(self.runtime.dtype, self.device)
+
+    # -- feedback --------------------------------------------------------------------
+
+    @contextmanager
+    def progress(self, total: float | None, description: str | None = None) -> Iterator[ProgressTracker]:
+        """A progress bar for long work: ``with ctx.progress(steps) as bar: bar.advance()``."""
+        if self._progress is None:
+            yield ProgressTracker(None, None)
+            return
+        task = self._progress.add_task(description or self.stage_name, total=total, info="")
+        try:
+            yield ProgressTracker(self._progress, task)
+        finally:
+            self._progress.update(task, visible=False)
+
+    def log(self, message: str) -> None:
+        self.console.log(f"[dim]{self.stage_name}:[/] {message}")
+
+    # -- report counters ---------------------------------------------------------------
+
+    def add_tokens(self, n: int) -> None:
+        """Tokens processed (trained on or scored) by this stage."""
+        self.stats.tokens += int(n)
+
+    def set_param_counts(self, *, trainable: int, forward: int) -> None:
+        """Parameters updated by training, and parameters a forward pass goes through."""
+        self.stats.trainable_params = int(trainable)
+        self.stats.forward_params = int(forward)
+
+    def note(self, key: str, value: Any) -> None:
+        """A fact for the report (JSON-serialisable), e.g. a selector's explanation."""
+        self.stats.notes[key] = value
+
+    # -- models ----------------------------------------------------------------------
+
+    def load_model(self, model: ModelArtifact | Path, *, load_in_8bit: bool | None = None,
+                   dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+        """Load a model folder with the stage's device, dtype and safety settings.
+
+        ``load_in_8bit`` defaults to the runtime setting; trainers pass ``False``
+        for the weights they train.
+        """
+        path = model.path if isinstance(model, ModelArtifact) else Path(model)
+        return modelio.load_model(
+            path,
+            dtype=dtype if dtype is not None else self.dtype,
+            device=self.device,
+            load_in_8bit=self.runtime.load_in_8bit if load_in_8bit is None else load_in_8bit,
+            trust_remote_code=self.runtime.trust_remote_code,
+        )
+
+    def load_tokenizer(self, model: ModelArtifact | Path) -> Any:
+        path = model.path if isinstance(model, ModelArtifact) else Path(model)
+        return modelio.load_tokenizer(path, trust_remote_code=self.runtime.trust_remote_code)
+
+    def save_model(self, model: torch.nn.Module, tokenizer: Any,
+                   meta: dict[str, Any] | None = None) -> ModelArtifact:
+        """Write the stage's output model folder and return its artifact."""
+        modelio.save_model(model, tokenizer, self.output_dir, meta=meta)
+        return ModelArtifact(name=self.stage_name, path=self.output_dir, meta=dict(meta or {}))

@@ -1,0 +1,127 @@
+"""Data files: resolving recipe data specs and reading records, streaming.
+
+Formats (see :class:`engine.api.DataSource`):
+
+* ``text``: ``.txt`` (one document per non-empty line) or ``.jsonl`` with a text field;
+* ``instructions``: jsonl with ``prompt`` and ``response``, or chat ``messages``
+  (a list of ``{role, content}``; the last assistant turn is the response);
+* ``choice``: jsonl with ``prompt``, ``choices`` (two or more strings), ``label`` (index).
+
+Files are read line by line, so a corpus larger than memory works.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from engine.api import DataSource
+from engine.errors import DataError
+
+
+def detect_format(path: Path, text_field: str = "text") -> str:
+    """Guess a file's format from its extension and first record."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        return "text"
+    if path.suffix != ".jsonl":
+        raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .txt or .jsonl)")
+    for lineno, record in iter_jsonl(path):
+        if "choices" in record:
+            return "choice"
+        if "messages" in record or ("prompt" in record and "response" in record):
+            return "instructions"
+        if text_field in record:
+            return "text"
+        raise DataError(
+            f"{path}:{lineno}: cannot tell the format: expected a {text_field!r} field (text), "
+            "'prompt'+'response' or 'messages' (instructions), or 'choices' (choice)"
+        )
+    raise DataError(f"{path}: data file is empty")
+
+
+def resolve_data(spec: Any, recipe_dir: Path) -> DataSource:
+    """A recipe :class:`~engine.recipe.DataSpec` as a checked :class:`DataSource`."""
+    if spec.builtin is not None:
+        from engine import world
+
+        path = world.data_path(spec.builtin)
+    else:
+        path = Path(spec.path).expanduser()
+        if not path.is_absolute():
+            path = (Path(recipe_dir) / path).resolve()
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty")
+    fmt = spec.format
+    if fmt == "auto":
+        fmt = detect_format(path, spec.text_field)
+    return DataSource(path=path, format=fmt, language=spec.language, weight=spec.weight,
+                      text_field=spec.text_field)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-empty line; bad JSON names file and line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, record
+
+
+def iter_texts(source: DataSource) -> Iterator[str]:
+    """The documents of a text source, streamed."""
+    if source.path.suffix == ".txt":
+        with open(source.path, encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if line:
+                    yield line
+        return
+    for lineno, record in iter_jsonl(source.path):
+        value = record.get(source.text_field)
+        if not isinstance(value, str):
+            raise DataError(f"{source.path}:{lineno}: field {source.text_field!r} missing or not a string")
+        if value.strip():
+            yield value
+
+
+def iter_instructions(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, record) with either ``prompt``/``response`` or ``messages``, checked."""
+    for lineno, record in iter_jsonl(source.path):
+        if "messages" in record:
+            msgs = record["messages"]
+            if (not isinstance(msgs, list) or not msgs
+                    or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
+                raise DataError(f"{source.path}:{lineno}: 'messages' must be a list of {{role, content}}")
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{source.path}:{lineno}: the last message must be the assistant's")
+        elif not (isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)):
+            raise DataError(f"{source.path}:{lineno}: expected string 'prompt' and 'response'")
+        yield lineno, record
+
+
+def iter_choices(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, record) of multiple-choice items, checked."""
+    for lineno, record in iter_jsonl(source.path):
+        choices = record.get("choices")
+        label = record.get("label")
+        if not isinstance(record.get("prompt"), str):
+            raise DataError(f"{source.path}:{lineno}: 'prompt' missing or not a string")
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{source.path}:{lineno}: 'choices' must be a list of strings")
+        if len(choices) < 2:
+            raise DataError(f"{source.path}:{lineno}: 'choices' needs at least two entries")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+            raise DataError(f"{source.path}:{lineno}: 'label' must be an index into 'choices' (0..{len(choices) - 1})")
+        yield lineno, record

@@ -1,0 +1,32 @@
+"""Errors a user can cause. The CLI prints their message alone (no traceback unless
+``--debug``), so every message names the file, stage, field or tensor at fault."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every user-facing error."""
+
+
+class RecipeError(EngineError):
+    """The recipe file is unreadable, malformed or inconsistent."""
+
+
+class PluginError(EngineError):
+    """A plugin is missing, broken, or registered something invalid."""
+
+
+class DataError(EngineError):
+    """A data file is missing, empty or malformed."""
+
+
+class ModelLoadError(EngineError):
+    """A model folder is missing, incomplete, or not loadable safely."""
+
+
+class MergeError(EngineError):
+    """Merge inputs are inconsistent (missing tensors, shapes, bad parameters)."""
+
+
+class TrainingError(EngineError):
+    """Training cannot go on (NaN loss, unknown architecture, bad layer index)."""
