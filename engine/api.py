@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -138,7 +138,7 @@ class MetricsArtifact:
         return out
 
 
-Artifact = Union[ModelArtifact, LayerSelection, MetricsArtifact]
+Artifact = ModelArtifact | LayerSelection | MetricsArtifact
 
 
 # --- inputs ----------------------------------------------------------------------------

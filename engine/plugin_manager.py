@@ -112,7 +112,7 @@ def implementations() -> dict[str, dict[str, Registered]]:
     found: dict[str, dict[str, Registered]] = {kind: {} for kind in STAGE_KINDS}
     for kind, hook_name in STAGE_KINDS.items():
         caller = getattr(pm.hook, hook_name)
-        for hookimpl in reversed(caller.get_hookimpls()):  # registration order
+        for hookimpl in caller.get_hookimpls():  # registration order: first one wins a name
             plugin_name = pm.get_name(hookimpl.plugin) or repr(hookimpl.plugin)
             pending: list[StageImplementation] = []
             try:

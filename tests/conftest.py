@@ -118,3 +118,17 @@ def make_context(tmp_path):
                             runtime=Runtime(device="cpu", **runtime))
 
     return make
+
+
+@pytest.fixture
+def test_plugin():
+    """Register tests/engine_test_plugin.py for one test, then unregister it."""
+    import engine_test_plugin
+
+    from engine.plugin_manager import pm
+
+    pm.register(engine_test_plugin, name="engine-test-plugin")
+    try:
+        yield engine_test_plugin
+    finally:
+        pm.unregister(name="engine-test-plugin")

@@ -1,0 +1,7 @@
+"""``python -m engine`` (and ``accelerate launch -m engine``) is the ``engine`` command."""
+
+import sys
+
+from engine.cli import main
+
+sys.exit(main())

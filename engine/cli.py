@@ -1,0 +1,156 @@
+"""The ``engine`` command line.
+
+Errors a user can cause print one short message naming the file, stage or field
+and exit with status 2 (1 for a stage that failed while running); ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from engine import __version__
+from engine.errors import EngineError
+
+EXIT_USER_ERROR = 2
+EXIT_STAGE_FAILED = 1
+
+
+def _quiet_libraries() -> None:
+    """No hub traffic and no third-party progress bars inside ours."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engine",
+        description="lingoforge: adapt multilingual LLMs to languages by training less and merging more.",
+    )
+    parser.add_argument("--version", action="version", version=f"lingoforge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--workdir", type=Path, help="output folder (default: runs/<recipe name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe value, e.g. stages.ct.params.steps=10 (repeatable)")
+    run.add_argument("--no-cache", action="store_true", help="re-run stages even if their output is current")
+
+    validate = sub.add_parser("validate", help="check a recipe without loading weights")
+    validate.add_argument("recipe", type=Path)
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    schema = sub.add_parser("schema", help="print the recipe JSON schema (plugin params included)")
+    schema.add_argument("--markdown", action="store_true", help="print the recipe reference instead")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return COMMANDS[args.command](args, console)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        return 130
+    except EngineError as exc:
+        if args.debug:
+            console.print_exception()
+        from engine.runner import StageFailed
+
+        console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False)
+        if isinstance(exc, StageFailed) and not args.debug:
+            console.print("[dim](run with --debug for the traceback)[/]")
+        return EXIT_STAGE_FAILED if isinstance(exc, StageFailed) else EXIT_USER_ERROR
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _plan(recipe_path: Path, overrides: list[str]) -> Any:
+    from engine.recipe import load_recipe
+    from engine.validate import plan_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    return plan_recipe(recipe, recipe_path.resolve().parent, str(recipe_path))
+
+
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    plan = _plan(args.recipe, args.overrides)
+    console.print(f"[green]ok[/] {args.recipe}: {len(plan.stages)} stages in order: "
+                  + " -> ".join(s.name for s in plan.stages), highlight=False)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    _quiet_libraries()
+    from engine.report import metrics_table, stages_table
+    from engine.runner import Runner
+
+    plan = _plan(args.recipe, args.overrides)
+    workdir = args.workdir or Path("runs") / plan.recipe.name
+    console.print(f"[bold]lingoforge[/] running [cyan]{plan.recipe.name}[/] "
+                  f"({len(plan.stages)} stages) into {workdir}", highlight=False)
+    report = Runner(plan, workdir, console=console, use_cache=not args.no_cache).run()
+    out = Console()
+    out.print(stages_table(report))
+    table = metrics_table(report)
+    if table is not None:
+        out.print(table)
+    out.print(f"report: {workdir / 'report.json'}  ({report['wall_time_s']:.1f}s)", highlight=False)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
+    from engine.plugin_manager import plugins_info
+
+    info = plugins_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="plugins")
+    for col in ("plugin", "version", "registers"):
+        table.add_column(col)
+    for row in info:
+        regs = "; ".join(f"{kind}: {', '.join(i['name'] for i in items)}"
+                         for kind, items in row["registers"].items())
+        if row.get("broken"):
+            regs = f"[red]broken: {_escape(row['broken'])}[/]"
+        table.add_row(row["name"], row["version"], regs)
+    Console().print(table)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, console: Console) -> int:
+    from engine.schema import json_schema, markdown
+
+    sys.stdout.write(markdown() if args.markdown else json.dumps(json_schema(), indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

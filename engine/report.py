@@ -1,0 +1,86 @@
+"""Readable summaries of a run: the tables printed at the end of ``engine run``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+LOWER_IS_BETTER = ("ppl", "loss", "nll")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Perplexities and losses improve downwards; accuracies and the rest upwards."""
+    return metric.split("/", 1)[0].lower() in LOWER_IS_BETTER
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _params(v: int | None) -> str:
+    if v is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return str(v)
+
+
+def stages_table(report: dict[str, Any]) -> Table:
+    """One row per stage: what ran, how long, how much it trained."""
+    table = Table(title=f"run {report['recipe']}: stages", title_justify="left")
+    for col, justify in (("stage", "left"), ("plugin", "left"), ("time s", "right"), ("tokens", "right"),
+                         ("trainable / forward", "right"), ("peak MB", "right"), ("cache", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in report["stages"]:
+        trained = f"{_params(r.get('trainable_params'))} / {_params(r.get('forward_params'))}"
+        table.add_row(r["name"], r["plugin"], f"{r['wall_time_s']:.1f}", _num(r.get("tokens")),
+                      trained, _num(r.get("peak_rss_mb"), 4), r.get("cache", "-"))
+    return table
+
+
+def collect_metrics(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """All evaluate stages' metrics merged: ``{model: {metric: value}}``."""
+    rows: dict[str, dict[str, float]] = {}
+    for r in report["stages"]:
+        if r["stage"] != "evaluate":
+            continue
+        for model, values in r.get("metrics", {}).items():
+            if isinstance(values, dict):
+                rows.setdefault(model, {}).update(values)
+    return rows
+
+
+def metrics_table(report: dict[str, Any]) -> Table | None:
+    """Models as rows, metrics as columns; the best value of each column in bold green."""
+    rows = collect_metrics(report)
+    if not rows:
+        return None
+    columns = sorted({m for values in rows.values() for m in values})
+    best: dict[str, float] = {}
+    for col in columns:
+        vals = [v[col] for v in rows.values() if isinstance(v.get(col), (int, float))]
+        if vals:
+            best[col] = min(vals) if lower_is_better(col) else max(vals)
+    table = Table(title="metrics (best per column in bold; ppl: lower is better, acc: higher)",
+                  title_justify="left")
+    table.add_column("model")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for model, values in rows.items():
+        cells = []
+        for col in columns:
+            v = values.get(col)
+            text = _num(v, 4)
+            if v is not None and col in best and v == best[col]:
+                text = f"[bold green]{text}*[/]"
+            cells.append(text)
+        table.add_row(model, *cells)
+    return table

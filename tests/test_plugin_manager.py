@@ -1,0 +1,129 @@
+"""Hook registration: built-ins and third-party plugins go through the same path."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import plugin_manager
+from engine.api import PluginParams, hookimpl
+from engine.errors import PluginError
+from engine.plugin_manager import get_implementation, implementations, plugins_info, pm
+
+
+def test_test_plugin_registers_per_stage(test_plugin):
+    impls = implementations()
+    assert impls["adapt-language"]["copy-model"].plugin == "engine-test-plugin"
+    assert impls["select-layers"]["all-layers"].impl.name == "all-layers"
+    assert "line-count" in impls["evaluate"]
+
+
+def test_unregister_removes_implementations(test_plugin):
+    pm.unregister(name="engine-test-plugin")
+    try:
+        assert "copy-model" not in implementations()["adapt-language"]
+    finally:
+        pm.register(test_plugin, name="engine-test-plugin")
+
+
+def test_unknown_plugin_error_lists_alternatives(test_plugin):
+    with pytest.raises(PluginError, match=r"no adapt-language plugin named 'nope'.*copy-model"):
+        get_implementation("adapt-language", "nope")
+    with pytest.raises(PluginError, match="unknown stage kind"):
+        get_implementation("finetune", "x")
+
+
+class _BadParams:
+    name = "bad"
+    Params = dict  # not a PluginParams subclass
+
+    def run(self, context, inputs, params):  # pragma: no cover - never run
+        raise AssertionError
+
+
+class _BrokenPlugin:
+    @hookimpl
+    def register_merge_methods(self, register):
+        register(_BadParams())
+
+
+class _RaisingPlugin:
+    @hookimpl
+    def register_evaluators(self, register):
+        raise RuntimeError("boom in register")
+
+
+@pytest.mark.parametrize(("plugin", "message"), [
+    (_BrokenPlugin(), "Params must subclass"),
+    (_RaisingPlugin(), "boom in register"),
+])
+def test_broken_plugin_is_reported_by_name_not_fatal(test_plugin, plugin, message):
+    pm.register(plugin, name="broken-one")
+    try:
+        impls = implementations()  # does not raise
+        assert "copy-model" in impls["adapt-language"]
+        broken = {b.name: b.error for b in plugin_manager.broken_plugins()}
+        assert message in broken["broken-one"]
+        row = next(r for r in plugins_info() if r["name"] == "broken-one")
+        assert message in row["broken"]
+    finally:
+        pm.unregister(name="broken-one")
+        plugin_manager._broken.pop("broken-one", None)
+
+
+def test_duplicate_name_marks_second_plugin_broken(test_plugin):
+    class Dup:
+        name = "copy-model"
+        Params = PluginParams
+
+        def run(self, context, inputs, params):  # pragma: no cover
+            raise AssertionError
+
+    class DupPlugin:
+        @hookimpl
+        def register_language_adapters(self, register):
+            register(Dup())
+
+    pm.register(DupPlugin(), name="dup-plugin")
+    try:
+        impls = implementations()
+        assert impls["adapt-language"]["copy-model"].plugin == "engine-test-plugin"
+        assert "already registered" in plugin_manager._broken["dup-plugin"].error
+    finally:
+        pm.unregister(name="dup-plugin")
+        plugin_manager._broken.pop("dup-plugin", None)
+
+
+def test_builtins_are_loaded_through_the_plugin_manager():
+    names = {pm.get_name(p) for p in pm.get_plugins()}
+    implementations()
+    loaded = {pm.get_name(p) for p in pm.get_plugins()} | names
+    for module in plugin_manager.DEFAULT_PLUGINS:
+        assert module in loaded or module in {b.name for b in plugin_manager.broken_plugins()}
+
+
+def test_entry_point_plugins_are_loaded(monkeypatch, tmp_path):
+    """A real installed distribution with an entry point in 'engine.plugins' is registered."""
+    (tmp_path / "tp_lingoforge_plugin.py").write_text(
+        "from engine.api import PluginParams, hookimpl\n"
+        "class Noop:\n"
+        "    name = 'tp-align'\n"
+        "    Params = PluginParams\n"
+        "    def run(self, context, inputs, params):\n"
+        "        raise NotImplementedError\n"
+        "@hookimpl\n"
+        "def register_aligners(register):\n"
+        "    register(Noop())\n"
+    )
+    dist = tmp_path / "tp_lingoforge_plugin-9.9.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-lingoforge-plugin\nVersion: 9.9\n")
+    (dist / "entry_points.txt").write_text("[engine.plugins]\nthird-party = tp_lingoforge_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugin_manager, "_loaded", False)
+    try:
+        plugin_manager.load_plugins()
+        assert get_implementation("align", "tp-align").plugin == "third-party"
+        assert plugin_manager.plugin_version("third-party") == "9.9"
+    finally:
+        if pm.has_plugin("third-party"):
+            pm.unregister(name="third-party")

@@ -1,0 +1,110 @@
+"""The runner: order, atomic outputs, the cache, report.json and lifecycle hooks."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine.plugin_manager import pm
+from engine.recipe import load_recipe
+from engine.runner import Runner, StageFailed
+from engine.validate import plan_recipe
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_model, text_file, test_plugin) -> Path:
+    f = tmp_path / "r.yaml"
+    f.write_text(textwrap.dedent(f"""
+        name: demo
+        models:
+          base: {{path: {tiny_model}}}
+        stages:
+          - name: picked
+            stage: select-layers
+            plugin: all-layers
+            model: base
+          - name: adapted
+            stage: adapt-language
+            plugin: copy-model
+            model: base
+            layers: picked
+            data: {{path: {text_file}}}
+          - name: scores
+            stage: evaluate
+            plugin: line-count
+            models: [base, adapted]
+            data: {{path: {text_file}}}
+        """))
+    return f
+
+
+def run(recipe: Path, workdir: Path, overrides=()):
+    plan = plan_recipe(load_recipe(recipe, list(overrides)), recipe.parent, str(recipe))
+    return Runner(plan, workdir).run()
+
+
+def test_run_writes_outputs_and_report(recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    work = tmp_path / "work"
+    report = run(recipe, work)
+    assert [r["name"] for r in report["stages"]] == ["picked", "adapted", "scores"]
+    assert json.loads((work / "report.json").read_text())["finished"] is True
+    assert json.loads((work / "picked" / "layers.json").read_text())["indices"] == [0, 1, 2, 3]
+    AutoModelForCausalLM.from_pretrained(work / "adapted")
+    metrics = json.loads((work / "scores" / "metrics.json").read_text())
+    assert metrics["adapted"]["lines"] == metrics["_counts"]["base"]["lines"] > 0
+    rec = report["stages"][1]
+    for key in ("wall_time_s", "tokens", "trainable_params", "forward_params", "peak_rss_mb",
+                "cache", "metrics"):
+        assert key in rec
+    assert rec["tokens"] == 7 and rec["cache"] == "miss"
+    assert report["stages"][2]["metrics"]["base"]["lines"] > 0
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_second_run_hits_the_cache_until_something_changes(recipe, tmp_path):
+    work = tmp_path / "work"
+    run(recipe, work)
+    again = run(recipe, work)
+    assert [r["cache"] for r in again["stages"]] == ["hit", "hit", "hit"]
+    assert again["stages"][1]["tokens"] == 7
+    changed = run(recipe, work, ["stages.scores.data.weight=2"])
+    assert [r["cache"] for r in changed["stages"]] == ["hit", "hit", "miss"]
+
+
+def test_failed_stage_leaves_no_output_and_names_the_stage(recipe, tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(StageFailed, match="stage 'adapted' \\(copy-model\\) failed: RuntimeError: asked to fail"):
+        run(recipe, work, ["stages.adapted.params.fail=true"])
+    assert (work / "picked").is_dir()
+    assert not (work / "adapted").exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".") and p.is_dir()]
+    report = json.loads((work / "report.json").read_text())
+    assert report["finished"] is False and [r["name"] for r in report["stages"]] == ["picked"]
+
+
+def test_failed_rerun_keeps_previous_good_output(recipe, tmp_path):
+    work = tmp_path / "work"
+    run(recipe, work)
+    with pytest.raises(StageFailed):
+        run(recipe, work, ["stages.adapted.params.fail=true"])
+    assert (work / "adapted" / "config.json").is_file()
+
+
+def test_lifecycle_hooks_observe_the_run(recipe, tmp_path, test_plugin):
+    observer = test_plugin.Observer()
+    pm.register(observer, name="observer")
+    try:
+        work = tmp_path / "work"
+        run(recipe, work)
+        run(recipe, work)
+    finally:
+        pm.unregister(name="observer")
+    assert observer.events[:7] == ["started:picked", "finished:picked:miss", "started:adapted",
+                                   "finished:adapted:miss", "started:scores", "finished:scores:miss",
+                                   "run:3"]
+    assert observer.events[7:] == ["run:3"]  # cached stages do not start
