@@ -1,0 +1,65 @@
+"""nox sessions: tests, lint, the quickstart, and a per-plugin test matrix.
+
+torch is installed first from the pinned CPU wheel in every session: a looser
+requirement on a machine without torch would pull the newest CUDA build.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = "torch==2.13.0"
+
+#: built-in plugin -> pytest -k expression selecting its tests
+PLUGIN_TESTS = {
+    "ct": "ct and not elo",
+    "sft": "sft",
+    "elo": "elo and not align",
+    "elo-align": "elo_align",
+    "first-last": "first_last",
+    "indices": "indices",
+    "task-arithmetic": "task_arithmetic",
+    "ties": "ties and not slack",
+    "slack-ties": "slack_ties",
+    "perplexity": "perplexity",
+    "task-accuracy": "task_accuracy",
+}
+
+
+def _install(session: nox.Session, extras: str = "dev") -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite."""
+    _install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on everything."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def quickstart(session: nox.Session) -> None:
+    """Run recipes/quickstart.yaml end to end on the built-in world."""
+    _install(session)
+    session.run("engine", "validate", "recipes/quickstart.yaml")
+    session.run("engine", "run", "recipes/quickstart.yaml", "--workdir", "runs/quickstart", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("plugin", list(PLUGIN_TESTS))
+def plugin(session: nox.Session, plugin: str) -> None:
+    """One built-in plugin's tests (the plugin matrix): nox -s "plugin(plugin='ties')"."""
+    _install(session)
+    session.run("pytest", "-k", PLUGIN_TESTS[plugin], *session.posargs)
