@@ -96,6 +96,22 @@ def resolve_indices(indices: Iterable[int], n_layers: int, *, what: str = "layer
     return sorted(seen)
 
 
+def choose_layers(explicit: Sequence[int] | None, selection: Any, n_layers: int) -> list[int] | None:
+    """Layers a trainer was asked to train: its ``layers`` param or a select-layers
+    stage's :class:`~engine.api.LayerSelection` (not both); None when neither is given."""
+    if explicit is not None and selection is not None:
+        raise TrainingError(f"layers are given twice: params.layers={list(explicit)} and the "
+                            f"'layers' input {selection.name!r}; keep one")
+    if selection is not None:
+        if selection.num_layers != n_layers:
+            raise TrainingError(f"layer selection {selection.name!r} was made for a model with "
+                                f"{selection.num_layers} layers, this model has {n_layers}")
+        return resolve_indices(selection.indices, n_layers, what=f"layer index (from {selection.name!r})")
+    if explicit is not None:
+        return resolve_indices(explicit, n_layers)
+    return None
+
+
 def submodel_config(config: Any, indices: Sequence[int]) -> Any:
     """The config of a detached sub-model holding source layers ``indices`` in order.
 

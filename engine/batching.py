@@ -1,0 +1,264 @@
+"""Turning data sources into training batches, streamed and deterministic.
+
+Two kinds of batches, both ``{"input_ids", "attention_mask", "labels"}`` tensors on
+the CPU (the training loop moves them):
+
+* **packed text** (:func:`packed_batches`): documents are tokenized, joined with EOS
+  and cut into ``seq_len`` blocks, so no compute is spent on padding. Several sources
+  are mixed block by block in proportion to their ``weight`` (ELO's 9:1
+  target:source mix), with a smooth weighted round robin: the proportions hold
+  exactly in every window, not only on average.
+* **instructions** (:func:`instruction_batches`): prompt/response pairs or chat
+  messages, rendered with the tokenizer's chat template when it has one. Prompt
+  tokens are labelled ``-100`` so that only the response is learned; batches are
+  padded to their longest example.
+
+Files are read line by line (:mod:`engine.data`) and shuffled through a bounded
+buffer, so corpora larger than memory work. Iteration never ends (each source is
+re-read when exhausted); the trainer's ``steps`` decides the length. The same seed
+gives the same batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from engine.api import DataSource
+from engine.data import iter_instructions, iter_texts
+from engine.errors import DataError
+
+Batch = dict[str, torch.Tensor]
+T = TypeVar("T")
+
+IGNORE_INDEX = -100
+_TOKENIZE_CHUNK = 64
+
+
+def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
+                     batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Batches for ``sources``, packed text or masked instructions by their format.
+
+    All sources must share one format. ``rank``/``world_size`` deal batches round
+    robin to data-parallel processes.
+    """
+    if not sources:
+        raise DataError("no training data given")
+    formats = {s.format for s in sources}
+    if len(formats) > 1:
+        listing = ", ".join(f"{s.path} ({s.format})" for s in sources)
+        raise DataError(f"training data mixes formats; give one kind per stage: {listing}")
+    fmt = formats.pop()
+    if fmt == "text":
+        batches = packed_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    elif fmt == "instructions":
+        batches = instruction_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    else:
+        raise DataError(f"{sources[0].path}: {fmt!r} data cannot be trained on (use text or instructions)")
+    return itertools.islice(batches, rank, None, world_size) if world_size > 1 else batches
+
+
+def require_format(sources: Sequence[DataSource], fmt: str, who: str) -> None:
+    """DataError unless every source has format ``fmt`` (``who`` names the trainer)."""
+    if not sources:
+        raise DataError(f"{who} needs training data ('data:' is empty)")
+    for src in sources:
+        if src.format != fmt:
+            raise DataError(f"{src.path}: {who} trains on {fmt!r} data, this file is {src.format!r}")
+
+
+# --- generic stream helpers -----------------------------------------------------------------
+
+
+def cycle(make: Callable[[], Iterable[T]], what: str) -> Iterator[T]:
+    """Re-open a stream each time it ends; an empty stream is a DataError naming ``what``."""
+    while True:
+        empty = True
+        for item in make():
+            empty = False
+            yield item
+        if empty:
+            raise DataError(f"{what}: no usable records")
+
+
+def shuffled(items: Iterable[T], rng: random.Random, buffer_size: int) -> Iterator[T]:
+    """Approximate shuffle with a bounded buffer (memory stays ``buffer_size`` items)."""
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def mix(streams: Sequence[Iterator[T]], weights: Sequence[float]) -> Iterator[T]:
+    """Interleave streams in proportion to ``weights`` (smooth weighted round robin).
+
+    With weights 9 and 1, every run of 10 items holds 9 from the first stream.
+    """
+    if any(w <= 0 for w in weights):
+        raise DataError(f"data weights must be positive, got {list(weights)}")
+    total = float(sum(weights))
+    credit = [0.0] * len(streams)
+    while True:
+        for i, w in enumerate(weights):
+            credit[i] += w
+        best = max(range(len(streams)), key=lambda i: credit[i])
+        credit[best] -= total
+        yield next(streams[best])
+
+
+def _source_rng(seed: int, index: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + index)
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+# --- packed text ---------------------------------------------------------------------------
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; it is needed to separate documents and "
+                        "to end responses")
+    return int(eos)
+
+
+def _tokenized_documents(tokenizer: Any, source: DataSource, rng: random.Random,
+                         buffer_size: int) -> Iterator[list[int]]:
+    """Token ids per document, each ending in EOS, shuffled through a buffer."""
+    eos = _eos_id(tokenizer)
+    docs = shuffled(iter_texts(source), rng, buffer_size)
+    for chunk in _chunks(docs, _TOKENIZE_CHUNK):
+        for ids in tokenizer(chunk)["input_ids"]:
+            yield ids if ids and ids[-1] == eos else [*ids, eos]
+
+
+def pack(documents: Iterable[list[int]], seq_len: int) -> Iterator[list[int]]:
+    """Concatenate documents and cut the stream into blocks of exactly ``seq_len`` tokens."""
+    buf: list[int] = []
+    for ids in documents:
+        buf.extend(ids)
+        while len(buf) >= seq_len:
+            yield buf[:seq_len]
+            buf = buf[seq_len:]
+
+
+def packed_blocks(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int, seed: int = 0,
+                  shuffle_buffer: int = 1024) -> Iterator[tuple[int, list[int]]]:
+    """Endless ``(source index, block)`` pairs, sources mixed by weight."""
+    streams = []
+    for i, src in enumerate(sources):
+        rng = _source_rng(seed, i)
+        docs = cycle(lambda s=src, r=rng: _tokenized_documents(tokenizer, s, r, shuffle_buffer), str(src.path))
+        streams.append(zip(itertools.repeat(i), pack(docs, seq_len)))
+    return mix(streams, [s.weight for s in sources])
+
+
+def packed_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int, batch_size: int,
+                   seed: int = 0, shuffle_buffer: int = 1024) -> Iterator[Batch]:
+    """Endless batches of packed ``seq_len`` blocks (labels = inputs; the model shifts)."""
+    blocks = packed_blocks(tokenizer, sources, seq_len=seq_len, seed=seed, shuffle_buffer=shuffle_buffer)
+    while True:
+        rows = [block for _, block in itertools.islice(blocks, batch_size)]
+        ids = torch.tensor(rows, dtype=torch.long)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+# --- instructions ------------------------------------------------------------------------------
+
+
+def _messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    if "messages" in record:
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    return [{"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]}]
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+    return list(out["input_ids"] if isinstance(out, dict) else out)
+
+
+def encode_instruction(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) for one instruction record.
+
+    With a chat template the conversation is rendered whole and the prompt is the
+    rendering of every turn before the last plus the generation prompt; the
+    response is what the full rendering adds after it. Without a template the
+    prompt text (or the earlier turns as ``role: content`` lines) is followed by the
+    response and EOS.
+    """
+    messages = _messages(record)
+    if getattr(tokenizer, "chat_template", None):
+        full = _template_ids(tokenizer, messages)
+        prompt = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True) if len(messages) > 1 else []
+        common = 0
+        for a, b in zip(prompt, full):
+            if a != b:
+                break
+            common += 1
+        return full[:common], full[common:]
+    if "messages" in record:
+        prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
+    else:
+        prompt_text = record["prompt"]
+    prompt_ids = list(tokenizer(prompt_text)["input_ids"])
+    response_ids = list(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
+    return prompt_ids, [*response_ids, _eos_id(tokenizer)]
+
+
+def _examples(tokenizer: Any, source: DataSource, seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(input ids, labels) per record, prompt masked, cut to ``seq_len``."""
+    for lineno, record in iter_instructions(source):
+        prompt, response = encode_instruction(tokenizer, record)
+        if len(prompt) >= seq_len:
+            raise DataError(
+                f"{source.path}:{lineno}: the prompt is {len(prompt)} tokens but seq_len is {seq_len}; "
+                "no response token would be trained. Raise seq_len or shorten the prompt."
+            )
+        if not response:
+            raise DataError(f"{source.path}:{lineno}: the response is empty after tokenization")
+        ids = (prompt + response)[:seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt) + response)[:seq_len]
+        yield ids, labels
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Right-pad examples to the longest; padding is masked from attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def instruction_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
+                        batch_size: int, seed: int = 0, shuffle_buffer: int = 1024) -> Iterator[Batch]:
+    """Endless padded batches of instruction examples, sources mixed by weight."""
+    streams = []
+    for i, src in enumerate(sources):
+        rng = _source_rng(seed, i)
+        streams.append(cycle(
+            lambda s=src, r=rng: shuffled(_examples(tokenizer, s, seq_len), r, shuffle_buffer), str(src.path)))
+    examples = mix(streams, [s.weight for s in sources])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+    while True:
+        yield collate(list(itertools.islice(examples, batch_size)), pad_id)

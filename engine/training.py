@@ -1,0 +1,268 @@
+"""The one training loop every trainer plugin shares (ct, sft, elo, elo-align).
+
+It is built on :class:`accelerate.Accelerator`, so the same code runs on the CPU, one
+GPU or several processes, and mixed precision (bf16/fp16 autocast, fp16 loss scaling)
+comes from accelerate rather than from hand-written casts. A plugin prepares the
+model (which parameters require grad) and an iterator of micro-batches
+(:mod:`engine.batching`); :func:`train` does the rest: AdamW (or 8-bit AdamW),
+warmup + decay schedule, gradient accumulation, clipping, seeding, logging to
+``train_log.jsonl``, progress, and the report counters.
+
+The loop avoids per-step host syncs: losses stay on the device and are read every
+``log_every`` steps, when a line per step is written and non-finite losses are
+checked (the error names the first bad step). Everything it needs to continue lives
+in :class:`TrainState`, which a checkpointing layer can save and hand back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from engine.api import TrainingParams
+from engine.batching import IGNORE_INDEX, Batch
+from engine.errors import TrainingError
+
+if TYPE_CHECKING:
+    from engine.context import StageContext
+
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainerParams(TrainingParams):
+    """Parameters of the shared loop; every trainer's ``Params`` extends this."""
+
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warmup from ~0 to `lr`.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup, down to 0 at the last step (or flat).")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step; `batch_size` must be divisible by it. "
+        "Raises it to save memory without changing the effective batch.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables clipping.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision via accelerate; `auto` is bf16 on a GPU that supports it, "
+        "else off. fp16 needs CUDA.")
+    optimizer: Literal["adamw", "adamw-8bit"] = Field(
+        "adamw", description="`adamw-8bit` keeps optimizer state in 8 bits (bitsandbytes), about 4x smaller.")
+    log_every: int = Field(
+        10, ge=1, description="Read losses back from the device every this many steps (writes "
+        "train_log.jsonl lines and checks for NaN/inf).")
+
+    @model_validator(mode="after")
+    def _batch_divisible(self) -> TrainerParams:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per forward pass."""
+        return self.batch_size // self.grad_accum
+
+
+@dataclass
+class TrainState:
+    """Progress of a run: what a checkpoint needs besides model and optimizer tensors."""
+
+    step: int = 0
+    tokens: int = 0
+    last_loss: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, data: dict[str, Any]) -> TrainState:
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the unwrapped model, the final state, per-step losses."""
+
+    model: torch.nn.Module
+    state: TrainState
+    losses: list[float]
+    seconds: float
+
+
+# --- pieces ----------------------------------------------------------------------------------
+
+
+def training_dtype(context: StageContext) -> torch.dtype:
+    """dtype to load trained weights in: float32 master weights unless the recipe set
+    ``runtime.dtype`` explicitly (low-precision optimizer updates lose small steps)."""
+    return torch.float32 if context.runtime.dtype == "auto" else context.dtype
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """accelerate's ``mixed_precision`` value for ``setting`` on ``device``."""
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if setting == "fp16" and device.type != "cuda":
+        raise TrainingError(f"mixed_precision 'fp16' needs a CUDA device (running on {device.type}); "
+                            "use 'bf16' or 'no'")
+    if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("mixed_precision 'bf16' is not supported by this GPU; use 'fp16' or 'no'")
+    return setting
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier for 0-based ``step``: linear warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], hp: TrainerParams) -> torch.optim.Optimizer:
+    """AdamW over ``params``; matrices decay, vectors (biases, norms) do not."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if hp.optimizer == "adamw-8bit":
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError as exc:
+            raise TrainingError(f"optimizer 'adamw-8bit' needs bitsandbytes ({exc}); "
+                                "install lingoforge[8bit] or use 'adamw'") from None
+        return AdamW8bit(groups, lr=hp.lr)
+    return torch.optim.AdamW(groups, lr=hp.lr)
+
+
+def _accelerator(mixed_precision: str, device: torch.device) -> Any:
+    """An Accelerator for this stage.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with a
+    different precision; stages of one recipe may differ, so the precision part of
+    that state is reset (the process group, if any, is kept).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+
+
+def _count(batch: Batch) -> tuple[int, int]:
+    """(tokens in the batch, tokens whose next-token prediction is in the loss)."""
+    tokens = int(batch["attention_mask"].sum())
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return tokens, targets
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch], params: TrainerParams,
+          *, state: TrainState | None = None, description: str | None = None) -> TrainResult:
+    """Train the parameters of ``model`` that require grad for ``params.steps`` steps.
+
+    ``batches`` yields micro-batches of ``params.micro_batch_size`` rows (CPU tensors
+    ``input_ids``, ``attention_mask``, ``labels``); each optimizer step takes
+    ``params.grad_accum`` of them. The loss of a step is the mean over all its target
+    tokens (``num_items_in_batch``), so accumulation matches one large batch exactly.
+    ``state`` continues a run from ``state.step`` (the schedule resumes there).
+    Raises :class:`TrainingError` on a
+    non-finite loss.
+    """
+    from accelerate.utils import set_seed
+
+    state = state or TrainState()
+    set_seed(params.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError("no parameter requires grad: nothing to train")
+    context.set_param_counts(trainable=sum(p.numel() for p in trainable),
+                             forward=sum(p.numel() for p in model.parameters()))
+
+    device = context.device
+    accelerator = _accelerator(resolve_mixed_precision(params.mixed_precision, device), device)
+    optimizer = make_optimizer(trainable, params)
+    start = state.step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
+        start + i, total=params.steps, warmup=params.warmup_steps, schedule=params.schedule))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    log_path = context.output_dir / LOG_FILE
+    context.output_dir.mkdir(parents=True, exist_ok=True)
+    losses: list[float] = []
+    pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
+    window_tokens, window_start, began = 0, time.perf_counter(), time.perf_counter()
+    shown: dict[str, Any] = {}
+
+    def flush() -> None:
+        nonlocal window_tokens, window_start
+        values = torch.stack([loss for _, loss, _, _ in pending]).tolist()  # the one sync
+        norms = [None if n is None else float(n) for _, _, n, _ in pending]
+        now = time.perf_counter()
+        tok_s = window_tokens / max(now - window_start, 1e-9)
+        for (step, _, _, lr), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss became {value} at step {step + 1} of {params.steps} "
+                    f"(lr {lr:.3g}); lower lr, enable max_grad_norm, or check the data")
+        with open(log_path, "a", encoding="utf-8") as fh:
+            for (step, _, _, lr), value, norm in zip(pending, values, norms):
+                record = {"step": step + 1, "loss": value, "lr": lr, "tokens": state.tokens, "tok_s": tok_s}
+                if norm is not None:
+                    record["grad_norm"] = norm
+                fh.write(json.dumps(record) + "\n")
+        context.add_tokens(window_tokens)
+        losses.extend(values)
+        state.last_loss = values[-1]
+        shown.update(loss=values[-1], tok_s=round(tok_s))
+        pending.clear()
+        window_tokens, window_start = 0, now
+
+    with context.progress(params.steps - start, description or f"{context.stage_name}: training") as bar:
+        for step in range(start, params.steps):
+            micro = [next(batches) for _ in range(params.grad_accum)]
+            counts = [_count(b) for b in micro]
+            targets = max(1, sum(t for _, t in counts))
+            step_tokens = sum(n for n, _ in counts)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for k, batch in enumerate(micro):
+                batch = {name: t.to(accelerator.device, non_blocking=True) for name, t in batch.items()}
+                sync = k == len(micro) - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss = model(**batch, num_items_in_batch=targets).loss
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+            norm = (accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+                    if params.max_grad_norm > 0 else None)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step = step + 1
+            state.tokens += step_tokens
+            window_tokens += step_tokens
+            pending.append((step, step_loss, None if norm is None else norm.detach(), lr))
+            if state.step % params.log_every == 0 or state.step == params.steps:
+                flush()
+            bar.advance(1, **shown)
+
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model.eval()
+    accelerator.free_memory()
+    return TrainResult(model=model, state=state, losses=losses, seconds=time.perf_counter() - began)

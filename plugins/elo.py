@@ -1,0 +1,84 @@
+"""``elo``: ELO stage 1, training detached layers (arXiv 2601.03648).
+
+The first and last decoder layers are detached into a standalone sub-model
+``embed -> layer[0] -> layer[-1] -> norm -> lm_head``: the middle layers are absent,
+not frozen, so each step costs a fraction of a full model's. Embeddings, norm and head
+stay frozen; only the detached layers learn the target language (text mixed with
+some source-language text by data ``weight``, the paper's 9:1). The sub-model is
+saved as an ordinary, smaller model folder whose lingoforge.json says where its
+layers came from, so that ``elo-align`` can put them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from engine import arch, modelio
+from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
+from engine.batching import require_format, training_batches
+from engine.errors import RecipeError, TrainingError
+from engine.training import TrainerParams, train, training_dtype
+
+SUBMODEL_KIND = "elo-submodel"
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """The paper's choice: the first and the last decoder layer."""
+    return sorted({0, n_layers - 1})
+
+
+class ELO:
+    """ELO stage 1: train detached first/last layers as a small standalone model."""
+
+    name = "elo"
+
+    class Params(TrainerParams):
+        layers: list[int] | None = Field(
+            None, description="Decoder layers to detach and train (negative counts from the end). "
+            "Default: a select-layers stage's output if given as 'layers', else the first and last.")
+
+    def check(self, configs: dict[str, list[dict[str, Any]]], params: Params) -> None:
+        """Static check: a supported architecture, and explicit layers that exist."""
+        for cfg in configs.get("model", []):
+            try:
+                arch.check_supported(cfg)
+                if params.layers is not None:
+                    arch.resolve_indices(params.layers, arch.num_layers(cfg))
+            except TrainingError as exc:
+                raise ValueError(f"elo: {exc}") from None
+
+    def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
+        if inputs.model is None:
+            raise RecipeError(f"stage {context.stage_name!r}: elo needs a 'model' input")
+        require_format(inputs.data, "text", "elo")
+        source = inputs.model.path.resolve()
+        config = modelio.read_config(source)
+        arch.check_supported(config)
+        n = arch.num_layers(config)
+        chosen = arch.choose_layers(params.layers, inputs.layers, n) or default_layers(n)
+
+        tokenizer = context.load_tokenizer(source)
+        model, indices = arch.load_submodel(source, chosen, dtype=training_dtype(context),
+                                            device=context.device)
+        arch.train_only_layers(model, range(len(indices)))
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        context.note("elo_layers", indices)
+
+        batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
+                                   batch_size=params.micro_batch_size, seed=params.seed)
+        result = train(context, model, batches, params, description=f"{context.stage_name}: ELO layers {indices}")
+        meta = {
+            "kind": SUBMODEL_KIND,
+            "source_model": str(source),
+            "layer_indices": indices,
+            "source_num_layers": n,
+            "trained_tensors": trained,
+        }
+        return context.save_model(result.model, tokenizer, meta=meta)
+
+
+@hookimpl
+def register_language_adapters(register):
+    register(ELO())

@@ -1,0 +1,263 @@
+"""The training and layer-selection plugins, each run through ``run(context, inputs, params)``.
+
+Test names carry the plugin name (ct, sft, elo, first_last, indices) so that
+``pytest -k <plugin>`` selects one plugin's tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import modelio
+from engine.api import DataSource, LayerSelection, ModelArtifact, StageInputs
+from engine.errors import DataError, ModelLoadError, TrainingError
+from engine_plugins.ct import CT
+from engine_plugins.elo import ELO
+from engine_plugins.elo_align import ELOAlign
+from engine_plugins.first_last import FirstLast
+from engine_plugins.indices import Indices
+from engine_plugins.sft import SFT
+
+FAST = {"steps": 3, "batch_size": 2, "seq_len": 16, "lr": 1e-2, "log_every": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; several threads on busy cores spin and crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in modelio.weight_files(folder):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _loads(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder))
+
+
+def _config(model: Path) -> dict:
+    return json.loads((model / "config.json").read_text())
+
+
+def _text(path: Path, **kw) -> list[DataSource]:
+    return [DataSource(path, "text", **kw)]
+
+
+# --- ct ------------------------------------------------------------------------------------
+
+
+def test_ct_trains_full_model_and_saves_loadable_folder(make_context, tiny_model, text_file):
+    ctx = make_context("ct-out")
+    art = CT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), data=_text(text_file)),
+                   CT.Params(**FAST))
+    assert art.path == ctx.output_dir and (art.path / "train_log.jsonl").is_file()
+    _loads(art.path)
+    before, after = _weights(tiny_model), _weights(art.path)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert ctx.stats.tokens == 3 * 2 * 16
+    assert ctx.stats.trainable_params == ctx.stats.forward_params
+
+
+def test_ct_with_layers_trains_only_those(make_context, tiny_model, text_file):
+    ctx = make_context("ct-layers")
+    sel = LayerSelection(name="sel", indices=[1, 3], num_layers=4)
+    art = CT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), layers=sel,
+                                    data=_text(text_file)), CT.Params(**FAST))
+    before, after = _weights(tiny_model), _weights(art.path)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.1.", "model.layers.3.")) for k in changed)
+    assert modelio.read_meta(art.path)["trained_layers"] == [1, 3]
+    assert ctx.stats.trainable_params < ctx.stats.forward_params
+
+
+def test_ct_layers_errors(make_context, tiny_model, text_file, instructions_file):
+    base = ModelArtifact("base", tiny_model)
+    sel = LayerSelection(name="sel", indices=[0], num_layers=4)
+    with pytest.raises(TrainingError, match="given twice"):
+        CT().run(make_context("ct-twice"), StageInputs(model=base, layers=sel, data=_text(text_file)),
+                 CT.Params(**FAST, layers=[1]))
+    with pytest.raises(TrainingError, match="layer index 9 is out of range"):
+        CT().run(make_context("ct-range"), StageInputs(model=base, data=_text(text_file)),
+                 CT.Params(**FAST, layers=[9]))
+    with pytest.raises(DataError, match="ct trains on 'text' data"):
+        CT().run(make_context("ct-format"), StageInputs(
+            model=base, data=[DataSource(instructions_file, "instructions")]), CT.Params(**FAST))
+
+
+def test_ct_static_check(tiny_model):
+    cfg = _config(tiny_model)
+    CT().check({"model": [cfg]}, CT.Params(layers=[0, -1]))
+    with pytest.raises(ValueError, match="layer index 4 is out of range: the model has 4"):
+        CT().check({"model": [cfg]}, CT.Params(layers=[4]))
+
+
+# --- sft -----------------------------------------------------------------------------------
+
+
+def test_sft_trains_on_prompt_response_data(make_context, tiny_model, instructions_file):
+    ctx = make_context("sft-out")
+    data = [DataSource(instructions_file, "instructions")]
+    art = SFT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), data=data),
+                    SFT.Params(**{**FAST, "seq_len": 48}))
+    model = _loads(art.path)
+    assert model.config.num_hidden_layers == 4
+    log = [json.loads(x) for x in (art.path / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and ctx.stats.tokens > 0
+
+
+def test_sft_refuses_raw_text(make_context, tiny_model, text_file):
+    with pytest.raises(DataError, match="sft trains on 'instructions' data"):
+        SFT().run(make_context("sft-text"), StageInputs(model=ModelArtifact("base", tiny_model),
+                                                        data=_text(text_file)), SFT.Params(**FAST))
+
+
+# --- elo and elo-align ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def elo_submodel(make_context, tiny_model, tmp_path) -> tuple[ModelArtifact, object]:
+    target, source = tmp_path / "target.txt", tmp_path / "source.txt"
+    target.write_text("lum vela dora sen kato lumi vel ados kira nen\n" * 8)
+    source.write_text("the cat sits on the mat and the dog runs in the park\n" * 8)
+    data = [DataSource(target, weight=9.0), DataSource(source, weight=1.0)]
+    ctx = make_context("elo-sub")
+    art = ELO().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), data=data), ELO.Params(**FAST))
+    return art, ctx
+
+
+def test_elo_builds_and_trains_detached_end_layers(elo_submodel, tiny_model):
+    art, ctx = elo_submodel
+    model = _loads(art.path)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    meta = modelio.read_meta(art.path)
+    assert meta["kind"] == "elo-submodel" and meta["layer_indices"] == [0, 3]
+    assert meta["source_model"] == str(tiny_model.resolve()) and meta["source_num_layers"] == 4
+    full, sub = _weights(tiny_model), _weights(art.path)
+    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(full[key], sub[key]), f"{key} should be frozen"
+    assert not torch.equal(full["model.layers.3.mlp.up_proj.weight"], sub["model.layers.1.mlp.up_proj.weight"])
+    layer_params = sum(p.numel() for p in model.model.layers.parameters())
+    assert ctx.stats.trainable_params == layer_params
+    assert ctx.stats.forward_params == sum(p.numel() for p in model.parameters())
+
+
+def test_elo_uses_chosen_layers_and_checks(make_context, tiny_model, text_file):
+    sel = LayerSelection(name="sel", indices=[1, 2], num_layers=4)
+    art = ELO().run(make_context("elo-sel"), StageInputs(model=ModelArtifact("base", tiny_model), layers=sel,
+                                                         data=_text(text_file)), ELO.Params(**FAST))
+    assert modelio.read_meta(art.path)["layer_indices"] == [1, 2]
+    cfg = _config(tiny_model)
+    ELO().check({"model": [cfg]}, ELO.Params())
+    with pytest.raises(ValueError, match="layer index -5 is out of range"):
+        ELO().check({"model": [cfg]}, ELO.Params(layers=[0, -5]))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        ELO().check({"model": [{**cfg, "model_type": "gpt2"}]}, ELO.Params())
+
+
+def test_elo_align_reinserts_trained_layers(elo_submodel, make_context, tiny_model):
+    sub_art, _ = elo_submodel
+    ctx = make_context("elo-aligned", stage_kind="align")
+    art = ELOAlign().run(ctx, StageInputs(model=sub_art), ELOAlign.Params(steps=0))
+    _loads(art.path)
+    full, sub, out = _weights(tiny_model), _weights(sub_art.path), _weights(art.path)
+    for key, tensor in out.items():
+        src = key.replace("model.layers.3.", "model.layers.1.")  # sub-model layer 1 is source layer 3
+        if key.startswith(("model.layers.0.", "model.layers.3.")):
+            assert torch.equal(tensor, sub[src]), key
+        else:
+            assert torch.equal(tensor, full[key]), key
+    assert not torch.equal(out["model.layers.3.self_attn.q_proj.weight"],
+                           full["model.layers.3.self_attn.q_proj.weight"])
+    assert ctx.stats.trainable_params == 0
+
+
+def test_elo_align_then_brief_full_finetune(elo_submodel, make_context, text_file):
+    sub_art, _ = elo_submodel
+    ctx = make_context("elo-aligned-ft", stage_kind="align")
+    art = ELOAlign().run(ctx, StageInputs(model=sub_art, data=_text(text_file)),
+                         ELOAlign.Params(**{**FAST, "steps": 2}))
+    assert _loads(art.path).config.num_hidden_layers == 4
+    assert ctx.stats.trainable_params == ctx.stats.forward_params
+    assert modelio.read_meta(art.path)["alignment_steps"] == 2
+
+
+def test_elo_align_input_errors(elo_submodel, make_context, tiny_model, tiny_tokenizer, tmp_path):
+    with pytest.raises(TrainingError, match="not an ELO sub-model"):
+        ELOAlign().run(make_context("ea-bad", stage_kind="align"),
+                       StageInputs(model=ModelArtifact("base", tiny_model)), ELOAlign.Params(steps=0))
+    from conftest import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "three", num_layers=3, tokenizer=tiny_tokenizer)
+    sub_art, _ = elo_submodel
+    with pytest.raises(TrainingError, match="cut from a 4-layer model; the base has 3"):
+        ELOAlign().run(make_context("ea-base", stage_kind="align"),
+                       StageInputs(model=sub_art, base=ModelArtifact("other", other)), ELOAlign.Params(steps=0))
+    moved = tmp_path / "moved-sub"
+    shutil.copytree(sub_art.path, moved)
+    meta = modelio.read_meta(moved)
+    modelio.write_meta(moved, {**meta, "source_model": str(tmp_path / "gone")})
+    with pytest.raises(ModelLoadError, match="gone.*does not exist; give it as the 'base' input"):
+        ELOAlign().run(make_context("ea-gone", stage_kind="align"),
+                       StageInputs(model=ModelArtifact("sub", moved)), ELOAlign.Params(steps=0))
+
+
+# --- selectors -------------------------------------------------------------------------------
+
+
+def _select(plugin, make_context, model: Path, **params):
+    ctx = make_context("sel", stage_kind="select-layers")
+    return plugin.run(ctx, StageInputs(model=ModelArtifact("base", model)), plugin.Params(**params))
+
+
+def test_first_last_picks_ends(make_context, tiny_model):
+    sel = _select(FirstLast(), make_context, tiny_model)
+    assert (sel.name, sel.indices, sel.num_layers) == ("sel", [0, 3], 4) and "first 1 and last 1" in sel.explanation
+    assert _select(FirstLast(), make_context, tiny_model, first=2, last=1).indices == [0, 1, 3]
+    assert _select(FirstLast(), make_context, tiny_model, first=0, last=2).indices == [2, 3]
+
+
+def test_first_last_errors(make_context, tiny_model):
+    with pytest.raises(ValueError, match="both 0"):
+        FirstLast.Params(first=0, last=0)
+    with pytest.raises(TrainingError, match="first=5 asks for more layers than the model's 4"):
+        _select(FirstLast(), make_context, tiny_model, first=5)
+    with pytest.raises(ValueError, match="last=9"):
+        FirstLast().check({"model": [_config(tiny_model)]}, FirstLast.Params(last=9))
+    FirstLast().check({"model": [_config(tiny_model)]}, FirstLast.Params())
+
+
+def test_indices_picks_and_normalises(make_context, tiny_model):
+    sel = _select(Indices(), make_context, tiny_model, indices=[-1, 0])
+    assert sel.indices == [0, 3] and sel.num_layers == 4
+
+
+def test_indices_errors(make_context, tiny_model):
+    with pytest.raises(TrainingError, match="layer index 4 is out of range: the model has 4 decoder layers"):
+        _select(Indices(), make_context, tiny_model, indices=[4])
+    with pytest.raises(ValueError, match="-1 names layer 3 again"):
+        Indices().check({"model": [_config(tiny_model)]}, Indices.Params(indices=[3, -1]))
+    with pytest.raises(ValueError):
+        Indices.Params(indices=[])
+
+
+def test_plugins_registered_ct_sft_elo_first_last_indices():
+    from engine.plugin_manager import implementations
+
+    impls = implementations()
+    assert {"ct", "sft", "elo"} <= set(impls["adapt-language"])
+    assert "elo-align" in impls["align"]
+    assert {"first-last", "indices"} <= set(impls["select-layers"])
