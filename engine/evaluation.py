@@ -31,11 +31,12 @@ Long texts
 ----------
 A document longer than the model's context is scored with the **sliding-window**
 method of the Hugging Face perplexity guide (:func:`document_spans`): windows of
-``max_length`` tokens start every ``stride`` tokens; each window scores only the
-tokens the previous window did not, so every token after the first is predicted
-exactly once, with at least ``max_length - stride`` tokens of context (except in
-the first window). Smaller strides give more context per prediction and cost more
-forwards; ``stride == max_length`` gives disjoint windows. Nothing is ever fed past
+``max_length`` tokens start every ``stride`` tokens (``1 <= stride < max_length``);
+each window scores only the tokens the previous window did not, so every token
+after the first is predicted exactly once, with at least ``max_length - stride``
+tokens of context (except in the first window). Smaller strides give more context
+per prediction and cost more forwards; ``stride = max_length - 1`` gives windows that
+share one token (the least context, the fewest forwards). Nothing is ever fed past
 ``max_length``, so long texts never crash a model with learned position embeddings.
 A context+continuation pair longer than the window keeps its continuation and the
 *end* of its context (:func:`continuation_span`), as lm-evaluation-harness does.
@@ -47,6 +48,7 @@ import gc
 import hashlib
 import inspect
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,12 +230,14 @@ def document_spans(ids: Sequence[int], max_length: int, stride: int) -> list[Spa
     ``ids[k*stride : k*stride + max_length]`` and scores the tokens past the previous
     window's end; the last window ends at the document's end. A document of at most
     ``max_length`` tokens is one span. Returns no span for a document of fewer than
-    two tokens (nothing to predict).
+    two tokens (nothing to predict). ``stride`` must be below ``max_length``: a window
+    starting where the previous one ended could not predict its own first token.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+    if not 1 <= stride < max_length:
+        raise ValueError(f"stride must be between 1 and max_length - 1 ({max_length - 1}), "
+                         f"got {stride}")
     ids = tuple(ids)
     spans: list[Span] = []
     prev_end = 1  # the first token is never predicted
@@ -342,7 +346,7 @@ def score_spans(
         for indices in batch_order(spans, batch_size):
             batch = _score_batch(model, [spans[i] for i in indices], device,
                                  pad_id if pad_id is not None else 0, keep)
-            for i, score in zip(indices, batch):
+            for i, score in zip(indices, batch, strict=True):
                 results[i] = score
             if on_batch is not None:
                 on_batch(indices, batch)
@@ -449,8 +453,10 @@ def evaluate_models(
                 bar.advance(1, model=name)
 
             model = None
+            alive: Callable[[], Any] = _nothing
             try:
                 model = context.load_model(artifact)
+                alive = weakref.ref(model)
                 scores = score_spans(model, plan.spans, batch_size=batch_size,
                                      device=context.device, pad_id=tokenizer.pad_token_id,
                                      on_batch=advance)
@@ -465,7 +471,7 @@ def evaluate_models(
                 bar.advance(num_batches(len(plan.spans), batch_size) - done)
             finally:
                 del model
-                _free_memory()
+                _free_memory(alive)
 
     if not metrics:
         detail = "; ".join(f"{name}: {msg}" for name, msg in errors.items())
@@ -474,7 +480,17 @@ def evaluate_models(
     return MetricsArtifact(name=context.stage_name, metrics=metrics, counts=counts, errors=errors)
 
 
-def _free_memory() -> None:
-    gc.collect()
+def _nothing() -> None:
+    return None
+
+
+def _free_memory(alive: Callable[[], Any]) -> None:
+    """Release a model before the next loads: peak memory stays one model.
+
+    A full ``gc.collect`` takes a noticeable fraction of a second in a process
+    that imported transformers, so it runs only when reference cycles kept the model.
+    """
+    if alive() is not None:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

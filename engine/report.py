@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-LOWER_IS_BETTER = ("ppl", "loss", "nll")
+LOWER_IS_BETTER = ("ppl", "loss", "nll", "bpb")
 
 
 def lower_is_better(metric: str) -> bool:

@@ -72,7 +72,8 @@ def fields_table(model: type[BaseModel]) -> list[str]:
     for name, info in model.model_fields.items():
         key = info.alias or name
         desc = (info.description or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{key}` | `{_type_name(info)}` | {_default(info)} | {desc} |")
+        type_name = _type_name(info).replace("|", "\\|")
+        lines.append(f"| `{key}` | `{type_name}` | {_default(info)} | {desc} |")
     return lines
 
 
