@@ -22,9 +22,11 @@ PLUGIN_TESTS = {
     "elo-align": "elo_align",
     "first-last": "first_last",
     "indices": "indices",
+    "linear": "linear",
     "task-arithmetic": "task_arithmetic",
     "ties": "ties and not slack",
     "slack-ties": "slack_ties",
+    "dare-ties": "dare",
     "perplexity": "perplexity",
     "task-accuracy": "task_accuracy",
 }

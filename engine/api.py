@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPT_LANGUAGE", "SELECT_LAYERS", "MERGE", "ALIGN", "EVALUATE", "STAGE_KINDS",
-    "Artifact", "DataSource", "LayerSelection", "MetricsArtifact", "ModelArtifact",
+    "Artifact", "DataSource", "InputConfigs", "LayerSelection", "MetricsArtifact", "ModelArtifact",
     "PluginParams", "StageContext", "StageImplementation", "StageInputs",
     "TrainingParams", "hookimpl",
 ]
@@ -176,6 +176,22 @@ class StageInputs:
     base: ModelArtifact | None = None
     layers: LayerSelection | None = None
     data: list[DataSource] = field(default_factory=list)
+
+
+class InputConfigs(dict):
+    """What an implementation's optional ``check(configs, params)`` receives.
+
+    A mapping ``{input key: [config.json dict, ...]}`` (``model``, ``models``, ``base``)
+    read before any weight is loaded; a stage's output counts as having its primary
+    input's config. ``names`` maps the same keys to the recipe names referenced, in
+    recipe order, so that params naming models (``weight: {ct-mn: 0.7}``) can be
+    checked too.
+    """
+
+    def __init__(self, configs: dict[str, list[dict[str, Any]]],
+                 names: dict[str, list[str]] | None = None) -> None:
+        super().__init__(configs)
+        self.names: dict[str, list[str]] = names or {}
 
 
 # --- implementations -------------------------------------------------------------------

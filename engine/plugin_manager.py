@@ -34,9 +34,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "engine_plugins.elo_align",
     "engine_plugins.first_last",
     "engine_plugins.indices",
+    "engine_plugins.linear",
     "engine_plugins.task_arithmetic",
     "engine_plugins.ties",
     "engine_plugins.slack_ties",
+    "engine_plugins.dare_ties",
     "engine_plugins.perplexity",
     "engine_plugins.task_accuracy",
 )

@@ -16,7 +16,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine import modelio
-from engine.api import ADAPT_LANGUAGE, ALIGN, MERGE, SELECT_LAYERS, DataSource, PluginParams
+from engine.api import (
+    ADAPT_LANGUAGE,
+    ALIGN,
+    MERGE,
+    SELECT_LAYERS,
+    DataSource,
+    InputConfigs,
+    PluginParams,
+)
 from engine.context import Runtime
 from engine.data import resolve_data
 from engine.errors import EngineError, RecipeError
@@ -209,12 +217,14 @@ def _static_check(registered: Registered, spec: StageSpec, params: PluginParams,
     if check is None:
         return
     by_key: dict[str, list[dict]] = {}
+    names: dict[str, list[str]] = {}
     for key, refs in spec.references().items():
         if key == "layers":
             continue
         found = [_root_config(r, recipe, configs) for r in refs]
         by_key[key] = [c for c in found if c is not None]
+        names[key] = list(refs)
     try:
-        check(by_key, params)
+        check(InputConfigs(by_key, names), params)
     except (ValueError, EngineError) as exc:
         raise RecipeError(f"{where}: {exc}") from None

@@ -154,3 +154,23 @@ def test_pickle_only_model_folder_is_refused(good, tmp_path):
     good.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="safetensors only"):
         plan(good)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"weight": {"a": 1.0, "typo": 2.0}}, "params.weight names model(s) ['typo']"),
+    ({"protect": "nobody"}, "params.protect names 'nobody'"),
+    ({"weight": {"a": 1.0, "b": -1.0}, "normalize": True}, "sum to zero"),
+])
+def test_merge_params_naming_models_are_checked_before_running(tmp_path, tiny_model_family, params,
+                                                               message):
+    import yaml
+
+    fam = tiny_model_family
+    f = tmp_path / "m.yaml"
+    f.write_text(yaml.safe_dump({
+        "name": "m", "models": {k: {"path": str(v)} for k, v in fam.items()},
+        "stages": [{"name": "merged", "stage": "merge", "plugin": "slack-ties", "base": "base",
+                    "models": ["a", "b"], "params": params}],
+    }))
+    with pytest.raises(RecipeError, match=r"stage 'merged': .*" + __import__("re").escape(message)):
+        plan(f)

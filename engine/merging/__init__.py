@@ -1,0 +1,52 @@
+"""Model merging: streaming tensor I/O, pre-flight checks, and merge arithmetic.
+
+The public helpers a merge plugin uses (built-in or third-party):
+
+* :mod:`engine.merging.arithmetic` -- pure functions on tensors (linear, task
+  arithmetic, TIES, DARE-TIES, slack-TIES and their building blocks);
+* :mod:`engine.merging.params` -- shared ``Params`` declarations and per-model
+  parameter resolution;
+* :mod:`engine.merging.execute` -- :func:`run_merge`, which streams a merge tensor by
+  tensor into a stage's output folder;
+* :mod:`engine.merging.preflight` -- header-only input checks;
+* :mod:`engine.merging.tensorio` -- safetensors readers and the streaming shard writer.
+
+The arithmetic convention (mergekit's) and every formula are in docs/merging.md.
+"""
+
+from engine.merging.arithmetic import (
+    SlackTiesResult,
+    dare_ties,
+    dare_ties_delta,
+    linear,
+    magnitude_trim,
+    random_drop,
+    slack_ties,
+    slack_ties_delta,
+    stack_deltas,
+    task_arithmetic,
+    task_arithmetic_delta,
+    ties,
+    ties_delta,
+)
+from engine.merging.execute import MergeSummary, TensorMerge, merge_folders, run_merge
+from engine.merging.params import (
+    MergeParams,
+    PerModelDensity,
+    PerModelFloat,
+    TaskVectorParams,
+    TiesParams,
+    check_static,
+    check_weight_sum,
+    resolve_per_model,
+)
+from engine.merging.preflight import MergePlan, check_configs, check_merge_inputs
+
+__all__ = [
+    "MergeParams", "MergePlan", "MergeSummary", "PerModelDensity", "PerModelFloat",
+    "SlackTiesResult", "TaskVectorParams", "TensorMerge", "TiesParams", "check_configs",
+    "check_merge_inputs", "check_static", "check_weight_sum", "dare_ties", "dare_ties_delta", "linear",
+    "magnitude_trim", "merge_folders", "random_drop", "resolve_per_model", "run_merge",
+    "slack_ties", "slack_ties_delta", "stack_deltas", "task_arithmetic",
+    "task_arithmetic_delta", "ties", "ties_delta",
+]

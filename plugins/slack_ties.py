@@ -1,0 +1,82 @@
+"""The ``slack-ties`` merge method: TIES that keeps a protected model's important deltas.
+
+This is lingoforge's reading of TIES-SV (Tao et al. 2024, arXiv 2407.03994), whose
+exact formula is not public; docs/merging.md states the formula and why it works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
+from engine.errors import MergeError
+from engine.merging import (
+    TiesParams,
+    check_static,
+    check_weight_sum,
+    resolve_per_model,
+    run_merge,
+    slack_ties_delta,
+)
+
+
+class SlackTies:
+    """slack-TIES: TIES whose sign election lets the protected model win by a slack."""
+
+    name = "slack-ties"
+
+    class Params(TiesParams):
+        """slack-TIES's parameters: TIES's, plus which model is protected and the slack."""
+
+        protect: str | None = Field(
+            None, description="Name of the model whose important (top-density) deltas are "
+                              "protected, e.g. the SFT/task model; default: the last model.")
+        slack: float = Field(
+            0.5, ge=0, le=1,
+            description="Slack of the sign election for the protected model: its important "
+                        "delta is kept unless the opposing weighted mass exceeds it by more "
+                        "than a factor 1/(1 - slack). 0 is TIES exactly; 1 always keeps it.")
+
+    def check(self, configs: dict[str, list[dict[str, Any]]], params: Params) -> None:
+        names = check_static(configs, params)
+        if names and params.protect is not None and params.protect not in names:
+            raise MergeError(f"params.protect names {params.protect!r}, which is not merged "
+                             f"here; the models of this merge are {names}")
+
+    def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
+        names = [m.name for m in inputs.models]
+        weights = resolve_per_model(params.weight, names, "weight")
+        densities = resolve_per_model(params.density, names, "density")
+        check_weight_sum(weights, names, normalize=params.normalize)
+        if not names:
+            raise MergeError("slack-ties needs at least one model (recipe key 'models')")
+        protected = params.protect if params.protect is not None else names[-1]
+        if protected not in names:
+            raise MergeError(f"params.protect names {protected!r}, which is not merged here; "
+                             f"the models of this merge are {names}")
+        index = names.index(protected)
+        counts = {"protected": protected, "important": 0, "kept_by_ties": 0, "kept": 0}
+
+        def merge(_name, deltas):
+            result = slack_ties_delta(deltas, weights, densities, protect=index,
+                                      slack=params.slack, normalize=params.normalize,
+                                      lam=params.lambda_)
+            for key in ("important", "kept_by_ties", "kept"):
+                counts[key] += getattr(result, key)
+            return result.delta
+
+        artifact = run_merge(context, inputs, params, merge, meta={"slack_ties": counts})
+        if counts["important"]:
+            context.note("slack_ties", {
+                **counts,
+                "kept_fraction": counts["kept"] / counts["important"],
+                "kept_fraction_ties": counts["kept_by_ties"] / counts["important"],
+            })
+        return artifact
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(SlackTies())

@@ -1,0 +1,39 @@
+"""The ``task-arithmetic`` merge method: add the weighted sum of task vectors to the base."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
+from engine.merging import (
+    TaskVectorParams,
+    check_static,
+    check_weight_sum,
+    resolve_per_model,
+    run_merge,
+    task_arithmetic_delta,
+)
+
+
+class TaskArithmetic:
+    """Task arithmetic: base + lambda * sum_i weight_i * (model_i - base)."""
+
+    name = "task-arithmetic"
+
+    class Params(TaskVectorParams):
+        """Task arithmetic's parameters (mergekit's defaults: ``normalize`` off)."""
+
+    def check(self, configs: dict[str, list[dict[str, Any]]], params: Params) -> None:
+        check_static(configs, params)
+
+    def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
+        names = [m.name for m in inputs.models]
+        weights = resolve_per_model(params.weight, names, "weight")
+        check_weight_sum(weights, names, normalize=params.normalize)
+        return run_merge(context, inputs, params, lambda _name, deltas: task_arithmetic_delta(
+            deltas, weights, normalize=params.normalize, lam=params.lambda_))
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(TaskArithmetic())

@@ -1,0 +1,40 @@
+"""The ``ties`` merge method (Yadav et al. 2023) with mergekit's arithmetic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
+from engine.merging import (
+    TiesParams,
+    check_static,
+    check_weight_sum,
+    resolve_per_model,
+    run_merge,
+    ties_delta,
+)
+
+
+class Ties:
+    """TIES merging: trim each task vector, elect the sign, average the agreeing deltas."""
+
+    name = "ties"
+
+    class Params(TiesParams):
+        """TIES's parameters (mergekit's defaults: ``density`` 1, ``normalize`` on)."""
+
+    def check(self, configs: dict[str, list[dict[str, Any]]], params: Params) -> None:
+        check_static(configs, params)
+
+    def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
+        names = [m.name for m in inputs.models]
+        weights = resolve_per_model(params.weight, names, "weight")
+        densities = resolve_per_model(params.density, names, "density")
+        check_weight_sum(weights, names, normalize=params.normalize)
+        return run_merge(context, inputs, params, lambda _name, deltas: ties_delta(
+            deltas, weights, densities, normalize=params.normalize, lam=params.lambda_))
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(Ties())
