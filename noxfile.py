@@ -6,6 +6,8 @@ requirement on a machine without torch would pull the newest CUDA build.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -65,3 +67,14 @@ def plugin(session: nox.Session, plugin: str) -> None:
     """One built-in plugin's tests (the plugin matrix): nox -s "plugin(plugin='ties')"."""
     _install(session)
     session.run("pytest", "-k", PLUGIN_TESTS[plugin], *session.posargs)
+
+
+@nox.session
+def mergekit_oracle(session: nox.Session) -> None:
+    """lingoforge vs mergekit 0.1.5 (own venv, run as a command, never imported)."""
+    _install(session)
+    mk = Path(session.virtualenv.location).parent / "mergekit"
+    session.run("python", "-m", "venv", str(mk), external=True)
+    session.run(str(mk / "bin/pip"), "install", TORCH, "mergekit==0.1.5", external=True)
+    session.run("pytest", "tests/test_mergekit_oracle.py", "-rs",
+                env={"LINGOFORGE_MERGEKIT": str(mk / "bin/mergekit-yaml")})

@@ -185,13 +185,17 @@ class InputConfigs(dict):
     read before any weight is loaded; a stage's output counts as having its primary
     input's config. ``names`` maps the same keys to the recipe names referenced, in
     recipe order, so that params naming models (``weight: {ct-mn: 0.7}``) can be
-    checked too.
+    checked too. ``paths`` maps the same keys to each reference's model folder, or
+    ``None`` where the folder does not exist yet (an earlier stage's output) or is
+    built on demand (a built-in model), so that a check can read weight headers.
     """
 
     def __init__(self, configs: dict[str, list[dict[str, Any]]],
-                 names: dict[str, list[str]] | None = None) -> None:
+                 names: dict[str, list[str]] | None = None,
+                 paths: dict[str, list[Path | None]] | None = None) -> None:
         super().__init__(configs)
         self.names: dict[str, list[str]] = names or {}
+        self.paths: dict[str, list[Path | None]] = paths or {}
 
 
 # --- implementations -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from engine import __version__
+from engine import __version__, cli_merge
 from engine.errors import EngineError
 
 EXIT_USER_ERROR = 2
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    cli_merge.add_parser(sub)
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema (plugin params included)")
     schema.add_argument("--markdown", action="store_true", help="print the recipe reference instead")
@@ -149,7 +151,8 @@ def cmd_schema(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
+            "merge": cli_merge.cmd_merge}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -91,7 +91,7 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
                 data.append(resolve_data(spec_data, recipe_dir))
             except EngineError as exc:
                 raise RecipeError(f"{where}: data: {exc}") from None
-        _static_check(registered, spec, params, recipe, model_configs, where)
+        _static_check(registered, spec, params, recipe, model_configs, where, recipe_dir)
         deps = sorted({r for refs in spec.references().values() for r in refs if r in kinds})
         stages.append(PlannedStage(spec, registered, params, data,
                                    effective_runtime(recipe.runtime, spec.runtime), deps))
@@ -211,20 +211,24 @@ def _root_config(ref: str, recipe: Recipe, configs: dict[str, dict | None]) -> d
 
 
 def _static_check(registered: Registered, spec: StageSpec, params: PluginParams, recipe: Recipe,
-                  configs: dict[str, dict | None], where: str) -> None:
+                  configs: dict[str, dict | None], where: str, recipe_dir: Path | None = None) -> None:
     """Call the implementation's optional ``check(configs, params)``."""
     check = getattr(registered.impl, "check", None)
     if check is None:
         return
     by_key: dict[str, list[dict]] = {}
     names: dict[str, list[str]] = {}
+    paths: dict[str, list[Path | None]] = {}
     for key, refs in spec.references().items():
         if key == "layers":
             continue
         found = [_root_config(r, recipe, configs) for r in refs]
         by_key[key] = [c for c in found if c is not None]
         names[key] = list(refs)
+        paths[key] = [resolve_model_path(recipe.models[r], recipe_dir)
+                      if recipe_dir is not None and r in recipe.models
+                      and recipe.models[r].path is not None else None for r in refs]
     try:
-        check(InputConfigs(by_key, names), params)
+        check(InputConfigs(by_key, names, paths), params)
     except (ValueError, EngineError) as exc:
         raise RecipeError(f"{where}: {exc}") from None

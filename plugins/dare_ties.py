@@ -12,6 +12,7 @@ from engine.merging import (
     check_static,
     check_weight_sum,
     dare_ties_delta,
+    per_tensor,
     resolve_per_model,
     run_merge,
 )
@@ -36,12 +37,16 @@ class DareTies:
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
         names = [m.name for m in inputs.models]
-        weights = resolve_per_model(params.weight, names, "weight")
-        densities = resolve_per_model(params.density, names, "density")
-        check_weight_sum(weights, names, normalize=params.normalize)
-        return run_merge(context, inputs, params, lambda name, deltas: dare_ties_delta(
-            deltas, weights, densities, seed=params.seed, tensor_name=name,
-            normalize=params.normalize, lam=params.lambda_, rescale=params.rescale))
+
+        def build(p: DareTies.Params):
+            weights = resolve_per_model(p.weight, names, "weight")
+            densities = resolve_per_model(p.density, names, "density")
+            check_weight_sum(weights, names, normalize=p.normalize)
+            return lambda name, deltas: dare_ties_delta(
+                deltas, weights, densities, seed=p.seed, tensor_name=name,
+                normalize=p.normalize, lam=p.lambda_, rescale=p.rescale)
+
+        return run_merge(context, inputs, params, per_tensor(params, build))
 
 
 @hookimpl

@@ -12,6 +12,7 @@ from engine.merging import (
     check_static,
     check_weight_sum,
     linear,
+    per_tensor,
     resolve_per_model,
     run_merge,
 )
@@ -33,11 +34,13 @@ class Linear:
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
         names = [m.name for m in inputs.models]
-        weights = resolve_per_model(params.weight, names, "weight")
-        check_weight_sum(weights, names, normalize=params.normalize)
-        return run_merge(context, inputs, params, task_vectors=False,
-                         merge=lambda _name, stacked: linear(
-                             stacked, weights, normalize=params.normalize))
+
+        def build(p: Linear.Params):
+            weights = resolve_per_model(p.weight, names, "weight")
+            check_weight_sum(weights, names, normalize=p.normalize)
+            return lambda _name, stacked: linear(stacked, weights, normalize=p.normalize)
+
+        return run_merge(context, inputs, params, per_tensor(params, build), task_vectors=False)
 
 
 @hookimpl

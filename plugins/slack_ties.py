@@ -16,6 +16,7 @@ from engine.merging import (
     TiesParams,
     check_static,
     check_weight_sum,
+    per_tensor,
     resolve_per_model,
     run_merge,
     slack_ties_delta,
@@ -47,27 +48,32 @@ class SlackTies:
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
         names = [m.name for m in inputs.models]
-        weights = resolve_per_model(params.weight, names, "weight")
-        densities = resolve_per_model(params.density, names, "density")
-        check_weight_sum(weights, names, normalize=params.normalize)
         if not names:
             raise MergeError("slack-ties needs at least one model (recipe key 'models')")
         protected = params.protect if params.protect is not None else names[-1]
-        if protected not in names:
-            raise MergeError(f"params.protect names {protected!r}, which is not merged here; "
-                             f"the models of this merge are {names}")
-        index = names.index(protected)
         counts = {"protected": protected, "important": 0, "kept_by_ties": 0, "kept": 0}
 
-        def merge(_name, deltas):
-            result = slack_ties_delta(deltas, weights, densities, protect=index,
-                                      slack=params.slack, normalize=params.normalize,
-                                      lam=params.lambda_)
-            for key in ("important", "kept_by_ties", "kept"):
-                counts[key] += getattr(result, key)
-            return result.delta
+        def build(p: SlackTies.Params):
+            weights = resolve_per_model(p.weight, names, "weight")
+            densities = resolve_per_model(p.density, names, "density")
+            check_weight_sum(weights, names, normalize=p.normalize)
+            prot = p.protect if p.protect is not None else protected
+            if prot not in names:
+                raise MergeError(f"params.protect names {prot!r}, which is not merged here; "
+                                 f"the models of this merge are {names}")
+            index = names.index(prot)
 
-        artifact = run_merge(context, inputs, params, merge, meta={"slack_ties": counts})
+            def merge(_name, deltas):
+                result = slack_ties_delta(deltas, weights, densities, protect=index,
+                                          slack=p.slack, normalize=p.normalize, lam=p.lambda_)
+                for key in ("important", "kept_by_ties", "kept"):
+                    counts[key] += getattr(result, key)
+                return result.delta
+
+            return merge
+
+        artifact = run_merge(context, inputs, params, per_tensor(params, build),
+                             meta={"slack_ties": counts})
         if counts["important"]:
             context.note("slack_ties", {
                 **counts,

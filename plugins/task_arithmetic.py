@@ -9,6 +9,7 @@ from engine.merging import (
     TaskVectorParams,
     check_static,
     check_weight_sum,
+    per_tensor,
     resolve_per_model,
     run_merge,
     task_arithmetic_delta,
@@ -28,10 +29,14 @@ class TaskArithmetic:
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
         names = [m.name for m in inputs.models]
-        weights = resolve_per_model(params.weight, names, "weight")
-        check_weight_sum(weights, names, normalize=params.normalize)
-        return run_merge(context, inputs, params, lambda _name, deltas: task_arithmetic_delta(
-            deltas, weights, normalize=params.normalize, lam=params.lambda_))
+
+        def build(p: TaskArithmetic.Params):
+            weights = resolve_per_model(p.weight, names, "weight")
+            check_weight_sum(weights, names, normalize=p.normalize)
+            return lambda _name, deltas: task_arithmetic_delta(
+                deltas, weights, normalize=p.normalize, lam=p.lambda_)
+
+        return run_merge(context, inputs, params, per_tensor(params, build))
 
 
 @hookimpl

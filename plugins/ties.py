@@ -9,6 +9,7 @@ from engine.merging import (
     TiesParams,
     check_static,
     check_weight_sum,
+    per_tensor,
     resolve_per_model,
     run_merge,
     ties_delta,
@@ -28,11 +29,15 @@ class Ties:
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
         names = [m.name for m in inputs.models]
-        weights = resolve_per_model(params.weight, names, "weight")
-        densities = resolve_per_model(params.density, names, "density")
-        check_weight_sum(weights, names, normalize=params.normalize)
-        return run_merge(context, inputs, params, lambda _name, deltas: ties_delta(
-            deltas, weights, densities, normalize=params.normalize, lam=params.lambda_))
+
+        def build(p: Ties.Params):
+            weights = resolve_per_model(p.weight, names, "weight")
+            densities = resolve_per_model(p.density, names, "density")
+            check_weight_sum(weights, names, normalize=p.normalize)
+            return lambda _name, deltas: ties_delta(
+                deltas, weights, densities, normalize=p.normalize, lam=p.lambda_)
+
+        return run_merge(context, inputs, params, per_tensor(params, build))
 
 
 @hookimpl

@@ -30,6 +30,7 @@ from engine.merging.arithmetic import (
     ties_delta,
 )
 from engine.merging.execute import MergeSummary, TensorMerge, merge_folders, run_merge
+from engine.merging.overrides import TensorOverride, per_tensor
 from engine.merging.params import (
     MergeParams,
     PerModelDensity,
@@ -44,9 +45,9 @@ from engine.merging.preflight import MergePlan, check_configs, check_merge_input
 
 __all__ = [
     "MergeParams", "MergePlan", "MergeSummary", "PerModelDensity", "PerModelFloat",
-    "SlackTiesResult", "TaskVectorParams", "TensorMerge", "TiesParams", "check_configs",
+    "SlackTiesResult", "TaskVectorParams", "TensorMerge", "TensorOverride", "TiesParams", "check_configs",
     "check_merge_inputs", "check_static", "check_weight_sum", "dare_ties", "dare_ties_delta", "linear",
-    "magnitude_trim", "merge_folders", "random_drop", "resolve_per_model", "run_merge",
+    "magnitude_trim", "merge_folders", "per_tensor", "random_drop", "resolve_per_model", "run_merge",
     "slack_ties", "slack_ties_delta", "stack_deltas", "task_arithmetic",
     "task_arithmetic_delta", "ties", "ties_delta",
 ]

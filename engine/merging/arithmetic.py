@@ -127,13 +127,18 @@ def elect_sign(weighted: Tensor, vote_bias: Tensor | None = None) -> Tensor:
 def _agreement(weighted: Tensor, sign: Tensor) -> Tensor:
     """``sign(weighted[i]) == sign`` per model, as bools (a zero never agrees)."""
     positive = sign > 0
-    return torch.stack([torch.where(positive, w > 0, w < 0) for w in weighted])
+    agree = torch.empty(weighted.shape, dtype=torch.bool, device=weighted.device)
+    for i, w in enumerate(weighted):  # one model at a time: temporaries of one tensor's size
+        torch.where(positive, w > 0, w < 0, out=agree[i])
+    return agree
 
 
 def _disjoint_merge_(weighted: Tensor, weights: Sequence[float], agree: Tensor,
                      normalize: bool) -> Tensor:
     """In place on ``weighted``: sum the agreeing entries, divide by agreeing weights."""
-    mixed = weighted.masked_fill_(~agree, 0).sum(dim=0)
+    for w, a in zip(weighted, agree):
+        w.masked_fill_(~a, 0)
+    mixed = weighted.sum(dim=0)
     if normalize:
         divisor = torch.zeros_like(mixed)
         for i, w in enumerate(weights):

@@ -35,8 +35,10 @@ from engine.api import ModelArtifact, StageInputs
 from engine.context import StageContext
 from engine.errors import MergeError
 from engine.merging.params import MergeParams
+from engine.merging.prefetch import prefetched
 from engine.merging.preflight import MergePlan, check_merge_inputs
 from engine.merging.tensorio import ModelReader, PlannedTensor, ShardedWriter, parse_size
+from engine.merging.vocab import tail_rows
 
 __all__ = ["MergeSummary", "TensorMerge", "merge_folders", "run_merge"]
 
@@ -77,16 +79,23 @@ def _resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _write_config(plan: MergePlan, out_dir: Path, out_dtype: torch.dtype | None) -> None:
-    """config.json from the reference model (dtype updated when the output's changes),
-    plus tokenizer and generation files."""
+    """config.json from the reference model (dtype updated when the output's changes,
+    vocab_size when vocabularies differ), plus tokenizer and generation files (from the
+    input with the largest tokenizer when vocabularies differ)."""
     ref = plan.reference
     config = dict(ref.config)
     if out_dtype is not None:
         config["dtype"] = str(out_dtype).removeprefix("torch.")  # transformers >= 4.56 key
         if "torch_dtype" in config:  # written by older transformers
             config["torch_dtype"] = config["dtype"]
+    tokenizer_src = ref.path
+    if plan.vocab is not None:
+        config["vocab_size"] = plan.vocab.out_size
+        by_name = {m.name: m for m in [*([plan.base] if plan.base else []), *plan.models]}
+        if plan.vocab.tokenizer_from is not None:
+            tokenizer_src = by_name[plan.vocab.tokenizer_from].path
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    modelio.copy_tokenizer_files(ref.path, out_dir)
+    modelio.copy_tokenizer_files(tokenizer_src, out_dir)
 
 
 def merge_folders(
@@ -99,14 +108,16 @@ def merge_folders(
     out_dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     max_shard_bytes: int | str = "2GB",
+    prefetch_bytes: int = 0,
     on_tensor: Callable[[str], None] | None = None,
 ) -> MergeSummary:
     """Merge the checked inputs of ``plan`` into ``out_dir``, streaming.
 
     ``task_vectors`` (needs ``plan.base``): ``merge`` gets task vectors and returns a
     delta. ``out_dtype`` None keeps each tensor's dtype in the reference model.
-    On any error every file this call wrote is removed again, so ``out_dir`` never
-    holds a partial model that looks complete.
+    ``prefetch_bytes`` > 0 reads the next tensors in a thread while one merges (see
+    :mod:`engine.merging.prefetch`). On any error every file this call wrote is
+    removed again, so ``out_dir`` never holds a partial model that looks complete.
     """
     if task_vectors and plan.base is None:
         raise MergeError("a task-vector merge needs a base model (recipe key 'base')")
@@ -116,31 +127,43 @@ def merge_folders(
     odtype = _resolve_dtype(out_dtype) if out_dtype is not None else None
     dev = modelio.resolve_device(device) if isinstance(device, str) else device
     ref = plan.reference
+    vocab = plan.vocab
 
     planned = []
     for name, info in ref.tensors.items():
         dtype = info.torch_dtype
         if odtype is not None and dtype.is_floating_point:
             dtype = odtype
-        planned.append(PlannedTensor(name, dtype, info.shape))
+        shape = info.shape
+        if vocab is not None and name in vocab.tensors:
+            shape = (vocab.out_size, *shape[1:])
+        planned.append(PlannedTensor(name, dtype, shape))
 
     before = {p.name for p in out_dir.iterdir()}
     summary = MergeSummary()
     try:
         with ExitStack() as stack:
-            base = None
-            if plan.base is not None:
-                base = stack.enter_context(ModelReader(plan.base.path, plan.base.name,
-                                                       plan.base.tensors))
-            readers = [stack.enter_context(ModelReader(m.path, m.name, m.tensors)) for m in plan.models]
+            inputs = [*([plan.base] if plan.base is not None else []), *plan.models]
+            readers = [stack.enter_context(ModelReader(m.path, m.name, m.tensors)) for m in inputs]
             writer = stack.enter_context(ShardedWriter(
                 out_dir, planned, max_shard_bytes=parse_size(max_shard_bytes),
                 metadata={"merged_by": "lingoforge"}))
-            for target in planned:
-                merged = _merge_one(target, base, readers, merge, task_vectors, cdtype, dev, summary)
-                writer.write(target.name, merged)
-                if on_tensor is not None:
-                    on_tensor(target.name)
+            step = _Step(plan, merge, task_vectors, cdtype, dev, summary)
+            by_name = {t.name: t for t in planned}
+
+            def size_of(name: str) -> int:
+                return sum(m.tensors[name].end - m.tensors[name].start for m in inputs)
+
+            loads = prefetched([t.name for t in planned], lambda n: _load(readers, n), size_of,
+                               prefetch_bytes)
+            try:
+                for name, raws in loads:
+                    writer.write(name, step(by_name[name], raws))
+                    del raws
+                    if on_tensor is not None:
+                        on_tensor(name)
+            finally:
+                loads.close()
             files = writer.close()
         _write_config(plan, out_dir, odtype)
     except BaseException:
@@ -153,45 +176,81 @@ def merge_folders(
     return summary
 
 
-def _merge_one(target: PlannedTensor, base: ModelReader | None, readers: Sequence[ModelReader],
-               merge: TensorMerge, task_vectors: bool, cdtype: torch.dtype, dev: torch.device,
-               summary: MergeSummary) -> torch.Tensor:
-    """Read one tensor from every input into one stacked buffer, merge, cast.
+def _load(readers: Sequence[ModelReader], name: str) -> list[torch.Tensor]:
+    """Tensor ``name`` of every input (base first), each checked for NaN/inf."""
+    raws = []
+    for r in readers:
+        t = r.get(name)
+        _check_finite(t, r.label, name)
+        raws.append(t)
+    return raws
 
-    Each model's tensor is copied into its row of the buffer (and has the base
-    subtracted in place) as soon as it is read, so at most one raw tensor is alive
-    besides the buffer.
-    """
-    name = target.name
-    source = base if base is not None else readers[0]
-    first = source.get(name)
-    summary.tensors += 1
-    summary.parameters += first.numel()
-    if not first.is_floating_point():
-        summary.copied.append(name)
-        return first
-    _check_finite(first, source.label, name)
-    base_t = first.to(dev, cdtype) if base is not None else None
-    stacked = torch.empty((len(readers), *target.shape), dtype=cdtype, device=dev)
-    for i, r in enumerate(readers):
-        raw = first if (base is None and i == 0) else r.get(name)
-        _check_finite(raw, r.label, name)
-        stacked[i].copy_(raw)
-        if task_vectors:
-            stacked[i].sub_(base_t)
-    del first, raw
-    merged = merge(name, stacked)
-    del stacked
-    if task_vectors:
-        merged = merged + base_t
-    if tuple(merged.shape) != target.shape:
-        raise MergeError(f"the merge method returned shape {list(merged.shape)} for tensor "
-                         f"{name!r}, expected {list(target.shape)}")
-    out = merged.to(target.dtype).cpu()
-    if not bool(torch.isfinite(out).all()):
-        raise MergeError(f"merged tensor {name!r} is not finite in {target.dtype} (overflow? "
-                         f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
-    return out
+
+@dataclass
+class _Step:
+    """Merges one tensor from the raw tensors of every input (base first)."""
+
+    plan: MergePlan
+    merge: TensorMerge
+    task_vectors: bool
+    cdtype: torch.dtype
+    dev: torch.device
+    summary: MergeSummary
+
+    def __call__(self, target: PlannedTensor, raws: list[torch.Tensor]) -> torch.Tensor:
+        """Copy each model's tensor into its row of one stacked buffer (minus the base,
+        in place) and drop the raw tensor at once, merge, add the base back, cast."""
+        name, plan = target.name, self.plan
+        has_base = plan.base is not None
+        first = raws[0]
+        self.summary.tensors += 1
+        self.summary.parameters += first.numel()
+        if not first.is_floating_point():
+            self.summary.copied.append(name)
+            return first
+        vocab = plan.vocab if plan.vocab is not None and name in plan.vocab.tensors else None
+        rows = vocab.common if vocab is not None else target.shape[0] if target.shape else None
+        tails = None
+        if vocab is not None:
+            labels = [*([plan.base.name] if plan.base else []), *plan.names]  # type: ignore[union-attr]
+            tails = tail_rows(vocab, plan.names, dict(zip(labels, raws)), self.cdtype)
+        shape = (rows, *target.shape[1:]) if vocab is not None else target.shape
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[:rows] if vocab is not None else t
+
+        base_t = cut(first).to(self.dev, self.cdtype) if has_base else None
+        del first
+        offset = 1 if has_base else 0
+        if has_base:
+            raws[0] = None  # type: ignore[call-overload]  # base_t holds what is needed
+        # ``raws`` is shared with the caller and the read-ahead thread: clearing its
+        # entries (not rebinding names) is what actually frees each raw tensor.
+        stacked = torch.empty((len(raws) - offset, *shape), dtype=self.cdtype, device=self.dev)
+        for i in range(len(raws) - offset):
+            stacked[i].copy_(cut(raws[i + offset]))
+            raws[i + offset] = None  # type: ignore[call-overload]
+            if self.task_vectors:
+                stacked[i].sub_(base_t)
+        merged = self.merge(name, stacked)
+        del stacked
+        if tuple(merged.shape) != tuple(shape):
+            raise MergeError(f"the merge method returned shape {list(merged.shape)} for tensor "
+                             f"{name!r}, expected {list(shape)}")
+        if self.task_vectors:
+            merged = merged.add_(base_t)
+        del base_t
+        if tails is not None:
+            full = torch.empty(target.shape, dtype=self.cdtype, device=self.dev)
+            full[:rows] = merged
+            for a, b, t in tails:
+                full[a:b] = t
+            merged = full
+        out = merged.to(target.dtype).cpu()
+        if not bool(torch.isfinite(out).all()):
+            raise MergeError(f"merged tensor {name!r} is not finite in {target.dtype} (overflow? "
+                             f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
+        return out
 
 
 def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, merge: TensorMerge,
@@ -216,7 +275,7 @@ def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, m
             plan, merge, context.output_dir, task_vectors=task_vectors,
             compute_dtype=params.compute_dtype,
             out_dtype=params.out_dtype, device=device, max_shard_bytes=params.shard_size,
-            on_tensor=lambda _name: bar.advance(),
+            prefetch_bytes=params.prefetch_bytes, on_tensor=lambda _name: bar.advance(),
         )
     info = {
         "method": context.plugin,
@@ -225,6 +284,9 @@ def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, m
         "params": params.model_dump(mode="json", by_alias=True),
         **(meta or {}),
     }
+    if plan.vocab is not None:
+        info["vocab"] = plan.vocab.report(plan.names)
+        context.note("vocab", info["vocab"])
     modelio.write_meta(context.output_dir, {"merge": info})
     context.set_param_counts(trainable=0, forward=summary.parameters)
     shards = [f for f in summary.files if f.endswith(".safetensors")]

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from engine.api import PluginParams
 from engine.errors import MergeError
+from engine.merging.overrides import TensorOverride, resolve_overrides
 from engine.merging.tensorio import parse_size
 
 __all__ = [
@@ -58,11 +59,36 @@ class MergeParams(PluginParams):
     shard_size: int | str = Field(
         "2GB", description="Largest output shard, in bytes or as '2GB' / '500MB' / '512MiB'.")
 
+    prefetch: int | str = Field(
+        "256MB", description="Read ahead: a reader thread loads the next tensors (of every "
+                             "model) while the current one merges, up to this many bytes of "
+                             "raw tensors in flight; 0 reads and merges in turn.")
+    overrides: list[TensorOverride] = Field(
+        default_factory=list,
+        description="Per-tensor params: [{match: REGEX, <param>: value, ...}]; match is searched "
+                    "(re.search) in the tensor name and the first override that matches wins.")
+
     @field_validator("shard_size")
     @classmethod
     def _readable_size(cls, v: int | str) -> int | str:
         parse_size(v)  # raises ValueError with a readable message
         return v
+
+    @field_validator("prefetch")
+    @classmethod
+    def _readable_prefetch(cls, v: int | str) -> int | str:
+        if v not in (0, "0"):
+            parse_size(v)
+        return v
+
+    @model_validator(mode="after")
+    def _valid_overrides(self) -> MergeParams:
+        resolve_overrides(self)  # each override must produce valid params of this method
+        return self
+
+    @property
+    def prefetch_bytes(self) -> int:
+        return 0 if self.prefetch in (0, "0") else parse_size(self.prefetch)
 
 
 class TaskVectorParams(MergeParams):
@@ -110,6 +136,23 @@ def check_weight_sum(weights: Sequence[float], names: Sequence[str], *, normaliz
                          "by that sum; change the weights or set normalize: false")
 
 
+def _check_headers(configs: Mapping[str, Any]) -> None:
+    """With folder paths (``InputConfigs.paths``), run the full header pre-flight on the
+    inputs that exist already: missing/extra tensors, shapes, dtypes, truncated shards,
+    tokenizers -- everything :func:`~engine.merging.preflight.check_merge_inputs`
+    checks, without reading tensor data."""
+    from engine.merging.preflight import check_merge_paths
+
+    paths = getattr(configs, "paths", None) or {}
+    names = getattr(configs, "names", None) or {}
+    if not paths.get("models"):
+        return
+    base = None
+    if names.get("base"):
+        base = (names["base"][0], (paths.get("base") or [None])[0])
+    check_merge_paths(base, list(zip(names.get("models", []), paths["models"])))
+
+
 def check_static(configs: Mapping[str, Any], params: MergeParams) -> list[str]:
     """``engine validate``'s check for a merge: architectures agree (config.json only),
     per-model params name only merged models, normalised weights do not sum to zero.
@@ -120,11 +163,13 @@ def check_static(configs: Mapping[str, Any], params: MergeParams) -> list[str]:
     from engine.merging.preflight import check_configs
 
     check_configs(configs)
+    _check_headers(configs)
     names = list(getattr(configs, "names", {}).get("models", []))
     if not names:
         return names
-    weights = resolve_per_model(params.weight, names, "weight")
-    if hasattr(params, "density"):
-        resolve_per_model(params.density, names, "density")
-    check_weight_sum(weights, names, normalize=bool(getattr(params, "normalize", False)))
+    for p in [params, *(p for _, p in resolve_overrides(params))]:
+        weights = resolve_per_model(p.weight, names, "weight")
+        if hasattr(p, "density"):
+            resolve_per_model(p.density, names, "density")
+        check_weight_sum(weights, names, normalize=bool(getattr(p, "normalize", False)))
     return names

@@ -16,8 +16,9 @@ from engine import modelio
 from engine.api import ModelArtifact
 from engine.errors import EngineError, MergeError
 from engine.merging.tensorio import TensorInfo, read_tensor_infos
+from engine.merging.vocab import VocabPlan, check_tokenizers, plan_vocab, token_ids
 
-__all__ = ["MergeInput", "MergePlan", "check_configs", "check_merge_inputs"]
+__all__ = ["MergeInput", "MergePlan", "check_configs", "check_merge_inputs", "check_merge_paths"]
 
 _SHOW = 5  # names listed in an error before "and N more"
 
@@ -39,6 +40,7 @@ class MergePlan:
 
     base: MergeInput | None
     models: list[MergeInput]
+    vocab: VocabPlan | None = None
 
     @property
     def reference(self) -> MergeInput:
@@ -77,6 +79,20 @@ def check_configs(configs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
                              f"{_describe(every[0])}; models of different architectures cannot be merged")
 
 
+def _vocab_size(m: MergeInput) -> int | None:
+    v = m.config.get("vocab_size", (m.config.get("text_config") or {}).get("vocab_size"))
+    return int(v) if v is not None else None
+
+
+def _is_vocab_row_change(ref: MergeInput, other: MergeInput, mine: TensorInfo,
+                         theirs: TensorInfo) -> bool:
+    """Shapes differ only in dim 0, and dim 0 is each model's vocab_size (docs: vocab rule)."""
+    rv, ov = _vocab_size(ref), _vocab_size(other)
+    return (rv is not None and ov is not None and rv != ov and len(mine.shape) >= 1
+            and mine.shape[1:] == theirs.shape[1:]
+            and mine.shape[0] == rv and theirs.shape[0] == ov)
+
+
 def _load(artifact: ModelArtifact) -> MergeInput:
     try:
         config = modelio.check_model_folder(artifact.path)
@@ -103,9 +119,14 @@ def _compare(ref: MergeInput, other: MergeInput, role: str) -> None:
                          f"{role} {ref.name!r} lacks (merging would drop them)")
     for name, info in ref.tensors.items():
         theirs = other.tensors[name]
-        if theirs.shape != info.shape:
+        if theirs.shape != info.shape and not _is_vocab_row_change(ref, other, info, theirs):
             raise MergeError(f"tensor {name!r} has shape {list(theirs.shape)} in model "
                              f"{other.name!r} but {list(info.shape)} in {role} {ref.name!r}")
+        if info.dtype != theirs.dtype and (info.torch_dtype.is_floating_point
+                                           != theirs.torch_dtype.is_floating_point):
+            raise MergeError(f"tensor {name!r} is {theirs.dtype} in model {other.name!r} but "
+                             f"{info.dtype} in {role} {ref.name!r}; a floating-point tensor "
+                             "cannot be merged with an integer one")
 
 
 def check_merge_inputs(base: ModelArtifact | None, models: Sequence[ModelArtifact]) -> MergePlan:
@@ -118,6 +139,11 @@ def check_merge_inputs(base: ModelArtifact | None, models: Sequence[ModelArtifac
     if not models:
         raise MergeError("a merge needs at least one model (recipe key 'models')")
     plan = MergePlan(base=_load(base) if base is not None else None, models=[_load(m) for m in models])
+    return _check_plan(plan)
+
+
+def _check_plan(plan: MergePlan) -> MergePlan:
+    """Compare every input with the reference; plan vocabulary rows; check tokenizers."""
     ref = plan.reference
     role = "base" if plan.base is not None else "first model"
     for m in plan.models:
@@ -129,4 +155,25 @@ def check_merge_inputs(base: ModelArtifact | None, models: Sequence[ModelArtifac
                 info.torch_dtype  # noqa: B018 - raises for a dtype torch cannot hold
             except EngineError as exc:
                 raise MergeError(f"model {m.name!r}: {exc}") from None
+    every = [*([plan.base] if plan.base else []), *plan.models]
+    tokenizer_from = check_tokenizers([(m.name, token_ids(m.path)) for m in every])
+    sizes = {m.name: v for m in every if (v := _vocab_size(m)) is not None}
+    if len(sizes) == len(every):
+        vocab_tensors = {n for n, info in ref.tensors.items()
+                         if any(m.tensors[n].shape != info.shape for m in every)}
+        plan.vocab = plan_vocab(sizes, plan.base.name if plan.base else None, vocab_tensors,
+                                tokenizer_from)
     return plan
+
+
+def check_merge_paths(base: tuple[str, Path | None] | None,
+                      models: Sequence[tuple[str, Path | None]]) -> MergePlan | None:
+    """``engine validate``'s header check: the inputs whose folders exist already
+    (``None`` paths -- outputs of earlier stages -- are skipped) are loaded from
+    config.json and safetensors headers and compared as :func:`check_merge_inputs`
+    does. Returns the plan of what could be checked (None when fewer than two inputs)."""
+    known_base = _load(ModelArtifact(base[0], base[1])) if base and base[1] is not None else None
+    known = [_load(ModelArtifact(n, p)) for n, p in models if p is not None]
+    if len(known) + (known_base is not None) < 2 or not known:
+        return None
+    return _check_plan(MergePlan(base=known_base, models=known))

@@ -1,7 +1,8 @@
 """Streaming safetensors I/O: read one tensor at a time, write shards as tensors come.
 
-Reading goes through ``safetensors.safe_open`` (memory-mapped, one tensor copied out
-per call). Writing does not buffer a shard: the layout of every shard (which tensor
+Reading uses positional reads (``os.preadv``) at the byte offsets the header gives,
+straight into a fresh tensor: no memory map, so the pages of the input files never
+count towards the process's resident memory, and reads are safe from several threads. Writing does not buffer a shard: the layout of every shard (which tensor
 goes where, its dtype, shape and byte offsets) is planned up front from the
 headers, each shard's header is written when the shard is opened, and each tensor's
 bytes are appended as soon as it is merged. Peak memory is therefore a few tensors,
@@ -15,6 +16,7 @@ spaces to a multiple of 8 bytes, then the tensors' little-endian bytes back to b
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from collections.abc import Iterable
@@ -24,7 +26,6 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from engine import modelio
 from engine.errors import MergeError, ModelLoadError
@@ -50,6 +51,9 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    #: absolute byte offsets of the tensor's data in ``file``
+    start: int = 0
+    end: int = 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -76,12 +80,20 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             if length > 100_000_000:
                 raise ValueError(f"header length {length} is implausible")
             header = json.loads(f.read(length))
+        size = file.stat().st_size
     except (OSError, ValueError, struct.error) as exc:
         raise ModelLoadError(f"{file}: not a readable safetensors file ({exc})") from None
-    return {
-        name: TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file)
+    data = 8 + length
+    infos = {
+        name: TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file,
+                         data + entry["data_offsets"][0], data + entry["data_offsets"][1])
         for name, entry in header.items() if name != "__metadata__"
     }
+    needed = max((i.end for i in infos.values()), default=data)
+    if size < needed:
+        raise ModelLoadError(f"{file}: truncated: the header promises {needed} bytes, the file "
+                             f"has {size} (an interrupted download or copy?)")
+    return infos
 
 
 def read_tensor_infos(folder: Path) -> dict[str, TensorInfo]:
@@ -117,20 +129,32 @@ class ModelReader:
         self.folder = Path(folder)
         self.label = label
         self.infos = infos if infos is not None else read_tensor_infos(self.folder)
-        self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        """A CPU copy of tensor ``name`` in its stored dtype."""
+        """A CPU copy of tensor ``name`` in its stored dtype (thread-safe)."""
         info = self.infos.get(name)
         if info is None:
             raise MergeError(f"model {self.label!r} has no tensor {name!r}")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        out = torch.empty(info.shape, dtype=info.torch_dtype)
+        if info.end > info.start:
+            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(buf):
+                n = os.preadv(fd, [buf[done:]], info.start + done)
+                if n <= 0:
+                    raise MergeError(f"model {self.label!r}: {info.file} ended while reading "
+                                     f"tensor {name!r} (file truncated?)")
+                done += n
+        return out
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> ModelReader:
         return self

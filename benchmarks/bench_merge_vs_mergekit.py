@@ -1,0 +1,156 @@
+"""Benchmark: lingoforge's streaming TIES merge against mergekit, side by side.
+
+A base and three fine-tunes of a ~250M-parameter Llama (hidden 1024, 14 layers,
+vocab 32000; fp32, about 1 GB each, synthetic: random init plus small per-model
+perturbations) are merged with TIES at density 0.2 by
+
+* ``engine merge`` (``python -m engine.cli_merge``), with and without read-ahead, and
+* ``mergekit-yaml`` from its own virtual environment (``--lazy-unpickle``; 0.1.5's
+  ``--low-cpu-memory`` only moves results to an accelerator, so it is not used on CPU),
+
+each in a subprocess of its own, with the inputs evicted from the page cache first
+(``posix_fadvise(DONTNEED)``), so every tool starts cold. Wall time and peak resident
+memory (``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a fresh wrapper per tool) are
+recorded, the outputs are compared tensor by tensor (fp32 allclose), and the input
+throughput (GB read per second) is put next to a plain cold sequential read of the
+same files. Run it on a shared machine under ``flock``::
+
+    flock /tmp/lingoforge-bench.lock python benchmarks/bench_merge_vs_mergekit.py \\
+        --mergekit /work/mergekit-venv/bin/mergekit-yaml --workdir /tmp/lf-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mergekit_oracle import build_family, compare, llama_config  # noqa: E402
+
+from engine import modelio  # noqa: E402
+from engine.merging.tensorio import read_tensor_infos  # noqa: E402
+
+
+def evict(folders: list[Path]) -> None:
+    """Drop the files' clean pages from the page cache (no root needed)."""
+    for folder in folders:
+        for f in folder.iterdir():
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd) if os.access(f, os.W_OK) else None
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def plain_read(files: list[Path]) -> float:
+    """Seconds to read ``files`` sequentially in 8 MiB blocks (the disk's plain speed)."""
+    started = time.perf_counter()
+    buf = bytearray(8 << 20)
+    for f in files:
+        with f.open("rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - started
+
+
+def measured(cmd: list[str]) -> dict[str, Any]:
+    """Run ``cmd`` in a fresh wrapper; its wall time and its peak RSS (children only)."""
+    probe = ("import resource,subprocess,sys,time,json;t=time.perf_counter();"
+             "r=subprocess.run(sys.argv[1:]).returncode;"
+             "print(json.dumps({'rc':r,'wall_s':time.perf_counter()-t,"
+             "'peak_rss_mb':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True,
+                         text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({result['rc']}): {out.stderr[-2000:]}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mergekit", required=True, help="mergekit-yaml executable (its own venv)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lf-bench"))
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=14)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--density", type=float, default=0.2)
+    ap.add_argument("--keep", action="store_true", help="keep the ~4 GB of models afterwards")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    root = args.workdir
+    root.mkdir(parents=True, exist_ok=True)
+    need = 4 * 4 * (2 * args.vocab * args.hidden + args.layers * (
+        4 * args.hidden**2 + 3 * args.hidden * args.intermediate)) * 2
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise SystemExit(f"{root}: {free / 1e9:.1f} GB free, need about {need / 1e9:.1f} GB")
+    cfg = llama_config(args.hidden, args.layers, args.vocab, args.intermediate)
+    results: dict[str, Any] = {"config": cfg, "density": args.density, "cpus": os.cpu_count()}
+    try:
+        t = time.perf_counter()
+        base, *models = build_family(root / "models", cfg, 3, shard_size=500 * 10**6)
+        results["build_s"] = time.perf_counter() - t
+        folders = [base, *models]
+        files = [f for d in folders for f in modelio.weight_files(d)]
+        size = sum(f.stat().st_size for f in files)
+        results["input_gb"] = size / 1e9
+        results["params_per_model"] = sum(i.numel for i in read_tensor_infos(base).values())
+
+        evict(folders)
+        read_s = plain_read(files)
+        results["plain_read"] = {"s": read_s, "gb_per_s": size / 1e9 / read_s}
+
+        lf_cmd = [sys.executable, "-m", "engine.cli_merge", "--method", "ties", "--base", str(base),
+                  *[a for m in models for a in ("--model", str(m))], "-p", f"density={args.density}",
+                  "--overwrite"]
+        runs = {
+            "lingoforge": lf_cmd + ["--out", str(root / "lf")],
+            "lingoforge_no_prefetch": lf_cmd + ["--out", str(root / "lf0"), "-p", "prefetch=0"],
+        }
+        mk_cfg = root / "mergekit.yaml"
+        import yaml
+        mk_cfg.write_text(yaml.safe_dump({
+            "merge_method": "ties", "base_model": str(base), "dtype": "float32",
+            "out_dtype": "float32", "parameters": {"normalize": True},
+            "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": args.density}}
+                       for m in models]}))
+        runs["mergekit"] = [args.mergekit, str(mk_cfg), str(root / "mk"), "--lazy-unpickle",
+                            "--quiet", "--no-copy-tokenizer"]
+        for label, cmd in runs.items():
+            evict(folders)
+            r = measured(cmd)
+            r["input_gb_per_s"] = size / 1e9 / r["wall_s"]
+            results[label] = r
+            print(label, json.dumps(r), flush=True)
+        ok, diff = compare(root / "lf", root / "mk")
+        ok0, _ = compare(root / "lf", root / "lf0", rtol=0, atol=0)
+        results["equal_to_mergekit"] = {"allclose_fp32": ok, "max_abs_diff": diff.max_abs,
+                                        "worst": diff.worst, "tensors": diff.tensors,
+                                        "mismatched_elements": diff.mismatched,
+                                        "elements": diff.elements}
+        results["prefetch_changes_nothing"] = ok0
+        lf, mk = results["lingoforge"], results["mergekit"]
+        results["ratios"] = {"wall": lf["wall_s"] / mk["wall_s"],
+                             "peak_rss": lf["peak_rss_mb"] / mk["peak_rss_mb"]}
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""``engine merge``: a one-stage merge recipe from the command line.
+
+    engine merge --method ties --base B --model A --model C --out O -p density=0.2
+
+builds the recipe a user would otherwise write by hand (models named after their
+folders, or ``--model NAME=PATH``), validates it exactly as ``engine validate`` does
+(params, architectures, safetensors headers), then runs the merge into a hidden
+temporary folder beside ``--out`` that is renamed into place only when complete. An
+existing ``--out`` is refused unless ``--overwrite``; a failed merge leaves it as it
+was. No report.json or stage cache is written: the output folder is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from engine.errors import EngineError, RecipeError
+
+__all__ = ["add_parser", "build_recipe", "cmd_merge"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``merge`` command to ``engine``'s subparsers."""
+    p = subparsers.add_parser("merge", help="merge model folders with one method (no recipe file)")
+    p.add_argument("--method", required=True, help="merge plugin: ties, dare-ties, task-arithmetic, "
+                                                   "slack-ties, linear, or a third-party one")
+    p.add_argument("--base", help="base model folder (task-vector methods need one)")
+    p.add_argument("--model", dest="models", action="append", required=True, metavar="[NAME=]PATH",
+                   help="model folder to merge (repeatable); NAME defaults to the folder's name")
+    p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter, VALUE read as YAML: -p density=0.2 "
+                        "-p 'weight={a: 1.0, b: 0.5}' (repeatable)")
+    p.add_argument("--device", default="cpu", help="where the arithmetic runs (default: cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def _named(arg: str, taken: set[str]) -> tuple[str, Path]:
+    name, sep, path = arg.partition("=")
+    if not sep or "/" in name:
+        name, path = "", arg
+    name = name or _SAFE.sub("-", Path(path).resolve().name).strip("-.") or "model"
+    unique, i = name, 2
+    while unique in taken:
+        unique, i = f"{name}-{i}", i + 1
+    taken.add(unique)
+    return unique, Path(path).expanduser().resolve()
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"-p {pair!r}: write KEY=VALUE, e.g. -p density=0.2")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"-p {pair!r}: value is not valid YAML ({exc})") from None
+    return out
+
+
+def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe mapping ``engine merge`` runs (stage name ``merged``)."""
+    taken: set[str] = {"merged"}
+    models: dict[str, dict[str, str]] = {}
+    stage: dict[str, Any] = {"name": "merged", "stage": "merge", "plugin": args.method,
+                             "params": _params(args.params), "runtime": {"device": args.device}}
+    if args.base:
+        name, path = _named(args.base, taken)
+        models[name] = {"path": str(path)}
+        stage["base"] = name
+    stage["models"] = []
+    for arg in args.models:
+        name, path = _named(arg, taken)
+        models[name] = {"path": str(path)}
+        stage["models"].append(name)
+    return {"name": "engine-merge", "models": models, "stages": [stage]}
+
+
+def cmd_merge(args: argparse.Namespace, console: Console) -> int:
+    """Validate and run the merge; 0 on success (errors raise :class:`EngineError`)."""
+    from engine import modelio
+    from engine.api import ModelArtifact, StageInputs
+    from engine.context import StageContext
+    from engine.recipe import parse_recipe
+    from engine.validate import plan_recipe
+
+    out = Path(args.out).expanduser().resolve()
+    if out.exists() and not args.overwrite:
+        raise EngineError(f"--out {out} exists; pass --overwrite to replace it")
+    recipe = parse_recipe(build_recipe(args), "engine merge")
+    plan = plan_recipe(recipe, Path.cwd(), "engine merge")
+    stage = plan.stages[0]
+    def artifact(name: str) -> ModelArtifact:
+        path = Path(recipe.models[name].path or "")
+        return ModelArtifact(name=name, path=path, meta=modelio.read_meta(path))
+
+    inputs = StageInputs(base=artifact(stage.spec.base) if stage.spec.base else None,
+                         models=[artifact(n) for n in stage.spec.models or []])
+    started = time.perf_counter()
+    try:
+        with modelio.atomic_dir(out, overwrite=args.overwrite) as tmp:
+            context = StageContext(run_name=recipe.name, stage_name=out.name, stage_kind="merge",
+                                   plugin=stage.spec.plugin, workdir=out.parent, output_dir=tmp,
+                                   runtime=stage.runtime, console=console)
+            stage.registered.impl.run(context, inputs, stage.params)
+    except FileExistsError as exc:
+        raise EngineError(str(exc)) from None
+    notes = context.stats.notes.get("merge", {})
+    console.print(f"[green]merged[/] {len(inputs.models)} model(s) with {stage.spec.plugin} into "
+                  f"{out}: {notes.get('tensors', '?')} tensors, {notes.get('shards', '?')} shard(s), "
+                  f"{time.perf_counter() - started:.1f}s", highlight=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.cli_merge ...`` (the same as ``engine merge ...``), for
+    benchmarks that run the merge in a subprocess of its own."""
+    import sys
+
+    from engine.cli import EXIT_USER_ERROR, _quiet_libraries
+
+    parser = argparse.ArgumentParser(prog="engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["merge", *(sys.argv[1:] if argv is None else argv)])
+    console = Console(stderr=True)
+    _quiet_libraries()
+    try:
+        return cmd_merge(args, console)
+    except EngineError as exc:
+        console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
