@@ -24,6 +24,7 @@ PLUGIN_TESTS = {
     "elo-align": "elo_align",
     "first-last": "first_last",
     "indices": "indices",
+    "layer-importance": "layer_importance",
     "linear": "linear",
     "task-arithmetic": "task_arithmetic",
     "ties": "ties and not slack",

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from engine.context import StageContext
 
 __all__ = [
-    "ADAPT_LANGUAGE", "SELECT_LAYERS", "MERGE", "ALIGN", "EVALUATE", "STAGE_KINDS",
+    "ADAPT_LANGUAGE", "SELECT_LAYERS", "MERGE", "ALIGN", "EVALUATE", "STAGE_KINDS", "NOT_IN_RESULT",
     "Artifact", "DataSource", "InputConfigs", "LayerSelection", "MetricsArtifact", "ModelArtifact",
     "PluginParams", "StageContext", "StageImplementation", "StageInputs",
     "TrainingParams", "hookimpl",
@@ -47,10 +47,25 @@ STAGE_KINDS: dict[str, str] = {
 # --- parameters ----------------------------------------------------------------------
 
 
+#: Mark a param that does not change a stage's result (logging, checkpoint cadence,
+#: prefetch sizes): ``Field(10, json_schema_extra=NOT_IN_RESULT)``. Changing it does not
+#: invalidate the stage's cached output.
+NOT_IN_RESULT: dict[str, Any] = {"affects_output": False}
+
+
 class PluginParams(BaseModel):
     """Base class of every implementation's ``Params``: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def result_key(self) -> dict[str, Any]:
+        """The params that determine the stage's output (the cache key's part)."""
+        dumped = self.model_dump(mode="json")
+        for name, info in type(self).model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and extra.get("affects_output") is False:
+                dumped.pop(name, None)
+        return dumped
 
 
 class TrainingParams(PluginParams):

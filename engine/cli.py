@@ -113,6 +113,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"[bold]lingoforge[/] running [cyan]{plan.recipe.name}[/] "
                   f"({len(plan.stages)} stages) into {workdir}", highlight=False)
     report = Runner(plan, workdir, console=console, use_cache=not args.no_cache).run()
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: the main process reports
+        return 0
     out = Console()
     out.print(stages_table(report))
     table = metrics_table(report)

@@ -74,6 +74,7 @@ class StageContext:
         runtime: Runtime | None = None,
         console: Console | None = None,
         progress: Progress | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         self.run_name = run_name
         self.stage_name = stage_name
@@ -85,6 +86,9 @@ class StageContext:
         self.console = console or Console(stderr=True)
         self.stats = StageStats()
         self._progress = progress
+        #: a stable folder for resumable training checkpoints (survives a killed run,
+        #: unlike ``output_dir``); None when the stage runs outside the runner
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     # -- where things run ------------------------------------------------------------
 

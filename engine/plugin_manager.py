@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "engine_plugins.elo_align",
     "engine_plugins.first_last",
     "engine_plugins.indices",
+    "engine_plugins.layer_importance",
     "engine_plugins.linear",
     "engine_plugins.task_arithmetic",
     "engine_plugins.ties",

@@ -5,6 +5,16 @@ Each stage writes into a temporary folder inside the workdir, which is renamed t
 ``.lingoforge-stage.json`` holding the stage's fingerprint and report record. A
 later run of the same recipe reuses an output whose fingerprint (plugin, params,
 inputs, data files, runtime) is unchanged: that is the report's cache hit.
+
+Training checkpoints go to ``<workdir>/.checkpoints/<stage>/<fingerprint>/``, a
+place that survives a killed run, so running the recipe again resumes the stage;
+they are deleted once the stage's output is in place.
+
+Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) every process runs the
+plan, but only the main process (rank 0) writes stage outputs, checkpoints and the
+report. Training stages (adapt-language, align) run on every process, data-parallel;
+other stages run on the main process only. The main process tells the others whether
+a stage was cached and whether it succeeded; they then read its output from disk.
 """
 
 from __future__ import annotations
@@ -42,6 +52,9 @@ STAGE_FILE = ".lingoforge-stage.json"
 LAYERS_FILE = "layers.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
+CHECKPOINTS_DIR = ".checkpoints"
+#: stage kinds whose implementations train: every process of a distributed launch runs them
+TRAINING_KINDS = ("adapt-language", "align")
 
 
 class StageFailed(EngineError):
@@ -60,11 +73,18 @@ class Runner:
         self.artifacts: dict[str, Artifact] = {}
         self.fingerprints: dict[str, str] = {}
         self.records: list[dict[str, Any]] = []
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.main = self.rank == 0
 
     # -- public -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            _remove_stale_temporaries(self.workdir)
+        if self.world > 1:
+            _init_process_group(self.plan.recipe.runtime.device)
         started = time.perf_counter()
         for name, spec in self.plan.recipe.models.items():
             self._resolve_input_model(name, spec)
@@ -72,7 +92,10 @@ class Runner:
             self.records.append(self._run_stage(stage))
             self._write_report(time.perf_counter() - started, finished=False)
         report = self._write_report(time.perf_counter() - started, finished=True)
-        call_observers("run_finished", recipe=self.plan.recipe, workdir=str(self.workdir), report=report)
+        if self.world > 1:  # every process returns the main process's report
+            report = _share(report if self.main else None)
+        if self.main:
+            call_observers("run_finished", recipe=self.plan.recipe, workdir=str(self.workdir), report=report)
         return report
 
     # -- inputs -------------------------------------------------------------------------
@@ -110,7 +133,7 @@ class Runner:
         return _hash({
             "stage": stage.spec.stage,
             "plugin": stage.spec.plugin,
-            "params": stage.params.model_dump(mode="json"),
+            "params": stage.params.result_key(),
             "inputs": refs,
             "data": [{"path": str(d.path), "format": d.format, "language": d.language,
                       "weight": d.weight, "field": d.text_field, "state": _file_state(d.path)}
@@ -120,12 +143,55 @@ class Runner:
 
     # -- one stage ------------------------------------------------------------------------
 
+    def checkpoint_dir(self, name: str, fingerprint: str) -> Path:
+        """Where stage ``name`` with ``fingerprint`` keeps its resumable checkpoints."""
+        return self.workdir / CHECKPOINTS_DIR / name / fingerprint
+
     def _run_stage(self, stage: PlannedStage) -> dict[str, Any]:
+        if self.world == 1:
+            return self._lead_stage(stage)
+        if not self.main:
+            return self._follow_stage(stage)
+        try:
+            record = self._lead_stage(stage)
+        except BaseException as exc:  # wherever the others wait, they receive the failure
+            _share(f"{type(exc).__name__}: {exc}")
+            raise
+        _share(None)
+        return record
+
+    def _follow_stage(self, stage: PlannedStage) -> dict[str, Any]:
+        """A non-main process: train alongside the main one, never write outputs."""
+        name = stage.name
+        fingerprint = self._fingerprint(stage)
+        self.fingerprints[name] = fingerprint
+        hit = _share(None)
+        if isinstance(hit, str):
+            raise StageFailed(f"stage {name!r} ({stage.spec.plugin}) failed on the main process: {hit}")
+        if not hit and stage.spec.stage in TRAINING_KINDS:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.rank{self.rank}-", dir=self.workdir))
+            context = StageContext(
+                run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
+                plugin=stage.spec.plugin, workdir=self.workdir, output_dir=tmp, runtime=stage.runtime,
+                console=Console(stderr=True, quiet=True), checkpoint_dir=self.checkpoint_dir(name, fingerprint))
+            try:
+                stage.registered.impl.run(context, self._inputs(stage), stage.params)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        failure = _share(None)
+        if failure is not None:
+            raise StageFailed(f"stage {name!r} ({stage.spec.plugin}) failed on the main process: {failure}")
+        self.artifacts[name] = _load_artifact(stage.spec.stage, name, self.workdir / name)
+        return {"name": name, "stage": stage.spec.stage, "plugin": stage.spec.plugin, "rank": self.rank}
+
+    def _lead_stage(self, stage: PlannedStage) -> dict[str, Any]:
         name = stage.name
         final = self.workdir / name
         fingerprint = self._fingerprint(stage)
         self.fingerprints[name] = fingerprint
         cached = self._cached_record(stage, final, fingerprint)
+        if self.world > 1:
+            _share(cached is not None)
         if cached is not None:
             self.artifacts[name] = _load_artifact(stage.spec.stage, name, final)
             cached["cache"] = "hit"
@@ -138,6 +204,7 @@ class Runner:
             run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
             plugin=stage.spec.plugin, workdir=self.workdir, output_dir=tmp,
             runtime=stage.runtime, console=self.console, progress=progress,
+            checkpoint_dir=self.checkpoint_dir(name, fingerprint),
         )
         call_observers("stage_started", context=context, stage=stage.spec)
         sampler = _MemorySampler()
@@ -152,6 +219,7 @@ class Runner:
             (tmp / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "record": record},
                                                      indent=2, default=str))
             _replace_dir(tmp, final)
+            _remove_checkpoints(self.workdir, name)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, KeyboardInterrupt):
@@ -214,6 +282,7 @@ class Runner:
         return record
 
     def _write_report(self, wall: float, *, finished: bool) -> dict[str, Any]:
+        """Write report.json (main process only; others return the dict unwritten)."""
         report = {
             "recipe": self.plan.recipe.name,
             "source": self.plan.source,
@@ -223,6 +292,8 @@ class Runner:
             "torch": torch.__version__,
             "stages": self.records,
         }
+        if not self.main:
+            return report
         tmp = self.workdir / f".{REPORT_FILE}.tmp"
         tmp.write_text(json.dumps(report, indent=2, default=str))
         os.replace(tmp, self.workdir / REPORT_FILE)
@@ -230,6 +301,31 @@ class Runner:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _init_process_group(device: str) -> None:
+    """Join the launch's process group (gloo on the CPU) before the first stage."""
+    from accelerate import PartialState
+
+    PartialState(cpu=modelio.resolve_device(device).type == "cpu")
+
+
+def _share(value: Any) -> Any:
+    """Broadcast ``value`` from the main process; every process returns the main's value."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _remove_checkpoints(workdir: Path, name: str) -> None:
+    """Drop a finished stage's checkpoints (every fingerprint: they can no longer be resumed)."""
+    shutil.rmtree(workdir / CHECKPOINTS_DIR / name, ignore_errors=True)
+    try:
+        (workdir / CHECKPOINTS_DIR).rmdir()
+    except OSError:
+        pass
 
 
 def _progress(console: Console) -> Progress:
@@ -285,6 +381,17 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def _remove_stale_temporaries(workdir: Path) -> None:
+    """Delete the temporary stage folders a hard-killed earlier run left behind.
+
+    They are never mistaken for outputs (their names start with a dot and carry no
+    stage marker), but they take disk space. One run per workdir at a time.
+    """
+    for item in workdir.glob(".*.tmp-*"):
+        if item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
 
 
 def _hash(obj: Any) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -27,14 +29,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from engine.api import TrainingParams
+from engine.api import NOT_IN_RESULT, TrainingParams
 from engine.batching import IGNORE_INDEX, Batch
+from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
 
 if TYPE_CHECKING:
     from engine.context import StageContext
 
 LOG_FILE = "train_log.jsonl"
+#: fault injection for tests of resume: the process SIGKILLs itself after this step
+KILL_ENV = "LINGOFORGE_KILL_AT_STEP"
 
 
 class TrainerParams(TrainingParams):
@@ -54,8 +59,16 @@ class TrainerParams(TrainingParams):
     optimizer: Literal["adamw", "adamw-8bit"] = Field(
         "adamw", description="`adamw-8bit` keeps optimizer state in 8 bits (bitsandbytes), about 4x smaller.")
     log_every: int = Field(
-        10, ge=1, description="Read losses back from the device every this many steps (writes "
+        10, ge=1, json_schema_extra=NOT_IN_RESULT,
+        description="Read losses back from the device every this many steps (writes "
         "train_log.jsonl lines and checks for NaN/inf).")
+    checkpoint_every: int = Field(
+        100, ge=0, json_schema_extra=NOT_IN_RESULT,
+        description="Save a resumable checkpoint every this many steps (0: never). A "
+        "killed stage resumes from its last checkpoint when the recipe runs again; checkpoints are "
+        "deleted when the stage succeeds.")
+    keep_checkpoints: int = Field(1, ge=1, json_schema_extra=NOT_IN_RESULT,
+                                  description="How many of the newest checkpoints to keep.")
 
     @model_validator(mode="after")
     def _batch_divisible(self) -> TrainerParams:
@@ -168,6 +181,45 @@ def _count(batch: Batch) -> tuple[int, int]:
     return tokens, targets
 
 
+def _shard(batch: Batch, rank: int, world: int) -> Batch:
+    """Rows ``rank::world`` slice of a micro-batch: every process sees the same global
+    batch (so a run on N processes matches one process) and trains on its share."""
+    if world == 1:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    if rows % world:
+        raise TrainingError(f"a micro-batch of {rows} rows (batch_size / grad_accum) cannot be split "
+                            f"over {world} processes; make it a multiple of {world}")
+    per = rows // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
+def _restore(checkpoint: Checkpoint, named: list[tuple[str, torch.nn.Parameter]],
+             optimizer: torch.optim.Optimizer, hp: TrainerParams) -> None:
+    """Load a checkpoint's trainable tensors and optimizer state (before ``prepare``)."""
+    names = {n for n, _ in named}
+    if set(checkpoint.trainable) != names:
+        diff = sorted(set(checkpoint.trainable) ^ names)[:6]
+        raise TrainingError(f"checkpoint {checkpoint.path} does not match the parameters being trained "
+                            f"(differ: {diff}); delete it to start over")
+    with torch.no_grad():
+        for name, p in named:
+            t = checkpoint.trainable[name]
+            if t.shape != p.shape:
+                raise TrainingError(f"checkpoint {checkpoint.path}: tensor {name!r} has shape "
+                                    f"{tuple(t.shape)}, the model's is {tuple(p.shape)}")
+            p.copy_(t)
+    optimizer.load_state_dict(checkpoint.optimizer)
+    for group in optimizer.param_groups:  # the schedule is rebuilt from the step
+        group["lr"] = hp.lr
+        group.pop("initial_lr", None)
+
+
+def _kill_step() -> int | None:
+    value = os.environ.get(KILL_ENV)
+    return int(value) if value else None
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -179,15 +231,24 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     ``input_ids``, ``attention_mask``, ``labels``); each optimizer step takes
     ``params.grad_accum`` of them. The loss of a step is the mean over all its target
     tokens (``num_items_in_batch``), so accumulation matches one large batch exactly.
-    ``state`` continues a run from ``state.step`` (the schedule resumes there).
-    Raises :class:`TrainingError` on a
-    non-finite loss.
+    Under several processes (``torchrun``/``accelerate launch``) every process reads
+    the same micro-batches and trains on its slice of rows; gradients are averaged,
+    so the result matches one process with the same ``batch_size``; only the main
+    process writes the log and checkpoints.
+
+    With ``context.checkpoint_dir`` set and ``params.checkpoint_every`` > 0, a
+    checkpoint is saved every that many steps and a run finding one resumes from it
+    (weights, optimizer, schedule, data position, RNG): the result is the same as an
+    uninterrupted run's. ``state`` continues a run from ``state.step``.
+    Raises :class:`TrainingError` on a non-finite loss; checkpoints saved before it
+    (all verified finite) are kept.
     """
     from accelerate.utils import set_seed
 
     state = state or TrainState()
     set_seed(params.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
     if not trainable:
         raise TrainingError("no parameter requires grad: nothing to train")
     context.set_param_counts(trainable=sum(p.numel() for p in trainable),
@@ -195,43 +256,83 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
 
     device = context.device
     accelerator = _accelerator(resolve_mixed_precision(params.mixed_precision, device), device)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     optimizer = make_optimizer(trainable, params)
+    log_path = context.output_dir / LOG_FILE
+    context.output_dir.mkdir(parents=True, exist_ok=True)
+
+    ckpt_root = getattr(context, "checkpoint_dir", None)
+    checkpoints = (CheckpointDir(ckpt_root, keep=params.keep_checkpoints)
+                   if ckpt_root is not None and params.checkpoint_every > 0 else None)
+    resumed = checkpoints.load_latest() if checkpoints is not None else None
+    if resumed is not None:
+        _restore(resumed, named, optimizer, params)
+        state = TrainState(step=resumed.step, tokens=int(resumed.state["tokens"]),
+                           last_loss=resumed.state.get("last_loss"))
+        for _ in range(int(resumed.state["micro_batches"])):  # the data position
+            next(batches)
+        if main and (resumed.path / LOG_FILE).is_file():
+            log_path.write_bytes((resumed.path / LOG_FILE).read_bytes())
+        context.note("resumed_from_step", resumed.step)
+        context.log(f"resuming from checkpoint step {resumed.step} ({resumed.path})")
+
     start = state.step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
         start + i, total=params.steps, warmup=params.warmup_steps, schedule=params.schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    if resumed is not None:
+        restore_rng(resumed.rng, resumed.state.get("python_rng"))
 
-    log_path = context.output_dir / LOG_FILE
-    context.output_dir.mkdir(parents=True, exist_ok=True)
     losses: list[float] = []
     pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
     window_tokens, window_start, began = 0, time.perf_counter(), time.perf_counter()
     shown: dict[str, Any] = {}
+    last_good: list[int] = [resumed.step] if resumed is not None else []
+    kill_at = _kill_step()
 
     def flush() -> None:
         nonlocal window_tokens, window_start
-        values = torch.stack([loss for _, loss, _, _ in pending]).tolist()  # the one sync
+        stacked = torch.stack([loss for _, loss, _, _ in pending])
+        if world > 1:
+            stacked = accelerator.reduce(stacked, reduction="mean")
+        values = stacked.tolist()  # the one sync
         norms = [None if n is None else float(n) for _, _, n, _ in pending]
         now = time.perf_counter()
         tok_s = window_tokens / max(now - window_start, 1e-9)
         for (step, _, _, lr), value in zip(pending, values):
             if not math.isfinite(value):
+                kept = (f"; the last good checkpoint (step {last_good[-1]}) is kept in "
+                        f"{checkpoints.path(last_good[-1])}" if last_good and checkpoints else "")
                 raise TrainingError(
                     f"loss became {value} at step {step + 1} of {params.steps} "
-                    f"(lr {lr:.3g}); lower lr, enable max_grad_norm, or check the data")
-        with open(log_path, "a", encoding="utf-8") as fh:
-            for (step, _, _, lr), value, norm in zip(pending, values, norms):
-                record = {"step": step + 1, "loss": value, "lr": lr, "tokens": state.tokens, "tok_s": tok_s}
-                if norm is not None:
-                    record["grad_norm"] = norm
-                fh.write(json.dumps(record) + "\n")
+                    f"(lr {lr:.3g}); lower lr, enable max_grad_norm, or check the data{kept}")
+        if main:
+            with open(log_path, "a", encoding="utf-8") as fh:
+                for (step, _, _, lr), value, norm in zip(pending, values, norms):
+                    record = {"step": step + 1, "loss": value, "lr": lr, "tokens": state.tokens,
+                              "tok_s": tok_s}
+                    if norm is not None:
+                        record["grad_norm"] = norm
+                    fh.write(json.dumps(record) + "\n")
         context.add_tokens(window_tokens)
         losses.extend(values)
         state.last_loss = values[-1]
         shown.update(loss=values[-1], tok_s=round(tok_s))
         pending.clear()
         window_tokens, window_start = 0, now
+
+    def save_checkpoint() -> None:
+        if pending:
+            flush()  # a checkpoint is saved only after its losses were checked finite
+        if main:
+            checkpoints.save(step=state.step, trainable={n: p for n, p in named},
+                             optimizer=optimizer.state_dict(), log_file=log_path,
+                             state={"tokens": state.tokens, "last_loss": state.last_loss,
+                                    "micro_batches": state.step * params.grad_accum,
+                                    "world_size": world})
+        accelerator.wait_for_everyone()
+        last_good.append(state.step)
 
     with context.progress(params.steps - start, description or f"{context.stage_name}: training") as bar:
         for step in range(start, params.steps):
@@ -241,10 +342,13 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             step_tokens = sum(n for n, _ in counts)
             step_loss = torch.zeros((), device=accelerator.device)
             for k, batch in enumerate(micro):
-                batch = {name: t.to(accelerator.device, non_blocking=True) for name, t in batch.items()}
+                batch = {name: t.to(accelerator.device, non_blocking=True)
+                         for name, t in _shard(batch, rank, world).items()}
                 sync = k == len(micro) - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
-                    loss = model(**batch, num_items_in_batch=targets).loss
+                    # each process divides by its share of the targets: the averaged
+                    # gradient is then the gradient of the global mean loss
+                    loss = model(**batch, num_items_in_batch=targets / world if world > 1 else targets).loss
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             norm = (accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
@@ -260,6 +364,11 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             pending.append((step, step_loss, None if norm is None else norm.detach(), lr))
             if state.step % params.log_every == 0 or state.step == params.steps:
                 flush()
+            if (checkpoints is not None and state.step % params.checkpoint_every == 0
+                    and state.step < params.steps):
+                save_checkpoint()
+            if kill_at == state.step:
+                os.kill(os.getpid(), signal.SIGKILL)
             bar.advance(1, **shown)
 
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)

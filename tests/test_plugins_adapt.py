@@ -261,3 +261,56 @@ def test_plugins_registered_ct_sft_elo_first_last_indices():
     assert {"ct", "sft", "elo"} <= set(impls["adapt-language"])
     assert "elo-align" in impls["align"]
     assert {"first-last", "indices"} <= set(impls["select-layers"])
+
+
+# --- layer-importance -------------------------------------------------------------------------
+
+
+def _with_identity_layers(src: Path, dst: Path, identity: list[int]) -> Path:
+    """A copy of ``src`` whose layers ``identity`` add nothing to the residual stream."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    weights = _weights(dst)
+    for key in weights:
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if layer is not None and int(layer) in identity and key.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[key] = torch.zeros_like(weights[key])
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_layer_importance_picks_layers_that_transform_text(make_context, tiny_model, text_file, tmp_path):
+    from engine_plugins.layer_importance import LayerImportance
+
+    model = _with_identity_layers(tiny_model, tmp_path / "ident", [0, 2])
+    ctx = make_context("importance", stage_kind="select-layers")
+    sel = LayerImportance().run(ctx, StageInputs(model=ModelArtifact("m", model), data=_text(text_file)),
+                                LayerImportance.Params(k=2, seq_len=16, batches=2, batch_size=2))
+    assert sel.indices == [1, 3] and sel.num_layers == 4
+    assert sel.scores[0] == pytest.approx(0, abs=1e-6) and sel.scores[2] == pytest.approx(0, abs=1e-6)
+    assert min(sel.scores[1], sel.scores[3]) > 1e-3
+    assert "layers [1, 3] of 4" in sel.explanation and "1 - cos" in sel.explanation
+    assert ctx.stats.notes["layers"] == [1, 3] and set(ctx.stats.notes["layer_scores"]) == {"0", "1", "2", "3"}
+    assert ctx.stats.tokens == 2 * 2 * 16
+
+    pinned = LayerImportance().run(make_context("pinned", stage_kind="select-layers"),
+                                   StageInputs(model=ModelArtifact("m", model), data=_text(text_file)),
+                                   LayerImportance.Params(k=2, always_include=[0], seq_len=16, batches=1))
+    assert pinned.indices[0] == 0 and pinned.indices[1] in (1, 3) and "pinned" in pinned.explanation
+
+
+def test_layer_importance_errors(make_context, tiny_model, text_file, instructions_file):
+    from engine_plugins.layer_importance import LayerImportance
+
+    cfg = _config(tiny_model)
+    with pytest.raises(ValueError, match="k=5 asks for more layers than the model's 4"):
+        LayerImportance().check({"model": [cfg]}, LayerImportance.Params(k=5))
+    with pytest.raises(ValueError, match="always_include has 2 layers, more than k=1"):
+        LayerImportance().check({"model": [cfg]}, LayerImportance.Params(k=1, always_include=[0, -1]))
+    with pytest.raises(ValueError, match="layer index 7 is out of range"):
+        LayerImportance().check({"model": [cfg]}, LayerImportance.Params(k=1, always_include=[7]))
+    with pytest.raises(DataError, match="layer-importance trains on 'text' data"):
+        LayerImportance().run(make_context("li"), StageInputs(model=ModelArtifact("m", tiny_model),
+                                                              data=[DataSource(instructions_file, "instructions")]),
+                              LayerImportance.Params())

@@ -108,3 +108,34 @@ def test_lifecycle_hooks_observe_the_run(recipe, tmp_path, test_plugin):
                                    "finished:adapted:miss", "started:scores", "finished:scores:miss",
                                    "run:3"]
     assert observer.events[7:] == ["run:3"]  # cached stages do not start
+
+
+def test_params_marked_not_in_result_keep_the_cache(tmp_path, tiny_model, text_file):
+    """Changing how often a trainer logs or checkpoints does not re-run it."""
+    recipe = tmp_path / "ct.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        name: ct-cache
+        models:
+          base: {{path: {tiny_model}}}
+        stages:
+          - name: ct
+            stage: adapt-language
+            plugin: ct
+            model: base
+            data: {{path: {text_file}}}
+            params: {{steps: 2, batch_size: 2, seq_len: 16, log_every: 1}}
+        """))
+    work = tmp_path / "work"
+    assert run(recipe, work)["stages"][0]["cache"] == "miss"
+    assert run(recipe, work, ["stages.ct.params.log_every=2",
+                              "stages.ct.params.checkpoint_every=1"])["stages"][0]["cache"] == "hit"
+    assert run(recipe, work, ["stages.ct.params.lr=0.01"])["stages"][0]["cache"] == "miss"
+
+
+def test_stale_temporary_folders_are_removed(recipe, tmp_path):
+    work = tmp_path / "work"
+    stale = work / ".adapted.tmp-abc123"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    run(recipe, work)
+    assert not stale.exists()

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
-from engine.api import PluginParams
+from engine.api import NOT_IN_RESULT, PluginParams
 from engine.errors import MergeError
 from engine.merging.overrides import TensorOverride, resolve_overrides
 from engine.merging.tensorio import parse_size
@@ -60,7 +60,7 @@ class MergeParams(PluginParams):
         "2GB", description="Largest output shard, in bytes or as '2GB' / '500MB' / '512MiB'.")
 
     prefetch: int | str = Field(
-        "256MB", description="Read ahead: a reader thread loads the next tensors (of every "
+        "256MB", json_schema_extra=NOT_IN_RESULT, description="Read ahead: a reader thread loads the next tensors (of every "
                              "model) while the current one merges, up to this many bytes of "
                              "raw tensors in flight; 0 reads and merges in turn.")
     overrides: list[TensorOverride] = Field(
