@@ -32,6 +32,8 @@ PLUGIN_TESTS = {
     "dare-ties": "dare",
     "perplexity": "perplexity",
     "task-accuracy": "task_accuracy",
+    "retention": "retention",
+    "lm-eval": "lm_eval",
 }
 
 

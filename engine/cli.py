@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from engine import __version__, cli_merge
+from engine import __version__, cli_merge, cli_report
 from engine.errors import EngineError
 
 EXIT_USER_ERROR = 2
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
 
     cli_merge.add_parser(sub)
+    cli_report.add_parser(sub)
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema (plugin params included)")
     schema.add_argument("--markdown", action="store_true", help="print the recipe reference instead")
@@ -154,7 +155,7 @@ def cmd_schema(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
-            "merge": cli_merge.cmd_merge}
+            "merge": cli_merge.cmd_merge, "report": cli_report.cmd_report}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,6 +42,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "engine_plugins.dare_ties",
     "engine_plugins.perplexity",
     "engine_plugins.task_accuracy",
+    "engine_plugins.retention",
+    "engine_plugins.lm_eval",
 )
 
 

@@ -1,7 +1,13 @@
-"""Readable summaries of a run: the tables printed at the end of ``engine run``."""
+"""Readable summaries of a run: the tables printed at the end of ``engine run``.
+
+The column order, direction and "best" rules here are shared with ``engine report``
+(:mod:`engine.report_files`), so the terminal and report.md agree.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 from rich.table import Table
@@ -58,22 +64,47 @@ def collect_metrics(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     return rows
 
 
+def metric_language(metric: str) -> str:
+    """``ppl/en`` -> ``en``; a metric without a label belongs to the group ``""``."""
+    return metric.partition("/")[2]
+
+
+def order_columns(columns: Iterable[str]) -> list[str]:
+    """Metric columns grouped by language (label), then by metric kind, so that one
+    language's numbers sit side by side; unlabelled metrics come first."""
+    return sorted(set(columns), key=lambda c: (metric_language(c), c.partition("/")[0]))
+
+
+def direction(metric: str) -> str:
+    """An arrow saying which way is better: ``↓`` for ppl/loss, ``↑`` for the rest
+    (accuracies, and retention ratios and deltas, where higher means more was kept)."""
+    return "↓" if lower_is_better(metric) else "↑"
+
+
+def best_values(rows: dict[str, dict[str, Any]], columns: Iterable[str]) -> dict[str, float]:
+    """The best numeric value of each column, in that column's direction (NaN ignored)."""
+    best: dict[str, float] = {}
+    for col in columns:
+        vals = [v[col] for v in rows.values()
+                if isinstance(v.get(col), (int, float)) and not math.isnan(v[col])]
+        if vals:
+            best[col] = min(vals) if lower_is_better(col) else max(vals)
+    return best
+
+
 def metrics_table(report: dict[str, Any]) -> Table | None:
-    """Models as rows, metrics as columns; the best value of each column in bold green."""
+    """Models as rows, metrics as columns grouped by language; best per column in bold
+    green with ``*``; each header says which way is better."""
     rows = collect_metrics(report)
     if not rows:
         return None
-    columns = sorted({m for values in rows.values() for m in values})
-    best: dict[str, float] = {}
-    for col in columns:
-        vals = [v[col] for v in rows.values() if isinstance(v.get(col), (int, float))]
-        if vals:
-            best[col] = min(vals) if lower_is_better(col) else max(vals)
-    table = Table(title="metrics (best per column in bold; ppl: lower is better, acc: higher)",
-                  title_justify="left")
+    columns = order_columns(m for values in rows.values() for m in values)
+    best = best_values(rows, columns)
+    table = Table(title="metrics (best per column: bold *; ↓ lower is better, ↑ higher; "
+                        "retention 1.0 / delta 0.0 = reference kept)", title_justify="left")
     table.add_column("model")
     for col in columns:
-        table.add_column(col, justify="right")
+        table.add_column(f"{col} {direction(col)}", justify="right")
     for model, values in rows.items():
         cells = []
         for col in columns:

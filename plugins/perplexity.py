@@ -8,7 +8,8 @@ batching or document order)::
 
     ppl = exp( sum_docs sum_{t>=1} -log p(x_t | x_<t) / number of predicted tokens )
 
-Long documents are scored with a sliding window (see :mod:`engine.evaluation`).
+Long documents are scored with a sliding window (see :mod:`engine.spans`). The plan
+itself lives in :mod:`engine.tasks` (``plan_perplexity``), shared with ``retention``.
 
 Metrics per model: ``ppl/<label>``, counted in predicted tokens; ``<label>`` is the
 source's language, or its file stem. Perplexities of models with *different
@@ -19,32 +20,15 @@ counted in bytes, which is.
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import Any
 
 from pydantic import Field, model_validator
 
-from engine.api import (
-    DataSource,
-    MetricsArtifact,
-    PluginParams,
-    StageContext,
-    StageInputs,
-    hookimpl,
-)
-from engine.data import iter_texts
-from engine.errors import DataError
-from engine.evaluation import (
-    EvalPlan,
-    Span,
-    SpanScore,
-    TokenTotals,
-    context_length,
-    document_spans,
-    encode_document,
-    evaluate_models,
-    select_sources,
-)
+from engine.api import MetricsArtifact, PluginParams, StageContext, StageInputs, hookimpl
+from engine.evaluation import EvalPlan, context_length, evaluate_models, select_sources
+from engine.tasks import plan_perplexity, read_documents
+
+__all__ = ["Perplexity", "plan_perplexity"]
 
 
 class Perplexity:
@@ -87,10 +71,7 @@ class Perplexity:
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> MetricsArtifact:
         sources = select_sources(context, inputs.data, "text")
-        texts = {s.label: list(islice(iter_texts(s), params.max_documents)) for s in sources}
-        empty = [str(s.path) for s in sources if not texts[s.label]]
-        if empty:
-            raise DataError(f"evaluate stage {context.stage_name!r}: no documents in {', '.join(empty)}")
+        texts = read_documents(sources, params.max_documents, context.stage_name)
 
         def build_plan(tokenizer: Any, max_length: int) -> EvalPlan:
             stride = params.stride or max(1, max_length // 2)
@@ -99,44 +80,6 @@ class Perplexity:
 
         return evaluate_models(context, inputs.models, build_plan,
                                batch_size=params.batch_size, max_length=params.max_length)
-
-
-def plan_perplexity(tokenizer: Any, sources: list[DataSource], texts: dict[str, list[str]],
-                    max_length: int, stride: int, *, bits_per_byte: bool = False) -> EvalPlan:
-    """Spans for every document of every source, and the per-source aggregation.
-
-    A stride that does not fit the window raises :class:`ValueError`, which the
-    driver reports against the model whose window it is.
-    """
-    spans: list[Span] = []
-    owner: list[str] = []
-    nbytes: dict[str, int] = {}
-    for source in sources:
-        label = source.label
-        nbytes[label] = 0
-        for text in texts[label]:
-            doc_spans = document_spans(encode_document(tokenizer, text), max_length, stride)
-            if doc_spans:  # a one-token document predicts nothing and adds no bytes
-                nbytes[label] += len(text.encode("utf-8"))
-            spans.extend(doc_spans)
-            owner.extend([label] * len(doc_spans))
-        if not nbytes[label]:
-            raise DataError(f"{source.path}: no document is two tokens or longer, "
-                            "so there is nothing to predict")
-
-    def summarize(scores: list[SpanScore]) -> tuple[dict[str, float], dict[str, int]]:
-        totals = {s.label: TokenTotals(nbytes=nbytes[s.label]) for s in sources}
-        for label, score in zip(owner, scores, strict=True):
-            totals[label].add(score)
-        metrics: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for label, t in totals.items():
-            metrics[f"ppl/{label}"], counts[f"ppl/{label}"] = t.perplexity, t.tokens
-            if bits_per_byte:
-                metrics[f"bpb/{label}"], counts[f"bpb/{label}"] = t.bits_per_byte, t.nbytes
-        return metrics, counts
-
-    return EvalPlan(spans, summarize)
 
 
 @hookimpl

@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from engine.api import DataSource, ModelArtifact, StageInputs
 from engine.context import Runtime, StageContext
 from engine.errors import DataError, ModelLoadError
-from engine.evaluation import document_spans, encode_pair
+from engine.evaluation import document_spans, encode_document, encode_pair, plan_batches
 from engine_plugins.perplexity import Perplexity
 from engine_plugins.perplexity import register_evaluators as register_perplexity
-from engine_plugins.task_accuracy import TaskAccuracy, load_items, predict
+from engine_plugins.task_accuracy import TaskAccuracy, load_items, plan_choices, predict
 from engine_plugins.task_accuracy import register_evaluators as register_task_accuracy
 
 DOCS = [
@@ -383,3 +383,114 @@ def test_task_accuracy_registration():
     got = []
     register_task_accuracy(got.append)
     assert [impl.name for impl in got] == ["task-accuracy"]
+
+
+# --- shared-prefix (KV cache) scoring -------------------------------------------------------
+
+
+def reference_choice_logprobs(model_dir: Path, tokenizer, items) -> list[list[float]]:
+    """Per item and choice: summed log p(choice | context), one plain forward each."""
+    model = load_plain(model_dir)
+    out = []
+    with torch.no_grad():
+        for item in items:
+            lls = []
+            for choice in item.choices:
+                ctx = [tokenizer.bos_token_id, *encode(tokenizer, item.context)]
+                cont = encode(tokenizer, choice)
+                logprobs = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0, :-1], -1)
+                positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+                lls.append(logprobs[positions, torch.tensor(cont)].sum().item())
+            out.append(lls)
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 32])
+def test_task_accuracy_shared_prefix_equals_plain_scoring(tiny_model, tiny_tokenizer, items_file,
+                                                          batch_size):
+    items = load_items(DataSource(items_file, "choice"), TaskAccuracy.Params(num_fewshot=2))
+    spans, _ = plan_choices(tiny_tokenizer, items, 256)
+    batches = plan_batches(spans, batch_size, min_saved_tokens=0)
+    assert sum(b.shared for b in batches) >= 1  # the prefix path really runs
+    assert sorted(i for b in batches for i in b.indices) == list(range(len(spans)))
+    model = load_plain(tiny_model)
+    shared = predict(model, tiny_tokenizer, items, max_length=256, batch_size=batch_size,
+                     min_saved_tokens=0)
+    plain = predict(model, tiny_tokenizer, items, max_length=256, batch_size=batch_size,
+                    share_prefix=False)
+    expected = reference_choice_logprobs(tiny_model, tiny_tokenizer, items)
+    for s, p, e in zip(shared, plain, expected, strict=True):
+        assert s.logprobs == pytest.approx(e, abs=1e-5)
+        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+        assert (s.pred, s.pred_norm) == (p.pred, p.pred_norm)
+
+
+def test_task_accuracy_shared_prefix_feeds_fewer_tokens(tiny_model, items_file, make_context):
+    source = [DataSource(items_file, "choice", language="xx")]
+    shared, ctx_shared = run_plugin(TaskAccuracy(), make_context, {"m": tiny_model}, source,
+                                    num_fewshot=3, batch_size=6)
+    plain, ctx_plain = run_plugin(TaskAccuracy(), make_context, {"m": tiny_model}, source,
+                                  num_fewshot=3, batch_size=6, share_prefix=False)
+    assert shared.metrics == plain.metrics and shared.counts == plain.counts
+    assert ctx_shared.stats.tokens < 0.6 * ctx_plain.stats.tokens
+
+
+def test_perplexity_documents_sharing_only_bos_stay_plain(tiny_tokenizer):
+    spans = [s for d in DOCS for s in document_spans(encode_document(tiny_tokenizer, d), 256, 128)]
+    batches = plan_batches(spans, 4)
+    assert not any(b.shared for b in batches)
+    assert sum(b.fed_tokens for b in batches) == sum(s.n_inputs for s in spans)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_perplexity_empty_file_is_an_error(tiny_model, tmp_path, make_context):
+    f = tmp_path / "empty.txt"
+    f.write_text("\n\n")
+    with pytest.raises(DataError, match=r"no documents in .*empty\.txt"):
+        run_plugin(Perplexity(), make_context, {"m": tiny_model}, [DataSource(f, "text")])
+
+
+def test_task_accuracy_empty_file_is_an_error(tiny_model, tmp_path, make_context):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no multiple-choice items"):
+        run_plugin(TaskAccuracy(), make_context, {"m": tiny_model}, [DataSource(f, "choice")])
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"prompt": "p", "choices": [" a"], "label": 0}, "'choices' needs at least two entries"),
+    ({"prompt": "p", "choices": [" a", " b"], "label": 2}, r"'label' must be an index .*0\.\.1"),
+    ({"prompt": "p", "choices": [" a", " b"], "label": -1}, "'label' must be an index"),
+])
+def test_task_accuracy_bad_items_name_file_and_line(tiny_model, tmp_path, make_context, record,
+                                                    message):
+    f = tmp_path / "bad.jsonl"
+    good = {"prompt": "q", "choices": [" a", " b"], "label": 1}
+    f.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: {message}"):
+        run_plugin(TaskAccuracy(), make_context, {"m": tiny_model}, [DataSource(f, "choice")])
+
+
+def test_task_accuracy_load_in_8bit_on_cpu(tiny_model, tiny_tokenizer, items_file, make_context):
+    """Evaluation through bitsandbytes int8 weights (CPU backend) scores every item, with
+    log-likelihoods close to the float32 ones."""
+    pytest.importorskip("bitsandbytes")
+    context = make_context("scores", stage_kind="evaluate", plugin="task-accuracy",
+                           load_in_8bit=True)
+    try:
+        model = context.load_model(ModelArtifact("m", tiny_model))
+    except Exception as exc:  # pragma: no cover - depends on the bitsandbytes build
+        pytest.skip(f"bitsandbytes cannot load int8 weights on this CPU: {exc}")
+    assert any("8bit" in type(m).__name__ for m in model.modules())
+    items = load_items(DataSource(items_file, "choice"), TaskAccuracy.Params())
+    int8 = predict(model, tiny_tokenizer, items, max_length=256, batch_size=4)
+    fp32 = predict(load_plain(tiny_model), tiny_tokenizer, items, max_length=256, batch_size=4)
+    for q, f in zip(int8, fp32, strict=True):
+        assert q.logprobs == pytest.approx(f.logprobs, abs=0.05)
+    assert int8[0].logprobs != fp32[0].logprobs  # really quantized
+    source = [DataSource(items_file, "choice", language="xx")]
+    inputs = StageInputs(models=[ModelArtifact("m", tiny_model)], data=source)
+    art = TaskAccuracy().run(context, inputs, TaskAccuracy.Params(batch_size=4))
+    assert not art.errors and art.counts["m"]["acc/xx"] == len(ITEMS)
