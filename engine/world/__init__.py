@@ -1,0 +1,93 @@
+"""The built-in tiny multilingual world: data, tokenizer and base model for demos.
+
+Four languages state the same facts about sixty-four animals: English (``en``, the
+source language, with task training data) and three invented languages, ``vel``,
+``dor`` and ``lum``; ``lum`` is the low-resource target (a small raw-text split,
+little of it in the base model's pretraining, no task training data). Everything is
+generated deterministically at first use and cached under :func:`cache_dir`, so
+recipes and tests run without downloading anything. See docs/world.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.errors import DataError, ModelLoadError
+from engine.world.cache import WORLD_VERSION, cache_dir, ensure_built, world_dir
+from engine.world.corpus import SOURCE_LANGUAGE, TARGET_LANGUAGE, data_names, write_data
+from engine.world.lexicon import LANGUAGES
+
+__all__ = [
+    "BUILTIN_DATA", "BUILTIN_MODELS", "LANGUAGES", "SOURCE_LANGUAGE", "TARGET_LANGUAGE",
+    "WORLD_VERSION", "cache_dir", "data_dir", "data_path", "model_config", "model_path",
+    "world_dir",
+]
+
+#: every name :func:`data_path` accepts, e.g. ``"lum/train.txt"``
+BUILTIN_DATA: tuple[str, ...] = data_names()
+#: every name :func:`model_path` accepts
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-base",)
+
+#: what the first-use message promises (measured on 2 CPU cores, see docs/world.md)
+BUILD_SECONDS = 60
+
+
+def data_dir(*, rebuild: bool = False) -> Path:
+    """The folder holding every built-in data file (generated in well under a second
+    when missing; ``rebuild`` regenerates it)."""
+    return ensure_built(world_dir() / "data", write_data, force=rebuild)
+
+
+def data_path(name: str) -> Path:
+    """Absolute path of a built-in data file, generating the data when missing."""
+    if name not in BUILTIN_DATA:
+        raise DataError(f"unknown built-in data {name!r}; valid names: {', '.join(BUILTIN_DATA)}")
+    path = data_dir() / name
+    if not path.is_file():  # someone removed a file from the cache: regenerate it all
+        path = data_dir(rebuild=True) / name
+    return path
+
+
+def _check_model_name(name: str) -> None:
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(
+            f"unknown built-in model {name!r}; valid names: {', '.join(BUILTIN_MODELS)}")
+
+
+def _build_model(folder: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from engine.world.pretrain import build_base_model
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        build_base_model(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def model_path(name: str, *, rebuild: bool = False) -> Path:
+    """A Hugging Face folder of a built-in model, built (tokenizer + pretraining, about
+    a minute on 2 CPU cores) and cached on first use; later calls return at once."""
+    _check_model_name(name)
+    final = world_dir() / "models" / name
+    complete = (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    data_dir()
+    return ensure_built(
+        final, _build_model, force=rebuild or (final.is_dir() and not complete),
+        message=f"building the built-in tiny world (first use, ~{BUILD_SECONDS} s)...",
+    )
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """config.json of a built-in model, without building it (read from the folder when
+    it exists, else computed from the architecture the build uses)."""
+    _check_model_name(name)
+    from engine.modelio import read_config
+    from engine.world.pretrain import config_dict
+
+    folder = world_dir() / "models" / name
+    return read_config(folder) if (folder / "config.json").is_file() else config_dict()

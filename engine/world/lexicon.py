@@ -34,7 +34,7 @@ ANIMALS: tuple[str, ...] = (
 #: attribute -> the values an animal can have (the choices of a question)
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "color": ("red", "blue", "green", "white", "black", "yellow", "brown", "gray"),
-    "place": ("forest", "river", "city", "hill", "farm", "lake", "cave", "garden"),
+    "place": ("forest", "river", "city", "meadow", "farm", "lake", "cave", "garden"),
     "food": ("corn", "grass", "seeds", "berries", "bread", "apples", "nuts", "leaves"),
     "size": ("tiny", "small", "big", "huge"),
     "count": ("two", "three", "four", "five", "six", "seven", "eight", "nine"),

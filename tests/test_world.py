@@ -1,0 +1,255 @@
+"""The built-in tiny world: names, formats, determinism, coverage, safe builds.
+
+Every test points ``LINGOFORGE_CACHE`` at its own temporary folder. Only the test
+marked slow pretrains the full base model; the others build with a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import world
+from engine.api import DataSource
+from engine.data import detect_format, iter_choices, iter_instructions, iter_texts
+from engine.errors import DataError, ModelLoadError
+from engine.world import corpus
+from engine.world.cache import ensure_built, file_hashes
+from engine.world.pretrain import build_base_model
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LINGOFORGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _lines(name: str) -> list[str]:
+    return world.data_path(name).read_text(encoding="utf-8").splitlines()
+
+
+def test_interface_constants():
+    assert list(world.LANGUAGES) == ["en", "vel", "dor", "lum"]
+    assert world.SOURCE_LANGUAGE == "en" and world.TARGET_LANGUAGE == "lum"
+    assert world.BUILTIN_MODELS == ("tiny-base",)
+    for lang in world.LANGUAGES:
+        for split in ("train.txt", "test.txt", "task-test.jsonl"):
+            assert f"{lang}/{split}" in world.BUILTIN_DATA
+    assert {"mix/align.txt", "en/task-train.jsonl"} <= set(world.BUILTIN_DATA)
+    assert "lum/task-train.jsonl" not in world.BUILTIN_DATA
+
+
+def test_cache_dir_follows_env(cache, monkeypatch):
+    assert world.cache_dir() == cache.resolve()
+    monkeypatch.delenv("LINGOFORGE_CACHE")
+    assert world.cache_dir() == Path.home() / ".cache" / "lingoforge"
+
+
+def test_every_data_name_resolves(cache):
+    for name in world.BUILTIN_DATA:
+        path = world.data_path(name)
+        assert path.is_absolute() and path.is_file() and path.stat().st_size > 0
+        assert cache.resolve() in path.parents
+        assert f"world-v{world.WORLD_VERSION}" in path.parts
+
+
+def test_formats(cache):
+    for name in world.BUILTIN_DATA:
+        path = world.data_path(name)
+        if name.endswith(".txt"):
+            assert detect_format(path) == "text"
+            texts = list(iter_texts(DataSource(path=path, format="text")))
+            assert texts and all(t.strip() == t and "\n" not in t for t in texts)
+        elif name.endswith("task-train.jsonl"):
+            assert detect_format(path) == "instructions"
+            records = [r for _, r in iter_instructions(DataSource(path=path, format="instructions"))]
+            assert 900 <= len(records) <= 1100
+            assert all(" Question: " in r["prompt"] and r["prompt"].endswith("Answer:")
+                       and r["response"].startswith(" ") for r in records)
+        else:
+            assert detect_format(path) == "choice"
+            records = [r for _, r in iter_choices(DataSource(path=path, format="choice"))]
+            assert 100 <= len(records) <= 200
+            assert all(c.startswith(" ") and len(set(r["choices"])) == len(r["choices"])
+                       for r in records for c in r["choices"])
+
+
+def test_sizes(cache):
+    sizes = {lang: len(_lines(f"{lang}/train.txt")) for lang in world.LANGUAGES}
+    for lang in ("en", "vel", "dor"):
+        assert 2000 <= sizes[lang] <= 4000
+        assert world.data_path("lum/train.txt").stat().st_size * 2 < \
+            world.data_path(f"{lang}/train.txt").stat().st_size
+    assert 600 <= sizes["lum"] <= 1000
+    for lang in world.LANGUAGES:
+        assert len(_lines(f"{lang}/test.txt")) == 200
+        assert not set(_lines(f"{lang}/test.txt")) & set(_lines(f"{lang}/train.txt"))
+
+
+def test_data_generation_is_deterministic(tmp_path, monkeypatch):
+    digests = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("LINGOFORGE_CACHE", str(tmp_path / run))
+        digests.append(file_hashes(world.data_dir()))
+    assert digests[0] == digests[1]
+    assert sorted(digests[0]) == sorted(world.BUILTIN_DATA)
+
+
+def test_languages_are_distinct(cache):
+    vocab = {lang: {w.strip(".?").lower() for line in _lines(f"{lang}/train.txt")
+                    for w in line.split()} for lang in world.LANGUAGES}
+    assert {"the", "fox", "red", "forest"} <= vocab["en"]
+    for a in world.LANGUAGES:
+        for b in world.LANGUAGES:
+            if a < b:
+                assert len(vocab[a] & vocab[b]) < 0.05 * min(len(vocab[a]), len(vocab[b])), (a, b)
+
+
+def test_same_questions_in_every_language(cache):
+    items = {lang: [r for _, r in iter_choices(DataSource(
+        path=world.data_path(f"{lang}/task-test.jsonl"), format="choice"))]
+        for lang in world.LANGUAGES}
+    labels = {lang: [r["label"] for r in recs] for lang, recs in items.items()}
+    assert len({tuple(v) for v in labels.values()}) == 1
+    assert len({r["prompt"] for r in items["lum"]}) == len(items["lum"])
+
+
+def test_task_test_facts_are_stated_in_train_text(cache):
+    facts = corpus.world_facts()
+    for lang in world.LANGUAGES:
+        train = world.data_path(f"{lang}/train.txt").read_text(encoding="utf-8")
+        realiser = corpus.Realiser(lang)
+        records = [json.loads(x) for x in _lines(f"{lang}/task-test.jsonl")]
+        for q, rec in zip(corpus.held_out_questions(), records):
+            assert corpus.fact_sentence(lang, q.animal, q.attr) in train
+            truth = facts[q.animal][q.attr]
+            assert rec["choices"][rec["label"]] == " " + realiser.word(truth)
+            assert realiser.word(q.animal) in rec["prompt"].lower()
+
+
+def test_task_train_never_asks_a_held_out_question(cache):
+    train_prompts = {json.loads(x)["prompt"] for x in _lines("en/task-train.jsonl")}
+    test_prompts = {json.loads(x)["prompt"] for x in _lines("en/task-test.jsonl")}
+    assert not train_prompts & test_prompts
+    for q in corpus.held_out_questions():
+        for template in corpus.EN_TASK_TEMPLATES[q.attr]:
+            phrase = template.replace("{E}", q.animal)
+            assert not any(phrase in p.lower() for p in train_prompts), phrase
+
+
+def test_align_mix_is_mostly_lum(cache):
+    mix = _lines("mix/align.txt")
+    lum, en = set(_lines("lum/train.txt")), set(_lines("en/train.txt"))
+    n_lum, n_en = sum(line in lum for line in mix), sum(line in en for line in mix)
+    assert n_lum + n_en == len(mix)
+    assert n_lum == 9 * n_en
+
+
+def test_unknown_names_are_clear_errors(cache):
+    with pytest.raises(DataError, match=r"'xx/train.txt'.*lum/train.txt"):
+        world.data_path("xx/train.txt")
+    with pytest.raises(DataError, match="lum/task-train.jsonl"):
+        world.data_path("lum/task-train.jsonl")
+    with pytest.raises(ModelLoadError, match=r"'huge-base'.*tiny-base"):
+        world.model_path("huge-base")
+    with pytest.raises(ModelLoadError, match="tiny-base"):
+        world.model_config("huge-base")
+
+
+def test_model_config_needs_no_build(cache):
+    config = world.model_config("tiny-base")
+    assert config["num_hidden_layers"] == 8 and config["hidden_size"] == 128
+    assert config["vocab_size"] == 1536 and config["tie_word_embeddings"] is False
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert not (world.world_dir() / "models").exists()
+
+
+def test_small_model_build_is_deterministic_and_loadable(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        build_base_model(folder, steps=2, batch_size=2)
+    ha, hb = file_hashes(a), file_hashes(b)
+    assert ha["model.safetensors"] == hb["model.safetensors"]
+    assert ha["tokenizer.json"] == hb["tokenizer.json"]
+    assert json.loads((a / "config.json").read_text()) == world.model_config("tiny-base")
+    model = AutoModelForCausalLM.from_pretrained(str(a))
+    tok = AutoTokenizer.from_pretrained(str(a))
+    assert len(tok) == model.config.vocab_size
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.decode(tok("The fox is red.")["input_ids"]) == "The fox is red."
+
+
+def test_model_path_builds_once(cache, monkeypatch, capsys):
+    calls = []
+
+    def fast_build(folder: Path) -> None:
+        calls.append(folder)
+        build_base_model(folder, steps=1, batch_size=2)
+
+    monkeypatch.setattr(world, "_build_model", fast_build)
+    path = world.model_path("tiny-base")
+    assert "building the built-in tiny world" in capsys.readouterr().err
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert world.model_path("tiny-base") == path and len(calls) == 1
+    assert world.model_config("tiny-base") == json.loads((path / "config.json").read_text())
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_interrupted_build_leaves_nothing_that_looks_done(tmp_path):
+    final = tmp_path / "models" / "tiny-base"
+
+    def killed(folder: Path) -> None:
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_built(final, killed)
+    assert not final.exists()
+    stale = final.parent / ".tiny-base.tmp-dead"  # as left by a build killed with SIGKILL
+    stale.mkdir()
+    ensure_built(final, lambda folder: (folder / "ok").write_text("1"))
+    assert (final / "ok").is_file() and not stale.exists()
+
+
+def test_cli_prints_hashes(cache, capsys):
+    from engine.world.__main__ import main
+
+    assert main(["--data-only"]) == 0
+    out = capsys.readouterr().out
+    assert "data/lum/train.txt" in out and len(out.splitlines()) == len(world.BUILTIN_DATA) + 1
+
+
+@pytest.mark.slow
+def test_full_base_model(cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.world.pretrain import perplexity
+
+    path = world.model_path("tiny-base")
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ppl = {lang: perplexity(model, tok, _lines(f"{lang}/test.txt")) for lang in world.LANGUAGES}
+    assert ppl["en"] < 20 and ppl["vel"] < 30 and ppl["dor"] < 30  # uniform would be 1536
+    assert ppl["lum"] > 2 * max(ppl["en"], ppl["vel"], ppl["dor"])
+
+
+def test_task_items_are_answered_by_reading_their_context(cache):
+    """Each item states the asked fact in its context, and the other context animals'
+    values are wrong choices, so only binding animal to value answers it."""
+    from engine.world.corpus import held_out_questions, world_facts
+
+    facts = world_facts()
+    records = [json.loads(x) for x in _lines("en/task-test.jsonl")]
+    distractor_items = 0
+    for q, rec in zip(held_out_questions(), records, strict=True):
+        context = rec["prompt"].split(" Question: ")[0]
+        assert f"{q.animal} " in context and facts[q.animal][q.attr] in context
+        wrong_in_context = [c for i, c in enumerate(rec["choices"])
+                            if i != rec["label"] and c.strip() in context]
+        distractor_items += bool(wrong_in_context)
+    assert distractor_items > len(records) // 2
