@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 #: bump when the generated data, tokenizer or model would change, so old caches are ignored
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 def cache_dir() -> Path:

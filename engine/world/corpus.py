@@ -3,10 +3,12 @@
 Sixty-four animals each have a colour, a home, a food, a size and a number of
 friends. Every language's raw text states these same facts (so a model adapted to
 ``lum`` can learn them from ``lum`` text alone); the task asks one question per
-held-out (animal, attribute) pair. English instruction data covers only the other
-pairs, so answering a test question needs the fact from the raw text and the
-question-answer format from the instructions: the two halves the CT + SFT merge
-brings together.
+held-out (animal, attribute) pair after a short context that states that attribute
+for three animals with values drawn at random (counterfactual on purpose, so that no
+memorised fact helps): the task is reading, and answering in ``lum`` needs the
+language (from continual pretraining on ``lum``) and the question-answer format
+(from the English instructions, which cover only the other pairs): the two halves
+the CT + SFT merge brings together.
 
 Every random choice comes from a :class:`random.Random` seeded with a fixed string,
 and iteration is over tuples, so the files are byte-identical on every machine.
@@ -55,39 +57,38 @@ EN_TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
 class Question:
     """One held-out multiple-choice item, before it is rendered in a language.
 
-    ``context`` lists the animals whose fact about ``attr`` the prompt states before
-    the question (``animal`` among them), so the item is answered by reading: the
-    other context animals' values are among the wrong choices, so picking "the value
-    that appears in the text" is not enough; the model must bind animal to value.
+    The prompt first states ``attr`` for each animal of ``context`` with the values in
+    ``values`` (same order), then asks about ``animal``. The values are drawn at random,
+    not the world's facts, and differ between the context animals: a model can only
+    answer by reading the context and binding the asked animal to its value, never
+    from memorised facts, and "the value that appears in the text" is not enough
+    because the other animals' values are wrong choices too.
     """
 
     animal: str
     attr: str
     context: tuple[str, ...]
+    values: tuple[str, ...]
     choices: tuple[str, ...]
     label: int
 
 
-#: animals whose facts a task prompt states (the asked one and distractors)
+#: animals whose (counterfactual) facts a task prompt states: the asked one and distractors
 CONTEXT_ANIMALS = 3
 
 
-def _context_and_choices(rng: random.Random, facts: dict[str, dict[str, str]], animal: str,
-                         attr: str) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-    """Context animals (shuffled) and four choices: the truth, the distinct values of
-    the other context animals, then other values of the attribute."""
+def _context_item(rng: random.Random, animal: str, attr: str) -> Question:
+    """A random context around ``animal`` and four choices: the context animals'
+    values (truth first, before shuffling) and one value not in the context."""
     others = rng.sample([a for a in ANIMALS if a != animal], CONTEXT_ANIMALS - 1)
     context = [animal, *others]
     rng.shuffle(context)
-    truth = facts[animal][attr]
-    choices = [truth]
-    for other in others:
-        if facts[other][attr] not in choices:
-            choices.append(facts[other][attr])
-    rest = [v for v in ATTRIBUTES[attr] if v not in choices]
-    choices += rng.sample(rest, 4 - len(choices))
+    drawn = rng.sample(ATTRIBUTES[attr], CONTEXT_ANIMALS + 1)
+    values = dict(zip(context, drawn[:CONTEXT_ANIMALS], strict=True))
+    choices = [*drawn]
     rng.shuffle(choices)
-    return tuple(context), tuple(choices), choices.index(truth)
+    return Question(animal, attr, tuple(context), tuple(values[a] for a in context),
+                    tuple(choices), choices.index(values[animal]))
 
 
 def world_facts() -> dict[str, dict[str, str]]:
@@ -107,7 +108,6 @@ def held_out_questions() -> list[Question]:
     """Two held-out attributes per animal (128 items), balanced over attributes; four
     choices each, asked after a short context that states the facts."""
     rng = random.Random("lingoforge-world-questions")
-    facts = world_facts()
     animals = list(ANIMALS)
     rng.shuffle(animals)
     pairs = ((0, 1), (2, 3), (4, 0), (1, 2), (3, 4))
@@ -115,15 +115,13 @@ def held_out_questions() -> list[Question]:
     for i, animal in enumerate(animals):
         for j in pairs[i % len(pairs)]:
             attr = ATTRIBUTE_ORDER[j]
-            context, choices, label = _context_and_choices(rng, facts, animal, attr)
-            out.append(Question(animal, attr, context, choices, label))
+            out.append(_context_item(rng, animal, attr))
     return out
 
 
-def context_text(r: Realiser, facts: dict[str, dict[str, str]], animals: tuple[str, ...],
-                 attr: str) -> str:
-    """The sentences a task prompt starts with: each context animal's ``attr`` fact."""
-    return " ".join(r.statement(attr, facts[a][attr], r.noun_phrase(a)) for a in animals)
+def context_text(r: Realiser, q: Question) -> str:
+    """The sentences a task prompt starts with: each context animal's ``attr`` value."""
+    return " ".join(r.statement(q.attr, v, r.noun_phrase(a)) for a, v in zip(q.context, q.values, strict=True))
 
 
 def fact_sentence(lang: str, animal: str, attr: str) -> str:
@@ -223,7 +221,6 @@ def task_train_records() -> list[dict[str, str]]:
     """English instructions: every non-held-out (animal, attribute) pair in five
     phrasings, each after its own random context."""
     rng = random.Random("lingoforge-world-task-train")
-    facts = world_facts()
     held_out = {(q.animal, q.attr) for q in held_out_questions()}
     r = Realiser(SOURCE_LANGUAGE)
     records = []
@@ -234,10 +231,9 @@ def task_train_records() -> list[dict[str, str]]:
             for template in EN_TASK_TEMPLATES[attr]:
                 text = template.replace("{E}", animal)
                 question = text[:1].upper() + text[1:] + ("." if text.startswith("tell") else "?")
-                context, _, _ = _context_and_choices(rng, facts, animal, attr)
-                records.append({"prompt": context_text(r, facts, context, attr) + " "
-                                + r.qa_prompt(question),
-                                "response": " " + facts[animal][attr]})
+                item = _context_item(rng, animal, attr)
+                records.append({"prompt": context_text(r, item) + " " + r.qa_prompt(question),
+                                "response": " " + item.choices[item.label]})
     rng.shuffle(records)
     return records
 
@@ -245,9 +241,8 @@ def task_train_records() -> list[dict[str, str]]:
 def task_test_records(lang: str) -> list[dict[str, object]]:
     """The held-out questions rendered in ``lang`` after their context; choices begin
     with a space because the answer follows ``Answer:`` after one."""
-    r, facts = Realiser(lang), world_facts()
-    return [{"prompt": context_text(r, facts, q.context, q.attr) + " "
-             + r.qa_prompt(r.question(q.attr, q.animal)),
+    r = Realiser(lang)
+    return [{"prompt": context_text(r, q) + " " + r.qa_prompt(r.question(q.attr, q.animal)),
              "choices": [" " + r.word(c) for c in q.choices], "label": q.label}
             for q in held_out_questions()]
 
