@@ -20,8 +20,9 @@ def lower_is_better(metric: str) -> bool:
     return metric.split("/", 1)[0].lower() in LOWER_IS_BETTER
 
 
-def _num(v: Any, digits: int = 3) -> str:
-    if v is None:
+def format_number(v: Any, digits: int = 3) -> str:
+    """A value for a table cell: ``-`` for missing/NaN, thousands separators for big ones."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
         return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
@@ -30,7 +31,8 @@ def _num(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def _params(v: int | None) -> str:
+def format_params(v: int | None) -> str:
+    """A parameter count as 394K, 1.97M, 8.03B."""
     if v is None:
         return "-"
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -46,9 +48,9 @@ def stages_table(report: dict[str, Any]) -> Table:
                          ("trainable / forward", "right"), ("peak MB", "right"), ("cache", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in report["stages"]:
-        trained = f"{_params(r.get('trainable_params'))} / {_params(r.get('forward_params'))}"
-        table.add_row(r["name"], r["plugin"], f"{r['wall_time_s']:.1f}", _num(r.get("tokens")),
-                      trained, _num(r.get("peak_rss_mb"), 4), r.get("cache", "-"))
+        trained = f"{format_params(r.get('trainable_params'))} / {format_params(r.get('forward_params'))}"
+        table.add_row(r["name"], r["plugin"], f"{r['wall_time_s']:.1f}", format_number(r.get("tokens")),
+                      trained, format_number(r.get("peak_rss_mb"), 4), r.get("cache", "-"))
     return table
 
 
@@ -109,7 +111,7 @@ def metrics_table(report: dict[str, Any]) -> Table | None:
         cells = []
         for col in columns:
             v = values.get(col)
-            text = _num(v, 4)
+            text = format_number(v, 4)
             if v is not None and col in best and v == best[col]:
                 text = f"[bold green]{text}*[/]"
             cells.append(text)

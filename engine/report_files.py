@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
-from engine.report import best_values, direction, lower_is_better, metric_language, order_columns
+from engine.report import (
+    best_values,
+    direction,
+    format_number,
+    format_params,
+    lower_is_better,
+    metric_language,
+    order_columns,
+)
 
 REPORT_MD = "report.md"
 CHART_DIR = "report"
@@ -96,23 +104,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # --- markdown ---------------------------------------------------------------------------------
 
 
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def _params(v: int | None) -> str:
-    if v is None:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if v >= scale:
-            return f"{v / scale:.3g}{unit}"
-    return str(v)
+def _format4(v: Any) -> str:
+    return format_number(v, 4)
 
 
 def _table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
@@ -130,13 +123,13 @@ def metrics_markdown(metrics: dict[str, dict[str, float]], counts: dict[str, dic
         cells = [model]
         for col in columns:
             v = values.get(col)
-            text = _fmt(v)
+            text = _format4(v)
             cells.append(f"**{text}**" if v is not None and best.get(col) == v else text)
         rows.append(cells)
     lines = _table(["model", *(f"{c} {direction(c)}" for c in columns)], rows,
                    ["l", *["r"] * len(columns)])
     n = {c: sorted({cnt.get(c) for cnt in counts.values() if cnt.get(c) is not None}) for c in columns}
-    based = ", ".join(f"{c}: {'/'.join(_fmt(x) for x in v)}" for c, v in n.items() if v)
+    based = ", ".join(f"{c}: {'/'.join(_format4(x) for x in v)}" for c, v in n.items() if v)
     if based:
         lines += ["", f"Counts behind each value (tokens for ppl, bytes for bpb, items for acc): {based}."]
     return lines
@@ -148,7 +141,7 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
     lines = [f"# Run report: {r.get('recipe', run.folder.name)}", "",
              f"- run folder: `{run.folder}`",
              f"- finished: {'yes' if r.get('finished') else 'no (interrupted or still running)'}",
-             f"- total wall time: {_fmt(r.get('wall_time_s'))} s; device {r.get('device', '-')}, "
+             f"- total wall time: {_format4(r.get('wall_time_s'))} s; device {r.get('device', '-')}, "
              f"torch {r.get('torch', '-')}", ""]
     if note:
         lines += [f"> {note}", ""]
@@ -167,9 +160,9 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
     if "metrics" in charts:
         lines += [f"![metrics per model and language]({_rel(charts['metrics'], run.folder)})", ""]
     lines += ["## Cost per stage", ""]
-    rows = [[s["name"], s.get("plugin", "-"), _fmt(s.get("wall_time_s")), _fmt(s.get("tokens")),
-             _fmt(s.get("tokens_per_s")), _params(s.get("trainable_params")),
-             _params(s.get("forward_params")), _fmt(s.get("peak_rss_mb")), s.get("cache", "-")]
+    rows = [[s["name"], s.get("plugin", "-"), _format4(s.get("wall_time_s")), _format4(s.get("tokens")),
+             _format4(s.get("tokens_per_s")), format_params(s.get("trainable_params")),
+             format_params(s.get("forward_params")), _format4(s.get("peak_rss_mb")), s.get("cache", "-")]
             for s in r.get("stages", [])]
     lines += _table(["stage", "plugin", "time s", "tokens", "tokens/s", "trainable", "forward",
                      "peak MB", "cache"], rows, ["l", "l", "r", "r", "r", "r", "r", "r", "l"]) + [""]
@@ -180,8 +173,8 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
         rows = []
         for stage, log in run.logs.items():
             losses = [x["loss"] for x in log if isinstance(x.get("loss"), (int, float))]
-            rows.append([stage, _fmt(len(log)), _fmt(losses[0] if losses else None),
-                         _fmt(losses[-1] if losses else None), _fmt(min(losses) if losses else None)])
+            rows.append([stage, _format4(len(log)), _format4(losses[0] if losses else None),
+                         _format4(losses[-1] if losses else None), _format4(min(losses) if losses else None)])
         lines += _table(["stage", "steps", "first loss", "last loss", "min loss"], rows,
                         ["l", "r", "r", "r", "r"]) + [""]
         if "loss" in charts:
@@ -295,7 +288,7 @@ def _cost_chart(plt: Any, stages: list[dict[str, Any]], path: Path) -> Path:
     for shift, vals, label, color in ((-0.2, fwd, "forward", "tab:orange"),
                                       (0.2, trn, "trainable", "tab:green")):
         bars = ax_p.barh([i + shift for i in y], vals, height=0.4, label=label, color=color)
-        ax_p.bar_label(bars, labels=[_params(int(v * 1e6)) for v in vals], fontsize=7, padding=2)
+        ax_p.bar_label(bars, labels=[format_params(int(v * 1e6)) for v in vals], fontsize=7, padding=2)
     ax_p.margins(x=0.15)
     ax_p.set_yticks(list(y), [s["name"] for s in trained])
     ax_p.invert_yaxis()
