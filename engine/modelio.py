@@ -165,6 +165,15 @@ def atomic_dir(final: Path, *, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing an older one.
+
+    The old folder is first renamed aside, so ``final`` is always either the old or
+    the new complete folder, never a mix of the two.
+    """
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, trash)

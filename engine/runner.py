@@ -218,7 +218,7 @@ class Runner:
             _persist(artifact, tmp)
             (tmp / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "record": record},
                                                      indent=2, default=str))
-            _replace_dir(tmp, final)
+            modelio.replace_dir(tmp, final)
             _remove_checkpoints(self.workdir, name)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -371,16 +371,6 @@ def _load_artifact(kind: str, name: str, folder: Path) -> Artifact:
         metrics = {k: v for k, v in data.items() if not k.startswith("_")}
         return MetricsArtifact(name, metrics, data.get("_counts", {}), data.get("_errors", {}))
     return ModelArtifact(name=name, path=folder, meta=modelio.read_meta(folder))
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _remove_stale_temporaries(workdir: Path) -> None:
