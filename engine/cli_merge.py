@@ -3,7 +3,8 @@
     engine merge --method ties --base B --model A --model C --out O -p density=0.2
 
 builds the recipe a user would otherwise write by hand (models named after their
-folders, or ``--model NAME=PATH``), validates it exactly as ``engine validate`` does
+folders, or ``--model NAME=PATH``; a model may be a PEFT LoRA adapter folder, merged as
+its delta on ``--base``), validates it exactly as ``engine validate`` does
 (params, architectures, safetensors headers), then runs the merge into a hidden
 temporary folder beside ``--out`` that is renamed into place only when complete. An
 existing ``--out`` is refused unless ``--overwrite``; a failed merge leaves it as it
@@ -35,7 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                                    "slack-ties, linear, or a third-party one")
     p.add_argument("--base", help="base model folder (task-vector methods need one)")
     p.add_argument("--model", dest="models", action="append", required=True, metavar="[NAME=]PATH",
-                   help="model folder to merge (repeatable); NAME defaults to the folder's name")
+                   help="model folder, or PEFT LoRA adapter folder (needs --base), to merge "
+                        "(repeatable); NAME defaults to the folder's name")
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter, VALUE read as YAML: -p density=0.2 "

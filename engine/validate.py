@@ -5,6 +5,12 @@
 params, resolved data files and effective runtime. Every error names the recipe
 file and the stage (and field) at fault. ``engine validate`` is this function;
 ``engine run`` calls it before anything heavy happens.
+
+An input model may be a PEFT LoRA adapter folder. In a merge's ``models`` it is the
+delta on the merge's ``base`` (:mod:`engine.merging.lora`; the merge needs a base, and
+the adapter is checked against it from headers when the base's folder exists); it
+cannot be a merge's ``base``. Other stages load it through :mod:`engine.modelio`, so
+there its own base model must be found.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from engine.api import (
 from engine.context import Runtime
 from engine.data import resolve_data
 from engine.errors import EngineError, RecipeError
+from engine.merging.lora import is_adapter_folder, read_adapter
 from engine.plugin_manager import Registered, get_implementation
 from engine.recipe import (
     INPUT_RULES,
@@ -76,10 +83,15 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
     for spec in recipe.stages:
         _check_inputs(spec, recipe, kinds, source)
     order = _topological_order(recipe, source)
-    model_configs = {name: _model_config(name, m, recipe_dir, source) for name, m in recipe.models.items()}
+    adapters = {name: path for name, m in recipe.models.items()
+                if m.path is not None and is_adapter_folder(path := resolve_model_path(m, recipe_dir))}
+    adapter_errors: dict[str, str] = {}
+    model_configs = {name: _model_config(name, m, recipe_dir, source, adapter_errors)
+                     for name, m in recipe.models.items()}
     stages = []
     for spec in order:
         where = f"{source}: stage {spec.name!r}"
+        _check_adapter_use(spec, adapters, adapter_errors, where)
         try:
             registered = get_implementation(spec.stage, spec.plugin)
         except EngineError as exc:
@@ -177,14 +189,50 @@ def _validate_params(registered: Registered, spec: StageSpec, source: str) -> Pl
         raise RecipeError(msg) from None
 
 
-def _model_config(name: str, spec: ModelSpec, recipe_dir: Path, source: str) -> dict[str, Any] | None:
-    """config.json of an input model, read without loading weights."""
+def _check_adapter_use(spec: StageSpec, adapters: dict[str, Path], adapter_errors: dict[str, str],
+                       where: str) -> None:
+    """Where a LoRA adapter folder may go: a merge's ``models`` (with a ``base``, checked as
+    a LoRA delta), not a merge's ``base``; elsewhere its own base must have been found."""
+    for key, refs in spec.references().items():
+        for ref in refs:
+            path = adapters.get(ref)
+            if path is None or key == "layers":
+                continue
+            if spec.stage == MERGE and key == "base":
+                raise RecipeError(f"{where}: base: {ref!r} is a LoRA adapter folder and cannot be "
+                                  "a merge's base; give the model it was trained on as 'base' and "
+                                  "the adapter in 'models'")
+            if spec.stage == MERGE and key == "models":
+                if spec.base is None:
+                    raise RecipeError(f"{where}: models: {ref!r} is a LoRA adapter folder, a delta "
+                                      "on a base model; the merge needs a 'base' (the model the "
+                                      "adapter was trained on)")
+                try:
+                    read_adapter(path)
+                except EngineError as exc:
+                    raise RecipeError(f"{where}: models.{ref}: {exc}") from None
+            elif ref in adapter_errors:
+                raise RecipeError(f"{where}: {key}: {ref!r}: {adapter_errors[ref]}")
+
+
+def _model_config(name: str, spec: ModelSpec, recipe_dir: Path, source: str,
+                  adapter_errors: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """config.json of an input model, read without loading weights. For a LoRA adapter
+    folder: its base model's config as :mod:`engine.modelio` finds it, or None (the
+    reason kept in ``adapter_errors``; a merge needs only the recipe's base)."""
     try:
         if spec.builtin is not None:
             from engine import world
 
             return world.model_config(spec.builtin)
-        return modelio.check_model_folder(resolve_model_path(spec, recipe_dir))
+        path = resolve_model_path(spec, recipe_dir)
+        if adapter_errors is not None and is_adapter_folder(path):
+            try:
+                return modelio.check_model_folder(path)
+            except EngineError as exc:
+                adapter_errors[name] = str(exc)
+                return None
+        return modelio.check_model_folder(path)
     except EngineError as exc:
         raise RecipeError(f"{source}: models.{name}: {exc}") from None
 

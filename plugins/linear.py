@@ -9,10 +9,12 @@ from pydantic import Field
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
 from engine.merging import (
     MergeParams,
+    Positionwise,
+    PositionwiseMerge,
     check_static,
     check_weight_sum,
+    for_tensor,
     linear,
-    per_tensor,
     resolve_per_model,
     run_merge,
 )
@@ -38,9 +40,10 @@ class Linear:
         def build(p: Linear.Params):
             weights = resolve_per_model(p.weight, names, "weight")
             check_weight_sum(weights, names, normalize=p.normalize)
-            return lambda _name, stacked: linear(stacked, weights, normalize=p.normalize)
+            return Positionwise(lambda stacked: linear(stacked, weights, normalize=p.normalize))
 
-        return run_merge(context, inputs, params, per_tensor(params, build), task_vectors=False)
+        return run_merge(context, inputs, params, PositionwiseMerge(for_tensor(params, build)),
+                         task_vectors=False)
 
 
 @hookimpl

@@ -13,13 +13,15 @@ from pydantic import Field
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
 from engine.errors import MergeError
 from engine.merging import (
+    Positionwise,
+    PositionwiseMerge,
     TiesParams,
     check_static,
     check_weight_sum,
-    per_tensor,
+    for_tensor,
     resolve_per_model,
     run_merge,
-    slack_ties_delta,
+    slack_ties_combine,
 )
 
 
@@ -63,16 +65,16 @@ class SlackTies:
                                  f"the models of this merge are {names}")
             index = names.index(prot)
 
-            def merge(_name, deltas):
-                result = slack_ties_delta(deltas, weights, densities, protect=index,
-                                          slack=p.slack, normalize=p.normalize, lam=p.lambda_)
+            def merge(trimmed):  # on a whole tensor or a slice of rows: the counts add up
+                result = slack_ties_combine(trimmed, weights, protect=index, slack=p.slack,
+                                            normalize=p.normalize, lam=p.lambda_)
                 for key in ("important", "kept_by_ties", "kept"):
                     counts[key] += getattr(result, key)
                 return result.delta
 
-            return merge
+            return Positionwise(merge, densities=tuple(densities))
 
-        artifact = run_merge(context, inputs, params, per_tensor(params, build),
+        artifact = run_merge(context, inputs, params, PositionwiseMerge(for_tensor(params, build)),
                              meta={"slack_ties": counts})
         if counts["important"]:
             context.note("slack_ties", {

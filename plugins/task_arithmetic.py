@@ -6,10 +6,12 @@ from typing import Any
 
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
 from engine.merging import (
+    Positionwise,
+    PositionwiseMerge,
     TaskVectorParams,
     check_static,
     check_weight_sum,
-    per_tensor,
+    for_tensor,
     resolve_per_model,
     run_merge,
     task_arithmetic_delta,
@@ -33,10 +35,10 @@ class TaskArithmetic:
         def build(p: TaskArithmetic.Params):
             weights = resolve_per_model(p.weight, names, "weight")
             check_weight_sum(weights, names, normalize=p.normalize)
-            return lambda _name, deltas: task_arithmetic_delta(
-                deltas, weights, normalize=p.normalize, lam=p.lambda_)
+            return Positionwise(lambda deltas: task_arithmetic_delta(
+                deltas, weights, normalize=p.normalize, lam=p.lambda_))
 
-        return run_merge(context, inputs, params, per_tensor(params, build))
+        return run_merge(context, inputs, params, PositionwiseMerge(for_tensor(params, build)))
 
 
 @hookimpl

@@ -6,13 +6,15 @@ from typing import Any
 
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
 from engine.merging import (
+    Positionwise,
+    PositionwiseMerge,
     TiesParams,
     check_static,
     check_weight_sum,
-    per_tensor,
+    for_tensor,
     resolve_per_model,
     run_merge,
-    ties_delta,
+    ties_combine,
 )
 
 
@@ -34,10 +36,12 @@ class Ties:
             weights = resolve_per_model(p.weight, names, "weight")
             densities = resolve_per_model(p.density, names, "density")
             check_weight_sum(weights, names, normalize=p.normalize)
-            return lambda _name, deltas: ties_delta(
-                deltas, weights, densities, normalize=p.normalize, lam=p.lambda_)
+            return Positionwise(
+                lambda trimmed: ties_combine(trimmed, weights, normalize=p.normalize,
+                                             lam=p.lambda_),
+                densities=tuple(densities))
 
-        return run_merge(context, inputs, params, per_tensor(params, build))
+        return run_merge(context, inputs, params, PositionwiseMerge(for_tensor(params, build)))
 
 
 @hookimpl

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SlackTiesResult", "dare_ties", "dare_ties_delta", "disjoint_merge", "elect_sign",
-    "linear", "magnitude_trim", "random_drop", "seed_for", "slack_ties", "slack_ties_delta",
-    "stack_deltas", "task_arithmetic", "task_arithmetic_delta", "ties", "ties_delta",
+    "MagnitudeThreshold", "SlackTiesResult", "dare_ties", "dare_ties_delta", "disjoint_merge", "elect_sign",
+    "keep_count", "linear", "magnitude_trim", "random_drop", "seed_for", "slack_ties", "slack_ties_combine",
+    "slack_ties_delta", "stack_deltas", "task_arithmetic", "task_arithmetic_delta", "ties", "ties_combine", "ties_delta",
 ]
 
 
@@ -58,17 +58,103 @@ def stack_deltas(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(tensors), dim=0).sub_(base)
 
 
-def _trim_(delta: Tensor, density: float) -> Tensor:
-    """In place: zero all but the ``k`` largest magnitudes (see :func:`magnitude_trim`)."""
-    if density >= 1:
-        return delta
+def keep_count(density: float, numel: int) -> int:
+    """How many entries a magnitude trim keeps: ``floor(density * numel)`` as mergekit
+    computes it (in floating point), at least 1; everything for ``density >= 1``."""
     if not density > 0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    flat = delta.view(-1)
-    k = max(1, int(density * flat.numel()))
-    drop = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
-    drop[torch.topk(flat.abs(), k, sorted=False).indices] = False
-    return delta.masked_fill_(drop.view_as(delta), 0)
+    return numel if density >= 1 else min(numel, max(1, int(density * numel)))
+
+
+def _magnitude_bits(delta: Tensor) -> Tensor:
+    """``|delta|`` as int32 bit patterns, which order exactly as the magnitudes do (IEEE
+    floats >= 0 compare like their bits). Half types widen to float32 exactly."""
+    a = delta.abs() if delta.dtype == torch.float32 else delta.abs().float()
+    return a.view(torch.int32)
+
+
+class MagnitudeThreshold:
+    """The exact ``k``-th largest magnitude of a tensor seen in pieces, by radix select.
+
+    The tensor's magnitudes are fed in flat order, in any number of contiguous pieces,
+    twice: :meth:`count_high` with every piece (a histogram of the top 16 bits of each
+    magnitude's float32 bit pattern), then :meth:`count_low` with every piece (the low
+    16 bits, of the entries in the one high bin that holds the ``k``-th largest). That
+    pins the ``k``-th largest magnitude ``T`` exactly, so :meth:`keep` can then trim
+    piece by piece: every entry with ``|x| > T`` is kept, and of the entries with
+    ``|x| == T`` the first ones in flat order until ``k`` are kept. The result equals a
+    whole-tensor top-``k`` whose ties go to the lowest index, whatever the pieces.
+    Two histogram passes cost about as much as two ``abs()`` passes, a fraction of a
+    ``torch.topk`` with ``k`` in the millions.
+    """
+
+    HIGH = 1 << 15  # |x| bits < 2**31, so the top 16 bits are < 2**15
+
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        self.k = k
+        self._high = torch.zeros(self.HIGH, dtype=torch.int64, device=device)
+        self._low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+        self._bin: int | None = None
+        self.threshold: int | None = None  # the k-th largest magnitude's bits
+        self._greater = 0  # entries of the chosen bin's higher bins
+        self._ties_left = 0
+
+    def count_high(self, bits: Tensor) -> None:
+        self._high += torch.bincount((bits >> 16).view(-1), minlength=self.HIGH)
+
+    def _choose_bin(self) -> None:
+        above = self._high.flip(0).cumsum(0)  # above[j]: entries whose high bits >= HIGH-1-j
+        j = int(torch.searchsorted(above, self.k))
+        self._bin = self.HIGH - 1 - j
+        self._greater = int(above[j - 1]) if j > 0 else 0
+
+    def count_low(self, bits: Tensor) -> None:
+        if self._bin is None:
+            self._choose_bin()
+        flat = bits.view(-1)
+        low = flat[(flat >> 16) == self._bin] & 0xFFFF
+        self._low += torch.bincount(low, minlength=1 << 16)
+
+    def finish(self) -> None:
+        """Fix the threshold after both passes (called by :meth:`keep` when needed)."""
+        if self._bin is None:
+            self._choose_bin()
+        above = self._low.flip(0).cumsum(0)
+        j = int(torch.searchsorted(above, self.k - self._greater))
+        self.threshold = (self._bin << 16) | (0xFFFF - j)
+        greater = self._greater + (int(above[j - 1]) if j > 0 else 0)
+        self._ties_left = self.k - greater
+
+    def keep(self, bits: Tensor) -> Tensor:
+        """The kept mask of the next piece (pieces in flat order, each exactly once)."""
+        if self.threshold is None:
+            self.finish()
+        assert self.threshold is not None
+        keep = bits > self.threshold
+        if self.threshold == 0:
+            keep |= bits == 0  # kept zeros stay zeros: no need to count them out
+        elif self._ties_left > 0:
+            flat = keep.view(-1)
+            ties = (bits.view(-1) == self.threshold).nonzero().view(-1)[:self._ties_left]
+            flat[ties] = True
+            self._ties_left -= len(ties)
+        return keep
+
+
+def _trim_(delta: Tensor, density: float) -> Tensor:
+    """In place: zero all but the ``k`` largest magnitudes (see :func:`magnitude_trim`)."""
+    k = keep_count(density, delta.numel())
+    if k >= delta.numel():
+        return delta
+    if delta.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        drop = torch.ones(delta.numel(), dtype=torch.bool, device=delta.device)
+        drop[torch.topk(delta.reshape(-1).abs(), k, sorted=False).indices] = False
+        return delta.masked_fill_(drop.view_as(delta), 0)
+    bits = _magnitude_bits(delta)
+    selector = MagnitudeThreshold(k, delta.device)
+    selector.count_high(bits)
+    selector.count_low(bits)
+    return delta.masked_fill_(~selector.keep(bits), 0)
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
@@ -77,7 +163,8 @@ def magnitude_trim(delta: Tensor, density: float) -> Tensor:
     ``k = floor(density * numel)`` as mergekit computes it (in floating point), but at
     least 1, so that a small tensor (a norm weight) is never erased entirely where
     mergekit would refuse to merge. ``density >= 1`` keeps everything. Among equal
-    magnitudes ``torch.topk`` decides.
+    magnitudes at the threshold the lowest flat indices are kept (float64 tensors use
+    ``torch.topk``, whose choice among ties is unspecified).
     """
     return _trim_(delta.clone(), density)
 
@@ -176,6 +263,17 @@ def task_arithmetic_delta(deltas: Tensor, weights: Sequence[float], *, normalize
     return _scale(mixed, lam)
 
 
+def ties_combine(trimmed: Tensor, weights: Sequence[float], *, normalize: bool = True,
+                 lam: float = 1.0) -> Tensor:
+    """TIES after the trim: weight the stacked trimmed task vectors, elect the sign,
+    merge the agreeing ones, scale by ``lam``. Position by position, so it may run on
+    any slice of rows (consumes ``trimmed``)."""
+    _check(len(trimmed), weights=weights)
+    weighted = trimmed.mul_(_weights_like(weights, trimmed))
+    agree = _agreement(weighted, elect_sign(weighted))
+    return _scale(_disjoint_merge_(weighted, weights, agree, normalize), lam)
+
+
 def ties_delta(deltas: Tensor, weights: Sequence[float], densities: Sequence[float], *,
                normalize: bool = True, lam: float = 1.0) -> Tensor:
     """TIES on stacked task vectors: trim each to its top ``density`` magnitudes, elect
@@ -183,9 +281,7 @@ def ties_delta(deltas: Tensor, weights: Sequence[float], densities: Sequence[flo
     _check(len(deltas), weights=weights, densities=densities)
     for d, p in zip(deltas, densities):
         _trim_(d, p)
-    weighted = deltas.mul_(_weights_like(weights, deltas))
-    agree = _agreement(weighted, elect_sign(weighted))
-    return _scale(_disjoint_merge_(weighted, weights, agree, normalize), lam)
+    return ties_combine(deltas, weights, normalize=normalize, lam=lam)
 
 
 def dare_ties_delta(deltas: Tensor, weights: Sequence[float], densities: Sequence[float], *,
@@ -211,6 +307,32 @@ class SlackTiesResult(NamedTuple):
     kept: int
 
 
+def slack_ties_combine(trimmed: Tensor, weights: Sequence[float], *, protect: int,
+                       slack: float, normalize: bool = True, lam: float = 1.0) -> SlackTiesResult:
+    """slack-TIES after the trim (see :func:`slack_ties_delta`). Position by position,
+    so it may run on any slice of rows; the counts of slices add up (consumes ``trimmed``)."""
+    _check(len(trimmed), weights=weights)
+    if not 0 <= protect < len(trimmed):
+        raise ValueError(f"protect index {protect} is out of range for {len(trimmed)} models")
+    if not 0.0 <= slack <= 1.0:
+        raise ValueError(f"slack must be in [0, 1], got {slack}")
+    weighted = trimmed.mul_(_weights_like(weights, trimmed))
+    u_p = weighted[protect]
+    plain = elect_sign(weighted)
+    if slack == 0.0:
+        sign = plain
+    elif slack == 1.0:
+        sign = torch.where(u_p != 0, torch.sign(u_p), plain)
+    else:
+        sign = elect_sign(weighted, u_p * (slack / (1.0 - slack)))
+    important = u_p != 0
+    kept_by_ties = int((important & (torch.sign(u_p) == plain)).sum())
+    agree = _agreement(weighted, sign)
+    kept = int((important & agree[protect]).sum())
+    mixed = _scale(_disjoint_merge_(weighted, weights, agree, normalize), lam)
+    return SlackTiesResult(mixed, int(important.sum()), kept_by_ties, kept)
+
+
 def slack_ties_delta(deltas: Tensor, weights: Sequence[float], densities: Sequence[float], *,
                      protect: int, slack: float, normalize: bool = True,
                      lam: float = 1.0) -> SlackTiesResult:
@@ -226,25 +348,10 @@ def slack_ties_delta(deltas: Tensor, weights: Sequence[float], densities: Sequen
     _check(len(deltas), weights=weights, densities=densities)
     if not 0 <= protect < len(deltas):
         raise ValueError(f"protect index {protect} is out of range for {len(deltas)} models")
-    if not 0.0 <= slack <= 1.0:
-        raise ValueError(f"slack must be in [0, 1], got {slack}")
     for d, p in zip(deltas, densities):
         _trim_(d, p)
-    weighted = deltas.mul_(_weights_like(weights, deltas))
-    u_p = weighted[protect]
-    plain = elect_sign(weighted)
-    if slack == 0.0:
-        sign = plain
-    elif slack == 1.0:
-        sign = torch.where(u_p != 0, torch.sign(u_p), plain)
-    else:
-        sign = elect_sign(weighted, u_p * (slack / (1.0 - slack)))
-    important = u_p != 0
-    kept_by_ties = int((important & (torch.sign(u_p) == plain)).sum())
-    agree = _agreement(weighted, sign)
-    kept = int((important & agree[protect]).sum())
-    mixed = _scale(_disjoint_merge_(weighted, weights, agree, normalize), lam)
-    return SlackTiesResult(mixed, int(important.sum()), kept_by_ties, kept)
+    return slack_ties_combine(deltas, weights, protect=protect, slack=slack,
+                              normalize=normalize, lam=lam)
 
 
 # --- whole methods on (base, tensors); inputs are never modified --------------------------

@@ -21,6 +21,7 @@ buffers) are copied from the reference model unchanged.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -34,19 +35,66 @@ from engine import modelio
 from engine.api import ModelArtifact, StageInputs
 from engine.context import StageContext
 from engine.errors import MergeError
+from engine.merging.arithmetic import MagnitudeThreshold, _magnitude_bits, _trim_, keep_count
+from engine.merging.lora import open_reader
 from engine.merging.params import MergeParams
 from engine.merging.prefetch import prefetched
 from engine.merging.preflight import MergePlan, check_merge_inputs
 from engine.merging.tensorio import ModelReader, PlannedTensor, ShardedWriter, parse_size
 from engine.merging.vocab import tail_rows
 
-__all__ = ["MergeSummary", "TensorMerge", "merge_folders", "run_merge"]
+__all__ = ["CHUNK_ELEMENTS", "MergeSummary", "Positionwise", "PositionwiseMerge", "TensorMerge",
+           "merge_folders", "run_merge"]
 
 #: ``merge(tensor_name, stacked) -> merged``. ``stacked`` (``[m, ...]``, on the compute
 #: device in the compute dtype, the function may modify it) holds the task vectors
 #: ``model_i - base`` for a task-vector merge, which returns the merged *delta* (the
 #: base is added for it), and the models themselves otherwise.
 TensorMerge = Callable[[str, torch.Tensor], torch.Tensor]
+
+#: tensors with more elements than this are merged in row slices of about this many
+#: elements per input when the method is position-wise (:class:`PositionwiseMerge`)
+CHUNK_ELEMENTS = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class Positionwise:
+    """One tensor's merge step for a position-wise method.
+
+    ``fn(stacked) -> merged`` must compute each output position from the same position
+    of the inputs only (TIES's sign election and disjoint merge, task arithmetic, a
+    weighted average, a median...); it may consume ``stacked``. ``densities`` (one per
+    model, task-vector merges only) asks the engine to trim each task vector to its
+    top-``density`` magnitudes first, exactly as :func:`~engine.merging.arithmetic.magnitude_trim`
+    does on the whole tensor: the one step of the TIES family that looks at the whole
+    tensor is done by the engine, so ``fn`` can run on any slice of rows.
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    densities: tuple[float, ...] | None = None
+
+
+class PositionwiseMerge:
+    """A merge method made of :class:`Positionwise` steps: ``select(tensor name)`` gives
+    each tensor's step (per-tensor overrides choose there, see
+    :func:`~engine.merging.overrides.for_tensor`).
+
+    Passed to :func:`run_merge` in place of a :data:`TensorMerge`, it lets the engine
+    merge a large tensor (an embedding, an LM head) in row slices, reading each input
+    slice by slice, so peak memory is a few slices rather than ``m + 2`` whole tensors.
+    Called as a :data:`TensorMerge` it merges a whole tensor at once, with the same
+    result.
+    """
+
+    def __init__(self, select: Callable[[str], Positionwise]) -> None:
+        self.select = select
+
+    def __call__(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        step = self.select(name)
+        if step.densities is not None:
+            for delta, density in zip(stacked, step.densities):
+                _trim_(delta, density)
+        return step.fn(stacked)
 
 @dataclass
 class MergeSummary:
@@ -55,6 +103,8 @@ class MergeSummary:
     tensors: int = 0
     parameters: int = 0
     copied: list[str] = field(default_factory=list)
+    #: tensors merged in row slices (see :class:`PositionwiseMerge`)
+    sliced: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     bytes: int = 0
 
@@ -109,6 +159,7 @@ def merge_folders(
     device: str | torch.device = "cpu",
     max_shard_bytes: int | str = "2GB",
     prefetch_bytes: int = 0,
+    chunk_elements: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> MergeSummary:
     """Merge the checked inputs of ``plan`` into ``out_dir``, streaming.
@@ -116,14 +167,18 @@ def merge_folders(
     ``task_vectors`` (needs ``plan.base``): ``merge`` gets task vectors and returns a
     delta. ``out_dtype`` None keeps each tensor's dtype in the reference model.
     ``prefetch_bytes`` > 0 reads the next tensors in a thread while one merges (see
-    :mod:`engine.merging.prefetch`). On any error every file this call wrote is
-    removed again, so ``out_dir`` never holds a partial model that looks complete.
+    :mod:`engine.merging.prefetch`). A :class:`PositionwiseMerge` merges tensors of
+    more than ``chunk_elements`` (default :data:`CHUNK_ELEMENTS`) elements in row
+    slices of about that size. On any
+    error every file this call wrote is removed again, so ``out_dir`` never holds a
+    partial model that looks complete.
     """
     if task_vectors and plan.base is None:
         raise MergeError("a task-vector merge needs a base model (recipe key 'base')")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cdtype = _resolve_dtype(compute_dtype)
+    chunk = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     odtype = _resolve_dtype(out_dtype) if out_dtype is not None else None
     dev = modelio.resolve_device(device) if isinstance(device, str) else device
     ref = plan.reference
@@ -144,21 +199,30 @@ def merge_folders(
     try:
         with ExitStack() as stack:
             inputs = [*([plan.base] if plan.base is not None else []), *plan.models]
-            readers = [stack.enter_context(ModelReader(m.path, m.name, m.tensors)) for m in inputs]
+            readers = [stack.enter_context(open_reader(m, plan.base)) for m in inputs]
             writer = stack.enter_context(ShardedWriter(
                 out_dir, planned, max_shard_bytes=parse_size(max_shard_bytes),
                 metadata={"merged_by": "lingoforge"}))
             step = _Step(plan, merge, task_vectors, cdtype, dev, summary)
             by_name = {t.name: t for t in planned}
+            sliced = {t.name for t in planned
+                      if _sliceable(t, plan, merge, readers, cdtype, chunk)}
 
             def size_of(name: str) -> int:
+                if name in sliced:  # read slice by slice by the merging thread
+                    return 0
                 return sum(m.tensors[name].end - m.tensors[name].start for m in inputs)
 
-            loads = prefetched([t.name for t in planned], lambda n: _load(readers, n), size_of,
-                               prefetch_bytes)
+            def load(name: str) -> list[torch.Tensor] | None:
+                return None if name in sliced else _load(readers, name)
+
+            loads = prefetched([t.name for t in planned], load, size_of, prefetch_bytes)
             try:
                 for name, raws in loads:
-                    writer.write(name, step(by_name[name], raws))
+                    if raws is None:
+                        _merge_in_slices(step, by_name[name], readers, writer, chunk)
+                    else:
+                        writer.write(name, step(by_name[name], raws))
                     del raws
                     if on_tensor is not None:
                         on_tensor(name)
@@ -184,6 +248,98 @@ def _load(readers: Sequence[ModelReader], name: str) -> list[torch.Tensor]:
         _check_finite(t, r.label, name)
         raws.append(t)
     return raws
+
+
+def _sliceable(target: PlannedTensor, plan: MergePlan, merge: TensorMerge,
+               readers: Sequence[Any], cdtype: torch.dtype, chunk_elements: int) -> bool:
+    """Whether ``target`` is merged in row slices: a large floating-point tensor with
+    more than one row, a position-wise method, readers that read rows, no vocabulary
+    tail, and a dtype whose magnitudes the exact trim can rank."""
+    numel = 1
+    for d in target.shape:
+        numel *= d
+    return (isinstance(merge, PositionwiseMerge) and numel > chunk_elements
+            and len(target.shape) >= 1 and target.shape[0] > 1
+            and target.dtype.is_floating_point and cdtype == torch.float32
+            and (plan.vocab is None or target.name not in plan.vocab.tensors)
+            and all(hasattr(r, "get_rows") for r in readers))
+
+
+def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
+                     writer: ShardedWriter, chunk_elements: int) -> None:
+    """Merge one large tensor of a :class:`PositionwiseMerge` slice by slice.
+
+    With trimming, two counting passes over the task vectors' slices find each model's
+    exact top-``k`` threshold (:class:`~engine.merging.arithmetic.MagnitudeThreshold`)
+    before the merging pass; inputs are re-read for each pass (from the page cache).
+    Peak memory: a few slices of ``chunk_elements`` per input.
+    """
+    merge = step.merge
+    assert isinstance(merge, PositionwiseMerge)
+    name, rows = target.name, target.shape[0]
+    pos = merge.select(name)
+    per_row = max(1, math.prod(target.shape[1:]))
+    numel = rows * per_row
+    step.summary.tensors += 1
+    step.summary.parameters += numel
+    step.summary.sliced.append(name)
+    span = max(1, chunk_elements // per_row)
+    slices = [(a, min(a + span, rows)) for a in range(0, rows, span)]
+    has_base = step.plan.base is not None
+    models = readers[1:] if has_base else readers
+
+    def read(a: int, b: int, check: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Base rows (compute dtype) and the stacked model rows (minus the base for a
+        task-vector merge)."""
+        base = None
+        if has_base and step.task_vectors:
+            raw = readers[0].get_rows(name, a, b)
+            if check:
+                _check_finite(raw, readers[0].label, name)
+            base = raw.to(step.dev, step.cdtype)
+        stacked = torch.empty((len(models), b - a, *target.shape[1:]), dtype=step.cdtype,
+                              device=step.dev)
+        for i, r in enumerate(models):
+            raw = r.get_rows(name, a, b)
+            if check:
+                _check_finite(raw, r.label, name)
+            stacked[i].copy_(raw)
+            del raw
+            if step.task_vectors:
+                stacked[i].sub_(base)
+        return base, stacked
+
+    selectors: list[MagnitudeThreshold | None] = []
+    if step.task_vectors and pos.densities is not None:
+        counts = [keep_count(d, numel) for d in pos.densities]
+        selectors = [MagnitudeThreshold(k, step.dev) if k < numel else None for k in counts]
+    counting = any(s is not None for s in selectors)
+    if counting:
+        for count_pass in (0, 1):
+            for a, b in slices:
+                _, stacked = read(a, b, check=count_pass == 0)
+                for sel, delta in zip(selectors, stacked):
+                    if sel is not None:
+                        bits = _magnitude_bits(delta)
+                        (sel.count_high if count_pass == 0 else sel.count_low)(bits)
+                del stacked
+    for a, b in slices:
+        base, stacked = read(a, b, check=not counting)
+        for sel, delta in zip(selectors, stacked):
+            if sel is not None:
+                delta.masked_fill_(~sel.keep(_magnitude_bits(delta)), 0)
+        merged = pos.fn(stacked)
+        del stacked
+        if tuple(merged.shape) != (b - a, *target.shape[1:]):
+            raise MergeError(f"the merge method returned shape {list(merged.shape)} for rows "
+                             f"{a}:{b} of tensor {name!r}, expected {[b - a, *target.shape[1:]]}")
+        if step.task_vectors:
+            merged = merged.add_(base)
+        out = merged.to(target.dtype).cpu()
+        if not bool(torch.isfinite(out).all()):
+            raise MergeError(f"merged tensor {name!r} is not finite in {target.dtype} (overflow? "
+                             f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
+        writer.write_rows(name, out)
 
 
 @dataclass
@@ -291,5 +447,6 @@ def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, m
     context.set_param_counts(trainable=0, forward=summary.parameters)
     shards = [f for f in summary.files if f.endswith(".safetensors")]
     context.note("merge", {"tensors": summary.tensors, "shards": len(shards),
-                           "bytes": summary.bytes, "copied_unmerged": summary.copied[:20]})
+                           "bytes": summary.bytes, "copied_unmerged": summary.copied[:20],
+                           "merged_in_slices": summary.sliced[:20]})
     return ModelArtifact(name=context.stage_name, path=context.output_dir, meta={"merge": info})

@@ -37,13 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 if TYPE_CHECKING:
     from engine.merging.params import MergeParams
 
-__all__ = ["EXECUTION_FIELDS", "TensorOverride", "per_tensor", "resolve_overrides"]
+__all__ = ["EXECUTION_FIELDS", "TensorOverride", "for_tensor", "per_tensor", "resolve_overrides"]
 
 #: params that describe how a merge runs, identical for every tensor
 EXECUTION_FIELDS = frozenset({"out_dtype", "compute_dtype", "device", "shard_size",
                               "prefetch", "overrides"})
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 
 class TensorOverride(BaseModel):
@@ -92,24 +93,30 @@ def resolve_overrides(params: MergeParams) -> list[tuple[re.Pattern[str], MergeP
     return out
 
 
-def per_tensor(params: MergeParams, build: Callable[[Any], Callable[[str, T], T]]
-               ) -> Callable[[str, T], T]:
-    """A tensor merge function that honours ``params.overrides``.
+def for_tensor(params: MergeParams, build: Callable[[Any], B]) -> Callable[[str], B]:
+    """``name -> build(p)`` for the params ``p`` of the first override matching ``name``
+    (the plain params when none matches).
 
-    ``build(p)`` turns one set of params into a merge function ``(name, stacked) ->
-    merged``; it is called once per override up front (so that, e.g., a zero weight
-    sum in an override fails before the first tensor is read), and each tensor is
-    merged by the function of the first override whose pattern it matches.
+    ``build`` is called once per override up front, so that, e.g., a zero weight sum in
+    an override fails before the first tensor is read.
     """
     default = build(params)
     variants = [(pattern, build(p)) for pattern, p in resolve_overrides(params)]
-    if not variants:
+
+    def select(name: str) -> B:
+        for pattern, built in variants:
+            if pattern.search(name):
+                return built
         return default
 
-    def merge(name: str, stacked: T) -> T:
-        for pattern, fn in variants:
-            if pattern.search(name):
-                return fn(name, stacked)
-        return default(name, stacked)
+    return select
 
-    return merge
+
+def per_tensor(params: MergeParams, build: Callable[[Any], Callable[[str, T], T]]
+               ) -> Callable[[str, T], T]:
+    """A tensor merge function that honours ``params.overrides``: each tensor is merged
+    by ``build(p)`` for the params of the first override its name matches (see
+    :func:`for_tensor`); ``build(p)`` returns a merge function ``(name, stacked) ->
+    merged``."""
+    select = for_tensor(params, build)
+    return lambda name, stacked: select(name)(name, stacked)

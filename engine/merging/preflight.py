@@ -3,6 +3,11 @@
 A merge that fails on tensor 290 of 291 after twenty minutes wastes the user's time;
 everything that can be known from headers is checked before the first tensor is read,
 and every error names the model and the tensor at fault.
+
+A merge input may also be a PEFT LoRA adapter folder (:mod:`engine.merging.lora`): it
+stands for its base plus the LoRA delta, so its :class:`MergeInput` carries the base's
+config and tensor headers (plus the checked adapter) and the rest of the plan treats it
+as a model of the base's shapes and vocabulary. An adapter needs the merge's base.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from engine import modelio
 from engine.api import ModelArtifact
 from engine.errors import EngineError, MergeError
+from engine.merging.lora import LoraAdapter, check_adapter, is_adapter_folder, read_adapter
 from engine.merging.tensorio import TensorInfo, read_tensor_infos
 from engine.merging.vocab import VocabPlan, check_tokenizers, plan_vocab, token_ids
 
@@ -25,12 +31,17 @@ _SHOW = 5  # names listed in an error before "and N more"
 
 @dataclass
 class MergeInput:
-    """One model folder taking part in a merge: its recipe name, config and headers."""
+    """One model folder taking part in a merge: its recipe name, config and headers.
+
+    For a LoRA adapter folder (``adapter`` set), ``path`` is the adapter folder while
+    ``config`` and ``tensors`` are the base's: the adapter yields every base tensor.
+    """
 
     name: str
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
+    adapter: LoraAdapter | None = None
 
 
 @dataclass
@@ -93,7 +104,12 @@ def _is_vocab_row_change(ref: MergeInput, other: MergeInput, mine: TensorInfo,
             and mine.shape[0] == rv and theirs.shape[0] == ov)
 
 
-def _load(artifact: ModelArtifact) -> MergeInput:
+def _load(artifact: ModelArtifact, base: MergeInput | None = None, *,
+          role: str = "model") -> MergeInput:
+    """Headers of one input; an adapter folder is checked against ``base`` (a merge
+    input ``role`` "base" may not be an adapter)."""
+    if is_adapter_folder(artifact.path):
+        return _load_adapter(artifact, base, role)
     try:
         config = modelio.check_model_folder(artifact.path)
         tensors = read_tensor_infos(artifact.path)
@@ -102,6 +118,38 @@ def _load(artifact: ModelArtifact) -> MergeInput:
     if not tensors:
         raise MergeError(f"model {artifact.name!r} ({artifact.path}) holds no tensors")
     return MergeInput(artifact.name, Path(artifact.path), config, tensors)
+
+
+def _load_adapter(artifact: ModelArtifact, base: MergeInput | None, role: str) -> MergeInput:
+    where = f"model {artifact.name!r} ({artifact.path})"
+    if role == "base":
+        raise MergeError(f"{where} is a LoRA adapter folder and cannot be the merge base; give "
+                         "the model it was trained on as base and the adapter as a model")
+    if base is None:
+        raise MergeError(f"{where} is a LoRA adapter, a delta on a base model: a merge with an "
+                         "adapter needs a base (recipe key 'base', engine merge --base); linear "
+                         "without a base cannot take adapters")
+    try:
+        adapter = read_adapter(artifact.path)
+    except EngineError as exc:
+        raise MergeError(f"model {artifact.name!r}: {exc}") from None
+    check_adapter(adapter, artifact.name, base.name, base.path, base.tensors)
+    return MergeInput(artifact.name, Path(artifact.path), dict(base.config), dict(base.tensors),
+                      adapter=adapter)
+
+
+def _token_ids(m: MergeInput, base: MergeInput | None) -> dict[str, int] | None:
+    """An input's tokenizer; an adapter has its base's (a tokenizer.json saved beside the
+    adapter must be the base's)."""
+    ids = token_ids(m.path)
+    if m.adapter is None or base is None:
+        return ids
+    base_ids = token_ids(base.path)
+    if ids is not None and base_ids is not None and ids != base_ids:
+        raise MergeError(f"model {m.name!r} ({m.path}) is a LoRA adapter whose tokenizer.json "
+                         f"differs from base {base.name!r}'s; an adapter merges on its base's "
+                         "vocabulary (resized vocabularies cannot be merged as adapters)")
+    return base_ids if base_ids is not None else ids
 
 
 def _compare(ref: MergeInput, other: MergeInput, role: str) -> None:
@@ -138,7 +186,8 @@ def check_merge_inputs(base: ModelArtifact | None, models: Sequence[ModelArtifac
     """
     if not models:
         raise MergeError("a merge needs at least one model (recipe key 'models')")
-    plan = MergePlan(base=_load(base) if base is not None else None, models=[_load(m) for m in models])
+    base_input = _load(base, role="base") if base is not None else None
+    plan = MergePlan(base=base_input, models=[_load(m, base_input) for m in models])
     return _check_plan(plan)
 
 
@@ -156,7 +205,7 @@ def _check_plan(plan: MergePlan) -> MergePlan:
             except EngineError as exc:
                 raise MergeError(f"model {m.name!r}: {exc}") from None
     every = [*([plan.base] if plan.base else []), *plan.models]
-    tokenizer_from = check_tokenizers([(m.name, token_ids(m.path)) for m in every])
+    tokenizer_from = check_tokenizers([(m.name, _token_ids(m, plan.base)) for m in every])
     sizes = {m.name: v for m in every if (v := _vocab_size(m)) is not None}
     if len(sizes) == len(every):
         vocab_tensors = {n for n, info in ref.tensors.items()
@@ -171,9 +220,18 @@ def check_merge_paths(base: tuple[str, Path | None] | None,
     """``engine validate``'s header check: the inputs whose folders exist already
     (``None`` paths -- outputs of earlier stages -- are skipped) are loaded from
     config.json and safetensors headers and compared as :func:`check_merge_inputs`
-    does. Returns the plan of what could be checked (None when fewer than two inputs)."""
-    known_base = _load(ModelArtifact(base[0], base[1])) if base and base[1] is not None else None
-    known = [_load(ModelArtifact(n, p)) for n, p in models if p is not None]
+    does. Returns the plan of what could be checked (None when fewer than two inputs).
+
+    A LoRA adapter folder is checked against the base when the base's folder exists,
+    and skipped (checked when the merge runs) when it does not yet; without any base
+    it is an error."""
+    known_base = (_load(ModelArtifact(base[0], base[1]), role="base")
+                  if base and base[1] is not None else None)
+    known = []
+    for n, p in models:
+        if p is None or (base is not None and known_base is None and is_adapter_folder(p)):
+            continue
+        known.append(_load(ModelArtifact(n, p), known_base))
     if len(known) + (known_base is not None) < 2 or not known:
         return None
     return _check_plan(MergePlan(base=known_base, models=known))

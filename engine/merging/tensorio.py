@@ -133,21 +133,38 @@ class ModelReader:
 
     def get(self, name: str) -> torch.Tensor:
         """A CPU copy of tensor ``name`` in its stored dtype (thread-safe)."""
+        info = self._info(name)
+        return self._read(info, info.shape, info.start)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of tensor ``name``: one
+        contiguous byte range of the file, so a huge tensor can be read in slices."""
+        info = self._info(name)
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise MergeError(f"model {self.label!r} tensor {name!r} {list(info.shape)}: "
+                             f"no rows {start}:{stop}")
+        row_bytes = (info.end - info.start) // info.shape[0]
+        return self._read(info, (stop - start, *info.shape[1:]), info.start + start * row_bytes)
+
+    def _info(self, name: str) -> TensorInfo:
         info = self.infos.get(name)
         if info is None:
             raise MergeError(f"model {self.label!r} has no tensor {name!r}")
+        return info
+
+    def _read(self, info: TensorInfo, shape: tuple[int, ...], offset: int) -> torch.Tensor:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        out = torch.empty(info.shape, dtype=info.torch_dtype)
-        if info.end > info.start:
+        out = torch.empty(shape, dtype=info.torch_dtype)
+        if out.numel():
             buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             done = 0
             while done < len(buf):
-                n = os.preadv(fd, [buf[done:]], info.start + done)
+                n = os.preadv(fd, [buf[done:]], offset + done)
                 if n <= 0:
                     raise MergeError(f"model {self.label!r}: {info.file} ended while reading "
-                                     f"tensor {name!r} (file truncated?)")
+                                     f"tensor {info.name!r} (file truncated?)")
                 done += n
         return out
 
@@ -239,6 +256,7 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._queue = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._pos = 0
+        self._rows = 0  # rows of the current tensor written by write_rows
         self._shard = -1
         self._fh: Any = None
         self._created: list[Path] = []
@@ -268,17 +286,41 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor (moved to the CPU, cast by the caller)."""
+        planned = self._expect(name, tensor)
+        if tuple(tensor.shape) != planned.shape or self._rows:
+            raise RuntimeError(f"expected tensor {planned.name!r} {list(planned.shape)}, got "
+                               f"{list(tensor.shape)}")
+        self._append(tensor)
+        self._pos += 1
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Append the next rows (first dimension) of the next planned tensor; it counts
+        as written once all its rows are."""
+        planned = self._expect(name, rows)
+        if (not planned.shape or tuple(rows.shape[1:]) != planned.shape[1:]
+                or self._rows + rows.shape[0] > planned.shape[0]):
+            raise RuntimeError(f"rows {list(rows.shape)} do not continue tensor {name!r} "
+                               f"{list(planned.shape)} at row {self._rows}")
+        self._append(rows)
+        self._rows += rows.shape[0]
+        if self._rows == planned.shape[0]:
+            self._rows = 0
+            self._pos += 1
+
+    def _expect(self, name: str, tensor: torch.Tensor) -> PlannedTensor:
         if self._pos >= len(self._queue):
             raise RuntimeError(f"tensor {name!r} was not planned (all planned tensors written)")
         shard, planned = self._queue[self._pos]
-        if name != planned.name or tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
-            raise RuntimeError(f"expected tensor {planned.name!r} {planned.dtype} {list(planned.shape)}, "
-                               f"got {name!r} {tensor.dtype} {list(tensor.shape)}")
+        if name != planned.name or tensor.dtype != planned.dtype:
+            raise RuntimeError(f"expected tensor {planned.name!r} {planned.dtype}, got {name!r} "
+                               f"{tensor.dtype}")
         if shard != self._shard:
             self._open_shard(shard)
+        return planned
+
+    def _append(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._fh.write(memoryview(data))
-        self._pos += 1
 
     def close(self) -> list[Path]:
         """Finish writing; return the files written (shards, then the index if any)."""
