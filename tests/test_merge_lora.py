@@ -183,9 +183,14 @@ def test_lora_names_with_an_adapter_name_read_the_same(lora, tmp_path):
 # --- merges equal the merges of merge_and_unload's full models ------------------------------
 
 
+@pytest.mark.parametrize("slices", [False, True], ids=["whole", "sliced"])
 @pytest.mark.parametrize("impl,params", [(TaskArithmetic(), {"weight": {"x": 1.0, "y": 0.5}}),
                                          (Ties(), {"density": 0.3, "weight": {"x": 1.0, "y": 0.7}})])
-def test_lora_merge_equals_merge_of_merged_full_models(lora, make_context, impl, params):
+def test_lora_merge_equals_merge_of_merged_full_models(lora, make_context, impl, params, slices,
+                                                       monkeypatch):
+    if slices:  # every matrix in row slices: the adapter reader's get_rows is used
+        from engine.merging import execute
+        monkeypatch.setattr(execute, "CHUNK_ELEMENTS", 100)
     adapters = StageInputs(base=art(lora, "base"), models=[ModelArtifact("x", lora["la"]),
                                                            ModelArtifact("y", lora["lb"])])
     fulls = StageInputs(base=art(lora, "base"), models=[ModelArtifact("x", lora["la-full"]),
