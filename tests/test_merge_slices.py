@@ -160,3 +160,20 @@ def test_writer_rows_must_continue_the_planned_tensor(tmp_path):
     from safetensors.torch import load_file
     got = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(got["w"], torch.cat([torch.zeros(3, 3), torch.ones(1, 3)]))
+
+
+def test_docs_positionwise_plugin_example_runs_and_equals_ties(tiny_model_family, make_context,
+                                                               small_slices):
+    """The plugin example of docs/merging.md, executed as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "merging.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class MyTies" in b)
+    namespace: dict = {}
+    exec(compile(block, "docs/merging.md", "exec"), namespace)
+    impl = namespace["MyTies"]()
+    fam, params = tiny_model_family, {"density": 0.4, "weight": {"a": 0.5}}
+    got = run(impl, make_context, inputs(fam, "a", "b"), name="doc", **params)
+    want = run(Ties(), make_context, inputs(fam, "a", "b"), name="ties", **params)
+    assert_same_state(got.path, state(want.path))
