@@ -185,6 +185,35 @@ def train_only_layers(model: nn.Module, indices: Sequence[int]) -> list[int]:
     return idx
 
 
+def layer_module_names(indices: Iterable[int]) -> list[str]:
+    """Module names of decoder layers ``indices`` (``model.layers.<i>``), e.g. to keep
+    them out of 8-bit quantisation."""
+    return [f"{LAYER_PREFIX}{i}" for i in indices]
+
+
+def check_int8_split(model: nn.Module, trained: Sequence[int]) -> int:
+    """Check that the decoder layers ``trained`` hold no 8-bit linear layer and every
+    other decoder layer's linear layers are 8-bit; return the number of 8-bit modules.
+
+    Guards the ``frozen_8bit`` promise (the trained layers learn in full precision)
+    against a quantiser that matched module names differently than asked.
+    """
+    chosen = set(trained)
+    quantised = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, module in layer.named_modules():
+            is_int8 = type(module).__name__ == "Linear8bitLt"
+            is_linear = is_int8 or isinstance(module, nn.Linear)
+            if not is_linear:
+                continue
+            if i in chosen and is_int8:
+                raise TrainingError(f"{LAYER_PREFIX}{i}.{name} was quantised to 8 bits but layer {i} trains")
+            if i not in chosen and not is_int8:
+                raise TrainingError(f"{LAYER_PREFIX}{i}.{name} (frozen) was not quantised to 8 bits")
+            quantised += is_int8
+    return quantised
+
+
 # --- state-dict keys -----------------------------------------------------------------------
 
 

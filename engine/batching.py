@@ -11,7 +11,9 @@ the CPU (the training loop moves them):
 * **instructions** (:func:`instruction_batches`): prompt/response pairs or chat
   messages, rendered with the tokenizer's chat template when it has one. Prompt
   tokens are labelled ``-100`` so that only the response is learned; batches are
-  padded to their longest example.
+  padded to their longest example. Every record is checked up front
+  (:func:`check_instructions`): a prompt of ``seq_len`` tokens or more is an error
+  naming its file and line before training starts.
 
 Files are read line by line (:mod:`engine.data`) and shuffled through a bounded
 buffer, so corpora larger than memory work. Iteration never ends (each source is
@@ -44,7 +46,10 @@ def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: 
     """Batches for ``sources``, packed text or masked instructions by their format.
 
     All sources must share one format. ``rank``/``world_size`` deal batches round
-    robin to data-parallel processes.
+    robin to data-parallel processes. Instruction data is checked whole here
+    (:func:`check_instructions`), so a prompt that does not fit ``seq_len`` is an
+    error when this is called, not when the bad record's batch comes up: trainers
+    call it before loading their model.
     """
     if not sources:
         raise DataError("no training data given")
@@ -56,6 +61,7 @@ def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: 
     if fmt == "text":
         batches = packed_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed)
     elif fmt == "instructions":
+        check_instructions(tokenizer, sources, seq_len=seq_len)  # every record, before any step
         batches = instruction_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed)
     else:
         raise DataError(f"{sources[0].path}: {fmt!r} data cannot be trained on (use text or instructions)")
@@ -221,17 +227,56 @@ def encode_instruction(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int
     return prompt_ids, [*response_ids, _eos_id(tokenizer)]
 
 
+def _record_problem(prompt: list[int], response: list[int], seq_len: int) -> str | None:
+    """Why a tokenized record cannot be trained on at ``seq_len``, or None.
+
+    The rule: the prompt must leave room for at least one response token in the
+    ``seq_len`` window (a longer response is cut, a longer prompt would train nothing).
+    """
+    if len(prompt) >= seq_len:
+        return (f"the prompt is {len(prompt)} tokens but seq_len is {seq_len}; "
+                "no response token would be trained (raise seq_len or shorten the prompt)")
+    if not response:
+        return "the response is empty after tokenization"
+    return None
+
+
+def check_instructions(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
+                       max_listed: int = 5) -> int:
+    """Tokenize every instruction record once and fail on any that cannot be trained on.
+
+    The :class:`DataError` names each bad record as ``file:line`` (the first
+    ``max_listed``, and how many there are in all), so that one long prompt deep in a
+    file stops the stage at its start, not hours into training. Returns the number
+    of records checked.
+    """
+    problems: list[str] = []
+    total_bad = checked = 0
+    for source in sources:
+        for lineno, record in iter_instructions(source):
+            checked += 1
+            prompt, response = encode_instruction(tokenizer, record)
+            problem = _record_problem(prompt, response, seq_len)
+            if problem is not None:
+                total_bad += 1
+                if len(problems) < max_listed:
+                    problems.append(f"{source.path}:{lineno}: {problem}")
+    if total_bad:
+        more = f"\n  ... and {total_bad - len(problems)} more" if total_bad > len(problems) else ""
+        raise DataError(
+            f"{total_bad} of {checked} instruction record(s) cannot be trained on with seq_len {seq_len}:\n  "
+            + "\n  ".join(problems) + more
+            + "\nFix or drop those records (or raise seq_len for long prompts).")
+    return checked
+
+
 def _examples(tokenizer: Any, source: DataSource, seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
     """(input ids, labels) per record, prompt masked, cut to ``seq_len``."""
     for lineno, record in iter_instructions(source):
         prompt, response = encode_instruction(tokenizer, record)
-        if len(prompt) >= seq_len:
-            raise DataError(
-                f"{source.path}:{lineno}: the prompt is {len(prompt)} tokens but seq_len is {seq_len}; "
-                "no response token would be trained. Raise seq_len or shorten the prompt."
-            )
-        if not response:
-            raise DataError(f"{source.path}:{lineno}: the response is empty after tokenization")
+        problem = _record_problem(prompt, response, seq_len)
+        if problem is not None:  # checked up front by training_batches; kept for direct callers
+            raise DataError(f"{source.path}:{lineno}: {problem}")
         ids = (prompt + response)[:seq_len]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[:seq_len]
         yield ids, labels

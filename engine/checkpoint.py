@@ -8,7 +8,9 @@ the same recipe with the same inputs finds them again, a changed recipe does not
 A checkpoint is a folder ``step-<n>/`` holding only formats that cannot execute code:
 
 * ``trainable.safetensors``: the parameters that train (frozen ones are re-read
-  from the stage's input model, which the fingerprint pins);
+  from the stage's input model, which the fingerprint pins); for a LoRA run these
+  are the adapter matrices, under the peft-wrapped model's parameter names, which
+  wrapping the reloaded input the same way reproduces;
 * ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state dict, its
   tensors flattened by key and everything else as JSON (AdamW and 8-bit AdamW alike);
 * ``rng.safetensors``: the torch CPU (and CUDA) generator states;

@@ -7,7 +7,7 @@ recipe's safety settings, and the counters that end up in report.json.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,11 +135,15 @@ class StageContext:
     # -- models ----------------------------------------------------------------------
 
     def load_model(self, model: ModelArtifact | Path, *, load_in_8bit: bool | None = None,
-                   dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+                   dtype: torch.dtype | str | None = None,
+                   int8_skip_modules: Sequence[str] | None = None) -> torch.nn.Module:
         """Load a model folder with the stage's device, dtype and safety settings.
 
         ``load_in_8bit`` defaults to the runtime setting; trainers pass ``False``
-        for the weights they train.
+        for the weights they train, or ``True`` with ``int8_skip_modules`` (module
+        name prefixes, e.g. ``model.layers.0``) to keep the trained part in ``dtype``
+        while the frozen rest is held in 8 bits. A LoRA adapter folder loads as its
+        base model with the adapter merged in.
         """
         path = model.path if isinstance(model, ModelArtifact) else Path(model)
         return modelio.load_model(
@@ -148,6 +152,7 @@ class StageContext:
             device=self.device,
             load_in_8bit=self.runtime.load_in_8bit if load_in_8bit is None else load_in_8bit,
             trust_remote_code=self.runtime.trust_remote_code,
+            int8_skip_modules=int8_skip_modules,
         )
 
     def load_tokenizer(self, model: ModelArtifact | Path) -> Any:

@@ -3,6 +3,14 @@
 Only safetensors weights are loaded (never pickles), ``trust_remote_code`` is off
 unless the recipe turns it on, and every save goes to a temporary folder that is
 renamed into place when complete, so a crash never leaves a folder that looks done.
+
+A *LoRA adapter folder* (``adapter_config.json`` + ``adapter_model.safetensors``, no
+``config.json``; written by ``ct``/``sft`` with ``lora.save: adapter``) stands for its
+base model with the adapter applied: :func:`read_config` and
+:func:`check_model_folder` answer for the base, and :func:`load_model` loads the base
+and merges the adapter into it (peft). The base is the folder named in the adapter's
+``lingoforge.json`` (:data:`ADAPTER_BASE_KEY`), else ``base_model_name_or_path`` of
+``adapter_config.json`` when that is a local folder.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,13 @@ import torch
 from engine.errors import ModelLoadError
 
 META_FILE = "lingoforge.json"
+#: a PEFT adapter folder's files, named as peft's ``save_pretrained`` writes them
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: lingoforge.json key of an adapter folder that names its base model folder
+ADAPTER_BASE_KEY = "base_model"
+#: adapters stacked on adapters are followed at most this deep (a cycle is an error)
+_MAX_ADAPTER_DEPTH = 8
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -51,7 +66,12 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> to
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json of a model folder, with an error that names the folder."""
+    """config.json of a model folder, with an error that names the folder.
+
+    For a LoRA adapter folder it is the config of the adapter's base model.
+    """
+    if is_adapter_folder(path):
+        return read_config(adapter_base(path))
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise ModelLoadError(f"{path}: not a model folder (no config.json)")
@@ -78,6 +98,10 @@ def weight_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
+    if is_adapter_folder(path):
+        raise ModelLoadError(f"{path}: a LoRA adapter folder ({ADAPTER_CONFIG}), not full model weights; "
+                             "load it with load_model (applies it to its base) or train with "
+                             "lora.save: merged")
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         raise ModelLoadError(
             f"{path}: only pickle weights (.bin/.pt) found; lingoforge loads safetensors only. "
@@ -87,13 +111,102 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def check_model_folder(path: Path) -> dict[str, Any]:
-    """Check that a folder holds a loadable model; return its config."""
+    """Check that a folder holds a loadable model; return its config.
+
+    A LoRA adapter folder passes when the adapter is complete and its base model
+    folder does; the config returned is the base's.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
+    if is_adapter_folder(path):
+        check_adapter_folder(path)
+        return check_model_folder(adapter_base(path))
     config = read_config(path)
     weight_files(path)
     return config
+
+
+# --- LoRA adapter folders ---------------------------------------------------------------------
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A PEFT adapter folder: ``adapter_config.json`` and no ``config.json`` of its own."""
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """adapter_config.json of an adapter folder, checked to be a JSON object."""
+    f = Path(path) / ADAPTER_CONFIG
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{f}: unreadable adapter config ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{f}: expected a JSON object")
+    return data
+
+
+def check_adapter_folder(path: Path) -> dict[str, Any]:
+    """Check an adapter folder holds safetensors adapter weights; return its adapter config."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise ModelLoadError(f"{path}: only pickle adapter weights (adapter_model.bin) found; "
+                                 f"lingoforge loads safetensors only ({ADAPTER_WEIGHTS})")
+        raise ModelLoadError(f"{path}: adapter folder without {ADAPTER_WEIGHTS}")
+    return config
+
+
+def adapter_base(path: Path, _depth: int = 0) -> Path:
+    """The base model folder of an adapter folder (see the module docstring)."""
+    path = Path(path)
+    if _depth > _MAX_ADAPTER_DEPTH:
+        raise ModelLoadError(f"{path}: adapters name each other as base more than "
+                             f"{_MAX_ADAPTER_DEPTH} deep (a cycle?)")
+    candidates: list[str] = []
+    recorded = read_meta(path).get(ADAPTER_BASE_KEY)
+    if isinstance(recorded, str) and recorded:
+        candidates.append(recorded)
+    named = read_adapter_config(path).get("base_model_name_or_path")
+    if isinstance(named, str) and named and named not in candidates:
+        candidates.append(named)
+    for candidate in candidates:
+        base = Path(candidate).expanduser()
+        base = base if base.is_absolute() else (path / base)
+        if base.is_dir() and base.resolve() != path.resolve():
+            if is_adapter_folder(base):
+                adapter_base(base, _depth + 1)  # the chain must end in a model folder
+            return base
+    tried = ", ".join(repr(c) for c in candidates) or "none recorded"
+    raise ModelLoadError(
+        f"{path}: the base model of this LoRA adapter was not found (tried {tried}; from "
+        f"{META_FILE} '{ADAPTER_BASE_KEY}' and {ADAPTER_CONFIG} 'base_model_name_or_path'). "
+        f"Put the base model folder back, or set '{ADAPTER_BASE_KEY}' in {path / META_FILE} "
+        "to its path")
+
+
+def _load_adapter_model(path: Path, **kwargs: Any) -> torch.nn.Module:
+    """The adapter's base model (loaded with ``kwargs``) with the adapter merged in."""
+    check_adapter_folder(path)
+    base = adapter_base(path)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError(f"{path} is a LoRA adapter folder; loading it needs peft: "
+                             "install lingoforge[lora]") from None
+    model = load_model(base, **kwargs)
+    device = next(model.parameters()).device
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False,
+                                            torch_device=str(device))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: could not apply the LoRA adapter to {base}: {exc}") from None
+    merged = wrapped.merge_and_unload()
+    merged.eval()
+    return merged
 
 
 def load_model(
@@ -103,15 +216,23 @@ def load_model(
     device: str | torch.device = "auto",
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
+    int8_skip_modules: Sequence[str] | None = None,
 ) -> torch.nn.Module:
     """Load a causal LM from a folder, safetensors only.
 
-    ``load_in_8bit`` quantises linear layers with bitsandbytes; such a model is for
-    reading (evaluation, frozen parts), not for training its quantised weights.
+    ``load_in_8bit`` quantises linear layers with bitsandbytes (LLM.int8); such a
+    model is for reading (evaluation, frozen parts), not for training its quantised
+    weights. ``int8_skip_modules`` (module name prefixes such as ``model.layers.3``)
+    stay unquantised in ``dtype``, so they can train; the output head always does.
+    A LoRA adapter folder loads as its base with the adapter merged in.
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if is_adapter_folder(path):
+        return _load_adapter_model(path, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
+                                   trust_remote_code=trust_remote_code,
+                                   int8_skip_modules=int8_skip_modules)
     check_model_folder(path)
     dev = resolve_device(device) if isinstance(device, str) else device
     dt = resolve_dtype(dtype, dev) if isinstance(dtype, str) else dtype
@@ -125,7 +246,8 @@ def load_model(
             from transformers import BitsAndBytesConfig
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ModelLoadError(f"load_in_8bit needs bitsandbytes: {exc}") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        skip = None if int8_skip_modules is None else sorted({"lm_head", *int8_skip_modules})
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         kwargs["device_map"] = {"": str(dev) if dev.type == "cpu" else dev.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -137,9 +259,15 @@ def load_model(
 
 
 def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved beside a model; a pad token is set to EOS when missing."""
+    """The tokenizer saved beside a model; a pad token is set to EOS when missing.
+
+    An adapter folder without tokenizer files uses its base model's tokenizer.
+    """
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if is_adapter_folder(path) and not (path / "tokenizer_config.json").is_file():
+        path = adapter_base(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -195,6 +323,56 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path, *,
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+    if meta:
+        write_meta(out_dir, meta)
+    return out_dir
+
+
+def save_updated_copy(source: Path, out_dir: Path, updates: dict[str, torch.Tensor], *,
+                      tokenizer: Any = None, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``source``'s model folder into ``out_dir`` with the tensors in ``updates`` replaced.
+
+    Every other tensor is copied from ``source`` unchanged (shards untouched by
+    ``updates`` are copied byte for byte), so a trainer whose frozen part was held
+    in a lossy form (8-bit) still writes the frozen weights exactly as they were
+    read. Shard names, the index and config.json are the source's; an updated
+    tensor is cast to its source tensor's dtype and must have its shape.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source, out_dir = Path(source), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pending = dict(updates)
+    for file in weight_files(source):
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            keys = list(fh.keys())
+            if not pending.keys() & set(keys):
+                shutil.copyfile(file, out_dir / file.name)
+                continue
+            tensors: dict[str, torch.Tensor] = {}
+            for key in keys:
+                original = fh.get_tensor(key)
+                new = pending.pop(key, None)
+                if new is None:
+                    tensors[key] = original
+                    continue
+                if tuple(new.shape) != tuple(original.shape):
+                    raise ModelLoadError(f"{file}: tensor {key!r} has shape {tuple(original.shape)}, "
+                                         f"its replacement {tuple(new.shape)}")
+                tensors[key] = new.detach().to(device="cpu", dtype=original.dtype).contiguous()
+            save_file(tensors, str(out_dir / file.name), metadata=fh.metadata() or {"format": "pt"})
+    if pending:
+        raise ModelLoadError(f"{source}: no tensor(s) {sorted(pending)[:6]} to replace")
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    else:
+        copy_tokenizer_files(source, out_dir)
+    if (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", out_dir / "generation_config.json")
     if meta:
         write_meta(out_dir, meta)
     return out_dir

@@ -36,7 +36,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _recipe(tmp_path: Path, tiny_model: Path, text_file: Path, plugin: str = "ct") -> Path:
+def _recipe(tmp_path: Path, tiny_model: Path, text_file: Path, plugin: str = "ct", extra: str = "") -> Path:
     f = tmp_path / "r.yaml"
     f.write_text(textwrap.dedent(f"""
         name: resume
@@ -50,7 +50,7 @@ def _recipe(tmp_path: Path, tiny_model: Path, text_file: Path, plugin: str = "ct
             model: base
             data: {{path: {text_file}}}
             params: {{steps: 8, batch_size: 4, grad_accum: 2, seq_len: 16, lr: 3.0e-3,
-                      warmup_steps: 2, log_every: 1, checkpoint_every: 2}}
+                      warmup_steps: 2, log_every: 1, checkpoint_every: 2{extra}}}
         """))
     return f
 
@@ -89,6 +89,35 @@ def test_ct_killed_stage_resumes_bitwise(tmp_path, tiny_model, text_file):
         assert torch.equal(a[key], b[key]), key
     clean_log = [json.loads(x)["loss"] for x in (clean / "trained" / LOG_FILE).read_text().splitlines()]
     assert [x["loss"] for x in log] == clean_log
+
+
+def test_ct_lora_killed_stage_resumes_bitwise(tmp_path, tiny_model, text_file):
+    """A LoRA run checkpoints only the adapter matrices (the frozen base is re-read) and,
+    killed and run again, writes the same adapter as an uninterrupted run. Dropout on
+    the LoRA branch makes the RNG restore matter too."""
+    recipe = _recipe(tmp_path, tiny_model, text_file,
+                     extra=", lora: {r: 4, alpha: 8, dropout: 0.1, save: adapter}")
+    killed = tmp_path / "killed"
+    env = {**os.environ, KILL_ENV: "5", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "engine", "run", str(recipe), "--workdir", str(killed)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    [ckpt] = list((killed / CHECKPOINTS_DIR / "trained").glob("*/step-*"))
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # adapter only
+
+    report = _run(recipe, killed)
+    assert report["stages"][0]["notes"]["resumed_from_step"] == 4
+    clean = tmp_path / "clean"
+    _run(recipe, clean)
+    a = load_file(str(killed / "trained" / "adapter_model.safetensors"))
+    b = load_file(str(clean / "trained" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 4
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = [[json.loads(x)["loss"] for x in (run / "trained" / LOG_FILE).read_text().splitlines()]
+              for run in (killed, clean)]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
 
 
 class _Crash(RuntimeError):

@@ -105,6 +105,48 @@ def test_ct_static_check(tiny_model):
         CT().check({"model": [cfg]}, CT.Params(layers=[4]))
 
 
+def test_ct_frozen_8bit_trains_chosen_layers_and_keeps_frozen_bitwise(make_context, tiny_model, text_file):
+    """layers [0, -1] train in float32 while layers 1-2 are held as LLM.int8; the output's
+    frozen tensors are the input's bit for bit (copied, not dequantised)."""
+    ctx = make_context("ct-8bit")
+    params = CT.Params(steps=12, batch_size=4, seq_len=16, lr=1e-2, log_every=4, layers=[0, -1],
+                       frozen_8bit=True)
+    art = CT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), data=_text(text_file)), params)
+    losses = [json.loads(x)["loss"] for x in (art.path / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    before, after = _weights(tiny_model), _weights(art.path)
+    assert before.keys() == after.keys()
+    for key, tensor in before.items():
+        trained = key.startswith(("model.layers.0.", "model.layers.3."))
+        assert after[key].dtype == tensor.dtype, key
+        if not trained:
+            assert torch.equal(after[key], tensor), f"frozen {key} changed"
+        elif key.endswith("proj.weight"):
+            assert not torch.equal(after[key], tensor), f"trained {key} did not change"
+    assert (art.path / "config.json").read_bytes() == (tiny_model / "config.json").read_bytes()
+    _loads(art.path)
+    meta = modelio.read_meta(art.path)
+    assert meta["frozen_8bit"] is True and meta["trained_layers"] == [0, 3]
+    memory = ctx.stats.notes["frozen_8bit"]
+    assert memory["int8_modules"] == 2 * 7  # the projections of layers 1 and 2
+    assert 0 < memory["model_mb"] < memory["full_precision_model_mb"]
+    layer_params = sum(t.numel() for k, t in before.items() if k.startswith(("model.layers.0.", "model.layers.3.")))
+    assert ctx.stats.trainable_params == layer_params
+
+
+def test_ct_frozen_8bit_errors(make_context, tiny_model, text_file, monkeypatch):
+    with pytest.raises(TrainingError, match="frozen_8bit needs a layer selection"):
+        CT().run(make_context("ct-8-none"), StageInputs(model=ModelArtifact("base", tiny_model),
+                                                        data=_text(text_file)), CT.Params(**FAST, frozen_8bit=True))
+    with pytest.raises(ValueError, match="frozen_8bit and lora cannot be combined"):
+        CT.Params(layers=[0], frozen_8bit=True, lora={})
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"frozen_8bit needs bitsandbytes.*lingoforge\[8bit\]"):
+        CT.Params(layers=[0], frozen_8bit=True)
+
+
 # --- sft -----------------------------------------------------------------------------------
 
 
@@ -117,6 +159,28 @@ def test_sft_trains_on_prompt_response_data(make_context, tiny_model, instructio
     assert model.config.num_hidden_layers == 4
     log = [json.loads(x) for x in (art.path / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and ctx.stats.tokens > 0
+
+
+def test_sft_long_prompt_fails_before_model_load_naming_file_and_line(make_context, tiny_model, tmp_path,
+                                                                       monkeypatch):
+    f = tmp_path / "long.jsonl"
+    rows = [{"prompt": f"question {i} answer", "response": " yes"} for i in range(40)]
+    rows[29] = {"prompt": "the cat sits on the mat " * 10, "response": " no"}  # line 30, the last batch
+    rows[35] = {"messages": [{"role": "user", "content": "a small model learns " * 10},
+                             {"role": "assistant", "content": " ok"}]}  # line 36
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ctx = make_context("sft-long")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(ctx, "load_model", no_model)
+    with pytest.raises(DataError, match=r"2 of 40 instruction record\(s\) cannot be trained on with seq_len 24"
+                                        r"(.|\n)*long.jsonl:30: the prompt is \d+ tokens but seq_len is 24"
+                                        r"(.|\n)*long.jsonl:36: the prompt is"):
+        SFT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), data=[DataSource(f, "instructions")]),
+                  SFT.Params(**{**FAST, "seq_len": 24}))
+    assert not (ctx.output_dir / "train_log.jsonl").exists()
 
 
 def test_sft_refuses_raw_text(make_context, tiny_model, text_file):
