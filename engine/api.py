@@ -158,7 +158,7 @@ Artifact = ModelArtifact | LayerSelection | MetricsArtifact
 
 # --- inputs ----------------------------------------------------------------------------
 
-DataFormat = Literal["text", "instructions", "choice"]
+DataFormat = Literal["text", "instructions", "choice", "generation"]
 
 
 @dataclass
@@ -167,8 +167,10 @@ class DataSource:
 
     ``format`` is what the file holds: raw ``text`` (``.txt`` one document per
     line, or ``.jsonl`` with ``text_field``), ``instructions`` (jsonl with
-    ``prompt``/``response`` or chat ``messages``) or ``choice`` (jsonl
-    multiple-choice items with ``prompt``, ``choices`` and ``label``).
+    ``prompt``/``response`` or chat ``messages``), ``choice`` (jsonl
+    multiple-choice items with ``prompt``, ``choices`` and ``label``) or
+    ``generation`` (jsonl items with ``prompt`` and ``answer`` or ``answers``, scored
+    by greedy generation and exact match).
     """
 
     path: Path

@@ -5,7 +5,9 @@ Formats (see :class:`engine.api.DataSource`):
 * ``text``: ``.txt`` (one document per non-empty line) or ``.jsonl`` with a text field;
 * ``instructions``: jsonl with ``prompt`` and ``response``, or chat ``messages``
   (a list of ``{role, content}``; the last assistant turn is the response);
-* ``choice``: jsonl with ``prompt``, ``choices`` (two or more strings), ``label`` (index).
+* ``choice``: jsonl with ``prompt``, ``choices`` (two or more strings), ``label`` (index);
+* ``generation``: jsonl with ``prompt`` and the reference ``answer`` (a string) or
+  ``answers`` (a list of accepted strings), scored by greedy generation and exact match.
 
 Files are read line by line, so a corpus larger than memory works.
 """
@@ -31,13 +33,16 @@ def detect_format(path: Path, text_field: str = "text") -> str:
     for lineno, record in iter_jsonl(path):
         if "choices" in record:
             return "choice"
+        if "prompt" in record and ("answer" in record or "answers" in record):
+            return "generation"
         if "messages" in record or ("prompt" in record and "response" in record):
             return "instructions"
         if text_field in record:
             return "text"
         raise DataError(
             f"{path}:{lineno}: cannot tell the format: expected a {text_field!r} field (text), "
-            "'prompt'+'response' or 'messages' (instructions), or 'choices' (choice)"
+            "'prompt'+'response' or 'messages' (instructions), 'choices' (choice), "
+            "or 'prompt'+'answer' or 'answers' (generation)"
         )
     raise DataError(f"{path}: data file is empty")
 
@@ -124,4 +129,28 @@ def iter_choices(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataError(f"{source.path}:{lineno}: 'choices' needs at least two entries")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
             raise DataError(f"{source.path}:{lineno}: 'label' must be an index into 'choices' (0..{len(choices) - 1})")
+        yield lineno, record
+
+
+def iter_answers(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, record) of generation items, checked: a string ``prompt`` and either a
+    string ``answer`` or ``answers``, a non-empty list of strings. Records are yielded
+    as read; whether an answer is empty after normalisation is the evaluator's check."""
+    for lineno, record in iter_jsonl(source.path):
+        where = f"{source.path}:{lineno}"
+        if not isinstance(record.get("prompt"), str):
+            raise DataError(f"{where}: 'prompt' missing or not a string")
+        has_one, has_many = "answer" in record, "answers" in record
+        if has_one and has_many:
+            raise DataError(f"{where}: give 'answer' or 'answers', not both")
+        if has_one:
+            if not isinstance(record["answer"], str):
+                raise DataError(f"{where}: 'answer' must be a string")
+        elif has_many:
+            answers = record["answers"]
+            if (not isinstance(answers, list) or not answers
+                    or not all(isinstance(a, str) for a in answers)):
+                raise DataError(f"{where}: 'answers' must be a non-empty list of strings")
+        else:
+            raise DataError(f"{where}: 'answer' missing (or give 'answers', a list)")
         yield lineno, record

@@ -1,20 +1,22 @@
 """The per-model driver every evaluator shares, and the scoring helpers re-exported.
 
-An evaluate plugin says *what* to score (an :class:`EvalPlan`: token spans plus how
-to turn their scores into metrics, built once per distinct tokenizer and window) and
-:func:`evaluate_models` does the rest for every model of the stage: load one model at
-a time, score the plan with :func:`engine.scoring.score_spans`, collect metrics and
-counts, keep going when one model fails. The pieces live in :mod:`engine.spans`
-(texts to spans, sliding windows) and :mod:`engine.scoring` (batching, shared-prefix
-KV-cache scoring); their names are re-exported here, the documented place plugins
-import from.
+An evaluate plugin says *what* to run, built once per distinct tokenizer and window:
+an :class:`EvalPlan` (token spans to score, plus how to turn their scores into
+metrics), a :class:`~engine.generation.GenerationPlan` (prompts to complete greedily,
+plus how to turn the texts into metrics), or a list of both. :func:`evaluate_models`
+does the rest for every model of the stage: load one model at a time, run each part
+of the plan on it, merge the metrics and counts, keep going when one model fails.
+The pieces live in :mod:`engine.spans` (texts to spans, sliding windows),
+:mod:`engine.scoring` (batching, shared-prefix KV-cache scoring) and
+:mod:`engine.generation` (batched greedy generation); their names are re-exported
+here, the documented place plugins import from.
 """
 
 from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ import torch
 from engine import modelio
 from engine.api import DataSource, MetricsArtifact, ModelArtifact
 from engine.errors import DataError, EngineError, ModelLoadError
+from engine.generation import Generation, GenerationPlan, StopRule, generate_greedy
 from engine.scoring import Batch, batch_order, num_batches, plan_batches, score_spans
 from engine.spans import (
     DEFAULT_MAX_LENGTH,
@@ -41,9 +44,10 @@ if TYPE_CHECKING:
     from engine.context import StageContext
 
 __all__ = [
-    "DEFAULT_MAX_LENGTH", "Batch", "EvalPlan", "Span", "SpanScore", "TokenTotals", "batch_order",
-    "context_length", "continuation_span", "document_spans", "encode_document",
-    "encode_pair", "evaluate_models", "num_batches", "plan_batches", "score_spans",
+    "DEFAULT_MAX_LENGTH", "Batch", "EvalPlan", "Generation", "GenerationPlan", "Plan", "Span",
+    "SpanScore", "StopRule", "TokenTotals", "batch_order", "context_length",
+    "continuation_span", "document_spans", "encode_document", "encode_pair",
+    "evaluate_models", "generate_greedy", "num_batches", "plan_batches", "score_spans",
     "select_sources", "tokenizer_fingerprint",
 ]
 
@@ -51,44 +55,77 @@ __all__ = [
 # --- the per-model driver every evaluator shares -------------------------------------------------
 
 
-def select_sources(context: StageContext, data: Sequence[DataSource], fmt: str) -> list[DataSource]:
-    """The data sources of format ``fmt``; the others are ignored, as documented.
+def select_sources(context: StageContext, data: Sequence[DataSource],
+                   fmt: str | Collection[str]) -> list[DataSource]:
+    """The data sources of format ``fmt`` (one name, or several); the others are
+    ignored, as documented.
 
-    Raises :class:`DataError` naming the stage when none match, or when two sources
-    share a label (their metric names would collide).
+    Raises :class:`DataError` naming the stage when none match, or when two sources of
+    one format share a label (their metric names would collide; a ``choice`` and a
+    ``generation`` source may share one: ``acc/en`` and ``exact_match/en``).
     """
-    chosen = [d for d in data if d.format == fmt]
+    formats = (fmt,) if isinstance(fmt, str) else tuple(fmt)
+    chosen = [d for d in data if d.format in formats]
     if not chosen:
         got = ", ".join(f"{d.path.name} ({d.format})" for d in data) or "no data at all"
+        wanted = " or ".join(repr(f) for f in formats)
         raise DataError(f"evaluate stage {context.stage_name!r} ({context.plugin}): "
-                        f"no data source of format {fmt!r}; got {got}")
-    seen: dict[str, DataSource] = {}
+                        f"no data source of format {wanted}; got {got}")
+    seen: dict[tuple[str, str], DataSource] = {}
     for d in chosen:
-        if d.label in seen:
+        key = (d.format, d.label)
+        if key in seen:
             raise DataError(
-                f"evaluate stage {context.stage_name!r}: data sources {seen[d.label].path} and "
+                f"evaluate stage {context.stage_name!r}: data sources {seen[key].path} and "
                 f"{d.path} share the label {d.label!r}; give them distinct 'language' values")
-        seen[d.label] = d
+        seen[key] = d
     return chosen
+
+
+Result = tuple[dict[str, float], dict[str, int]]
 
 
 @dataclass
 class EvalPlan:
-    """What to score for one tokenizer and window, and how to turn scores into metrics.
+    """Spans to score for one tokenizer and window, and how to turn scores into metrics.
 
     ``summarize(scores)`` receives one :class:`SpanScore` per span, in order, and
     returns ``(metrics, counts)`` for one model.
     """
 
     spans: list[Span]
-    summarize: Callable[[list[SpanScore]], tuple[dict[str, float], dict[str, int]]]
+    summarize: Callable[[list[SpanScore]], Result]
+
+    def num_batches(self, batch_size: int, share_prefix: bool = True) -> int:
+        """Progress steps :meth:`run` takes (one per batch, shared-prefix ones included)."""
+        return len(plan_batches(self.spans, batch_size, share_prefix=share_prefix))
+
+    def run(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int,
+            device: torch.device | str, share_prefix: bool = True,
+            on_batch: Callable[[int], None] | None = None) -> Result:
+        """Score every span with one loaded model and summarise; ``on_batch(fed)``
+        after each batch with the positions it fed the model."""
+        def advance(batch: Batch, scores: list[SpanScore]) -> None:
+            if on_batch is not None:
+                on_batch(batch.fed_tokens)
+
+        scores = score_spans(model, self.spans, batch_size=batch_size, device=device,
+                             pad_id=tokenizer.pad_token_id, share_prefix=share_prefix,
+                             on_batch=advance)
+        return self.summarize(scores)
 
 
-PlanBuilder = Callable[[Any, int], EvalPlan]
+#: one part of what a model is run on; a plan builder returns one part or a list
+Plan = EvalPlan | GenerationPlan
+PlanBuilder = Callable[[Any, int], Plan | Sequence[Plan]]
 
 
 def _message(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+
+
+def _parts(plan: Plan | Sequence[Plan]) -> tuple[Plan, ...]:
+    return (plan,) if isinstance(plan, (EvalPlan, GenerationPlan)) else tuple(plan)
 
 
 def evaluate_models(
@@ -100,16 +137,22 @@ def evaluate_models(
     max_length: int | None = None,
     share_prefix: bool = True,
 ) -> MetricsArtifact:
-    """Score each model with the plan ``build_plan(tokenizer, max_length)`` returns.
+    """Run each model on the plan ``build_plan(tokenizer, max_length)`` returns.
 
+    * A plan is an :class:`EvalPlan` (spans to score), a
+      :class:`~engine.generation.GenerationPlan` (prompts to complete), or a list of
+      them: each part runs on the loaded model in turn and their metrics and counts
+      are merged (so a stage with multiple-choice and generation data loads each
+      model once). Parts must not produce the same metric name.
     * Tokenizers are loaded first, and a plan is built once per distinct tokenizer and
       window (:func:`tokenizer_fingerprint`), so that the progress bar knows its total
       (models x batches) before the first (slow) model load.
     * ``max_length`` ``None`` means each model's own context (:func:`context_length`).
-    * A model or tokenizer that fails to load or score is logged and reported in
-      ``errors``; the other models are still scored. Bad data (:class:`DataError`)
-      stops the stage, since it would fail every model. When no model at all could
-      be scored the stage fails with every model's reason.
+    * A model or tokenizer that fails to load or run, or whose plan cannot be built
+      (an error other than :class:`DataError`), is logged and reported in ``errors``;
+      the other models are still scored. Bad data (:class:`DataError`) stops the
+      stage, since it would fail every model. When no model at all could be scored
+      the stage fails with every model's reason.
     * ``context.add_tokens`` counts the positions fed to models (no padding); with
       ``share_prefix`` a context shared by several spans is fed (and counted) once.
     """
@@ -117,8 +160,8 @@ def evaluate_models(
         raise EngineError(f"evaluate stage {context.stage_name!r}: no models to evaluate")
     errors: dict[str, str] = {}
     load_failures: set[str] = set()
-    plans: dict[tuple[str, int], EvalPlan] = {}
-    todo: list[tuple[ModelArtifact, Any, EvalPlan]] = []
+    plans: dict[tuple[str, int], tuple[Plan, ...]] = {}
+    todo: list[tuple[ModelArtifact, Any, tuple[Plan, ...]]] = []
     for artifact in models:
         try:
             config = modelio.read_config(artifact.path)
@@ -126,7 +169,7 @@ def evaluate_models(
             length = max_length or context_length(config, tokenizer)
             key = (tokenizer_fingerprint(artifact.path), length)
             if key not in plans:
-                plans[key] = build_plan(tokenizer, length)
+                plans[key] = _parts(build_plan(tokenizer, length))
             todo.append((artifact, tokenizer, plans[key]))
         except DataError:
             raise
@@ -137,17 +180,17 @@ def evaluate_models(
 
     metrics: dict[str, dict[str, float]] = {}
     counts: dict[str, dict[str, int]] = {}
-    n_batches = {id(plan): len(plan_batches(plan.spans, batch_size, share_prefix=share_prefix))
-                 for _, _, plan in todo}
-    total = sum(n_batches[id(plan)] for _, _, plan in todo)
+    n_batches = {id(parts): sum(p.num_batches(batch_size, share_prefix) for p in parts)
+                 for _, _, parts in todo}
+    total = sum(n_batches[id(parts)] for _, _, parts in todo)
     with context.progress(total, f"{context.stage_name}: {context.plugin}") as bar:
-        for artifact, tokenizer, plan in todo:
+        for artifact, tokenizer, parts in todo:
             done = 0
 
-            def advance(batch: Batch, scores: list[SpanScore], name: str = artifact.name) -> None:
+            def advance(fed: int, name: str = artifact.name) -> None:
                 nonlocal done
                 done += 1
-                context.add_tokens(batch.fed_tokens)
+                context.add_tokens(fed)
                 bar.advance(1, model=name)
 
             model = None
@@ -155,11 +198,16 @@ def evaluate_models(
             try:
                 model = context.load_model(artifact)
                 alive = weakref.ref(model)
-                scores = score_spans(model, plan.spans, batch_size=batch_size,
-                                     device=context.device, pad_id=tokenizer.pad_token_id,
-                                     share_prefix=share_prefix, on_batch=advance)
-                metrics[artifact.name], counts[artifact.name] = plan.summarize(scores)
-                bar.advance(max(0, n_batches[id(plan)] - done))  # a model without a KV cache
+                values: dict[str, float] = {}
+                numbers: dict[str, int] = {}
+                for part in parts:
+                    m, c = part.run(model, tokenizer, batch_size=batch_size,
+                                    device=context.device, share_prefix=share_prefix,
+                                    on_batch=advance)
+                    values.update(m)
+                    numbers.update(c)
+                metrics[artifact.name], counts[artifact.name] = values, numbers
+                bar.advance(max(0, n_batches[id(parts)] - done))  # a model without a KV cache
             except DataError:
                 raise
             except Exception as exc:
@@ -167,7 +215,7 @@ def evaluate_models(
                 if model is None:
                     load_failures.add(artifact.name)
                 context.log(f"[red]model {artifact.name!r} not scored:[/] {errors[artifact.name]}")
-                bar.advance(max(0, n_batches[id(plan)] - done))
+                bar.advance(max(0, n_batches[id(parts)] - done))
             finally:
                 del model
                 _free_memory(alive)

@@ -45,7 +45,7 @@ class DataSpec(_Strict):
 
     path: str | None = Field(None, description="txt or jsonl file (relative to the recipe file).")
     builtin: str | None = Field(None, description="Built-in world file, e.g. 'lum/train.txt'.")
-    format: Literal["auto", "text", "instructions", "choice"] = Field(
+    format: Literal["auto", "text", "instructions", "choice", "generation"] = Field(
         "auto", description="What the file holds; 'auto' looks at the extension and first record.")
     language: str | None = Field(None, description="Language label used in metrics and mixing.")
     weight: float = Field(1.0, gt=0, description="Mixing weight relative to the other files.")

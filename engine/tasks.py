@@ -1,16 +1,24 @@
-"""What the built-in evaluators score, as reusable plans: documents and choice items.
+"""What the built-in evaluators score, as reusable plans: documents, choice and
+generation items.
 
 ``perplexity``, ``task-accuracy`` and ``retention`` (which re-scores both on source
-language data against a reference model) build their :class:`~engine.evaluation.EvalPlan`
-from these functions, so a metric is defined in exactly one place. The definitions
+language data against a reference model) build their plans
+(:class:`~engine.evaluation.EvalPlan`, :class:`~engine.generation.GenerationPlan`) from
+these functions, so a metric is defined in exactly one place. The definitions
 (token-weighted perplexity with sliding windows; lm-evaluation-harness style
-multiple-choice log-likelihoods, ``acc`` and ``acc_norm``) are documented in
-docs/evaluation.md and in the two plugin modules.
+multiple-choice log-likelihoods, ``acc`` and ``acc_norm``; greedy generation scored by
+``exact_match``) are documented in docs/evaluation.md and in the plugin modules.
+
+Prompts (both item kinds) are either plain text (few-shot examples joined by a
+separator, then BOS + the text) or a chat conversation rendered by the tokenizer's chat
+template (:func:`render_prompt`), whose text is tokenized as is: the template writes
+BOS itself when the model wants one, so none is added.
 """
 
 from __future__ import annotations
 
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -18,25 +26,33 @@ from typing import Any
 import torch
 
 from engine.api import DataSource
-from engine.data import iter_choices, iter_texts
-from engine.errors import DataError
+from engine.data import iter_answers, iter_choices, iter_texts
+from engine.errors import DataError, EngineError
 from engine.evaluation import (
     EvalPlan,
+    Generation,
+    GenerationPlan,
     Span,
     SpanScore,
+    StopRule,
     TokenTotals,
     continuation_span,
     document_spans,
     encode_document,
     encode_pair,
+    generate_greedy,
     score_spans,
 )
 
 __all__ = [
-    "ChoiceItem", "FewShot", "ItemPrediction", "choice_plan", "choose", "fewshot_indices",
-    "load_items", "plan_choices", "plan_perplexity", "predict", "read_documents",
-    "summarize_choices",
+    "AnswerItem", "AnswerMatch", "ChoiceItem", "FewShot", "ItemPrediction", "chat_messages",
+    "choice_plan", "choose", "encode_prompt", "fewshot_indices", "generate_answers", "generation_plan",
+    "load_answer_items", "load_items", "plan_choices", "plan_generation", "plan_perplexity",
+    "predict", "read_documents", "render_prompt", "summarize_choices",
+    "summarize_exact_match", "use_chat_template",
 ]
+
+Shots = tuple[tuple[str, str], ...]
 
 
 def read_documents(sources: list[DataSource], max_documents: int | None,
@@ -88,18 +104,87 @@ def plan_perplexity(tokenizer: Any, sources: list[DataSource], texts: dict[str, 
     return EvalPlan(spans, summarize)
 
 
+# --- prompts: plain text or the chat template -------------------------------------------
+
+
+def use_chat_template(tokenizer: Any, setting: bool | None) -> bool:
+    """Whether prompts go through the tokenizer's chat template.
+
+    ``None`` (auto) applies it when the tokenizer has one; ``True`` requires one
+    (:class:`EngineError` otherwise, reported against the model); ``False`` never.
+    """
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting and not has:
+        raise EngineError("chat_template is true but the tokenizer has no chat template "
+                          "(use null to apply it only where there is one)")
+    return has if setting is None else setting
+
+
+def chat_messages(shots: Shots, prompt: str) -> list[dict[str, str]]:
+    """The conversation a chat model sees: each few-shot example as a user turn (its
+    prompt) and an assistant turn (its answer, stripped of surrounding whitespace),
+    then the item's prompt as the last user turn."""
+    messages = []
+    for shot_prompt, answer in shots:
+        messages.append({"role": "user", "content": shot_prompt})
+        messages.append({"role": "assistant", "content": answer.strip()})
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def render_prompt(tokenizer: Any, item: ChoiceItem | AnswerItem,
+                  chat_template: bool | None) -> tuple[str, bool]:
+    """The text fed to the model before an item's answer, and whether the chat
+    template made it.
+
+    Without the template it is the item's plain ``context`` (few-shot examples and the
+    prompt joined by the separator). With it, :func:`chat_messages` rendered by
+    ``tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)``:
+    the text ends where the assistant's answer starts.
+    """
+    if not use_chat_template(tokenizer, chat_template):
+        return item.context, False
+    text = tokenizer.apply_chat_template(chat_messages(item.shots, item.prompt),
+                                         add_generation_prompt=True, tokenize=False)
+    if not isinstance(text, str):  # pragma: no cover - a tokenizer returning ids anyway
+        raise EngineError(f"{item.where}: the chat template did not render to text")
+    return text, True
+
+
+def _prefix_id(tokenizer: Any) -> int | None:
+    """The token :func:`encode_pair` puts before a plain context: BOS, else EOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
+
+
+def encode_prompt(tokenizer: Any, text: str, templated: bool) -> list[int]:
+    """A generation prompt's ids: a chat-template text as is (it holds its own special
+    tokens), a plain text after BOS (EOS for tokenizers without one), as choice
+    contexts are. The text is not stripped: end prompts where the answer starts."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    prefix = None if templated else _prefix_id(tokenizer)
+    return [prefix, *ids] if prefix is not None else ids
+
+
 # --- multiple choice ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ChoiceItem:
-    """One multiple-choice item, with its context already built (few-shot included)."""
+    """One multiple-choice item, with its plain-text context already built.
+
+    ``context`` is the few-shot examples and the prompt joined as plain text;
+    ``prompt`` and ``shots`` (``(prompt, correct choice)`` pairs) are the same parts
+    kept apart for the chat template (:func:`render_prompt`).
+    """
 
     source: str  # the data source's label
     where: str  # "path:line", for error messages
     context: str
     choices: tuple[str, ...]
     label: int
+    prompt: str = ""
+    shots: Shots = ()
 
 
 @dataclass
@@ -132,18 +217,28 @@ def load_items(source: DataSource, params: Any) -> list[ChoiceItem]:
     for lineno, record in records:
         if any(c == "" for c in record["choices"]):
             raise DataError(f"{source.path}:{lineno}: 'choices' holds an empty string")
-    k = params.num_fewshot
-    if k >= len(records):
-        raise DataError(f"{source.path}: num_fewshot={k} needs at least {k + 1} items, "
-                        f"the file has {len(records)}")
+    solved = [(r["prompt"], r["choices"][r["label"]]) for _, r in records]
     items = []
-    for i, (lineno, record) in enumerate(records):
-        shots = [records[j][1] for j in fewshot_indices(i, len(records), k, params.fewshot_seed)]
-        parts = [s["prompt"] + s["choices"][s["label"]] for s in shots] + [record["prompt"]]
+    for (lineno, record), shots in zip(records, _draw_shots(source, solved, params), strict=True):
         items.append(ChoiceItem(source.label, f"{source.path}:{lineno}",
-                                params.fewshot_separator.join(parts),
-                                tuple(record["choices"]), record["label"]))
+                                _plain_context(shots, record["prompt"], params.fewshot_separator),
+                                tuple(record["choices"]), record["label"], record["prompt"], shots))
     return items
+
+
+def _draw_shots(source: DataSource, solved: list[tuple[str, str]], params: Any) -> list[Shots]:
+    """Per item, its few-shot examples: ``num_fewshot`` other items of the file as
+    ``(prompt, answer)`` pairs, drawn by :func:`fewshot_indices`."""
+    k = params.num_fewshot
+    if k >= len(solved):
+        raise DataError(f"{source.path}: num_fewshot={k} needs at least {k + 1} items, "
+                        f"the file has {len(solved)}")
+    return [tuple(solved[j] for j in fewshot_indices(i, len(solved), k, params.fewshot_seed))
+            for i in range(len(solved))]
+
+
+def _plain_context(shots: Shots, prompt: str, separator: str) -> str:
+    return separator.join([p + a for p, a in shots] + [prompt])
 
 
 def fewshot_indices(item: int, n_items: int, k: int, seed: int) -> list[int]:
@@ -158,14 +253,22 @@ def fewshot_indices(item: int, n_items: int, k: int, seed: int) -> list[int]:
     return [j + 1 if j >= item else j for j in picks]
 
 
-def plan_choices(tokenizer: Any, items: list[ChoiceItem],
-                 max_length: int) -> tuple[list[Span], list[tuple[int, int]]]:
-    """One span per (item, choice), and for each span the (item, choice) it scores."""
+def plan_choices(tokenizer: Any, items: list[ChoiceItem], max_length: int, *,
+                 chat_template: bool | None = False
+                 ) -> tuple[list[Span], list[tuple[int, int]]]:
+    """One span per (item, choice), and for each span the (item, choice) it scores.
+
+    ``chat_template`` is as in :func:`use_chat_template`; a templated context gets no
+    added BOS (the template writes it)."""
     spans: list[Span] = []
     owners: list[tuple[int, int]] = []
+    prefix = _prefix_id(tokenizer)
     for i, item in enumerate(items):
+        context, templated = render_prompt(tokenizer, item, chat_template)
         for c, choice in enumerate(item.choices):
-            ctx, cont = encode_pair(tokenizer, item.context, choice)
+            ctx, cont = encode_pair(tokenizer, context, choice)
+            if templated and prefix is not None:
+                ctx = ctx[1:]  # the prefix encode_pair added: the template has its own
             try:
                 spans.append(continuation_span(ctx, cont, max_length))
             except ValueError as exc:
@@ -206,16 +309,133 @@ def summarize_choices(items: list[ChoiceItem],
 
 def predict(model: torch.nn.Module, tokenizer: Any, items: list[ChoiceItem], *,
             max_length: int, batch_size: int = 8, device: torch.device | str = "cpu",
-            share_prefix: bool = True, **score_kwargs: Any) -> list[ItemPrediction]:
+            share_prefix: bool = True, chat_template: bool | None = False,
+            **score_kwargs: Any) -> list[ItemPrediction]:
     """Per-item predictions of one loaded model (for tests, notebooks, sample logs)."""
-    spans, owners = plan_choices(tokenizer, items, max_length)
+    spans, owners = plan_choices(tokenizer, items, max_length, chat_template=chat_template)
     scores = score_spans(model, spans, batch_size=batch_size, device=device,
                          pad_id=tokenizer.pad_token_id, share_prefix=share_prefix,
                          **score_kwargs)
     return choose(items, owners, scores)
 
 
-def choice_plan(tokenizer: Any, items: list[ChoiceItem], max_length: int) -> EvalPlan:
+def choice_plan(tokenizer: Any, items: list[ChoiceItem], max_length: int, *,
+                chat_template: bool | None = False) -> EvalPlan:
     """The plan that scores every choice of every item and reports acc / acc_norm."""
-    spans, owners = plan_choices(tokenizer, items, max_length)
+    spans, owners = plan_choices(tokenizer, items, max_length, chat_template=chat_template)
     return EvalPlan(spans, lambda scores: summarize_choices(items, choose(items, owners, scores)))
+
+
+# --- generation (exact match) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnswerItem:
+    """One generation item: a prompt and the answers that count as correct.
+
+    ``context``, ``prompt`` and ``shots`` are as in :class:`ChoiceItem` (a few-shot
+    example's answer is its first accepted answer).
+    """
+
+    source: str  # the data source's label
+    where: str  # "path:line", for error messages
+    context: str
+    answers: tuple[str, ...]
+    prompt: str = ""
+    shots: Shots = ()
+
+
+@dataclass(frozen=True)
+class AnswerMatch:
+    """How a generated text is compared with the answers (exact match after
+    normalisation, the same normalisation applied to both sides)."""
+
+    ignore_case: bool = False
+    ignore_punctuation: bool = False
+
+    def normalize(self, text: str) -> str:
+        """Strip surrounding whitespace; with ``ignore_punctuation`` drop every Unicode
+        punctuation character (categories ``P*``) first; with ``ignore_case``
+        compare case-folded (``str.casefold``: also ``ß`` = ``ss``)."""
+        if self.ignore_punctuation:
+            text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+        text = text.strip()
+        return text.casefold() if self.ignore_case else text
+
+    def matches(self, output: str, answers: tuple[str, ...]) -> bool:
+        got = self.normalize(output)
+        return any(got == self.normalize(a) for a in answers)
+
+
+def load_answer_items(source: DataSource, params: Any, match: AnswerMatch) -> list[AnswerItem]:
+    """A generation source's items with few-shot contexts built; errors name file and
+    line. ``params`` has the :class:`FewShot` attributes. An answer that normalises to
+    nothing (``""``, blanks, only punctuation under ``ignore_punctuation``) is an error:
+    it would match an empty output."""
+    records = list(islice(iter_answers(source), params.max_items))
+    if not records:
+        raise DataError(f"{source.path}: no generation items")
+    answers: list[tuple[str, ...]] = []
+    for lineno, record in records:
+        got = (record["answer"],) if "answer" in record else tuple(record["answers"])
+        for a in got:
+            if not match.normalize(a):
+                field_name = "answer" if "answer" in record else "answers"
+                raise DataError(f"{source.path}:{lineno}: {field_name!r} holds {a!r}, which is "
+                                "empty after normalisation")
+        answers.append(got)
+    solved = [(r["prompt"], a[0]) for (_, r), a in zip(records, answers, strict=True)]
+    items = []
+    for (lineno, record), accepted, shots in zip(records, answers, _draw_shots(source, solved, params),
+                                                strict=True):
+        items.append(AnswerItem(source.label, f"{source.path}:{lineno}",
+                                _plain_context(shots, record["prompt"], params.fewshot_separator),
+                                accepted, record["prompt"], shots))
+    return items
+
+
+def plan_generation(tokenizer: Any, items: list[AnswerItem], max_length: int, rule: StopRule, *,
+                    chat_template: bool | None = None) -> list[tuple[int, ...]]:
+    """Each item's prompt ids. A prompt longer than ``max_length - max_new_tokens``
+    keeps its end (its start is dropped), so prompt and answer fit the window; a
+    ``max_new_tokens`` that leaves no room raises :class:`EngineError` (reported
+    against the model whose window it is)."""
+    room = max_length - rule.max_new_tokens
+    if room < 1:
+        raise EngineError(f"max_new_tokens={rule.max_new_tokens} leaves no room for a prompt in "
+                          f"a window of {max_length} tokens; lower it")
+    prompts = []
+    for item in items:
+        text, templated = render_prompt(tokenizer, item, chat_template)
+        prompts.append(tuple(encode_prompt(tokenizer, text, templated)[-room:]))
+    return prompts
+
+
+def summarize_exact_match(items: list[AnswerItem], gens: list[Generation],
+                          match: AnswerMatch) -> tuple[dict[str, float], dict[str, int]]:
+    """``exact_match/<label>`` per source (the share of items whose output matches one
+    of their answers), counts = items."""
+    hits: dict[str, list[int]] = {}
+    for item, gen in zip(items, gens, strict=True):
+        h = hits.setdefault(item.source, [0, 0])
+        h[0] += match.matches(gen.text, item.answers)
+        h[1] += 1
+    metrics = {f"exact_match/{label}": hit / n for label, (hit, n) in hits.items()}
+    counts = {f"exact_match/{label}": n for label, (_, n) in hits.items()}
+    return metrics, counts
+
+
+def generation_plan(tokenizer: Any, items: list[AnswerItem], max_length: int, rule: StopRule,
+                    match: AnswerMatch, *, chat_template: bool | None = None) -> GenerationPlan:
+    """The plan that completes every item's prompt greedily and reports exact_match."""
+    prompts = plan_generation(tokenizer, items, max_length, rule, chat_template=chat_template)
+    return GenerationPlan(prompts, rule, lambda gens: summarize_exact_match(items, gens, match))
+
+
+def generate_answers(model: torch.nn.Module, tokenizer: Any, items: list[AnswerItem], *,
+                     max_length: int, rule: StopRule, batch_size: int = 8,
+                     device: torch.device | str = "cpu",
+                     chat_template: bool | None = None) -> list[Generation]:
+    """Per-item generations of one loaded model (for tests, notebooks, sample logs)."""
+    prompts = plan_generation(tokenizer, items, max_length, rule, chat_template=chat_template)
+    return generate_greedy(model, tokenizer, prompts, rule, batch_size=batch_size, device=device)
