@@ -251,3 +251,29 @@ def test_slack_ties_rejects_bad_arguments():
         slack_ties(base, [CT, SFT], [1, 1], [1, 1], protect=2, slack=0.5)
     with pytest.raises(ValueError, match="densities"):
         slack_ties(base, [CT, SFT], [1, 1], [1], protect=1, slack=0.5)
+
+
+def test_ties_combine_equals_a_plain_masked_reference():
+    """The sign-aligned sum in ties_combine against the textbook masked formulation."""
+    from engine.merging.arithmetic import ties_combine
+
+    def reference(trimmed, weights, normalize, lam):
+        w = torch.tensor(weights).view(-1, *([1] * (trimmed.dim() - 1)))
+        weighted = trimmed * w
+        sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+        agree = torch.where(sign > 0, weighted > 0, weighted < 0)
+        mixed = torch.where(agree, weighted, torch.zeros(())).sum(0)
+        if normalize:
+            divisor = (agree * w).sum(0)
+            mixed = mixed / torch.where(divisor == 0, torch.ones(()), divisor)
+        return mixed * lam
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        m, n = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 300, (1,), generator=gen))
+        x = (torch.randint(-2, 3, (m, n), generator=gen).float() if trial % 2
+             else torch.randn(m, n, generator=gen))
+        weights = [1.0] * m if trial % 3 == 0 else [0.25 * int(v) for v in torch.randint(1, 8, (m,), generator=gen)]
+        for normalize in (True, False):
+            got = ties_combine(x.clone(), weights, normalize=normalize, lam=0.5)
+            torch.testing.assert_close(got, reference(x, weights, normalize, 0.5), rtol=1e-6, atol=0)

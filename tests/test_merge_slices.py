@@ -69,7 +69,7 @@ def test_magnitude_threshold_in_pieces_equals_whole_tensor_trim():
             sel.count_high(bits[a:b])
         for a, b in pieces:
             sel.count_low(bits[a:b])
-        out = torch.cat([torch.where(sel.keep(bits[a:b]), x[a:b], 0) for a, b in pieces])
+        out = torch.cat([torch.where(sel.dropped(bits[a:b]), 0, x[a:b]) for a, b in pieces])
         assert torch.equal(out, stable_top_k(x, density)), trial
         assert int((out != 0).sum()) <= keep_count(density, n)
 

@@ -80,12 +80,12 @@ class MagnitudeThreshold:
     twice: :meth:`count_high` with every piece (a histogram of the top 16 bits of each
     magnitude's float32 bit pattern), then :meth:`count_low` with every piece (the low
     16 bits, of the entries in the one high bin that holds the ``k``-th largest). That
-    pins the ``k``-th largest magnitude ``T`` exactly, so :meth:`keep` can then trim
+    pins the ``k``-th largest magnitude ``T`` exactly, so :meth:`dropped` can then trim
     piece by piece: every entry with ``|x| > T`` is kept, and of the entries with
     ``|x| == T`` the first ones in flat order until ``k`` are kept. The result equals a
     whole-tensor top-``k`` whose ties go to the lowest index, whatever the pieces.
-    Two histogram passes cost about as much as two ``abs()`` passes, a fraction of a
-    ``torch.topk`` with ``k`` in the millions.
+    Two histogram passes cost a few elementwise passes, a fraction of a ``torch.topk``
+    with ``k`` in the millions.
     """
 
     HIGH = 1 << 15  # |x| bits < 2**31, so the top 16 bits are < 2**15
@@ -96,11 +96,14 @@ class MagnitudeThreshold:
         self._low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
         self._bin: int | None = None
         self.threshold: int | None = None  # the k-th largest magnitude's bits
-        self._greater = 0  # entries of the chosen bin's higher bins
-        self._ties_left = 0
+        self._greater = 0  # entries in the high bins above the chosen one
+        self._ties_left = 0  # entries equal to the threshold still to keep
+        self._keep_all_ties = False
 
-    def count_high(self, bits: Tensor) -> None:
-        self._high += torch.bincount((bits >> 16).view(-1), minlength=self.HIGH)
+    def count_high(self, bits: Tensor, high: Tensor | None = None) -> None:
+        """First pass over a piece; ``high`` may pass ``bits >> 16`` when already at hand."""
+        high = bits >> 16 if high is None else high
+        self._high += torch.bincount(high.view(-1), minlength=self.HIGH)
 
     def _choose_bin(self) -> None:
         above = self._high.flip(0).cumsum(0)  # above[j]: entries whose high bits >= HIGH-1-j
@@ -108,15 +111,17 @@ class MagnitudeThreshold:
         self._bin = self.HIGH - 1 - j
         self._greater = int(above[j - 1]) if j > 0 else 0
 
-    def count_low(self, bits: Tensor) -> None:
+    def count_low(self, bits: Tensor, high: Tensor | None = None) -> None:
+        """Second pass over a piece (after every piece's :meth:`count_high`)."""
         if self._bin is None:
             self._choose_bin()
         flat = bits.view(-1)
-        low = flat[(flat >> 16) == self._bin] & 0xFFFF
+        high = flat >> 16 if high is None else high.view(-1)
+        low = flat[high == self._bin] & 0xFFFF
         self._low += torch.bincount(low, minlength=1 << 16)
 
     def finish(self) -> None:
-        """Fix the threshold after both passes (called by :meth:`keep` when needed)."""
+        """Fix the threshold after both passes (called by :meth:`dropped` when needed)."""
         if self._bin is None:
             self._choose_bin()
         above = self._low.flip(0).cumsum(0)
@@ -124,21 +129,24 @@ class MagnitudeThreshold:
         self.threshold = (self._bin << 16) | (0xFFFF - j)
         greater = self._greater + (int(above[j - 1]) if j > 0 else 0)
         self._ties_left = self.k - greater
+        # every entry equal to the threshold is kept (the usual case for real weights):
+        # then no piece needs to count its ties
+        self._keep_all_ties = self._ties_left == int(above[j]) - (int(above[j - 1]) if j else 0)
 
-    def keep(self, bits: Tensor) -> Tensor:
-        """The kept mask of the next piece (pieces in flat order, each exactly once)."""
+    def dropped(self, bits: Tensor) -> Tensor:
+        """The mask of entries the trim zeroes in the next piece (pieces in flat order,
+        each exactly once)."""
         if self.threshold is None:
             self.finish()
         assert self.threshold is not None
-        keep = bits > self.threshold
-        if self.threshold == 0:
-            keep |= bits == 0  # kept zeros stay zeros: no need to count them out
-        elif self._ties_left > 0:
-            flat = keep.view(-1)
+        if self._keep_all_ties or self.threshold == 0:  # kept zeros stay zeros anyway
+            return bits < self.threshold
+        drop = bits <= self.threshold
+        if self._ties_left > 0:
             ties = (bits.view(-1) == self.threshold).nonzero().view(-1)[:self._ties_left]
-            flat[ties] = True
+            drop.view(-1)[ties] = False
             self._ties_left -= len(ties)
-        return keep
+        return drop
 
 
 def _trim_(delta: Tensor, density: float) -> Tensor:
@@ -151,10 +159,12 @@ def _trim_(delta: Tensor, density: float) -> Tensor:
         drop[torch.topk(delta.reshape(-1).abs(), k, sorted=False).indices] = False
         return delta.masked_fill_(drop.view_as(delta), 0)
     bits = _magnitude_bits(delta)
+    high = bits >> 16
     selector = MagnitudeThreshold(k, delta.device)
-    selector.count_high(bits)
-    selector.count_low(bits)
-    return delta.masked_fill_(~selector.keep(bits), 0)
+    selector.count_high(bits, high)
+    selector.count_low(bits, high)
+    del high
+    return delta.masked_fill_(selector.dropped(bits), 0)
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
@@ -207,8 +217,7 @@ def elect_sign(weighted: Tensor, vote_bias: Tensor | None = None) -> Tensor:
     total = weighted.sum(dim=0)
     if vote_bias is not None:
         total.add_(vote_bias)
-    one = torch.ones((), dtype=weighted.dtype, device=weighted.device)
-    return torch.where(total >= 0, one, -one)
+    return (total >= 0).to(weighted.dtype).mul_(2).sub_(1)  # exactly +1 / -1
 
 
 def _agreement(weighted: Tensor, sign: Tensor) -> Tensor:
@@ -269,9 +278,21 @@ def ties_combine(trimmed: Tensor, weights: Sequence[float], *, normalize: bool =
     merge the agreeing ones, scale by ``lam``. Position by position, so it may run on
     any slice of rows (consumes ``trimmed``)."""
     _check(len(trimmed), weights=weights)
-    weighted = trimmed.mul_(_weights_like(weights, trimmed))
-    agree = _agreement(weighted, elect_sign(weighted))
-    return _scale(_disjoint_merge_(weighted, weights, agree, normalize), lam)
+    weighted = trimmed if all(w == 1 for w in weights) else trimmed.mul_(
+        _weights_like(weights, trimmed))
+    sign = elect_sign(weighted)
+    # weighted * sign is |weighted| where a model agrees with the elected sign and <= 0
+    # elsewhere, so clamping at 0, summing and multiplying by the sign gives the sum of
+    # the agreeing entries (the same floating-point sums, negated where sign < 0).
+    aligned = weighted.mul_(sign)
+    agree = aligned > 0 if normalize else None
+    mixed = aligned.clamp_(min=0).sum(dim=0).mul_(sign)
+    if agree is not None:
+        divisor = torch.zeros_like(mixed)
+        for i, w in enumerate(weights):
+            divisor.add_(agree[i], alpha=w)
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+    return _scale(mixed, lam)
 
 
 def ties_delta(deltas: Tensor, weights: Sequence[float], densities: Sequence[float], *,

@@ -52,9 +52,11 @@ __all__ = ["CHUNK_ELEMENTS", "MergeSummary", "Positionwise", "PositionwiseMerge"
 #: base is added for it), and the models themselves otherwise.
 TensorMerge = Callable[[str, torch.Tensor], torch.Tensor]
 
-#: tensors with more elements than this are merged in row slices of about this many
-#: elements per input when the method is position-wise (:class:`PositionwiseMerge`)
+#: tensors with more elements than this are merged in row slices when the method is
+#: position-wise (:class:`PositionwiseMerge`) ...
 CHUNK_ELEMENTS = 4 * 2**20
+#: ... of about this many elements per input
+SLICE_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,21 @@ class MergeSummary:
     bytes: int = 0
 
 
+_SUMMABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``. A finite sum proves every entry finite (a NaN or inf makes
+    the sum NaN or inf), and summing is several times cheaper than ``isfinite``; only a
+    sum that is not finite (a NaN/inf, or finite entries overflowing) is looked at entry
+    by entry."""
+    if t.dtype in _SUMMABLE and bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: torch.Tensor, model: str, tensor: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not _all_finite(t):
         raise MergeError(f"model {model!r} tensor {tensor!r} contains NaN or inf; "
                          "refusing to merge it")
 
@@ -272,7 +287,8 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
     With trimming, two counting passes over the task vectors' slices find each model's
     exact top-``k`` threshold (:class:`~engine.merging.arithmetic.MagnitudeThreshold`)
     before the merging pass; inputs are re-read for each pass (from the page cache).
-    Peak memory: a few slices of ``chunk_elements`` per input.
+    Peak memory: a few slices of ``SLICE_ELEMENTS`` (or ``chunk_elements`` if smaller)
+    per input.
     """
     merge = step.merge
     assert isinstance(merge, PositionwiseMerge)
@@ -283,7 +299,7 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
     step.summary.tensors += 1
     step.summary.parameters += numel
     step.summary.sliced.append(name)
-    span = max(1, chunk_elements // per_row)
+    span = max(1, min(chunk_elements, SLICE_ELEMENTS) // per_row)
     slices = [(a, min(a + span, rows)) for a in range(0, rows, span)]
     has_base = step.plan.base is not None
     models = readers[1:] if has_base else readers
@@ -327,7 +343,7 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
         base, stacked = read(a, b, check=not counting)
         for sel, delta in zip(selectors, stacked):
             if sel is not None:
-                delta.masked_fill_(~sel.keep(_magnitude_bits(delta)), 0)
+                delta.masked_fill_(sel.dropped(_magnitude_bits(delta)), 0)
         merged = pos.fn(stacked)
         del stacked
         if tuple(merged.shape) != (b - a, *target.shape[1:]):
@@ -336,7 +352,7 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
         if step.task_vectors:
             merged = merged.add_(base)
         out = merged.to(target.dtype).cpu()
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             raise MergeError(f"merged tensor {name!r} is not finite in {target.dtype} (overflow? "
                              f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
         writer.write_rows(name, out)
@@ -403,7 +419,7 @@ class _Step:
                 full[a:b] = t
             merged = full
         out = merged.to(target.dtype).cpu()
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             raise MergeError(f"merged tensor {name!r} is not finite in {target.dtype} (overflow? "
                              f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
         return out

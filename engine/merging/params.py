@@ -60,7 +60,7 @@ class MergeParams(PluginParams):
         "2GB", description="Largest output shard, in bytes or as '2GB' / '500MB' / '512MiB'.")
 
     prefetch: int | str = Field(
-        "256MB", json_schema_extra=NOT_IN_RESULT, description="Read ahead: a reader thread loads the next tensors (of every "
+        "64MB", json_schema_extra=NOT_IN_RESULT, description="Read ahead: a reader thread loads the next tensors (of every "
                              "model) while the current one merges, up to this many bytes of "
                              "raw tensors in flight; 0 reads and merges in turn.")
     overrides: list[TensorOverride] = Field(
