@@ -62,6 +62,43 @@ def plain_read(files: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def explain_mismatches(out_a: Path, out_b: Path, inputs: list[Path], density: float,
+                       rtol: float = 1e-5, atol: float = 1e-6) -> dict[str, Any]:
+    """Check that every element where two TIES outputs differ is an exact magnitude tie at
+    some model's trim threshold (more entries equal to the k-th largest |delta| than
+    places left, so which of them is kept is a convention). Returns the counts."""
+    import torch
+
+    from engine.merging.arithmetic import keep_count
+    from engine.merging.tensorio import ModelReader
+
+    readers = [ModelReader(f, f.name) for f in [out_a, out_b, *inputs]]
+    mismatched = explained = ambiguous_tensors = 0
+    try:
+        ra, rb, base, *models = readers
+        for name in ra.infos:
+            x, y = ra.get(name).float(), rb.get(name).float()
+            bad = ~torch.isclose(x, y, rtol=rtol, atol=atol)
+            tied = torch.zeros_like(bad)
+            b = base.get(name).float()
+            for m in models:
+                d = (m.get(name).float() - b).abs().view(-1)
+                k = keep_count(density, d.numel())
+                if k >= d.numel():
+                    continue
+                t = torch.kthvalue(d, d.numel() - k + 1).values
+                if int((d == t).sum()) > k - int((d > t).sum()):
+                    ambiguous_tensors += 1
+                    tied.view(-1).logical_or_(d == t)
+            mismatched += int(bad.sum())
+            explained += int((bad & tied).sum())
+    finally:
+        for r in readers:
+            r.close()
+    return {"mismatched": mismatched, "at_ambiguous_ties": explained,
+            "tensor_models_with_ambiguous_ties": ambiguous_tensors}
+
+
 def measured(cmd: list[str]) -> dict[str, Any]:
     """Run ``cmd`` in a fresh wrapper; its wall time and its peak RSS (children only)."""
     probe = ("import resource,subprocess,sys,time,json;t=time.perf_counter();"
@@ -140,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "mismatched_elements": diff.mismatched,
                                         "elements": diff.elements}
         results["prefetch_changes_nothing"] = ok0
+        if not ok:
+            results["equal_to_mergekit"]["explained"] = explain_mismatches(
+                root / "lf", root / "mk", folders, args.density)
         lf, mk = results["lingoforge"], results["mergekit"]
         results["ratios"] = {"wall": lf["wall_s"] / mk["wall_s"],
                              "peak_rss": lf["peak_rss_mb"] / mk["peak_rss_mb"]}

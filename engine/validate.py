@@ -30,6 +30,7 @@ from engine.api import (
     DataSource,
     InputConfigs,
     PluginParams,
+    data_format_error,
 )
 from engine.context import Runtime
 from engine.data import resolve_data
@@ -103,6 +104,9 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
                 data.append(resolve_data(spec_data, recipe_dir))
             except EngineError as exc:
                 raise RecipeError(f"{where}: data: {exc}") from None
+        mismatch = data_format_error(registered.impl, spec.stage, data)
+        if mismatch is not None:
+            raise RecipeError(f"{where}: data: {mismatch}")
         _static_check(registered, spec, params, recipe, model_configs, where, recipe_dir)
         deps = sorted({r for refs in spec.references().values() for r in refs if r in kinds})
         stages.append(PlannedStage(spec, registered, params, data,

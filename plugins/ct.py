@@ -51,6 +51,7 @@ class CT:
     """Continual pretraining of a model on raw text."""
 
     name = "ct"
+    data_formats = ("text",)
 
     class Params(TrainerParams):
         layers: list[int] | None = Field(

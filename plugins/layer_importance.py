@@ -77,6 +77,7 @@ class LayerImportance:
     """Select the k layers that transform target-language text the most (1 - cosine)."""
 
     name = "layer-importance"
+    data_formats = ("text",)
 
     class Params(PluginParams):
         k: int = Field(2, ge=1, description="How many layers to select.")

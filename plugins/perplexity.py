@@ -35,6 +35,7 @@ class Perplexity:
     """Token-weighted perplexity (and bits per byte) per language."""
 
     name = "perplexity"
+    data_formats = ("text",)
 
     class Params(PluginParams):
         batch_size: int = Field(8, ge=1, description="Sequences (windows) per forward pass.")

@@ -51,6 +51,7 @@ class Retention:
     """Source-language metrics of each model relative to a reference (1.0 / 0.0 = kept)."""
 
     name = "retention"
+    data_formats = ("text", "choice")
 
     class Params(PluginParams):
         reference: str = Field(..., description="Name of the reference model; must be one of "

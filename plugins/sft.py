@@ -24,6 +24,7 @@ class SFT:
     """Supervised fine-tuning on instructions (prompt masked from the loss)."""
 
     name = "sft"
+    data_formats = ("instructions",)
 
     class Params(TrainerParams):
         lora: LoraParams | None = Field(

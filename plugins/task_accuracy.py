@@ -87,6 +87,7 @@ class TaskAccuracy:
     """Multiple-choice accuracy by log-likelihood; exact match of greedy generations."""
 
     name = "task-accuracy"
+    data_formats = FORMATS
 
     class Params(PluginParams):
         batch_size: int = Field(8, ge=1, description="Sequences (item x choice) per forward pass; "

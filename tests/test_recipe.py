@@ -174,3 +174,42 @@ def test_merge_params_naming_models_are_checked_before_running(tmp_path, tiny_mo
     }))
     with pytest.raises(RecipeError, match=r"stage 'merged': .*" + __import__("re").escape(message)):
         plan(f)
+
+
+@pytest.mark.parametrize(("stage", "plugin", "data", "message"), [
+    ("adapt-language", "sft", "text.txt", r"text.txt: sft reads 'instructions' data, this file is 'text'"),
+    ("adapt-language", "ct", "sft.jsonl", r"sft.jsonl: ct reads 'text' data, this file is 'instructions'"),
+    ("evaluate", "task-accuracy", "text.txt",
+     r"task-accuracy reads 'choice' or 'generation' data; got text.txt \(text\)"),
+])
+def test_data_format_mismatch_is_caught_by_validate(tmp_path, tiny_model, text_file,
+                                                    instructions_file, stage, plugin, data, message):
+    key = "model: base" if stage == "adapt-language" else "models: [base]"
+    recipe = write(tmp_path, f"""
+        name: formats
+        models:
+          base: {{path: {tiny_model}}}
+        stages:
+          - name: s
+            stage: {stage}
+            plugin: {plugin}
+            {key}
+            data: {{path: {data}}}
+        """)
+    with pytest.raises(RecipeError, match=rf"stage 's': data: .*{message}"):
+        plan(recipe)
+
+
+def test_evaluator_with_one_matching_source_validates(tmp_path, tiny_model, text_file, choice_file):
+    recipe = write(tmp_path, f"""
+        name: formats
+        models:
+          base: {{path: {tiny_model}}}
+        stages:
+          - name: s
+            stage: evaluate
+            plugin: task-accuracy
+            models: [base]
+            data: [{{path: {text_file.name}}}, {{path: {choice_file.name}, format: choice}}]
+        """)
+    assert plan(recipe).stages[0].spec.name == "s"
