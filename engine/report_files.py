@@ -251,6 +251,8 @@ def _metrics_chart(plt: Any, rows: dict[str, dict[str, float]], path: Path) -> P
         positive = [v for v in values if v > 0]
         if lower_is_better(kind) and positive and max(positive) / min(positive) > LOG_SCALE_RATIO:
             ax.set_yscale("log")
+        elif values and min(values) >= 0:  # scores and rates: the axis starts at 0
+            ax.set_ylim(bottom=0, top=None if max(values) > 0 else 1)
         if kind.startswith("retention"):
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         if kind.startswith("delta"):
