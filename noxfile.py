@@ -18,8 +18,8 @@ TORCH = "torch==2.13.0"
 
 #: built-in plugin -> pytest -k expression selecting its tests
 PLUGIN_TESTS = {
-    "ct": "ct and not elo",
-    "sft": "sft",
+    "ct": "(ct and not elo) or lora_training or frozen_8bit",
+    "sft": "sft or lora_training",
     "elo": "elo and not align",
     "elo-align": "elo_align",
     "first-last": "first_last",
@@ -31,7 +31,7 @@ PLUGIN_TESTS = {
     "slack-ties": "slack_ties",
     "dare-ties": "dare",
     "perplexity": "perplexity",
-    "task-accuracy": "task_accuracy",
+    "task-accuracy": "task_accuracy or generation",
     "retention": "retention",
     "lm-eval": "lm_eval",
 }

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--overwrite"]
         runs = {
             "lingoforge": lf_cmd + ["--out", str(root / "lf")],
-            "lingoforge_no_prefetch": lf_cmd + ["--out", str(root / "lf0"), "-p", "prefetch=0"],
+            "lingoforge_prefetch": lf_cmd + ["--out", str(root / "lf0"), "-p", "prefetch=64MB"],
         }
         mk_cfg = root / "mergekit.yaml"
         import yaml
