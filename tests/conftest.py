@@ -10,6 +10,18 @@ import torch
 
 from engine.context import Runtime, StageContext
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs torch single-threaded: the models and tensors here are tiny, so
+    intra-op threads only add overhead (and stall on shared cores), and one thread gives
+    one reduction order, so results that tests compare bitwise stay reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_TEXT = [
     "the cat sits on the mat and the dog runs in the park",
     "a small model learns words from a small corpus of text",

@@ -31,14 +31,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _build(kind: str, out: Path, tokenizer) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM

@@ -27,15 +27,6 @@ from engine.validate import plan_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread here and in the subprocess: the same reduction order, bitwise results."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _recipe(tmp_path: Path, tiny_model: Path, text_file: Path, plugin: str = "ct", extra: str = "") -> Path:
     f = tmp_path / "r.yaml"
     f.write_text(textwrap.dedent(f"""

@@ -5,19 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_merge_plugins import assert_same_state, edited_copy, in_memory, state
 
 from engine.cli_merge import main
 from engine.merging import arithmetic
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def args(fam, out, *extra: str) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import state
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -25,21 +26,6 @@ from engine_plugins.sft import SFT
 
 FAST = {"steps": 3, "batch_size": 2, "seq_len": 48, "lr": 1e-2, "log_every": 3}
 LORA = {"r": 4, "alpha": 8}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in modelio.weight_files(folder):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _sft(make_context, model: Path, data: Path, name: str, **lora):
@@ -128,7 +114,7 @@ def test_sft_lora_adapter_is_a_standard_peft_folder(make_context, tiny_model, in
     adapter = load_file(str(art.path / "adapter_model.safetensors"))
     assert sum(t.numel() for t in adapter.values()) == expected
     assert ctx.stats.trainable_params == expected
-    base_params = sum(t.numel() for t in _weights(tiny_model).values())
+    base_params = sum(t.numel() for t in state(tiny_model).values())
     assert ctx.stats.forward_params == base_params + expected
     assert all(".lora_A." in k or ".lora_B." in k for k in adapter)
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if ".lora_B." in k)  # B moved off zero
@@ -142,7 +128,7 @@ def test_lora_merged_equals_base_plus_scaled_BA(make_context, tiny_model, instru
     merged_art, _ = _sft(make_context, tiny_model, instructions_file, "m", save="merged", use_rslora=use_rslora)
     scaling = 8 / (4 ** 0.5 if use_rslora else 4)
     adapter = load_file(str(adapter_art.path / "adapter_model.safetensors"))
-    base, merged = _weights(tiny_model), _weights(merged_art.path)
+    base, merged = state(tiny_model), state(merged_art.path)
     assert base.keys() == merged.keys()
     modules = _adapted_modules(adapter)
     assert len(modules) == 7 * 4
@@ -227,7 +213,7 @@ def test_ct_lora_on_chosen_layers_only(make_context, tiny_model, text_file):
     merged = CT().run(make_context("ct-lora-m"), StageInputs(model=ModelArtifact("base", tiny_model),
                                                              data=[DataSource(text_file)]),
                       CT.Params(**params, layers=[0, -1], lora=LORA))
-    base, out = _weights(tiny_model), _weights(merged.path)
+    base, out = state(tiny_model), state(merged.path)
     changed = {k for k in base if not torch.equal(base[k], out[k])}
     assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 3) for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -265,7 +251,7 @@ def test_recipe_sft_lora_adapter_then_evaluate(tmp_path, tiny_model, instruction
     report = Runner(plan_recipe(load_recipe(f, []), tmp_path, str(f)), work).run()
     assert modelio.is_adapter_folder(work / "tuned")
     tuned = report["stages"][0]
-    base_params = sum(t.numel() for t in _weights(tiny_model).values())
+    base_params = sum(t.numel() for t in state(tiny_model).values())
     assert tuned["forward_params"] - tuned["trainable_params"] == base_params  # only the adapter trains
     metrics = json.loads((work / "scores" / "metrics.json").read_text())
     assert "_errors" not in metrics

@@ -20,14 +20,6 @@ from engine_plugins.task_arithmetic import TaskArithmetic
 from engine_plugins.ties import Ties
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def validate(tmp_path: Path, models: dict[str, Path], params: dict | None = None,
              plugin: str = "ties") -> None:
     from engine.recipe import parse_recipe

@@ -36,14 +36,6 @@ RS_CFG = dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_p
               rank_pattern={"v_proj": 2})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_adapter(base: Path, root: Path, name: str, seed: int, **lora) -> tuple[Path, Path, dict]:
     """Save a real PEFT adapter (random non-zero factors) trained on ``base`` to
     ``root/name``, and the full model ``merge_and_unload`` gives to ``root/name-full``.

@@ -26,16 +26,6 @@ from engine.merging.arithmetic import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and stall badly when
-    the cores are shared), so this module runs single-threaded and restores the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 

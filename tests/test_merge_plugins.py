@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import state
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from engine import modelio
 from engine.api import ModelArtifact, StageInputs
@@ -27,23 +28,6 @@ from engine_plugins.linear import Linear
 from engine_plugins.slack_ties import SlackTies
 from engine_plugins.task_arithmetic import TaskArithmetic
 from engine_plugins.ties import Ties
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall on shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def state(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder, in memory (the reference the streamed merge must equal)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in modelio.weight_files(folder):
-        out.update(load_file(str(f)))
-    return out
 
 
 def art(family: dict[str, Path], name: str) -> ModelArtifact:

@@ -21,14 +21,6 @@ from engine_plugins.task_arithmetic import TaskArithmetic
 from engine_plugins.ties import Ties
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def stable_top_k(x: torch.Tensor, density: float) -> torch.Tensor:
     """Reference trim: a stable descending sort of |x|, first ``k`` kept (ties: lowest index)."""
     k = keep_count(density, x.numel())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import state
 
 from engine import modelio
 from engine.api import DataSource, LayerSelection, ModelArtifact, StageInputs
@@ -25,22 +25,6 @@ from engine_plugins.indices import Indices
 from engine_plugins.sft import SFT
 
 FAST = {"steps": 3, "batch_size": 2, "seq_len": 16, "lr": 1e-2, "log_every": 3}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads on busy cores spin and crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in modelio.weight_files(folder):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _loads(folder: Path):
@@ -66,7 +50,7 @@ def test_ct_trains_full_model_and_saves_loadable_folder(make_context, tiny_model
                    CT.Params(**FAST))
     assert art.path == ctx.output_dir and (art.path / "train_log.jsonl").is_file()
     _loads(art.path)
-    before, after = _weights(tiny_model), _weights(art.path)
+    before, after = state(tiny_model), state(art.path)
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert ctx.stats.tokens == 3 * 2 * 16
     assert ctx.stats.trainable_params == ctx.stats.forward_params
@@ -77,7 +61,7 @@ def test_ct_with_layers_trains_only_those(make_context, tiny_model, text_file):
     sel = LayerSelection(name="sel", indices=[1, 3], num_layers=4)
     art = CT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), layers=sel,
                                     data=_text(text_file)), CT.Params(**FAST))
-    before, after = _weights(tiny_model), _weights(art.path)
+    before, after = state(tiny_model), state(art.path)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("model.layers.1.", "model.layers.3.")) for k in changed)
     assert modelio.read_meta(art.path)["trained_layers"] == [1, 3]
@@ -114,7 +98,7 @@ def test_ct_frozen_8bit_trains_chosen_layers_and_keeps_frozen_bitwise(make_conte
     art = CT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), data=_text(text_file)), params)
     losses = [json.loads(x)["loss"] for x in (art.path / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
-    before, after = _weights(tiny_model), _weights(art.path)
+    before, after = state(tiny_model), state(art.path)
     assert before.keys() == after.keys()
     for key, tensor in before.items():
         trained = key.startswith(("model.layers.0.", "model.layers.3."))
@@ -210,7 +194,7 @@ def test_elo_builds_and_trains_detached_end_layers(elo_submodel, tiny_model):
     meta = modelio.read_meta(art.path)
     assert meta["kind"] == "elo-submodel" and meta["layer_indices"] == [0, 3]
     assert meta["source_model"] == str(tiny_model.resolve()) and meta["source_num_layers"] == 4
-    full, sub = _weights(tiny_model), _weights(art.path)
+    full, sub = state(tiny_model), state(art.path)
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         assert torch.equal(full[key], sub[key]), f"{key} should be frozen"
     assert not torch.equal(full["model.layers.3.mlp.up_proj.weight"], sub["model.layers.1.mlp.up_proj.weight"])
@@ -237,7 +221,7 @@ def test_elo_align_reinserts_trained_layers(elo_submodel, make_context, tiny_mod
     ctx = make_context("elo-aligned", stage_kind="align")
     art = ELOAlign().run(ctx, StageInputs(model=sub_art), ELOAlign.Params(steps=0))
     _loads(art.path)
-    full, sub, out = _weights(tiny_model), _weights(sub_art.path), _weights(art.path)
+    full, sub, out = state(tiny_model), state(sub_art.path), state(art.path)
     for key, tensor in out.items():
         src = key.replace("model.layers.3.", "model.layers.1.")  # sub-model layer 1 is source layer 3
         if key.startswith(("model.layers.0.", "model.layers.3.")):
@@ -335,7 +319,7 @@ def _with_identity_layers(src: Path, dst: Path, identity: list[int]) -> Path:
     from safetensors.torch import save_file
 
     shutil.copytree(src, dst)
-    weights = _weights(dst)
+    weights = state(dst)
     for key in weights:
         layer = key.split(".")[2] if key.startswith("model.layers.") else None
         if layer is not None and int(layer) in identity and key.endswith(("o_proj.weight", "down_proj.weight")):

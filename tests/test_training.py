@@ -25,16 +25,6 @@ from engine.batching import (
 from engine.errors import DataError, TrainingError
 from engine.training import LOG_FILE, TrainerParams, lr_factor, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads on busy cores spin and crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --- the loop ----------------------------------------------------------------------------
 
 

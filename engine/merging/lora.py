@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine import modelio
 from engine.errors import EngineError, MergeError
 from engine.merging.tensorio import ModelReader, TensorInfo, read_header
 
@@ -78,9 +79,8 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 def is_adapter_folder(path: Path | str) -> bool:
     """A folder with ``adapter_config.json`` and no ``config.json`` of its own is a PEFT
-    adapter (the same rule as :mod:`engine.modelio`'s)."""
-    p = Path(path)
-    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+    adapter (:func:`engine.modelio.is_adapter_folder`)."""
+    return modelio.is_adapter_folder(Path(path))
 
 
 # --- adapter_config.json ----------------------------------------------------------------
@@ -149,12 +149,7 @@ def _refusal(cfg: Mapping[str, Any]) -> str | None:
 def read_settings(folder: Path | str) -> LoraSettings:
     """Parse and check ``adapter_config.json`` (peft_type must be LORA)."""
     f = Path(folder) / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MergeError(f"{f}: not a readable adapter config ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise MergeError(f"{f}: not a JSON object")
+    cfg = modelio.read_adapter_config(Path(folder))
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise MergeError(f"{f}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters "

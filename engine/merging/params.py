@@ -63,8 +63,8 @@ class MergeParams(PluginParams):
         0, json_schema_extra=NOT_IN_RESULT,
         description="Read ahead: a reader thread loads the next tensors (of every model) while "
                     "the current one merges, up to this many bytes of raw tensors in flight, "
-                    "e.g. '64MB'; 0 (the default) reads and merges in turn, which measured "
-                    "faster and leaner on 2 cores.")
+                    "e.g. '64MB'; 0 (the default) reads and merges in turn (leaner; no clear "
+                    "speed difference measured on 2 cores).")
     overrides: list[TensorOverride] = Field(
         default_factory=list,
         description="Per-tensor params: [{match: REGEX, <param>: value, ...}]; match is searched "
