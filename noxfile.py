@@ -65,6 +65,14 @@ def quickstart(session: nox.Session) -> None:
 
 
 @nox.session
+def maintenance(session: nox.Session) -> None:
+    """Run recipes/maintenance.yaml (per-language LoRA adapters, merged) end to end."""
+    _install(session)
+    session.run("engine", "run", "recipes/maintenance.yaml", "--workdir", "runs/maintenance",
+                *session.posargs)
+
+
+@nox.session
 @nox.parametrize("plugin", list(PLUGIN_TESTS))
 def plugin(session: nox.Session, plugin: str) -> None:
     """One built-in plugin's tests (the plugin matrix): nox -s "plugin(plugin='ties')"."""
