@@ -15,11 +15,9 @@ import textwrap
 import pytest
 from rich.console import Console
 
-import engine_plugins.retention as retention_module
 from engine.cli import main
 from engine.cli_report import add_parser, cmd_report
 from engine.errors import EngineError
-from engine.plugin_manager import pm
 from engine.report import best_values, direction, metrics_table, order_columns
 from engine.report_files import load_run, make_report
 
@@ -29,9 +27,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model):
     """A finished run: base -> ct (3 steps), then perplexity and retention on both."""
-    added = not pm.is_registered(retention_module)
-    if added:  # until retention is in DEFAULT_PLUGINS
-        pm.register(retention_module, name="retention-under-test")
     root = tmp_path_factory.mktemp("report-run")
     text = root / "en.txt"
     text.write_text("the cat sits on the mat and the dog runs in the park\n"
@@ -60,11 +55,7 @@ def run_dir(tmp_path_factory, tiny_model):
             data: {{path: {text}, language: en}}
             params: {{reference: base, metrics: [ppl]}}
         """))
-    try:
-        assert main(["run", str(recipe), "--workdir", str(root / "work")]) == 0
-    finally:
-        if added:
-            pm.unregister(name="retention-under-test")
+    assert main(["run", str(recipe), "--workdir", str(root / "work")]) == 0
     return root / "work"
 
 
