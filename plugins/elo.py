@@ -2,17 +2,23 @@
 
 The first and last decoder layers are detached into a standalone sub-model
 ``embed -> layer[0] -> layer[-1] -> norm -> lm_head``: the middle layers are absent,
-not frozen, so each step costs a fraction of a full model's. Embeddings, norm and head
-stay frozen; only the detached layers learn the target language (text mixed with
-some source-language text by data ``weight``, the paper's 9:1). The sub-model is
-saved as an ordinary, smaller model folder whose lingoforge.json says where its
-layers came from, so that ``elo-align`` can put them back.
+not frozen, so each step costs a fraction of a full model's. As in the paper, the
+embeddings, norm and head stay frozen by default and only the detached layers learn
+the target language (text mixed with some source-language text by data ``weight``,
+the paper's 9:1). With ``train_embeddings`` the input embedding and the output head
+train too, at little extra cost per step; on the built-in world that is what lets
+ELO match full CT (docs/benchmarks.md, "Time to quality"). The sub-model is saved as
+an ordinary, smaller model folder whose lingoforge.json says where its layers came
+from and which tensors trained, so that ``elo-align`` can put them back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field
 
 from engine import arch, modelio
@@ -29,6 +35,25 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({0, n_layers - 1})
 
 
+def prepare_submodel(source: Path, layers: Sequence[int], *, train_embeddings: bool = False,
+                     dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[int], list[str]]:
+    """Detach source ``layers`` into a sub-model and set what trains.
+
+    The detached layers always train; with ``train_embeddings`` the input embedding
+    and the output head do too (one tensor when they are tied). Everything else is
+    frozen. Returns the sub-model, the resolved source indices and the names of the
+    trained tensors (sub-model names, as saved), which ``elo-align`` reinserts.
+    """
+    model, indices = arch.load_submodel(source, layers, dtype=dtype, device=device)
+    arch.train_only_layers(model, range(len(indices)))
+    if train_embeddings:
+        arch.embeddings(model).requires_grad_(True)
+        arch.lm_head(model).requires_grad_(True)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    return model, indices, trained
+
+
 class ELO:
     """ELO stage 1: train detached first/last layers as a small standalone model."""
 
@@ -38,6 +63,12 @@ class ELO:
         layers: list[int] | None = Field(
             None, description="Decoder layers to detach and train (negative counts from the end). "
             "Default: a select-layers stage's output if given as 'layers', else the first and last.")
+        train_embeddings: bool = Field(
+            False, description="Also train the input embedding and the output head (lm_head; one tensor "
+            "when tied) in the sub-model; elo-align puts them back with the layers. Off by default, as in the "
+            "paper, where only the detached layers train. Little extra cost per step, but vocab x hidden more "
+            "trainable parameters per tensor, with their optimizer state. On the built-in world ELO matches "
+            "full CT's target-language perplexity only with it (docs/benchmarks.md).")
 
     def check(self, configs: dict[str, list[dict[str, Any]]], params: Params) -> None:
         """Static check: a supported architecture, and explicit layers that exist."""
@@ -60,21 +91,23 @@ class ELO:
         chosen = arch.choose_layers(params.layers, inputs.layers, n) or default_layers(n)
 
         tokenizer = context.load_tokenizer(source)
-        model, indices = arch.load_submodel(source, chosen, dtype=training_dtype(context),
-                                            device=context.device)
-        arch.train_only_layers(model, range(len(indices)))
-        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        model, indices, trained = prepare_submodel(source, chosen, train_embeddings=params.train_embeddings,
+                                                   dtype=training_dtype(context), device=context.device)
         context.note("elo_layers", indices)
+        if params.train_embeddings:
+            context.note("elo_trained_embeddings", [t for t in trained if arch.layer_of_key(t) is None])
 
         batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
                                    batch_size=params.micro_batch_size, seed=params.seed)
-        result = train(context, model, batches, params, description=f"{context.stage_name}: ELO layers {indices}")
+        what = f"ELO layers {indices}" + (" + embeddings/head" if params.train_embeddings else "")
+        result = train(context, model, batches, params, description=f"{context.stage_name}: {what}")
         meta = {
             "kind": SUBMODEL_KIND,
             "source_model": str(source),
             "layer_indices": indices,
             "source_num_layers": n,
             "trained_tensors": trained,
+            "train_embeddings": params.train_embeddings,
         }
         return context.save_model(result.model, tokenizer, meta=meta)
 

@@ -1,9 +1,10 @@
 """``elo-align``: ELO stage 2, layer alignment (arXiv 2601.03648).
 
 The layers trained in a detached ELO sub-model are copied back into the full model
-at their original indices; the full model is then briefly fine-tuned so that the
-untouched middle layers and the retrained ends agree again. With ``steps: 0`` or no
-data it only reinserts.
+at their original indices (with ``elo``'s ``train_embeddings``, the input embedding and
+the head too); the full model is then briefly fine-tuned so that the untouched middle
+layers and the retrained ends agree again. With ``steps: 0`` or no data it only
+reinserts.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def reinsert(model: torch.nn.Module, submodel: Path, meta: dict) -> list[str]:
     """Copy the sub-model's trained tensors into ``model`` at their source layer indices.
 
     Trained tensors are those listed in meta ``trained_tensors``, else every layer
-    tensor. Returns the full-model names written. Shapes must match.
+    tensor. Layer tensors are renamed to their source layer; tensors outside the
+    layers (the embedding and head, when ``elo`` trained them) keep their names.
+    Returns the full-model names written. Shapes must match.
     """
     from safetensors import safe_open
 

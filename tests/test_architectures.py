@@ -93,3 +93,34 @@ def test_elo_unknown_architecture_is_a_clear_error(tmp_path, tiny_tokenizer, mak
                   ELO.Params(**FAST))
     with pytest.raises(ValueError, match="elo: layer-wise training does not support model_type 'gpt2'"):
         ELO().check({"model": [json.loads((folder / "config.json").read_text())]}, ELO.Params())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_elo_train_embeddings_round_trip_tied_and_untied(kind, tmp_path, tiny_tokenizer, make_context, text_file):
+    """Gemma ties the head to the embedding (one tensor trains and is put back), Llama
+    does not (two); either way the middle layers of the aligned model stay the base's."""
+    base = _build(kind, tmp_path / kind, tiny_tokenizer)
+    tied = json.loads((base / "config.json").read_text()).get("tie_word_embeddings", False)
+    assert tied == (kind == "gemma")
+    data = [DataSource(text_file, "text")]
+    sub = ELO().run(make_context(f"elo-emb-{kind}"), StageInputs(model=ModelArtifact("base", base), data=data),
+                    ELO.Params(**FAST, train_embeddings=True))
+    non_layer = [t for t in json.loads((sub.path / "lingoforge.json").read_text())["trained_tensors"]
+                 if arch.layer_of_key(t) is None]
+    assert non_layer == (["model.embed_tokens.weight"] if tied else ["model.embed_tokens.weight", "lm_head.weight"])
+
+    aligned = ELOAlign().run(make_context(f"re-emb-{kind}", stage_kind="align"),
+                             StageInputs(model=sub, base=ModelArtifact("base", base)), ELOAlign.Params(steps=0))
+    before, trained = load_file(str(base / "model.safetensors")), load_file(str(sub.path / "model.safetensors"))
+    after = load_file(str(aligned.path / "model.safetensors"))
+    assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    for key, tensor in after.items():
+        if arch.layer_of_key(key) in (1, 2) or key == "model.norm.weight":
+            assert torch.equal(tensor, before[key]), key
+        else:
+            assert torch.equal(tensor, trained[arch.rename_layer_key(key, {0: 0, 3: 1})]), key
+    if tied:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(aligned.path))
+        assert torch.equal(model.lm_head.weight, trained["model.embed_tokens.weight"])

@@ -203,6 +203,36 @@ def test_elo_builds_and_trains_detached_end_layers(elo_submodel, tiny_model):
     assert ctx.stats.forward_params == sum(p.numel() for p in model.parameters())
 
 
+def test_elo_train_embeddings_trains_embedding_and_head_and_align_puts_them_back(
+        make_context, tiny_model, text_file):
+    ctx = make_context("elo-emb")
+    art = ELO().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model), data=_text(text_file)),
+                    ELO.Params(**FAST, train_embeddings=True))
+    meta = modelio.read_meta(art.path)
+    assert meta["train_embeddings"] is True
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(meta["trained_tensors"])
+    assert "model.norm.weight" not in meta["trained_tensors"]
+    full, sub = state(tiny_model), state(art.path)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(full[key], sub[key]), f"{key} should have trained"
+    assert torch.equal(full["model.norm.weight"], sub["model.norm.weight"])
+    model = _loads(art.path)
+    expected = sum(p.numel() for p in model.model.layers.parameters()) + \
+        model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    assert ctx.stats.trainable_params == expected
+    assert ctx.stats.notes["elo_trained_embeddings"] == ["model.embed_tokens.weight", "lm_head.weight"]
+
+    aligned = ELOAlign().run(make_context("elo-emb-aligned", stage_kind="align"), StageInputs(model=art),
+                             ELOAlign.Params(steps=0))
+    out = state(aligned.path)
+    for key, tensor in out.items():
+        if key.startswith(("model.layers.1.", "model.layers.2.")) or key == "model.norm.weight":
+            assert torch.equal(tensor, full[key]), f"{key} should be the base's, bit for bit"
+        else:  # the ends, the embedding and the head come from the sub-model
+            src = key.replace("model.layers.3.", "model.layers.1.")
+            assert torch.equal(tensor, sub[src]), key
+
+
 def test_elo_uses_chosen_layers_and_checks(make_context, tiny_model, text_file):
     sel = LayerSelection(name="sel", indices=[1, 2], num_layers=4)
     art = ELO().run(make_context("elo-sel"), StageInputs(model=ModelArtifact("base", tiny_model), layers=sel,
