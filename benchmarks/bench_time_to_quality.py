@@ -6,8 +6,7 @@ Both start from ``tiny-base`` and train on ``lum/train.txt`` mixed 9:1 with
 ``lum/test.txt`` is measured with the clock paused, in two ways:
 
 * ``ppl`` (packed): the test documents joined with EOS and cut into 128-token blocks,
-  exactly the way the trainers pack their text (``engine.batching``; with
-  ``--bos-in-training`` each document starts with BOS here too);
+  exactly the way the trainers pack their text (``engine.batching``: ``BOS text EOS``);
 * ``ppl_doc`` (document): each document on its own, after BOS, which is what the
   ``perplexity`` evaluation plugin reports (the same engine code computes it).
 
@@ -26,10 +25,9 @@ beside them for information and never counts towards a target.
 The figure is the wall time at which ELO's full model first reaches a target, as a
 fraction of that target's CT run. Curves are written to ``--out`` (JSON).
 
-The trainers pack documents as ``text EOS`` while ``tiny-base`` was pretrained on
-``BOS text EOS`` and the plugin scores ``BOS text``; ``--bos-in-training`` starts every
-training document with BOS (by wrapping ``engine.batching``'s document stream), to see
-what the two measures say when training and scoring agree.
+Until 2026-11-21 the trainers packed documents as ``text EOS`` while ``tiny-base`` was
+pretrained on ``BOS text EOS`` and the plugin scores ``BOS text``; ``engine.batching``
+now starts every document with BOS, so training and both measures agree.
 
     flock /tmp/lingoforge-bench.lock python benchmarks/bench_time_to_quality.py
 """
@@ -98,20 +96,6 @@ class DocumentPerplexity:
         return float(metrics[self.key])
 
 
-def bos_in_training(bos: int) -> None:
-    """Make ``engine.batching`` start every packed training document with ``bos``
-    (unless the tokenizer already did), for the ``--bos-in-training`` experiment."""
-    import engine.batching as batching
-
-    documents = batching._tokenized_documents
-
-    def with_bos(*args: Any, **kwargs: Any) -> Iterator[list[int]]:
-        for ids in documents(*args, **kwargs):
-            yield ids if ids[:1] == [bos] else [bos, *ids]
-
-    batching._tokenized_documents = with_bos
-
-
 class Clock:
     """Wall seconds since creation, less the time spent inside :meth:`paused`."""
 
@@ -177,9 +161,6 @@ def main() -> None:
     ap.add_argument("--align-schedule", default="constant", choices=["constant", "cosine", "linear"])
     ap.add_argument("--eval-every", type=int, default=10, help="CT and stage-1 probe interval; alignment: /5")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bos-in-training", action="store_true",
-                    help="experiment: start every training document with BOS, as the base was pretrained "
-                         "and as the perplexity plugin scores (engine.batching packs without it)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "time_to_quality.json")
     a = ap.parse_args()
 
@@ -194,11 +175,9 @@ def main() -> None:
     torch.set_num_threads(2)
     base = world.model_path("tiny-base")
     tok = load_tokenizer(base)
-    if a.bos_in_training:
-        bos_in_training(tok.bos_token_id)
-    blocks = eval_blocks(tok, world.data_path("lum/test.txt"), 128, bos=a.bos_in_training)
+    blocks = eval_blocks(tok, world.data_path("lum/test.txt"), 128, bos=True)
     documents = DocumentPerplexity(tok, world.data_path("lum/test.txt"), "lum")
-    en_blocks = eval_blocks(tok, world.data_path("en/test.txt"), 128, bos=a.bos_in_training)
+    en_blocks = eval_blocks(tok, world.data_path("en/test.txt"), 128, bos=True)
     en_documents = DocumentPerplexity(tok, world.data_path("en/test.txt"), "en")
     mix = [DataSource(world.data_path("lum/train.txt"), language="lum", weight=9),
            DataSource(world.data_path("en/train.txt"), language="en", weight=1)]
@@ -277,9 +256,8 @@ def main() -> None:
     a.out.write_text(json.dumps(result, indent=1))
 
     emb = " + embedding/head" if a.train_embeddings else ""
-    bos = ", BOS at training document starts" if a.bos_in_training else ""
     print(f"\nTime to quality on the built-in world (tiny-base, lum 9:1 en, batch 16 x 128, "
-          f"{a.schedule} lr, {a.warmup} warmup steps{bos}); {h.machine()}\n")
+          f"{a.schedule} lr, {a.warmup} warmup steps); {h.machine()}\n")
     print("lum and en perplexity: packed (training format) / document (the perplexity plugin's)\n")
     print("| run | lr | steps | wall s (training) | s/step | lum ppl | en ppl |")
     print("|---|---|---|---|---|---|---|")
@@ -310,9 +288,8 @@ def main() -> None:
         print("  ELO sub-model, stage 1:", [(x["wall_s"], x[m]) for x in sub_probe.points])
         print("  ELO full model, alignment:", [(x["wall_s"], x[m]) for x in elo_points])
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
-                     if k not in ("out", "train_embeddings", "bos_in_training") and v is not None)
+                     if k not in ("out", "train_embeddings") and v is not None)
     flags += " --train-embeddings" if a.train_embeddings else " --no-train-embeddings"
-    flags += " --bos-in-training" if a.bos_in_training else ""
     print(f"\ncurves: {a.out}\ncommand: flock /tmp/lingoforge-bench.lock python "
           f"benchmarks/bench_time_to_quality.py {flags}")
 

@@ -145,11 +145,19 @@ def _eos_id(tokenizer: Any) -> int:
 
 def _tokenized_documents(tokenizer: Any, source: DataSource, rng: random.Random,
                          buffer_size: int) -> Iterator[list[int]]:
-    """Token ids per document, each ending in EOS, shuffled through a buffer."""
+    """Token ids per document, ``BOS text EOS``, shuffled through a buffer.
+
+    Documents start with BOS when the tokenizer has a BOS distinct from EOS and did not
+    add it itself (as models are pretrained and as the evaluators score text), and end
+    with EOS, which separates documents in the packed stream."""
     eos = _eos_id(tokenizer)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    start = [bos] if bos is not None and bos != eos else []
     docs = shuffled(iter_texts(source), rng, buffer_size)
     for chunk in _chunks(docs, _TOKENIZE_CHUNK):
         for ids in tokenizer(chunk)["input_ids"]:
+            if start and ids[:1] != start:
+                ids = [*start, *ids]
             yield ids if ids and ids[-1] == eos else [*ids, eos]
 
 

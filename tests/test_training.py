@@ -110,10 +110,13 @@ def test_lr_schedules():
 # --- batching ------------------------------------------------------------------------------
 
 
-def test_packing_fills_blocks_with_eos_joined_documents(tiny_tokenizer, text_file):
+def test_packing_fills_blocks_with_bos_text_eos_documents(tiny_tokenizer, text_file):
+    """Documents are packed as models are pretrained and evaluators score them:
+    ``BOS text EOS`` (this tokenizer adds neither itself)."""
     docs = text_file.read_text().split("\n")[:-1]
-    eos = tiny_tokenizer.eos_token_id
-    stream = [t for d in docs for t in [*tiny_tokenizer(d)["input_ids"], eos]]
+    bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer(docs[0])["input_ids"][0] != bos
+    stream = [t for d in docs for t in [bos, *tiny_tokenizer(d)["input_ids"], eos]]
     blocks = list(itertools.islice(packed_blocks(tiny_tokenizer, [DataSource(text_file)], seq_len=16,
                                                  shuffle_buffer=1), len(stream) // 16))
     assert all(len(b) == 16 for _, b in blocks)
@@ -243,3 +246,4 @@ def test_train_only_layers_freezes_the_rest(tiny_model):
     assert arch.train_only_layers(model, [-1]) == [3]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.layers.3.") for n in trainable)
+
