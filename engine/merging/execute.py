@@ -265,6 +265,16 @@ def _load(readers: Sequence[ModelReader], name: str) -> list[torch.Tensor]:
     return raws
 
 
+def _output(merged: torch.Tensor, target: PlannedTensor) -> torch.Tensor:
+    """A merged tensor (or rows of one) cast to its output dtype on the CPU, refused when
+    the cast overflows."""
+    out = merged.to(target.dtype).cpu()
+    if not _all_finite(out):
+        raise MergeError(f"merged tensor {target.name!r} is not finite in {target.dtype} (overflow? "
+                         f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
+    return out
+
+
 def _sliceable(target: PlannedTensor, plan: MergePlan, merge: TensorMerge,
                readers: Sequence[Any], cdtype: torch.dtype, chunk_elements: int) -> bool:
     """Whether ``target`` is merged in row slices: a large floating-point tensor with
@@ -351,11 +361,7 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
                              f"{a}:{b} of tensor {name!r}, expected {[b - a, *target.shape[1:]]}")
         if step.task_vectors:
             merged = merged.add_(base)
-        out = merged.to(target.dtype).cpu()
-        if not _all_finite(out):
-            raise MergeError(f"merged tensor {name!r} is not finite in {target.dtype} (overflow? "
-                             f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
-        writer.write_rows(name, out)
+        writer.write_rows(name, _output(merged, target))
 
 
 @dataclass
@@ -418,11 +424,7 @@ class _Step:
             for a, b, t in tails:
                 full[a:b] = t
             merged = full
-        out = merged.to(target.dtype).cpu()
-        if not _all_finite(out):
-            raise MergeError(f"merged tensor {name!r} is not finite in {target.dtype} (overflow? "
-                             f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
-        return out
+        return _output(merged, target)
 
 
 def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, merge: TensorMerge,
