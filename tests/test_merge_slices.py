@@ -169,3 +169,23 @@ def test_docs_positionwise_plugin_example_runs_and_equals_ties(tiny_model_family
     got = run(impl, make_context, inputs(fam, "a", "b"), name="doc", **params)
     want = run(Ties(), make_context, inputs(fam, "a", "b"), name="ties", **params)
     assert_same_state(got.path, state(want.path))
+
+
+@pytest.mark.parametrize("chunk", [10**9, 100], ids=["whole", "sliced"])
+def test_overflow_in_the_output_dtype_is_named_and_nothing_is_left(tiny_model_family, make_context,
+                                                                   tmp_path, monkeypatch, chunk):
+    from test_merge_plugins import edited_copy
+
+    monkeypatch.setattr(execute, "CHUNK_ELEMENTS", chunk)
+    fam = dict(tiny_model_family)
+
+    def huge(t):
+        t["model.embed_tokens.weight"][0, 0] = 1e6  # finite in float32, inf in float16
+
+    fam["big"] = edited_copy(fam["b"], tmp_path / "big", huge)
+    context = make_context(f"overflow-{chunk}", stage_kind="merge", plugin="task-arithmetic")
+    with pytest.raises(MergeError, match=r"'model.embed_tokens.weight' is not finite in torch.float16"):
+        TaskArithmetic().run(context, inputs(fam, "a", "big"),
+                             TaskArithmetic.Params.model_validate({"out_dtype": "float16"}))
+    assert not any(context.output_dir.glob("*.safetensors"))
+    assert not (context.output_dir / "config.json").exists()
