@@ -37,15 +37,25 @@ PLUGIN_TESTS = {
 }
 
 
-def _install(session: nox.Session, extras: str = "dev") -> None:
+def _install(session: nox.Session, extras: str = "dev", *, constrained: bool = True) -> None:
     session.install(TORCH)
-    session.install("-e", f".[{extras}]")
+    pins = ("-c", "constraints.txt") if constrained else ()
+    session.install(*pins, "-e", f".[{extras}]")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite."""
     _install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def newest(session: nox.Session) -> None:
+    """The whole suite against the newest releases of every dependency (torch stays
+    pinned to the local CPU wheel): what a fresh ``pip install`` gets next month."""
+    _install(session, constrained=False)
+    session.run("pip", "list", "--format=freeze")
     session.run("pytest", *session.posargs)
 
 

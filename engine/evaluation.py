@@ -24,6 +24,7 @@ import torch
 
 from engine import modelio
 from engine.api import DataSource, MetricsArtifact, ModelArtifact
+from engine.capabilities import Capabilities, probe
 from engine.errors import DataError, EngineError, ModelLoadError
 from engine.generation import Generation, GenerationPlan, StopRule, generate_greedy
 from engine.scoring import Batch, batch_order, num_batches, plan_batches, score_spans
@@ -198,6 +199,7 @@ def evaluate_models(
             try:
                 model = context.load_model(artifact)
                 alive = weakref.ref(model)
+                _report_capabilities(context, artifact.name, probe(model))
                 values: dict[str, float] = {}
                 numbers: dict[str, int] = {}
                 for part in parts:
@@ -225,6 +227,19 @@ def evaluate_models(
         cls = ModelLoadError if load_failures == set(errors) else EngineError
         raise cls(f"evaluate stage {context.stage_name!r}: no model could be scored ({detail})")
     return MetricsArtifact(name=context.stage_name, metrics=metrics, counts=counts, errors=errors)
+
+
+def _report_capabilities(context: StageContext, name: str, caps: Capabilities) -> None:
+    """Record what fast paths ``name`` has in report.json; say once per stage when a slow
+    path will be taken instead."""
+    notes = context.stats.notes.setdefault("capabilities", {})
+    notes[name] = caps.as_dict()
+    if caps.missing:
+        slow = context.stats.notes.setdefault("slow_paths", {})
+        if not slow:
+            context.log(f"[yellow]model {name!r} lacks a fast path, scoring is slower:[/] "
+                        + "; ".join(caps.missing))
+        slow[name] = list(caps.missing)
 
 
 def _nothing() -> None:

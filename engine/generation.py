@@ -21,8 +21,9 @@ How a batch is generated
 * The prompt runs once (``use_cache=True``, only the last position's logits kept);
   each step then feeds one token per row with the **KV cache**. Rows that are done
   leave the batch (their cache rows are dropped), so a batch costs what its longest
-  answer costs. Models whose ``forward`` takes no ``past_key_values`` re-run the
-  whole sequence each step (same tokens, slower).
+  answer costs. Models that cannot continue from a KV cache (found by
+  :func:`engine.capabilities.probe`, which the evaluators report) re-run the whole
+  sequence each step (same tokens, slower).
 
 When a generation stops (:class:`StopRule`)
 -------------------------------------------
@@ -43,7 +44,7 @@ from typing import Any, Literal
 
 import torch
 
-from engine.scoring import _accepts
+from engine.capabilities import Capabilities, probe
 
 __all__ = ["Generation", "GenerationPlan", "StopRule", "eos_ids", "generate_greedy"]
 
@@ -151,17 +152,18 @@ class _Batch:
 
 def _generate_batch(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Sequence[int]],
                     rule: StopRule, *, device: torch.device, pad_id: int, eos: frozenset[int],
-                    use_cache: bool, keep_logits: bool) -> tuple[list[Generation], int]:
+                    caps: Capabilities) -> tuple[list[Generation], int]:
     """Greedy generations for ``rows`` (prompt ids), and the positions fed."""
     state = _Batch(tokenizer, rule, eos, len(rows))
     ids, mask = _left_padded(rows, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = _positions(mask)
+    use_cache = caps.kv_cache
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                               "use_cache": use_cache}
     fed = int(mask.sum())
     while True:
-        if keep_logits:
+        if caps.logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = model(**kwargs)
         picked = out.logits[:, -1].argmax(dim=-1)
@@ -172,12 +174,12 @@ def _generate_batch(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Seque
         new = picked[index][:, None]
         mask = torch.cat([mask[index], torch.ones_like(new)], dim=1)
         if use_cache:
-            cache = out.past_key_values
+            cache = caps.cache_of(out)
             if len(keep) < picked.shape[0]:
                 cache.batch_select_indices(index)
             last = kwargs["position_ids"][index, -1:]
             kwargs = {"input_ids": new, "attention_mask": mask, "position_ids": last + 1,
-                      "past_key_values": cache, "use_cache": True}
+                      caps.cache_argument: cache, "use_cache": True}
             fed += len(keep)
         else:
             ids = torch.cat([ids[index], new], dim=1)
@@ -213,16 +215,14 @@ def generate_greedy(
     eos = eos_ids(model, tokenizer)
     pad = next((p for p in (getattr(tokenizer, "pad_token_id", None), *sorted(eos))
                 if isinstance(p, int)), 0)
-    use_cache = _accepts(model, "past_key_values")
-    keep_logits = _accepts(model, "logits_to_keep")
+    caps = probe(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     with torch.inference_mode():
         for k in range(0, len(order), batch_size):
             chunk = order[k:k + batch_size]
             gens, fed = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], rule,
-                                        device=device, pad_id=pad, eos=eos, use_cache=use_cache,
-                                        keep_logits=keep_logits)
+                                        device=device, pad_id=pad, eos=eos, caps=caps)
             for i, gen in zip(chunk, gens, strict=True):
                 results[i] = gen
             if on_batch is not None:

@@ -15,7 +15,8 @@ How sequences are scored
   is identical, such as the choices of one multiple-choice item, are scored with one
   forward over the context (``use_cache=True``) whose last logits predict every
   continuation's first token, then one forward over all continuations that reuses the
-  context's key/value cache (``past_key_values``), each row with the cache of its own
+  context's key/value cache (under whatever keyword :func:`engine.capabilities.probe`
+  finds the model takes it), each row with the cache of its own
   context and explicit ``position_ids``. A 4-choice item with a 200-token prompt then
   costs 200 + (choice lengths) positions instead of 4 x 200. The log-likelihoods equal
   the plain path's to float rounding (tests check 1e-5). ``batch_size`` bounds every
@@ -31,13 +32,13 @@ How sequences are scored
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from engine.capabilities import Capabilities, probe
 from engine.spans import Span, SpanScore
 
 __all__ = ["MIN_SAVED_TOKENS", "Batch", "batch_order", "num_batches", "plan_batches", "score_spans"]
@@ -114,13 +115,6 @@ def _shared_batch(spans: Sequence[Span], groups: list[list[int]]) -> Batch:
     return Batch(tuple(i for g in groups for i in g), tuple(tuple(g) for g in groups), fed)
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return False
-
-
 def _padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -175,7 +169,7 @@ def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
 
 
 def _score_shared(model: torch.nn.Module, spans: Sequence[Span], groups: Sequence[Sequence[int]],
-                  device: torch.device, pad_id: int, keep: bool,
+                  device: torch.device, pad_id: int, caps: Capabilities,
                   max_rows: int) -> dict[int, SpanScore]:
     """One pass over the groups' contexts, then continuation passes of at most
     ``max_rows`` rows, each reusing its rows of the context KV cache."""
@@ -185,11 +179,12 @@ def _score_shared(model: torch.nn.Module, spans: Sequence[Span], groups: Sequenc
     kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
                               "use_cache": True}
     where = last
-    if keep:
+    if caps.logits_to_keep:
         kept = sorted(set(last))
         kwargs["logits_to_keep"] = torch.tensor(kept, device=device)
         where = [kept.index(p) for p in last]
     out = model(**kwargs)
+    cache = caps.cache_of(out)
     first = torch.stack([out.logits[g, where[g]] for g in range(len(groups))])  # predicts cont[0]
 
     rows = [(g, i) for g, members in enumerate(groups) for i in members if spans[i].n_targets > 1]
@@ -204,8 +199,8 @@ def _score_shared(model: torch.nn.Module, spans: Sequence[Span], groups: Sequenc
                                   for g, _ in chunk], dtype=torch.long)
         logits = model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
                        position_ids=positions.to(device),
-                       past_key_values=_cache_rows(out.past_key_values, owner.to(device)),
-                       use_cache=True).logits
+                       use_cache=True,
+                       **{caps.cache_argument: _cache_rows(cache, owner.to(device))}).logits
         cont_logits.update({i: logits[r] for r, (_, i) in enumerate(chunk)})
 
     scores: dict[int, SpanScore] = {}
@@ -236,22 +231,24 @@ def score_spans(
 
     Puts the model in eval mode and runs under ``torch.inference_mode``. Spans that
     share their context are scored through one prefix pass and its KV cache when
-    ``share_prefix`` and the model accepts ``past_key_values`` (see the module doc).
+    ``share_prefix`` and :func:`engine.capabilities.probe` finds that the model can
+    continue from a KV cache (see the module doc).
     ``on_batch(batch, scores)`` is called after each batch (progress bars, token
     counters). ``pad_id`` may be any id in the vocabulary: pads are masked and never
     scored; ``None`` uses 0.
     """
     device = torch.device(device)
     model.eval()
-    keep = _accepts(model, "logits_to_keep")
-    share = share_prefix and _accepts(model, "past_key_values")
+    caps = probe(model)
+    keep = caps.logits_to_keep
+    share = share_prefix and caps.kv_cache
     pad = pad_id if pad_id is not None else 0
     results: list[SpanScore | None] = [None] * len(spans)
     with torch.inference_mode():
         for batch in plan_batches(spans, batch_size, share_prefix=share,
                                   min_saved_tokens=min_saved_tokens):
             if batch.shared:
-                got = _score_shared(model, spans, batch.groups, device, pad, keep, batch_size)
+                got = _score_shared(model, spans, batch.groups, device, pad, caps, batch_size)
                 scores = [got[i] for i in batch.indices]
             else:
                 scores = _score_plain(model, [spans[i] for i in batch.indices], device, pad, keep)

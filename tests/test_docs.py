@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +20,19 @@ def test_recipe_reference_is_current():
 def test_readme_shows_the_commands_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    test_cmd = 'pip install torch==2.13.0 && pip install -e ".[dev]" && pytest'
+    test_cmd = 'pip install torch==2.13.0 && pip install -c constraints.txt -e ".[dev]" && pytest'
     assert test_cmd in readme and test_cmd in ci
     assert "engine run recipes/quickstart.yaml" in readme
+
+
+def test_constraints_pin_every_direct_dependency():
+    """CI and the README install with -c constraints.txt: every dependency the project
+    names (torch aside, installed first on its own) has an exact version there."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    wanted = {re.split(r"[<>=!~ ;\[]", n, maxsplit=1)[0].lower().replace("_", "-") for n in names}
+    pinned = {line.split("==")[0].lower().replace("_", "-")
+              for line in (ROOT / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    assert wanted - {"torch"} <= pinned, wanted - {"torch"} - pinned
