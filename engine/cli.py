@@ -1,13 +1,16 @@
 """The ``engine`` command line.
 
 Errors a user can cause print one short message naming the file, stage or field
-and exit with status 2 (1 for a stage that failed while running); ``--debug``
-shows the traceback.
+and exit with status 2; a stage that fails for a reason the engine did not foresee
+(a bug, not bad input) exits with status 1. ``engine validate`` prints every problem
+it finds, one ``error:`` line each. A full disk is a user error too: the message names
+the file being written. ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -77,10 +80,53 @@ def main(argv: list[str] | None = None) -> int:
             console.print_exception()
         from engine.runner import StageFailed
 
-        console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False)
-        if isinstance(exc, StageFailed) and not args.debug:
+        cause = exc.__cause__
+        disk_full = _disk_full(cause, getattr(args, "output_dir", None))
+        message = str(exc)
+        if disk_full is not None:
+            message = f"{message.split(':', 1)[0]}: {disk_full}"
+        for line in message.splitlines() or [""]:
+            _error_line(console, line)
+        unforeseen = (isinstance(exc, StageFailed) and disk_full is None
+                      and not isinstance(cause, EngineError))
+        if unforeseen and not args.debug:
             console.print("[dim](run with --debug for the traceback)[/]")
-        return EXIT_STAGE_FAILED if isinstance(exc, StageFailed) else EXIT_USER_ERROR
+        return EXIT_STAGE_FAILED if unforeseen else EXIT_USER_ERROR
+    except OSError as exc:
+        disk_full = _disk_full(exc, getattr(args, "output_dir", None))
+        if disk_full is None:
+            raise
+        if args.debug:
+            console.print_exception()
+        _error_line(console, disk_full)
+        return EXIT_USER_ERROR
+
+
+def _error_line(console: Console, line: str) -> None:
+    """One ``error:`` line, never wrapped (a message is one line a user can grep)."""
+    console.print(f"[bold red]error:[/] {_escape(line)}", highlight=False, soft_wrap=True)
+
+
+#: how out-of-space errors read when they come through a library that wraps them
+#: (safetensors raises its own error type carrying the OS message)
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def _disk_full(exc: BaseException | None, output_dir: Path | None = None) -> str | None:
+    """The message for an out-of-space error (ENOSPC, EDQUOT), naming the file being
+    written (or the output folder when the error does not say); else None."""
+    if exc is None:
+        return None
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = exc.strerror or "no space left"
+        where = exc.filename
+    elif any(text in str(exc) for text in _DISK_FULL_TEXT):
+        reason, where = "No space left on device", None
+    else:
+        return None
+    where = where or (f"into {output_dir}" if output_dir is not None else "the output")
+    return (f"disk full while writing {where} ({reason}); free space or choose another "
+            "--workdir (the unfinished output was removed)")
 
 
 def _escape(text: str) -> str:
@@ -100,7 +146,7 @@ def _plan(recipe_path: Path, overrides: list[str]) -> Any:
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     plan = _plan(args.recipe, args.overrides)
     console.print(f"[green]ok[/] {args.recipe}: {len(plan.stages)} stages in order: "
-                  + " -> ".join(s.name for s in plan.stages), highlight=False)
+                  + " -> ".join(s.name for s in plan.stages), highlight=False, soft_wrap=True)
     return 0
 
 
@@ -111,6 +157,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     plan = _plan(args.recipe, args.overrides)
     workdir = args.workdir or Path("runs") / plan.recipe.name
+    args.output_dir = workdir  # named by a disk-full message
     console.print(f"[bold]lingoforge[/] running [cyan]{plan.recipe.name}[/] "
                   f"({len(plan.stages)} stages) into {workdir}", highlight=False)
     report = Runner(plan, workdir, console=console, use_cache=not args.no_cache).run()

@@ -9,7 +9,9 @@ Formats (see :class:`engine.api.DataSource`):
 * ``generation``: jsonl with ``prompt`` and the reference ``answer`` (a string) or
   ``answers`` (a list of accepted strings), scored by greedy generation and exact match.
 
-Files are read line by line, so a corpus larger than memory works.
+Files are read line by line, so a corpus larger than memory works. Text must be UTF-8:
+lines are decoded one at a time, so a stray byte is reported with its file and line
+rather than as a codec error from somewhere inside a read-ahead buffer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from typing import Any
 
 from engine.api import DataSource
 from engine.errors import DataError
+
+#: how much of a data file ``engine validate`` decodes up front (the rest is checked as read)
+UTF8_SNIFF_BYTES = 1 << 20
+#: jsonl files up to this size are parsed whole by ``engine validate`` (well under a second)
+JSONL_SCAN_BYTES = 8 << 20
 
 
 def detect_format(path: Path, text_field: str = "text") -> str:
@@ -61,6 +68,10 @@ def resolve_data(spec: Any, recipe_dir: Path) -> DataSource:
             raise DataError(f"data file {path} does not exist")
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
+    check_utf8_head(path)
+    if path.suffix == ".jsonl" and path.stat().st_size <= JSONL_SCAN_BYTES:
+        for _ in iter_jsonl(path):  # a malformed line is named now, not minutes into a stage
+            pass
     fmt = spec.format
     if fmt == "auto":
         fmt = detect_format(path, spec.text_field)
@@ -68,30 +79,57 @@ def resolve_data(spec: Any, recipe_dir: Path) -> DataSource:
                       text_field=spec.text_field)
 
 
+def check_utf8_head(path: Path, limit: int = UTF8_SNIFF_BYTES) -> None:
+    """Decode the first ``limit`` bytes as UTF-8, so that a Latin-1 or UTF-16 file fails
+    at validation, naming its line, rather than minutes into a stage."""
+    import codecs
+
+    with open(path, "rb") as fh:
+        head = fh.read(limit)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < limit)
+    except UnicodeDecodeError as exc:
+        lineno = head.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (head.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{head[exc.start]:02x} at "
+                        f"column {col}); convert the file to UTF-8") from None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) for each non-empty line, decoded as UTF-8 line by
+    line, so that invalid bytes are named with their file and line."""
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                f"column {exc.start + 1}); convert the file to UTF-8") from None
+            if line:
+                yield lineno, line
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-empty line; bad JSON names file and line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, record
+    for lineno, line in iter_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, record
 
 
 def iter_texts(source: DataSource) -> Iterator[str]:
     """The documents of a text source, streamed."""
     if source.path.suffix == ".txt":
-        with open(source.path, encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if line:
-                    yield line
+        for _, line in iter_lines(source.path):
+            yield line
         return
     for lineno, record in iter_jsonl(source.path):
         value = record.get(source.text_field)

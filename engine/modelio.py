@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from engine.errors import ModelLoadError
+from engine.safety import check_remote_code, check_safetensors_file
 
 META_FILE = "lingoforge.json"
 #: a PEFT adapter folder's files, named as peft's ``save_pretrained`` writes them
@@ -113,6 +114,8 @@ def weight_files(path: Path) -> list[Path]:
 def check_model_folder(path: Path) -> dict[str, Any]:
     """Check that a folder holds a loadable model; return its config.
 
+    Every safetensors file's header is checked against the file (a truncated or
+    inconsistent file is named before anything loads it; :mod:`engine.safety`).
     A LoRA adapter folder passes when the adapter is complete and its base model
     folder does; the config returned is the base's.
     """
@@ -123,7 +126,10 @@ def check_model_folder(path: Path) -> dict[str, Any]:
         check_adapter_folder(path)
         return check_model_folder(adapter_base(path))
     config = read_config(path)
-    weight_files(path)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'}: expected a JSON object")
+    for file in weight_files(path):
+        check_safetensors_file(file)
     return config
 
 
@@ -157,6 +163,7 @@ def check_adapter_folder(path: Path) -> dict[str, Any]:
             raise ModelLoadError(f"{path}: only pickle adapter weights (adapter_model.bin) found; "
                                  f"lingoforge loads safetensors only ({ADAPTER_WEIGHTS})")
         raise ModelLoadError(f"{path}: adapter folder without {ADAPTER_WEIGHTS}")
+    check_safetensors_file(path / ADAPTER_WEIGHTS)
     return config
 
 
@@ -224,11 +231,14 @@ def load_model(
     model is for reading (evaluation, frozen parts), not for training its quantised
     weights. ``int8_skip_modules`` (module name prefixes such as ``model.layers.3``)
     stay unquantised in ``dtype``, so they can train; the output head always does.
-    A LoRA adapter folder loads as its base with the adapter merged in.
+    A LoRA adapter folder loads as its base with the adapter merged in. A folder
+    whose config names custom code (``auto_map``) is refused unless
+    ``trust_remote_code`` is on (:func:`engine.safety.check_remote_code`).
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    check_remote_code(path, trust_remote_code)
     if is_adapter_folder(path):
         return _load_adapter_model(path, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
                                    trust_remote_code=trust_remote_code,
@@ -268,6 +278,7 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
     path = Path(path)
     if is_adapter_folder(path) and not (path / "tokenizer_config.json").is_file():
         path = adapter_base(path)
+    check_remote_code(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -15,6 +15,8 @@ there its own base model must be found.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from engine.api import (
     DataSource,
     InputConfigs,
     PluginParams,
+    TrainingParams,
     data_format_error,
 )
 from engine.context import Runtime
@@ -45,6 +48,7 @@ from engine.recipe import (
     StageSpec,
     format_validation_error,
 )
+from engine.safety import check_remote_code
 
 MODEL_STAGES = {ADAPT_LANGUAGE, MERGE, ALIGN}
 
@@ -76,42 +80,123 @@ class Plan:
         return self.recipe.models.get(name)
 
 
+class Problems:
+    """Problems found so far, reported together like a linter's (one line each).
+
+    A check that raises :class:`EngineError` inside ``with problems.check():`` adds its
+    message and lets validation go on with the next independent check; ``ok`` says
+    whether that block passed, so that checks that need its result are skipped rather
+    than reported twice.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    @contextmanager
+    def check(self, prefix: str = "") -> Iterator[_Outcome]:
+        outcome = _Outcome()
+        try:
+            yield outcome
+        except EngineError as exc:
+            outcome.ok = False
+            for line in str(exc).splitlines():
+                self.add(f"{prefix}{line}")
+
+    def add(self, line: str) -> None:
+        if line not in self.lines:
+            self.lines.append(line)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise RecipeError("\n".join(self.lines))
+
+
+@dataclass
+class _Outcome:
+    ok: bool = True
+
+
 def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> Plan:
-    """Check everything that can be checked before running; return the plan."""
+    """Check everything that can be checked before running; return the plan.
+
+    Independent problems are all collected (a missing model folder *and* an unknown
+    plugin are both reported) and raised as one :class:`RecipeError` of one line each.
+    """
     recipe_dir = Path(recipe_dir)
-    _check_names(recipe, source)
+    problems = Problems()
+    _check_names(recipe, source, problems)
     kinds = {s.name: s.stage for s in recipe.stages}
+    inputs_ok = {}
     for spec in recipe.stages:
-        _check_inputs(spec, recipe, kinds, source)
-    order = _topological_order(recipe, source)
+        with problems.check() as outcome:
+            _check_inputs(spec, recipe, kinds, source)
+        inputs_ok[spec.name] = outcome.ok
+    with problems.check() as outcome:
+        order = _topological_order(recipe, source)
+    if not outcome.ok:
+        problems.raise_if_any()
     adapters = {name: path for name, m in recipe.models.items()
                 if m.path is not None and is_adapter_folder(path := resolve_model_path(m, recipe_dir))}
     adapter_errors: dict[str, str] = {}
-    model_configs = {name: _model_config(name, m, recipe_dir, source, adapter_errors)
-                     for name, m in recipe.models.items()}
+    model_configs: dict[str, dict[str, Any] | None] = {}
+    models_ok: dict[str, bool] = {}
+    for name, m in recipe.models.items():
+        model_configs[name] = None
+        with problems.check() as outcome:
+            model_configs[name] = _model_config(name, m, recipe_dir, source, adapter_errors)
+        models_ok[name] = outcome.ok
     stages = []
     for spec in order:
-        where = f"{source}: stage {spec.name!r}"
+        planned = _plan_stage(spec, recipe, recipe_dir, source, kinds, adapters, adapter_errors,
+                              model_configs, models_ok, problems, inputs_ok[spec.name])
+        if planned is not None:
+            stages.append(planned)
+    problems.raise_if_any()
+    return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages)
+
+
+def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
+                kinds: dict[str, str], adapters: dict[str, Path], adapter_errors: dict[str, str],
+                model_configs: dict[str, dict[str, Any] | None], models_ok: dict[str, bool],
+                problems: Problems, inputs_ok: bool) -> PlannedStage | None:
+    """One stage's checks; every independent failure is added to ``problems``."""
+    where = f"{source}: stage {spec.name!r}"
+    runtime = effective_runtime(recipe.runtime, spec.runtime)
+    ok = inputs_ok
+    with problems.check() as outcome:
         _check_adapter_use(spec, adapters, adapter_errors, where)
-        try:
-            registered = get_implementation(spec.stage, spec.plugin)
-        except EngineError as exc:
-            raise RecipeError(f"{where}: {exc}") from None
-        params = _validate_params(registered, spec, source)
-        data = []
-        for spec_data in spec.data_list():
-            try:
-                data.append(resolve_data(spec_data, recipe_dir))
-            except EngineError as exc:
-                raise RecipeError(f"{where}: data: {exc}") from None
+        _check_remote_code(spec, recipe, recipe_dir, runtime, models_ok, where)
+    ok &= outcome.ok
+    registered: Registered | None = None
+    with problems.check(f"{where}: ") as outcome:
+        registered = get_implementation(spec.stage, spec.plugin)
+    params: PluginParams | None = None
+    if registered is not None:
+        with problems.check() as outcome:
+            params = _validate_params(registered, spec, source)
+    data: list[DataSource] = []
+    data_ok = True
+    for spec_data in spec.data_list():
+        with problems.check(f"{where}: data: ") as outcome:
+            data.append(resolve_data(spec_data, recipe_dir))
+        data_ok &= outcome.ok
+    if registered is not None and data_ok:
         mismatch = data_format_error(registered.impl, spec.stage, data)
         if mismatch is not None:
-            raise RecipeError(f"{where}: data: {mismatch}")
-        _static_check(registered, spec, params, recipe, model_configs, where, recipe_dir)
-        deps = sorted({r for refs in spec.references().values() for r in refs if r in kinds})
-        stages.append(PlannedStage(spec, registered, params, data,
-                                   effective_runtime(recipe.runtime, spec.runtime), deps))
-    return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages)
+            problems.add(f"{where}: data: {mismatch}")
+            data_ok = False
+    if registered is None or params is None:
+        return None
+    refs_ok = all(models_ok.get(r, True) for refs in spec.references().values() for r in refs)
+    if inputs_ok and refs_ok:
+        with problems.check() as outcome:
+            _check_limits(spec, params, recipe, model_configs, where)
+            _static_check(registered, spec, params, recipe, model_configs, where, recipe_dir)
+        ok &= outcome.ok
+    if not (ok and data_ok):
+        return None
+    deps = sorted({r for refs in spec.references().values() for r in refs if r in kinds})
+    return PlannedStage(spec, registered, params, data, runtime, deps)
 
 
 def effective_runtime(base: RuntimeSpec, override: RuntimeSpec | None) -> Runtime:
@@ -122,13 +207,13 @@ def effective_runtime(base: RuntimeSpec, override: RuntimeSpec | None) -> Runtim
     return Runtime(**values)
 
 
-def _check_names(recipe: Recipe, source: str) -> None:
+def _check_names(recipe: Recipe, source: str, problems: Problems) -> None:
     seen: set[str] = set()
     for spec in recipe.stages:
         if spec.name in seen:
-            raise RecipeError(f"{source}: stage {spec.name!r} is defined twice")
+            problems.add(f"{source}: stage {spec.name!r} is defined twice")
         if spec.name in recipe.models:
-            raise RecipeError(f"{source}: stage {spec.name!r} has the name of an input model")
+            problems.add(f"{source}: stage {spec.name!r} has the name of an input model")
         seen.add(spec.name)
 
 
@@ -284,3 +369,56 @@ def _static_check(registered: Registered, spec: StageSpec, params: PluginParams,
         check(InputConfigs(by_key, names, paths), params)
     except (ValueError, EngineError) as exc:
         raise RecipeError(f"{where}: {exc}") from None
+
+
+#: more optimizer steps than this is a typo, not a plan (about three years at one step a
+#: second); refused before a run sets out to do them
+MAX_STEPS = 100_000_000
+#: params that set a sequence length in tokens, checked against the model's positions
+_LENGTH_PARAMS = ("seq_len", "max_length")
+
+
+def _check_limits(spec: StageSpec, params: PluginParams, recipe: Recipe,
+                  configs: dict[str, dict | None], where: str) -> None:
+    """Absurd sizes are named before anything runs: ``steps`` past :data:`MAX_STEPS`, and a
+    sequence length beyond what the input model's position embeddings cover."""
+    if isinstance(params, TrainingParams) and params.steps > MAX_STEPS:
+        raise RecipeError(f"{where} params.steps: {params.steps} steps is not a plausible run "
+                          f"(at most {MAX_STEPS:,})")
+    for key in _LENGTH_PARAMS:
+        value = getattr(params, key, None)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        for refs_key, refs in spec.references().items():
+            if refs_key == "layers":
+                continue
+            for ref in refs:
+                cfg = _root_config(ref, recipe, configs)
+                limit = _max_positions(cfg) if cfg is not None else None
+                if limit is not None and value > limit:
+                    raise RecipeError(f"{where} params.{key}: {value} tokens is more than model "
+                                      f"{ref!r} has positions for (max_position_embeddings "
+                                      f"{limit})")
+
+
+def _max_positions(config: dict[str, Any]) -> int | None:
+    for cfg in (config, config.get("text_config") or {}):
+        if isinstance(cfg, dict):
+            value = cfg.get("max_position_embeddings")
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _check_remote_code(spec: StageSpec, recipe: Recipe, recipe_dir: Path, runtime: Runtime,
+                       models_ok: dict[str, bool], where: str) -> None:
+    """Input folders that name custom code need the stage's runtime.trust_remote_code."""
+    for key, refs in spec.references().items():
+        for ref in refs:
+            model = recipe.models.get(ref)
+            if key == "layers" or model is None or model.path is None or not models_ok.get(ref):
+                continue
+            try:
+                check_remote_code(resolve_model_path(model, recipe_dir), runtime.trust_remote_code)
+            except EngineError as exc:
+                raise RecipeError(f"{where}: {key}: {ref!r}: {exc}") from None
