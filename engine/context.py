@@ -29,6 +29,9 @@ class Runtime:
     dtype: str = "auto"
     load_in_8bit: bool = False
     trust_remote_code: bool = False
+    #: CPU threads for torch: an int, "auto", or None (leave torch's setting alone);
+    #: see :mod:`engine.threads`
+    threads: int | str | None = None
 
 
 @dataclass

@@ -30,3 +30,7 @@ class MergeError(EngineError):
 
 class TrainingError(EngineError):
     """Training cannot go on (NaN loss, unknown architecture, bad layer index)."""
+
+
+class WorkdirBusy(EngineError):
+    """Another ``engine run`` holds the workdir (its lock file names the pid)."""

@@ -19,12 +19,44 @@ from engine.api import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS, ST
 from engine.errors import RecipeError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+#: a stage's name is a folder name inside the workdir: one path component, short enough
+#: for every file system, and never one of the files the engine writes beside stages
+MAX_NAME_LENGTH = 100
+RESERVED_NAMES = frozenset({"report.json", "report.md", "metrics.png", "cost.png", "loss.png"})
+#: a recipe is a small hand-written file: larger inputs, or YAML whose aliases expand to
+#: more nodes than this (a "billion laughs" file), are refused before they are built
+MAX_RECIPE_BYTES = 4 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
 
 StageKind = Literal["adapt-language", "select-layers", "merge", "align", "evaluate"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def check_safe_name(value: Any, what: str = "name") -> str:
+    """A run or stage name becomes a folder name: one safe path component, so that no
+    output is ever written outside the workdir (``../x``, ``/abs``, ``a/b`` are refused)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string")
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError(f"{what} {value!r} is not a safe folder name: use letters, digits, "
+                         "'.', '_' and '-', starting with a letter or digit (no '/', no '..')")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} is {len(value)} characters long; at most {MAX_NAME_LENGTH}")
+    if value in RESERVED_NAMES:
+        raise ValueError(f"{what} {value!r} is the name of a file the engine writes in the workdir")
+    return value
+
+
+def _threads_setting(value: Any) -> Any:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise ValueError(f"threads must be 'auto' or an integer from 1 to 4096, got {value!r}")
+    return value
 
 
 class ModelSpec(_Strict):
@@ -66,12 +98,22 @@ class RuntimeSpec(_Strict):
         "auto", description="'auto' is bfloat16 on a GPU that supports it, else float32.")
     load_in_8bit: bool = Field(False, description="Load models that are only read in 8 bit (bitsandbytes).")
     trust_remote_code: bool = Field(False, description="Run model code shipped inside model folders.")
+    threads: int | str | None = Field(
+        None, description="CPU threads torch uses: an integer, or 'auto' (torch's default capped at "
+        "the cores this process may use, fewer when the machine is already loaded). Unset: torch's "
+        "own setting is left as it is. Recorded per stage in report.json.")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        return _threads_setting(v)
 
 
 class StageSpec(_Strict):
     """One step of a pipeline. Which input keys a stage takes depends on its kind."""
 
-    name: str = Field(..., pattern=NAME_PATTERN, description="Unique name; also the output folder.")
+    name: str = Field(..., pattern=NAME_PATTERN,
+                      description="Unique name; also the output folder (one safe path component).")
     stage: StageKind = Field(..., description="Stage kind.")
     plugin: str = Field(..., description="Implementation registered for this stage kind.")
     model: str | None = Field(None, description="Input model (recipe model or earlier stage).")
@@ -82,6 +124,11 @@ class StageSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="The plugin's parameters.")
     runtime: RuntimeSpec | None = Field(None, description="Overrides of the recipe's runtime.")
     cache: bool = Field(True, description="Reuse the output of an identical earlier run.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_safe_name(v, "stage name")
 
     @field_validator("params", mode="before")
     @classmethod
@@ -114,6 +161,11 @@ class Recipe(_Strict):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     stages: list[StageSpec] = Field(..., min_length=1)
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_safe_name(v, "run name")
+
     def stage(self, name: str) -> StageSpec:
         for s in self.stages:
             if s.name == name:
@@ -141,15 +193,81 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"{path}{where}: invalid YAML: {problem}") from None
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size} bytes is too large for a recipe "
+                              f"(at most {MAX_RECIPE_BYTES})")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping with 'name' and 'stages'")
     return data
+
+
+def parse_yaml(text: str, source: str = "<recipe>") -> Any:
+    """``yaml.safe_load`` with a bound on what aliases can expand to.
+
+    PyYAML builds an alias as a shared reference, so a "billion laughs" file loads in
+    a moment, and then explodes in whatever walks it (schema validation, the cache
+    key's JSON). The composed node graph is measured first, each shared node counted
+    as often as it would be copied, and refused past :data:`MAX_YAML_NODES` nodes or
+    :data:`MAX_YAML_DEPTH` levels; recursive aliases are refused outright.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _expanded_size(node, {}, set(), 0, source)
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
+        except RecursionError:
+            raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2024-13-45
+            raise RecipeError(f"{source}: invalid YAML value: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int], depth: int,
+                   source: str) -> int:
+    """Nodes ``node`` stands for once every alias is copied out (memoised per node)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    where = f"{source}:{node.start_mark.line + 1}"
+    if key in open_:
+        raise RecipeError(f"{where}: invalid YAML: a recursive alias (an anchor used inside itself)")
+    if depth > MAX_YAML_DEPTH:
+        raise RecipeError(f"{where}: invalid YAML: nested more than {MAX_YAML_DEPTH} levels deep")
+    open_.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, memo, open_, depth + 1, source)
+        if total > MAX_YAML_NODES:
+            raise RecipeError(f"{where}: YAML aliases expand to more than {MAX_YAML_NODES} nodes; "
+                              "a recipe this large is refused (a 'billion laughs' file?)")
+    open_.discard(key)
+    memo[key] = total
+    return total
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
@@ -162,7 +280,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
         if "=" not in item:
             raise RecipeError(f"{source} {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_yaml(raw, f"{source} {item!r}") if raw else ""
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise RecipeError(f"{source} {item!r}: empty key")
@@ -233,6 +351,11 @@ def format_validation_error(exc: ValidationError, source: str, data: Any = None,
                 where += " "
         where += ".".join(str(p) for p in loc)
         msg = err["msg"]
+        if err["type"] == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "string_pattern_mismatch" and loc and loc[-1] == "name":
+            msg += (" (a name is one folder name: letters, digits, '.', '_', '-'; "
+                    "no '/', no leading '.')")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
