@@ -10,6 +10,10 @@ Training checkpoints go to ``<workdir>/.checkpoints/<stage>/<fingerprint>/``, a
 place that survives a killed run, so running the recipe again resumes the stage;
 they are deleted once the stage's output is in place.
 
+One run at a time holds a workdir (:mod:`engine.workdir_lock`); a second is refused
+with the first one's pid. ``runtime.threads`` is applied before each stage that runs
+(:mod:`engine.threads`) and recorded in its report record.
+
 Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) every process runs the
 plan, but only the main process (rank 0) writes stage outputs, checkpoints and the
 report. Training stages (adapt-language, align) run on every process, data-parallel;
@@ -41,12 +45,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from engine import modelio
+from engine import modelio, threads
 from engine.api import Artifact, LayerSelection, MetricsArtifact, ModelArtifact, StageInputs
 from engine.context import StageContext
 from engine.errors import EngineError
 from engine.plugin_manager import call_observers
 from engine.validate import Plan, PlannedStage, resolve_model_path
+from engine.workdir_lock import WorkdirLock
 
 STAGE_FILE = ".lingoforge-stage.json"
 LAYERS_FILE = "layers.json"
@@ -81,6 +86,18 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        lock = WorkdirLock(self.workdir) if self.main else None
+        if lock is not None:
+            lock.acquire()  # before anything is written or cleaned up
+        intra_before = torch.get_num_threads()
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(intra_before)  # in-process callers keep their setting
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict[str, Any]:
         if self.main:
             _remove_stale_temporaries(self.workdir)
         if self.world > 1:
@@ -138,7 +155,8 @@ class Runner:
             "data": [{"path": str(d.path), "format": d.format, "language": d.language,
                       "weight": d.weight, "field": d.text_field, "state": _file_state(d.path)}
                      for d in stage.data],
-            "runtime": vars(stage.runtime),
+            # thread counts change speed, not what a stage computes: not part of the key
+            "runtime": {k: v for k, v in vars(stage.runtime).items() if k != "threads"},
         })
 
     # -- one stage ------------------------------------------------------------------------
@@ -169,6 +187,7 @@ class Runner:
         if isinstance(hit, str):
             raise StageFailed(f"stage {name!r} ({stage.spec.plugin}) failed on the main process: {hit}")
         if not hit and stage.spec.stage in TRAINING_KINDS:
+            threads.apply_threads(stage.runtime.threads)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.rank{self.rank}-", dir=self.workdir))
             context = StageContext(
                 run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
@@ -187,6 +206,8 @@ class Runner:
     def _lead_stage(self, stage: PlannedStage) -> dict[str, Any]:
         name = stage.name
         final = self.workdir / name
+        if final.parent.resolve() != self.workdir.resolve():  # names are checked; never trust
+            raise EngineError(f"stage name {name!r} would write outside the workdir {self.workdir}")
         fingerprint = self._fingerprint(stage)
         self.fingerprints[name] = fingerprint
         cached = self._cached_record(stage, final, fingerprint)
@@ -195,6 +216,7 @@ class Runner:
         if cached is not None:
             self.artifacts[name] = _load_artifact(stage.spec.stage, name, final)
             cached["cache"] = "hit"
+            _remove_checkpoints(self.workdir, name)  # left if a kill came right after the rename
             self.console.print(f"[cyan]↺[/] {name} [dim]({stage.spec.plugin}) cached[/]")
             return cached
 
@@ -207,6 +229,7 @@ class Runner:
             checkpoint_dir=self.checkpoint_dir(name, fingerprint),
         )
         call_observers("stage_started", context=context, stage=stage.spec)
+        thread_plan = threads.apply_threads(stage.runtime.threads)
         sampler = _MemorySampler()
         t0 = time.perf_counter()
         try:
@@ -215,6 +238,10 @@ class Runner:
             _check_artifact(artifact, stage)
             wall = time.perf_counter() - t0
             record = self._record(stage, context, artifact, wall, sampler, fingerprint)
+            record["threads"] = (thread_plan.to_json() if thread_plan is not None else
+                                 {"setting": None, "intra_op": torch.get_num_threads(),
+                                  "inter_op": torch.get_num_interop_threads(),
+                                  "reason": "torch's own setting"})
             _persist(artifact, tmp)
             (tmp / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "record": record},
                                                      indent=2, default=str))
@@ -290,6 +317,8 @@ class Runner:
             "wall_time_s": round(wall, 3),
             "device": str(modelio.resolve_device(self.plan.recipe.runtime.device)),
             "torch": torch.__version__,
+            "threads": {"recipe": self.plan.recipe.runtime.threads,
+                        "cpus_available": threads.available_cpus()},
             "stages": self.records,
         }
         if not self.main:
