@@ -311,13 +311,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished folder into place, replacing an older one.
 
     The old folder is first renamed aside, so ``final`` is always either the old or
-    the new complete folder, never a mix of the two.
+    the new complete folder, never a mix of the two. A symlink in ``final``'s place is
+    replaced, never followed: what it points to is left untouched.
     """
-    if final.exists():
+    if final.is_symlink() or final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, trash)
         os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash.is_symlink():
+            trash.unlink()
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
 

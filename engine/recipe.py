@@ -220,25 +220,26 @@ def parse_yaml(text: str, source: str = "<recipe>") -> Any:
     as often as it would be copied, and refused past :data:`MAX_YAML_NODES` nodes or
     :data:`MAX_YAML_DEPTH` levels; recursive aliases are refused outright.
     """
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _expanded_size(node, {}, set(), 0, source)
-            return loader.construct_document(node)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
-        except RecursionError:
-            raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
-        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2024-13-45
-            raise RecipeError(f"{source}: invalid YAML value: {exc}") from None
+        loader = yaml.SafeLoader(text)  # its reader already refuses control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set(), 0, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2024-13-45
+        raise RecipeError(f"{source}: invalid YAML value: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int], depth: int,

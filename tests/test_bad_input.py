@@ -382,3 +382,54 @@ def test_disk_full_in_process(tmp_path, tiny_model, text_file, test_plugin, caps
     result = cli(capsys, "run", recipe, "--workdir", work)
     assert_user_error(result, "stage 'copied'", "disk full while writing", "model.safetensors")
     assert_nothing_looks_finished(work)
+
+
+# --- outputs stay inside the workdir ----------------------------------------------------------
+
+
+def _copy_recipe(tmp_path: Path, model: Path, data: Path) -> Path:
+    return write_recipe(tmp_path, f"""
+        name: inside
+        models:
+          base: {{path: {model}}}
+        stages:
+          - name: copied
+            stage: adapt-language
+            plugin: copy-model
+            model: base
+            data: {{path: {data}}}
+        """)
+
+
+def test_runner_refuses_a_stage_name_that_escapes_even_unvalidated(tmp_path, tiny_model,
+                                                                     text_file, test_plugin):
+    """Names are validated with the recipe; the runner checks again before writing."""
+    from engine.errors import EngineError
+    from engine.recipe import load_recipe
+    from engine.runner import Runner
+    from engine.validate import plan_recipe
+
+    recipe = _copy_recipe(tmp_path, tiny_model, text_file)
+    plan = plan_recipe(load_recipe(recipe), recipe.parent, str(recipe))
+    plan.stages[0].spec.name = "../escaped"  # as if a plugin or caller changed it afterwards
+    work = tmp_path / "w"
+    with pytest.raises(EngineError, match="outside the workdir"):
+        Runner(plan, work).run()
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_a_symlinked_stage_folder_is_replaced_not_followed(tmp_path, tiny_model, text_file,
+                                                           test_plugin, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "copied").symlink_to(outside, target_is_directory=True)
+    assert cli(capsys, "run", _copy_recipe(tmp_path, tiny_model, text_file),
+               "--workdir", work).rc == 0
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+    assert (outside / "precious.txt").read_text() == "keep me"
+    assert (work / "copied").is_dir() and not (work / "copied").is_symlink()
+    assert (work / "copied" / "model.safetensors").is_file()
+    assert not [p for p in work.iterdir() if p.name.startswith(".copied.")]

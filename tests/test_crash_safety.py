@@ -274,6 +274,7 @@ def _engine(*args: str) -> subprocess.Popen:
                             env={**os.environ, "COLUMNS": "80"})
 
 
+@pytest.mark.slow
 def test_second_run_on_a_busy_workdir_is_refused_with_the_holders_pid(tmp_path, tiny_model,
                                                                        text_file):
     from engine.workdir_lock import LOCK_FILE
