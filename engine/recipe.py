@@ -98,7 +98,7 @@ class RuntimeSpec(_Strict):
         "auto", description="'auto' is bfloat16 on a GPU that supports it, else float32.")
     load_in_8bit: bool = Field(False, description="Load models that are only read in 8 bit (bitsandbytes).")
     trust_remote_code: bool = Field(False, description="Run model code shipped inside model folders.")
-    threads: int | str | None = Field(
+    threads: int | Literal["auto"] | None = Field(
         None, description="CPU threads torch uses: an integer, or 'auto' (torch's default capped at "
         "the cores this process may use, fewer when the machine is already loaded). Unset: torch's "
         "own setting is left as it is. Recorded per stage in report.json.")

@@ -144,9 +144,10 @@ def assert_same_output(stage: str, got: Path, ref: Path, why: str) -> None:
         json.loads((ref / "config.json").read_text()), f"{why}: {stage} config.json differs"
 
 
-def assert_nothing_false(work: Path, ref: Path, why: str) -> None:
+def assert_nothing_false(work: Path, ref: Path, why: str) -> bool:
     """After a kill: every visible stage folder is complete (equal to the reference's);
-    report.json, when present, is whole JSON."""
+    report.json, when present, is whole JSON. Returns whether a training checkpoint was
+    left to resume from."""
     visible = [p for p in work.iterdir() if p.is_dir() and not p.name.startswith(".")]
     for folder in visible:
         assert folder.name in STAGES, f"{why}: unexpected folder {folder}"
@@ -154,6 +155,11 @@ def assert_nothing_false(work: Path, ref: Path, why: str) -> None:
     report = work / "report.json"
     if report.exists():
         json.loads(report.read_text())  # never half-written
+    # resumable checkpoints hold only formats that cannot run code (no pickles)
+    files = [p for p in (work / ".checkpoints").rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert kinds <= {".safetensors", ".json", ".jsonl"}, f"{why}: checkpoint files {kinds}"
+    return any(p.name == "state.json" for p in files)
 
 
 # --- the trials ---------------------------------------------------------------------------------
@@ -219,6 +225,7 @@ def test_kill_9_at_random_moments_then_rerun_is_bit_identical(server, tmp_path, 
     #: per scenario: (was it killed, was its own stage's output in place after the kill)
     outcomes: dict[str, list[tuple[bool, bool]]] = {}
     own = dict(zip(("train", "merge", "evaluate"), STAGES))
+    resumed = 0  # trials whose re-run continued from a training checkpoint
     work = tmp_path / "work"
     for scenario, kills in TRIALS:
         _pre_state(scenario, ref, work)
@@ -231,9 +238,10 @@ def test_kill_9_at_random_moments_then_rerun_is_bit_identical(server, tmp_path, 
             _pre_state(scenario, ref, work)
             killed = server.run(["run", str(recipe), "--workdir", str(work)], kill_after=delay)
             assert killed["killed"] or killed["rc"] == 0, (why, killed)
-            assert_nothing_false(work, ref, why)
+            resumable = assert_nothing_false(work, ref, why)
             outcomes.setdefault(scenario, []).append((killed["killed"],
                                                       (work / own[scenario]).is_dir()))
+            resumed += resumable
             again = server.run(["run", str(recipe), "--workdir", str(work)])
             assert again["rc"] == 0, (why, again)
             for stage in STAGES:
@@ -246,6 +254,7 @@ def test_kill_9_at_random_moments_then_rerun_is_bit_identical(server, tmp_path, 
     for scenario, seen in outcomes.items():
         assert sum(k for k, _ in seen) >= len(seen) // 2, (scenario, seen)
         assert any(k and not done for k, done in seen), (scenario, seen)
+    assert resumed >= 3, f"only {resumed} trials resumed from a checkpoint"
 
 
 # --- two runs, one workdir ----------------------------------------------------------------------
