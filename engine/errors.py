@@ -24,6 +24,10 @@ class ModelLoadError(EngineError):
     """A model folder is missing, incomplete, or not loadable safely."""
 
 
+class WeightFileError(ModelLoadError):
+    """A safetensors file is truncated or its header disagrees with its bytes."""
+
+
 class MergeError(EngineError):
     """Merge inputs are inconsistent (missing tensors, shapes, bad parameters)."""
 

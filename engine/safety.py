@@ -25,7 +25,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, WeightFileError
 
 #: a safetensors header longer than this is not a real header (the format's own cap)
 MAX_HEADER_BYTES = 100_000_000
@@ -41,7 +41,7 @@ CODE_NAMING_FILES = ("config.json", "tokenizer_config.json")
 
 
 def check_safetensors_file(file: Path) -> None:
-    """Raise :class:`ModelLoadError` unless ``file`` is a complete, consistent safetensors file.
+    """Raise :class:`WeightFileError` unless ``file`` is a complete, consistent safetensors file.
 
     Checks the header (length, JSON object, one entry per tensor with a known dtype, a
     shape of non-negative integers, and ``data_offsets`` whose span is exactly
@@ -54,21 +54,21 @@ def check_safetensors_file(file: Path) -> None:
         with file.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise ModelLoadError(f"{file}: not a safetensors file ({size} bytes, shorter "
+                raise WeightFileError(f"{file}: not a safetensors file ({size} bytes, shorter "
                                      "than the 8-byte header length)")
             (length,) = struct.unpack("<Q", head)
             if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise ModelLoadError(f"{file}: truncated or not safetensors: the header length "
+                raise WeightFileError(f"{file}: truncated or not safetensors: the header length "
                                      f"field says {length} bytes, the file has {size}")
             raw = fh.read(length)
     except OSError as exc:
-        raise ModelLoadError(f"{file}: unreadable ({exc.strerror or exc})") from None
+        raise WeightFileError(f"{file}: unreadable ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{file}: safetensors header is not valid JSON ({exc})") from None
+        raise WeightFileError(f"{file}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
-        raise ModelLoadError(f"{file}: safetensors header is not a JSON object")
+        raise WeightFileError(f"{file}: safetensors header is not a JSON object")
     data_start = 8 + length
     end = 0
     for name, entry in header.items():
@@ -76,10 +76,10 @@ def check_safetensors_file(file: Path) -> None:
             continue
         end = max(end, _check_entry(file, name, entry))
     if data_start + end > size:
-        raise ModelLoadError(f"{file}: truncated: the header promises {data_start + end} bytes, "
+        raise WeightFileError(f"{file}: truncated: the header promises {data_start + end} bytes, "
                              f"the file has {size} (an interrupted download or copy?)")
     if data_start + end < size:
-        raise ModelLoadError(f"{file}: {size - data_start - end} bytes beyond the last tensor "
+        raise WeightFileError(f"{file}: {size - data_start - end} bytes beyond the last tensor "
                              "the header describes (a damaged or hand-edited file?)")
 
 
@@ -87,17 +87,17 @@ def _check_entry(file: Path, name: str, entry: Any) -> int:
     """Check one header entry; return the end offset of its data."""
     where = f"{file}: tensor {name!r}"
     if not isinstance(entry, dict):
-        raise ModelLoadError(f"{where}: header entry is not an object")
+        raise WeightFileError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_BYTES:
-        raise ModelLoadError(f"{where}: unknown dtype {dtype!r}")
+        raise WeightFileError(f"{where}: unknown dtype {dtype!r}")
     if (not isinstance(shape, list)
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise ModelLoadError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise WeightFileError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
-        raise ModelLoadError(f"{where}: data_offsets {offsets!r} are not [start, end] with "
+        raise WeightFileError(f"{where}: data_offsets {offsets!r} are not [start, end] with "
                              "0 <= start <= end")
     numel = 1
     for d in shape:
@@ -105,7 +105,7 @@ def _check_entry(file: Path, name: str, entry: Any) -> int:
     need = numel * DTYPE_BYTES[dtype]
     have = offsets[1] - offsets[0]
     if need != have:
-        raise ModelLoadError(f"{where}: header claims shape {shape} {dtype} ({need} bytes) but "
+        raise WeightFileError(f"{where}: header claims shape {shape} {dtype} ({need} bytes) but "
                              f"its data_offsets span {have} bytes")
     return offsets[1]
 

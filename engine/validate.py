@@ -37,7 +37,7 @@ from engine.api import (
 )
 from engine.context import Runtime
 from engine.data import resolve_data
-from engine.errors import EngineError, RecipeError
+from engine.errors import EngineError, RecipeError, WeightFileError
 from engine.merging.lora import is_adapter_folder, read_adapter
 from engine.plugin_manager import Registered, get_implementation
 from engine.recipe import (
@@ -322,6 +322,9 @@ def _model_config(name: str, spec: ModelSpec, recipe_dir: Path, source: str,
                 adapter_errors[name] = str(exc)
                 return None
         return modelio.check_model_folder(path)
+    except WeightFileError as exc:
+        raise RecipeError(f"{source}: models.{name}: the weights of model {name!r} are "
+                          f"unusable: {exc}") from None
     except EngineError as exc:
         raise RecipeError(f"{source}: models.{name}: {exc}") from None
 
