@@ -16,6 +16,7 @@ from test_merge_plugins import art, assert_same_state, edited_copy, in_memory, i
 from engine.api import ModelArtifact, StageInputs
 from engine.errors import MergeError, RecipeError
 from engine.merging import arithmetic, check_merge_inputs
+from engine.merging.preflight import check_merge_paths
 from engine_plugins.task_arithmetic import TaskArithmetic
 from engine_plugins.ties import Ties
 
@@ -156,6 +157,30 @@ def test_ties_vocab_extension_keeps_new_rows_and_union_tokenizer(tiny_model_fami
         {"rows": [v, v + 1], "from": ["x", "y"], "rule": "mean of the models that have them"},
         {"rows": [v + 1, v + 3], "from": ["x"], "rule": "mean of the models that have them"}]
     assert json.loads((out.path / "lingoforge.json").read_text())["merge"]["vocab"] == note
+
+
+def test_ties_base_also_listed_beside_a_larger_vocabulary(tiny_model_family, tiny_tokenizer,
+                                                          make_context, tmp_path):
+    """Regression: ``models: [base, x]`` with x's vocabulary larger crashed with a
+    RuntimeError (the base's name counted once among the vocab sizes, so no vocab plan
+    was made). The base's task vector is zero: the merge equals ``models: [x]``."""
+    fam = tiny_model_family
+    v = len(tiny_tokenizer)
+    x = _extended(tmp_path, tiny_tokenizer, "x", ["<lum_a>", "<lum_b>"], seed=7)
+    base = art(fam, "base")
+    plan = check_merge_inputs(base, [base, ModelArtifact("x", x)])
+    assert plan.vocab is not None and plan.vocab.out_size == v + 2
+    both_ctx = make_context("both", stage_kind="merge", plugin="ties")
+    both = Ties().run(both_ctx, StageInputs(base=base, models=[base, ModelArtifact("x", x)]),
+                      Ties.Params(density=0.5))
+    alone = Ties().run(make_context("alone", stage_kind="merge", plugin="ties"),
+                       StageInputs(base=base, models=[ModelArtifact("x", x)]), Ties.Params(density=0.5))
+    assert_same_state(both.path, state(alone.path))
+    assert state(both.path)["lm_head.weight"].shape[0] == v + 2
+    assert both_ctx.stats.notes["vocab"]["extra_rows"] == [
+        {"rows": [v, v + 2], "from": ["x"], "rule": "mean of the models that have them"}]
+    checked = check_merge_paths(("base", fam["base"]), [("base", fam["base"]), ("x", x)])
+    assert checked is not None and checked.vocab is not None  # engine validate's plan too
 
 
 def test_ties_conflicting_tokenizers_fail_naming_models_and_token(tiny_model_family, tiny_tokenizer,

@@ -206,8 +206,10 @@ def _check_plan(plan: MergePlan) -> MergePlan:
                 raise MergeError(f"model {m.name!r}: {exc}") from None
     every = [*([plan.base] if plan.base else []), *plan.models]
     tokenizer_from = check_tokenizers([(m.name, _token_ids(m, plan.base)) for m in every])
+    # keyed by name: the base may also be listed among the models (same name, same
+    # folder), so "every input has a vocab_size" is asked of the inputs, not the keys
     sizes = {m.name: v for m in every if (v := _vocab_size(m)) is not None}
-    if len(sizes) == len(every):
+    if all(_vocab_size(m) is not None for m in every):
         vocab_tensors = {n for n, info in ref.tensors.items()
                          if any(m.tensors[n].shape != info.shape for m in every)}
         plan.vocab = plan_vocab(sizes, plan.base.name if plan.base else None, vocab_tensors,
