@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from engine import modelio
+from engine import modelio, slow_paths
 from engine.api import ModelArtifact
 
 
@@ -135,6 +135,22 @@ class StageContext:
         """A fact for the report (JSON-serialisable), e.g. a selector's explanation."""
         self.stats.notes[key] = value
 
+    def slow_path(self, kind: str, subject: str, detail: str | None) -> None:
+        """Record that ``subject`` takes a slower or degraded path of ``kind`` (``detail``
+        says which; None: the fast path, nothing to record). It lands in report.json under
+        the stage's notes ``slow_paths`` as ``"<kind>: <subject>"``, and is said in the
+        stage output once per kind (see :mod:`engine.slow_paths`)."""
+        if detail is None:
+            return
+        slow = self.stats.notes.setdefault("slow_paths", {})
+        key = f"{kind}: {subject}"
+        if key in slow:
+            return
+        said = any(k.startswith(f"{kind}: ") for k in slow)
+        slow[key] = detail
+        if not said:
+            self.log(f"[yellow]slow path ({kind}, {subject}):[/] {detail}")
+
     # -- models ----------------------------------------------------------------------
 
     def load_model(self, model: ModelArtifact | Path, *, load_in_8bit: bool | None = None,
@@ -149,7 +165,10 @@ class StageContext:
         base model with the adapter merged in.
         """
         path = model.path if isinstance(model, ModelArtifact) else Path(model)
-        return modelio.load_model(
+        subject = model.name if isinstance(model, ModelArtifact) else path.name
+        if dtype is None and self.runtime.dtype == "auto":
+            self.slow_path("dtype", self.runtime.dtype, slow_paths.auto_dtype_path(self.device))
+        loaded = modelio.load_model(
             path,
             dtype=dtype if dtype is not None else self.dtype,
             device=self.device,
@@ -157,10 +176,16 @@ class StageContext:
             trust_remote_code=self.runtime.trust_remote_code,
             int8_skip_modules=int8_skip_modules,
         )
+        self.slow_path("attention", subject, slow_paths.attention_path(loaded))
+        return loaded
 
     def load_tokenizer(self, model: ModelArtifact | Path) -> Any:
+        """The tokenizer of a model folder (a pure-Python one is said and recorded)."""
         path = model.path if isinstance(model, ModelArtifact) else Path(model)
-        return modelio.load_tokenizer(path, trust_remote_code=self.runtime.trust_remote_code)
+        tokenizer = modelio.load_tokenizer(path, trust_remote_code=self.runtime.trust_remote_code)
+        subject = model.name if isinstance(model, ModelArtifact) else path.name
+        self.slow_path("tokenizer", subject, slow_paths.tokenizer_path(tokenizer))
+        return tokenizer
 
     def save_model(self, model: torch.nn.Module, tokenizer: Any,
                    meta: dict[str, Any] | None = None) -> ModelArtifact:

@@ -33,6 +33,7 @@ from engine.api import NOT_IN_RESULT, TrainingParams
 from engine.batching import IGNORE_INDEX, Batch
 from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
+from engine.slow_paths import auto_precision_path, loss_scaling_path
 
 if TYPE_CHECKING:
     from engine.context import StageContext
@@ -255,8 +256,12 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
                              forward=sum(p.numel() for p in model.parameters()))
 
     device = context.device
+    if params.mixed_precision == "auto":
+        context.slow_path("mixed_precision", "auto", auto_precision_path(device))
     accelerator = _accelerator(resolve_mixed_precision(params.mixed_precision, device), device)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if params.grad_accum > 1 or world > 1:  # one micro-batch on one process: the same either way
+        context.slow_path("num_items_in_batch", type(model).__name__, loss_scaling_path(model, device))
     optimizer = make_optimizer(trainable, params)
     log_path = context.output_dir / LOG_FILE
     context.output_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from engine import arch, modelio
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
 from engine.batching import require_format, training_batches
 from engine.errors import RecipeError, TrainingError
+from engine.slow_paths import attention_path
 from engine.training import TrainerParams, train, training_dtype
 
 SUBMODEL_KIND = "elo-submodel"
@@ -93,6 +94,7 @@ class ELO:
         tokenizer = context.load_tokenizer(source)
         model, indices, trained = prepare_submodel(source, chosen, train_embeddings=params.train_embeddings,
                                                    dtype=training_dtype(context), device=context.device)
+        context.slow_path("attention", inputs.model.name, attention_path(model))
         context.note("elo_layers", indices)
         if params.train_embeddings:
             context.note("elo_trained_embeddings", [t for t in trained if arch.layer_of_key(t) is None])
