@@ -189,3 +189,33 @@ def test_overflow_in_the_output_dtype_is_named_and_nothing_is_left(tiny_model_fa
                              TaskArithmetic.Params.model_validate({"out_dtype": "float16"}))
     assert not any(context.output_dir.glob("*.safetensors"))
     assert not (context.output_dir / "config.json").exists()
+
+
+def test_large_tensors_merged_whole_are_said_and_recorded(tiny_model_family, tiny_tokenizer,
+                                                          make_context, tmp_path, small_slices):
+    """No silent fallback from row slices to whole tensors: a compute_dtype other than
+    float32 and a vocabulary that differs (embedding and head, the largest tensors) are
+    named in notes ``slow_paths``; a sliced merge records nothing."""
+    from test_merge_inputs import _extended
+    from test_merge_plugins import art
+
+    from engine.api import ModelArtifact, StageInputs
+
+    fam = tiny_model_family
+    sliced = make_context("all-sliced", stage_kind="merge", plugin="ties")
+    Ties().run(sliced, inputs(fam, "a", "b"), Ties.Params(density=0.5))
+    assert "slow_paths" not in sliced.stats.notes
+
+    f64 = make_context("f64", stage_kind="merge", plugin="ties")
+    Ties().run(f64, inputs(fam, "a", "b"), Ties.Params(density=0.5, compute_dtype="float64"))
+    detail = f64.stats.notes["slow_paths"]["merge: whole tensors"]
+    assert "compute_dtype is float64" in detail and f64.stats.notes["merge"]["merged_in_slices"] == []
+
+    x = _extended(tmp_path, tiny_tokenizer, "x", ["<lum_a>"], seed=7)
+    vocab = make_context("vocab", stage_kind="merge", plugin="ties")
+    Ties().run(vocab, StageInputs(base=art(fam, "base"), models=[art(fam, "a"), ModelArtifact("x", x)]),
+               Ties.Params(density=0.5))
+    detail = vocab.stats.notes["slow_paths"]["merge: whole tensors"]
+    assert detail.startswith("2 tensor(s)") and "vocabulary sizes differ" in detail
+    assert "lm_head.weight" in detail and "model.embed_tokens.weight" in detail
+    assert vocab.stats.notes["merge"]["merged_in_slices"]  # every other matrix still sliced

@@ -107,6 +107,8 @@ class MergeSummary:
     copied: list[str] = field(default_factory=list)
     #: tensors merged in row slices (see :class:`PositionwiseMerge`)
     sliced: list[str] = field(default_factory=list)
+    #: large tensors (more than ``chunk_elements``) merged whole, and why not in slices
+    whole: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     bytes: int = 0
 
@@ -220,8 +222,13 @@ def merge_folders(
                 metadata={"merged_by": "lingoforge"}))
             step = _Step(plan, merge, task_vectors, cdtype, dev, summary)
             by_name = {t.name: t for t in planned}
-            sliced = {t.name for t in planned
-                      if _sliceable(t, plan, merge, readers, cdtype, chunk)}
+            sliced = set()
+            for t in planned:
+                why = _why_whole(t, plan, merge, readers, cdtype, chunk)
+                if why is None:
+                    sliced.add(t.name)
+                elif why:
+                    summary.whole[t.name] = why
 
             def size_of(name: str) -> int:
                 if name in sliced:  # read slice by slice by the merging thread
@@ -275,19 +282,26 @@ def _output(merged: torch.Tensor, target: PlannedTensor) -> torch.Tensor:
     return out
 
 
-def _sliceable(target: PlannedTensor, plan: MergePlan, merge: TensorMerge,
-               readers: Sequence[Any], cdtype: torch.dtype, chunk_elements: int) -> bool:
-    """Whether ``target`` is merged in row slices: a large floating-point tensor with
+def _why_whole(target: PlannedTensor, plan: MergePlan, merge: TensorMerge,
+               readers: Sequence[Any], cdtype: torch.dtype, chunk_elements: int) -> str | None:
+    """None when ``target`` is merged in row slices: a large floating-point tensor with
     more than one row, a position-wise method, readers that read rows, no vocabulary
-    tail, and a dtype whose magnitudes the exact trim can rank."""
-    numel = 1
-    for d in target.shape:
-        numel *= d
-    return (isinstance(merge, PositionwiseMerge) and numel > chunk_elements
-            and len(target.shape) >= 1 and target.shape[0] > 1
-            and target.dtype.is_floating_point and cdtype == torch.float32
-            and (plan.vocab is None or target.name not in plan.vocab.tensors)
-            and all(hasattr(r, "get_rows") for r in readers))
+    tail, and a dtype whose magnitudes the exact trim can rank. Otherwise why not: ``""``
+    for a tensor too small (or of one row, or integer) to slice, else a reason worth
+    reporting (the tensor is held whole per input)."""
+    numel = math.prod(target.shape)
+    if not (numel > chunk_elements and len(target.shape) >= 1 and target.shape[0] > 1
+            and target.dtype.is_floating_point):
+        return ""
+    if not isinstance(merge, PositionwiseMerge):
+        return "the method is not position-wise"
+    if plan.vocab is not None and target.name in plan.vocab.tensors:
+        return "vocabulary sizes differ (rows beyond the common vocabulary are merged apart)"
+    if cdtype != torch.float32:
+        return f"compute_dtype is {str(cdtype).removeprefix('torch.')} (slices need float32)"
+    if not all(hasattr(r, "get_rows") for r in readers):
+        return "an input cannot be read by rows"
+    return None
 
 
 def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
@@ -464,6 +478,13 @@ def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, m
     modelio.write_meta(context.output_dir, {"merge": info})
     context.set_param_counts(trainable=0, forward=summary.parameters)
     shards = [f for f in summary.files if f.endswith(".safetensors")]
+    if summary.whole:
+        reasons = sorted(set(summary.whole.values()))
+        context.slow_path("merge", "whole tensors", (
+            f"{len(summary.whole)} tensor(s) larger than {CHUNK_ELEMENTS} elements merged whole, "
+            f"not in row slices ({'; '.join(reasons)}): peak memory holds each of them whole "
+            f"per input ({', '.join(list(summary.whole)[:4])}"
+            + (", ..." if len(summary.whole) > 4 else "") + ")"))
     context.note("merge", {"tensors": summary.tensors, "shards": len(shards),
                            "bytes": summary.bytes, "copied_unmerged": summary.copied[:20],
                            "merged_in_slices": summary.sliced[:20]})
