@@ -31,7 +31,7 @@ class Runtime:
     trust_remote_code: bool = False
     #: CPU threads for torch: an int, "auto", or None (leave torch's setting alone);
     #: see :mod:`engine.threads`
-    threads: int | str | None = None
+    threads: int | str | None = "auto"
 
 
 @dataclass

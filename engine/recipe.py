@@ -99,9 +99,9 @@ class RuntimeSpec(_Strict):
     load_in_8bit: bool = Field(False, description="Load models that are only read in 8 bit (bitsandbytes).")
     trust_remote_code: bool = Field(False, description="Run model code shipped inside model folders.")
     threads: int | Literal["auto"] | None = Field(
-        None, description="CPU threads torch uses: an integer, or 'auto' (torch's default capped at "
-        "the cores this process may use, fewer when the machine is already loaded). Unset: torch's "
-        "own setting is left as it is. Recorded per stage in report.json.")
+        "auto", description="CPU threads torch uses: an integer, or 'auto' (torch's default capped at "
+        "the cores this process may use, divided among the engine runs alive on this machine); "
+        "null leaves torch's own setting as it is. Recorded per stage in report.json.")
 
     @field_validator("threads", mode="before")
     @classmethod

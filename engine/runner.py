@@ -91,7 +91,8 @@ class Runner:
             lock.acquire()  # before anything is written or cleaned up
         intra_before = torch.get_num_threads()
         try:
-            return self._run()
+            with threads.RunRegistration():  # counted by every run's 'auto' threads
+                return self._run()
         finally:
             torch.set_num_threads(intra_before)  # in-process callers keep their setting
             if lock is not None:

@@ -76,19 +76,38 @@ def _run(recipe: Path, work: Path) -> dict:
 # --- the rule -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("default", "cpus", "load", "expected"), [
-    (8, 4, None, 4),     # confined to 4 of 8 cores: no more threads than cores
-    (2, 16, None, 2),    # never more than torch would use
-    (4, 4, 0.2, 4),      # idle machine: all of them
-    (4, 4, 2.5, 2),      # 1.5 cores idle, +1 for this process
-    (4, 4, 3.9, 1),      # busy: one
-    (16, 16, 40.0, 1),   # overloaded: still at least one
+@pytest.mark.parametrize(("default", "cpus", "runs", "expected"), [
+    (8, 4, 1, 4),     # confined to 4 of 8 cores: no more threads than cores
+    (2, 16, 1, 2),    # never more than torch would use
+    (4, 4, 2, 2),     # two engine runs share the cores
+    (2, 2, 2, 1),     # two quickstarts on a 2-core machine: one thread each
+    (16, 16, 40, 1),  # more runs than cores: still at least one
 ])
-def test_auto_rule(default, cpus, load, expected):
-    n, reason = threads.auto_threads(default, cpus, load)
+def test_auto_rule(default, cpus, runs, expected):
+    n, reason = threads.auto_threads(default, cpus, runs)
     assert n == expected
     assert f"{cpus} cores available" in reason
-    assert ("load average" in reason) == (load is not None and expected < min(default, cpus))
+    assert ("shared by" in reason) == (runs > 1)
+
+
+def test_live_runs_counts_registered_processes_and_forgets_dead_ones(tmp_path):
+    assert threads.live_runs(tmp_path) == 1  # nobody registered: the caller alone
+    with threads.RunRegistration(tmp_path):
+        assert threads.live_runs(tmp_path) == 1
+        code = ("import sys, time; from pathlib import Path; from engine import threads\n"
+                "with threads.RunRegistration(Path(sys.argv[1])):\n"
+                "    print('in', flush=True); time.sleep(60)\n")
+        other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert other.stdout.readline().strip() == "in"
+            assert threads.live_runs(tmp_path) == 2
+        finally:
+            other.kill()  # SIGKILL: the kernel drops its lock, its file stays behind
+            other.wait()
+        assert len(list(tmp_path.iterdir())) == 2
+        assert threads.live_runs(tmp_path) == 1  # the dead run's file is removed
+        assert len(list(tmp_path.iterdir())) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_available_cpus_follows_the_affinity_mask():
@@ -125,18 +144,23 @@ def test_threads_reach_torch_and_the_report_per_stage(tmp_path, tiny_model, see_
 
 
 def test_auto_threads_are_what_the_rule_says(tmp_path, tiny_model, see_threads, monkeypatch):
-    monkeypatch.setattr(threads, "available_cpus", lambda: 3)
-    monkeypatch.setattr(threads, "load_average", lambda: 1.2)  # floor(3 - 1.2) + 1 = 2
+    monkeypatch.setattr(threads, "available_cpus", lambda: 4)
+    monkeypatch.setattr(threads, "live_runs", lambda: 2)  # another engine run on the machine
     monkeypatch.setattr(threads, "torch_default_threads", lambda: 8)
     report = _run(_recipe(tmp_path, tiny_model, "{threads: auto}"), tmp_path / "w")
     for record in report["stages"]:
         assert record["notes"]["seen_intra_op"] == record["threads"]["intra_op"] == 2
-        assert "load average 1.20" in record["threads"]["reason"]
+        assert "shared by 2 engine runs" in record["threads"]["reason"]
 
 
-def test_unset_threads_leave_torch_alone(tmp_path, tiny_model, see_threads):
-    torch.set_num_threads(1)
+def test_auto_is_the_default(tmp_path, tiny_model, see_threads):
     report = _run(_recipe(tmp_path, tiny_model, "{}"), tmp_path / "w")
+    assert report["stages"][0]["threads"]["setting"] == "auto"
+
+
+def test_null_threads_leave_torch_alone(tmp_path, tiny_model, see_threads):
+    torch.set_num_threads(1)
+    report = _run(_recipe(tmp_path, tiny_model, "{threads: null}"), tmp_path / "w")
     assert report["stages"][0]["threads"]["setting"] is None
     assert report["stages"][0]["notes"]["seen_intra_op"] == 1
 
