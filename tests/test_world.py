@@ -16,6 +16,7 @@ from engine.api import DataSource
 from engine.data import detect_format, iter_choices, iter_instructions, iter_texts
 from engine.errors import DataError, ModelLoadError
 from engine.world import corpus
+from engine.world import cache as cache_module
 from engine.world.cache import ensure_built, file_hashes
 from engine.world.pretrain import build_base_model
 
@@ -240,3 +241,56 @@ def test_task_items_are_answered_by_reading_their_context(cache):
         assert sorted(c.strip() for c in rec["choices"] if c.strip() in context) == sorted(q.values)
         counterfactual += answer != facts[q.animal][q.attr]
     assert counterfactual > len(records) // 2  # memorised facts do not answer it
+
+
+def test_a_damaged_cached_file_is_found_and_rebuilt(cache, capsys):
+    path = world.data_path("lum/train.txt")
+    good = path.read_bytes()
+    assert (world.data_dir() / ".manifest.json").is_file()
+    path.write_bytes(good[: len(good) // 2])  # truncated by a full disk, say
+    cache_module._verified.clear()  # a new process
+    again = world.data_path("lum/train.txt")
+    err = capsys.readouterr().err
+    assert "lum/train.txt does not match its checksum" in err and err.count("rebuilding") == 1
+    assert again.read_bytes() == good
+    cache_module._verified.clear()
+    world.data_path("lum/train.txt")
+    assert capsys.readouterr().err == ""  # intact now: nothing said, nothing rebuilt
+
+
+def test_a_damaged_model_file_is_rebuilt(cache, monkeypatch, capsys):
+    calls = []
+
+    def fast_build(folder: Path) -> None:
+        calls.append(folder)
+        build_base_model(folder, steps=1, batch_size=2)
+
+    monkeypatch.setattr(world, "_build_model", fast_build)
+    path = world.model_path("tiny-base")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    cache_module._verified.clear()
+    world.model_path("tiny-base")
+    assert len(calls) == 2 and "model.safetensors does not match its checksum" in capsys.readouterr().err
+
+
+def test_an_older_world_version_is_named_once_and_never_read(cache, capsys):
+    old = world.cache_dir() / f"world-v{world.WORLD_VERSION - 1}"
+    (old / "data" / "lum").mkdir(parents=True)
+    (old / "data" / "lum" / "train.txt").write_text("stale\n")
+    path = world.data_path("lum/train.txt")
+    assert old not in path.parents and path.read_text() != "stale\n"
+    world.data_dir(rebuild=True)
+    err = capsys.readouterr().err
+    assert err.count(f"{old.name} is from an older world version") == 1
+
+
+def test_a_manifest_from_another_version_means_a_rebuild(cache, capsys):
+    folder = world.data_dir()
+    manifest = json.loads((folder / ".manifest.json").read_text())
+    manifest["world_version"] = world.WORLD_VERSION - 1
+    (folder / ".manifest.json").write_text(json.dumps(manifest))
+    cache_module._verified.clear()
+    world.data_dir()
+    assert "was built by world version" in capsys.readouterr().err
+    assert json.loads((folder / ".manifest.json").read_text())["world_version"] == world.WORLD_VERSION
