@@ -15,8 +15,8 @@ from engine import world
 from engine.api import DataSource
 from engine.data import detect_format, iter_choices, iter_instructions, iter_texts
 from engine.errors import DataError, ModelLoadError
-from engine.world import corpus
 from engine.world import cache as cache_module
+from engine.world import corpus
 from engine.world.cache import ensure_built, file_hashes
 from engine.world.pretrain import build_base_model
 
