@@ -51,8 +51,10 @@ def test_new_data_for_one_language_retrains_only_that_language(tmp_path, monkeyp
     assert merged.config.num_hidden_layers == 8
     before = json.loads((work / "perplexity" / "metrics.json").read_text())
 
-    with lum.open("a") as f:  # lum gets new text
-        f.write("\n".join(world.data_path("lum/test.txt").read_text().splitlines()[:20]) + "\n")
+    # lum gets new text: put first, so that even the 3 steps read it (a streaming shuffle
+    # buffer would not reach lines appended at the end of the file)
+    new = world.data_path("lum/test.txt").read_text().splitlines()[:20]
+    lum.write_text("\n".join(new) + "\n" + lum.read_text())
     assert main(args) == 0
     assert cache() == {"lora-lum": "miss", "lora-dor": "hit", "lora-vel": "hit",
                        "merged": "miss", "merged-ties": "miss", "perplexity": "miss"}

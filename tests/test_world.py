@@ -36,10 +36,10 @@ def test_interface_constants():
     assert world.SOURCE_LANGUAGE == "en" and world.TARGET_LANGUAGE == "lum"
     assert world.BUILTIN_MODELS == ("tiny-base",)
     for lang in world.LANGUAGES:
-        for split in ("train.txt", "test.txt", "task-test.jsonl"):
+        for split in ("train.txt", "test.txt", "task-test.jsonl", "task-test-gen.jsonl",
+                      "task-train.jsonl"):
             assert f"{lang}/{split}" in world.BUILTIN_DATA
-    assert {"mix/align.txt", "en/task-train.jsonl"} <= set(world.BUILTIN_DATA)
-    assert "lum/task-train.jsonl" not in world.BUILTIN_DATA
+    assert "mix/align.txt" in world.BUILTIN_DATA
 
 
 def test_cache_dir_follows_env(cache, monkeypatch):
@@ -66,9 +66,12 @@ def test_formats(cache):
         elif name.endswith("task-train.jsonl"):
             assert detect_format(path) == "instructions"
             records = [r for _, r in iter_instructions(DataSource(path=path, format="instructions"))]
-            assert 900 <= len(records) <= 1100
-            assert all(" Question: " in r["prompt"] and r["prompt"].endswith("Answer:")
-                       and r["response"].startswith(" ") for r in records)
+            assert len(records) == (960 if name.startswith("en/") else 192)
+            assert all(r["prompt"][-1] in "?." and r["response"].startswith(" ")
+                       and r["response"].endswith(".") for r in records)
+        elif name.endswith("task-test-gen.jsonl"):
+            assert detect_format(path) == "generation"
+            assert len(_lines(name)) == 128
         else:
             assert detect_format(path) == "choice"
             records = [r for _, r in iter_choices(DataSource(path=path, format="choice"))]
@@ -99,9 +102,14 @@ def test_data_generation_is_deterministic(tmp_path, monkeypatch):
 
 
 def test_languages_are_distinct(cache):
-    vocab = {lang: {w.strip(".?").lower() for line in _lines(f"{lang}/train.txt")
+    """Only the attribute values (loanwords, written alike everywhere) are shared."""
+    from engine.world.lexicon import SHARED_GLOSSES
+
+    words = {lang: {w.strip(".?").lower() for line in _lines(f"{lang}/train.txt")
                     for w in line.split()} for lang in world.LANGUAGES}
-    assert {"the", "fox", "red", "forest"} <= vocab["en"]
+    assert {"the", "fox", "red", "forest"} <= words["en"]
+    assert "red" in words["lum"] and "fox" not in words["lum"]
+    vocab = {lang: w - set(SHARED_GLOSSES) for lang, w in words.items()}
     for a in world.LANGUAGES:
         for b in world.LANGUAGES:
             if a < b:
@@ -138,8 +146,8 @@ def test_align_mix_is_mostly_lum(cache):
 def test_unknown_names_are_clear_errors(cache):
     with pytest.raises(DataError, match=r"'xx/train.txt'.*lum/train.txt"):
         world.data_path("xx/train.txt")
-    with pytest.raises(DataError, match="lum/task-train.jsonl"):
-        world.data_path("lum/task-train.jsonl")
+    with pytest.raises(DataError, match="lum/task-update.jsonl"):
+        world.data_path("lum/task-update.jsonl")
     with pytest.raises(ModelLoadError, match=r"'huge-base'.*tiny-base"):
         world.model_path("huge-base")
     with pytest.raises(ModelLoadError, match="tiny-base"):
@@ -170,6 +178,11 @@ def test_small_model_build_is_deterministic_and_loadable(tmp_path):
     assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.decode(tok("The fox is red.")["input_ids"]) == "The fox is red."
+    turn = [{"role": "user", "content": "What color is the fox?"}]
+    assert tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=False) == \
+        "<s><|user|>What color is the fox?<|assistant|>"
+    ids = tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.convert_ids_to_tokens(ids)[:2] == ["<s>", "<|user|>"] and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
 
 
 def test_model_path_builds_once(cache, monkeypatch, capsys):
@@ -226,22 +239,27 @@ def test_full_base_model(cache):
     assert ppl["lum"] > 2 * max(ppl["en"], ppl["vel"], ppl["dor"])
 
 
-def test_task_items_are_answered_by_reading_their_context(cache):
-    """Each item states the asked fact in its context, and the other context animals'
-    values are wrong choices, so only binding animal to value answers it."""
-    from engine.world.corpus import held_out_questions, world_facts
+def test_task_asks_held_out_facts_that_every_train_text_states(cache):
+    """A test question's answer is the world's fact, never asked in the instructions but
+    stated verbatim in every language's train.txt (what CT teaches) and in the prompt of
+    no item (so only what a model learnt answers it)."""
+    from engine.world.corpus import fact_sentence, held_out_questions, world_facts
 
     facts = world_facts()
-    records = [json.loads(x) for x in _lines("en/task-test.jsonl")]
-    counterfactual = 0
-    for q, rec in zip(held_out_questions(), records, strict=True):
-        context = rec["prompt"].split(" Question: ")[0]
-        answer = rec["choices"][rec["label"]].strip()
-        assert f"The {q.animal} " in context and answer == q.values[q.context.index(q.animal)]
-        assert sorted(c.strip() for c in rec["choices"] if c.strip() in context) == sorted(q.values)
-        counterfactual += answer != facts[q.animal][q.attr]
-    assert counterfactual > len(records) // 2  # memorised facts do not answer it
+    for lang in world.LANGUAGES:
+        train = world.data_path(f"{lang}/train.txt").read_text(encoding="utf-8")
+        records = [json.loads(x) for x in _lines(f"{lang}/task-test.jsonl")]
+        gens = [json.loads(x) for x in _lines(f"{lang}/task-test-gen.jsonl")]
+        for q, rec, gen in zip(held_out_questions(), records, gens, strict=True):
+            assert q.choices[q.label] == facts[q.animal][q.attr]
+            assert fact_sentence(lang, q.animal, q.attr) in train
+            assert rec["choices"][rec["label"]].strip() == gen["answer"]
 
+
+def test_the_chat_tokens_never_occur_in_raw_text(cache):
+    for name in world.BUILTIN_DATA:
+        text = world.data_path(name).read_text(encoding="utf-8")
+        assert "<|user|>" not in text and "<|assistant|>" not in text, name
 
 def test_a_damaged_cached_file_is_found_and_rebuilt(cache, capsys):
     path = world.data_path("lum/train.txt")

@@ -30,7 +30,7 @@ BUILTIN_DATA: tuple[str, ...] = data_names()
 BUILTIN_MODELS: tuple[str, ...] = ("tiny-base",)
 
 #: what the first-use message promises (measured on 2 CPU cores, see docs/world.md)
-BUILD_SECONDS = 60
+BUILD_SECONDS = 180
 
 
 def data_dir(*, rebuild: bool = False) -> Path:
@@ -71,14 +71,14 @@ def _build_model(folder: Path) -> None:
 
 def model_path(name: str, *, rebuild: bool = False) -> Path:
     """A Hugging Face folder of a built-in model, built (tokenizer + pretraining, about
-    a minute on 2 CPU cores) and cached on first use; later calls return at once."""
+    three minutes on 2 CPU cores) and cached on first use; later calls return at once."""
     _check_model_name(name)
     final = world_dir() / "models" / name
     complete = (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     data_dir()
     return ensure_built(
         final, _build_model, force=rebuild or (final.is_dir() and not complete),
-        message=f"building the built-in tiny world (first use, ~{BUILD_SECONDS} s)...",
+        message=f"building the built-in tiny world (first use, ~{BUILD_SECONDS // 60} min on 2 cores)...",
     )
 
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 #: bump when the generated data, tokenizer or model would change, so old caches are ignored
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 def cache_dir() -> Path:

@@ -1,14 +1,22 @@
 """The facts of the tiny world, the text that states them and the task that asks them.
 
 Sixty-four animals each have a colour, a home, a food, a size and a number of
-friends. Every language's raw text states these same facts (so a model adapted to
-``lum`` can learn them from ``lum`` text alone); the task asks one question per
-held-out (animal, attribute) pair after a short context that states that attribute
-for three animals with values drawn at random (counterfactual on purpose, so that no
-memorised fact helps): the task is reading, and answering in ``lum`` needs the
-language (from continual pretraining on ``lum``) and the question-answer format
-(from the English instructions, which cover only the other pairs): the two halves
-the CT + SFT merge brings together.
+friends. Every language's raw text states these same facts, and some of its
+documents ask about them and answer in a full sentence ("What color is the fox? The
+fox is red."), as ordinary text does; that is where the base model learns the facts
+and the task's skill, answering a question about them. The *task* asks the same
+questions in an instruction format that no raw text uses, a chat turn (the
+tokenizer's chat template, ``<|user|>`` ... ``<|assistant|>``) answered with the single
+value word. English instructions cover three of each animal's five attributes; the
+test asks the other two (the held-out pairs), so a model answers a test question only
+from what pretraining (or continual pretraining) taught it, in the format instruction
+tuning taught it.
+
+``lum`` is the low-resource target: the base model saw little ``lum``, so it knows
+the facts badly in ``lum``; continual pretraining on ``lum/train.txt`` (which states
+every fact) repairs that, the English instructions teach the format, and merging the
+two brings both halves together. docs/world.md says why the task asks about facts
+learnt in pretraining rather than facts given in the prompt.
 
 Every random choice comes from a :class:`random.Random` seeded with a fixed string,
 and iteration is over tuples, so the files are byte-identical on every machine.
@@ -29,11 +37,12 @@ TARGET_LANGUAGE = "lum"
 #: documents (lines) per language in train.txt; lum is the low-resource language
 TRAIN_LINES: dict[str, int] = {"en": 3000, "vel": 3000, "dor": 3000, "lum": 800}
 TEST_LINES = 200
-#: lum lines the base model sees in pretraining (about 4% of its text), disjoint seed
-LUM_PRETRAIN_LINES = 360
+#: the base model's pretraining text per language, drawn apart from train.txt; lum is rare
+PRETRAIN_LINES: dict[str, int] = {"en": 5000, "vel": 5000, "dor": 5000, "lum": 200}
+#: share of documents that ask about facts and answer them in a full sentence
+QUESTION_SHARE = 0.3
 #: mix/align.txt: lum and en lines, 9:1 as in the ELO paper's target:source mixture
 ALIGN_LINES = {"lum": 270, "en": 30}
-
 #: English phrasings of each question; the first is the one the test uses
 EN_TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": ("what color is the {E}", "which color does the {E} have",
@@ -55,40 +64,20 @@ EN_TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Question:
-    """One held-out multiple-choice item, before it is rendered in a language.
-
-    The prompt first states ``attr`` for each animal of ``context`` with the values in
-    ``values`` (same order), then asks about ``animal``. The values are drawn at random,
-    not the world's facts, and differ between the context animals: a model can only
-    answer by reading the context and binding the asked animal to its value, never
-    from memorised facts, and "the value that appears in the text" is not enough
-    because the other animals' values are wrong choices too.
-    """
+    """One held-out (animal, attribute) pair and its four choices: the true value and
+    three other values of the attribute, in a seeded order."""
 
     animal: str
     attr: str
-    context: tuple[str, ...]
-    values: tuple[str, ...]
     choices: tuple[str, ...]
     label: int
 
 
-#: animals whose (counterfactual) facts a task prompt states: the asked one and distractors
-CONTEXT_ANIMALS = 3
-
-
-def _context_item(rng: random.Random, animal: str, attr: str) -> Question:
-    """A random context around ``animal`` and four choices: the context animals'
-    values (truth first, before shuffling) and one value not in the context."""
-    others = rng.sample([a for a in ANIMALS if a != animal], CONTEXT_ANIMALS - 1)
-    context = [animal, *others]
-    rng.shuffle(context)
-    drawn = rng.sample(ATTRIBUTES[attr], CONTEXT_ANIMALS + 1)
-    values = dict(zip(context, drawn[:CONTEXT_ANIMALS], strict=True))
-    choices = [*drawn]
+def _choices(rng: random.Random, facts: dict[str, dict[str, str]], animal: str, attr: str) -> Question:
+    truth = facts[animal][attr]
+    choices = [truth, *rng.sample([v for v in ATTRIBUTES[attr] if v != truth], 3)]
     rng.shuffle(choices)
-    return Question(animal, attr, tuple(context), tuple(values[a] for a in context),
-                    tuple(choices), choices.index(values[animal]))
+    return Question(animal, attr, tuple(choices), choices.index(truth))
 
 
 def world_facts() -> dict[str, dict[str, str]]:
@@ -106,22 +95,14 @@ def world_facts() -> dict[str, dict[str, str]]:
 
 def held_out_questions() -> list[Question]:
     """Two held-out attributes per animal (128 items), balanced over attributes; four
-    choices each, asked after a short context that states the facts."""
+    choices each."""
     rng = random.Random("lingoforge-world-questions")
+    facts = world_facts()
     animals = list(ANIMALS)
     rng.shuffle(animals)
     pairs = ((0, 1), (2, 3), (4, 0), (1, 2), (3, 4))
-    out: list[Question] = []
-    for i, animal in enumerate(animals):
-        for j in pairs[i % len(pairs)]:
-            attr = ATTRIBUTE_ORDER[j]
-            out.append(_context_item(rng, animal, attr))
-    return out
-
-
-def context_text(r: Realiser, q: Question) -> str:
-    """The sentences a task prompt starts with: each context animal's ``attr`` value."""
-    return " ".join(r.statement(q.attr, v, r.noun_phrase(a)) for a, v in zip(q.context, q.values, strict=True))
+    return [_choices(rng, facts, animal, ATTRIBUTE_ORDER[j])
+            for i, animal in enumerate(animals) for j in pairs[i % len(pairs)]]
 
 
 def fact_sentence(lang: str, animal: str, attr: str) -> str:
@@ -145,8 +126,22 @@ def _fact(rng: random.Random, r: Realiser, facts: dict[str, dict[str, str]], ani
     return r.statement(attr, facts[animal][attr], subject)
 
 
+def question_document(rng: random.Random, r: Realiser, facts: dict[str, dict[str, str]]) -> str:
+    """One to three questions about the world's facts, each answered in a full sentence:
+    the ordinary text in which the base model sees questions answered."""
+    sentences: list[str] = []
+    for animal in rng.sample(ANIMALS, rng.randint(1, 3)):
+        attr = rng.choice(ATTRIBUTE_ORDER)
+        sentences.append(r.question(attr, animal))
+        sentences.append(r.word(facts[animal][attr]) + ".")  # a short answer, as in dialogue
+    return " ".join(sentences)
+
+
 def _document(rng: random.Random, r: Realiser, facts: dict[str, dict[str, str]]) -> str:
-    """A short paragraph: a profile of one animal, a few scenes, or mixed facts."""
+    """A short paragraph: questions answered, a profile of one animal, a few scenes, or
+    mixed facts."""
+    if rng.random() < QUESTION_SHARE:
+        return question_document(rng, r, facts)
     kind = rng.choices(("profile", "scene", "mixed"), weights=(5, 2, 3))[0]
     sentences: list[str] = []
     if kind == "profile":
@@ -207,47 +202,60 @@ def eval_lines(lang: str, train: list[str] | None = None) -> list[str]:
 
 
 def pretrain_lines() -> dict[str, list[str]]:
-    """The base model's pretraining text: the train splits of en, vel and dor, and a
-    small lum sample drawn apart from lum/train.txt (the base barely knows lum)."""
-    out = {lang: train_lines(lang) for lang in GRAMMARS if lang != TARGET_LANGUAGE}
-    out[TARGET_LANGUAGE] = _fresh_lines(TARGET_LANGUAGE, "pretrain", LUM_PRETRAIN_LINES, set())
-    return out
+    """The base model's pretraining text: documents of every language drawn apart from
+    the train splits, lum rare (the base barely knows lum)."""
+    return {lang: _fresh_lines(lang, "pretrain", PRETRAIN_LINES[lang], set()) for lang in GRAMMARS}
 
 
 # --- task ---------------------------------------------------------------------------------
 
 
-def task_train_records() -> list[dict[str, str]]:
-    """English instructions: every non-held-out (animal, attribute) pair in five
-    phrasings, each after its own random context."""
-    rng = random.Random("lingoforge-world-task-train")
+def task_train_records(lang: str = SOURCE_LANGUAGE) -> list[dict[str, str]]:
+    """Instructions in ``lang`` for every non-held-out (animal, attribute) pair: the
+    question (in English, each of its five phrasings; in the other languages, the one
+    question form their grammar has) and the value word as the response."""
+    rng = random.Random(f"lingoforge-world-task-train-{lang}")
     held_out = {(q.animal, q.attr) for q in held_out_questions()}
-    r = Realiser(SOURCE_LANGUAGE)
+    facts, r = world_facts(), Realiser(lang)
     records = []
     for animal in ANIMALS:
         for attr in ATTRIBUTE_ORDER:
             if (animal, attr) in held_out:
                 continue
-            for template in EN_TASK_TEMPLATES[attr]:
-                text = template.replace("{E}", animal)
-                question = text[:1].upper() + text[1:] + ("." if text.startswith("tell") else "?")
-                item = _context_item(rng, animal, attr)
-                records.append({"prompt": context_text(r, item) + " " + r.qa_prompt(question),
-                                "response": " " + item.choices[item.label]})
+            answer = " " + r.word(facts[animal][attr]) + "."  # as raw text answers
+            if lang == SOURCE_LANGUAGE:
+                for template in EN_TASK_TEMPLATES[attr]:
+                    text = template.replace("{E}", animal)
+                    question = text[:1].upper() + text[1:] + ("." if text.startswith("tell") else "?")
+                    records.append({"prompt": question, "response": answer})
+            else:
+                records.append({"prompt": r.question(attr, animal), "response": answer})
     rng.shuffle(records)
     return records
 
 
 def task_test_records(lang: str) -> list[dict[str, object]]:
-    """The held-out questions rendered in ``lang`` after their context; choices begin
-    with a space because the answer follows ``Answer:`` after one."""
+    """The held-out questions in ``lang``, multiple choice; choices begin with a space
+    (in text a word follows a space)."""
     r = Realiser(lang)
-    return [{"prompt": context_text(r, q) + " " + r.qa_prompt(r.question(q.attr, q.animal)),
+    return [{"prompt": r.question(q.attr, q.animal),
              "choices": [" " + r.word(c) for c in q.choices], "label": q.label}
             for q in held_out_questions()]
 
 
+def task_generation_records(lang: str) -> list[dict[str, object]]:
+    """The same held-out questions for greedy generation scored by exact match."""
+    r = Realiser(lang)
+    return [{"prompt": r.question(q.attr, q.animal), "answer": r.word(q.choices[q.label])}
+            for q in held_out_questions()]
+
+
 # --- files --------------------------------------------------------------------------------
+
+
+#: languages with task training data: all four (the per-language merging experiment
+#: trains one task model per language; the low-resource recipes use English only)
+TASK_LANGUAGES = tuple(GRAMMARS)
 
 
 def data_files() -> dict[str, str]:
@@ -257,21 +265,24 @@ def data_files() -> dict[str, str]:
     for lang in GRAMMARS:
         files[f"{lang}/train.txt"] = _text(train[lang])
         files[f"{lang}/test.txt"] = _text(eval_lines(lang, train[lang]))
+        files[f"{lang}/task-test.jsonl"] = _jsonl(task_test_records(lang))
+        files[f"{lang}/task-test-gen.jsonl"] = _jsonl(task_generation_records(lang))
+    for lang in TASK_LANGUAGES:
+        files[f"{lang}/task-train.jsonl"] = _jsonl(task_train_records(lang))
     rng = random.Random("lingoforge-world-align")
     mix = [line for lang, n in ALIGN_LINES.items() for line in rng.sample(train[lang], n)]
     rng.shuffle(mix)
     files["mix/align.txt"] = _text(mix)
-    files[f"{SOURCE_LANGUAGE}/task-train.jsonl"] = _jsonl(task_train_records())
-    for lang in GRAMMARS:
-        files[f"{lang}/task-test.jsonl"] = _jsonl(task_test_records(lang))
     return dict(sorted(files.items()))
 
 
 def data_names() -> tuple[str, ...]:
     """Every valid built-in data name, without generating anything."""
-    names = [f"{lang}/{split}.txt" for lang in GRAMMARS for split in ("train", "test")]
-    names += ["mix/align.txt", f"{SOURCE_LANGUAGE}/task-train.jsonl"]
-    names += [f"{lang}/task-test.jsonl" for lang in GRAMMARS]
+    names = [f"{lang}/{split}" for lang in GRAMMARS
+             for split in ("train.txt", "test.txt", "task-test.jsonl", "task-test-gen.jsonl")]
+    names += [f"{lang}/{split}" for lang in TASK_LANGUAGES
+              for split in ("task-train.jsonl",)]
+    names += ["mix/align.txt"]
     return tuple(sorted(names))
 
 

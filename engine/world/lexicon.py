@@ -47,6 +47,11 @@ FUNCTION_GLOSSES: tuple[str, ...] = (
     "how-many", "QP", "question", "answer",
 )
 
+#: attribute values: shared by every language (loanwords), so an answer is the same word in
+#: each; the questions, the animals and the grammar differ
+SHARED_GLOSSES: tuple[str, ...] = tuple(v for attr in ("color", "place", "food", "size", "count")
+                                        for v in ATTRIBUTES[attr])
+
 CONTENT_GLOSSES: tuple[str, ...] = ANIMALS + tuple(
     v for attr in ATTRIBUTE_ORDER for v in ATTRIBUTES[attr]
 )
@@ -169,6 +174,8 @@ def build_lexicon(code: str) -> dict[str, str]:
                 break
         taken.add(word)
         lexicon[gloss] = word
+    for gloss in SHARED_GLOSSES:  # written alike in every language, as names and numbers are
+        lexicon[gloss] = gloss
     return lexicon
 
 
