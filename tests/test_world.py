@@ -185,14 +185,21 @@ def test_small_model_build_is_deterministic_and_loadable(tmp_path):
     assert tok.convert_ids_to_tokens(ids)[:2] == ["<s>", "<|user|>"] and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
 
 
-def test_model_path_builds_once(cache, monkeypatch, capsys):
-    calls = []
+@pytest.fixture
+def fast_builds(monkeypatch) -> list[Path]:
+    """Model builds shortened to one step; returns the folders built, in order."""
+    calls: list[Path] = []
 
     def fast_build(folder: Path) -> None:
         calls.append(folder)
         build_base_model(folder, steps=1, batch_size=2)
 
     monkeypatch.setattr(world, "_build_model", fast_build)
+    return calls
+
+
+def test_model_path_builds_once(cache, fast_builds, capsys):
+    calls = fast_builds
     path = world.model_path("tiny-base")
     assert "building the built-in tiny world" in capsys.readouterr().err
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
@@ -276,14 +283,8 @@ def test_a_damaged_cached_file_is_found_and_rebuilt(cache, capsys):
     assert capsys.readouterr().err == ""  # intact now: nothing said, nothing rebuilt
 
 
-def test_a_damaged_model_file_is_rebuilt(cache, monkeypatch, capsys):
-    calls = []
-
-    def fast_build(folder: Path) -> None:
-        calls.append(folder)
-        build_base_model(folder, steps=1, batch_size=2)
-
-    monkeypatch.setattr(world, "_build_model", fast_build)
+def test_a_damaged_model_file_is_rebuilt(cache, fast_builds, capsys):
+    calls = fast_builds
     path = world.model_path("tiny-base")
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
