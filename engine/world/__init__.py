@@ -1,9 +1,9 @@
 """The built-in tiny multilingual world: data, tokenizer and base model for demos.
 
 Four languages state the same facts about sixty-four animals: English (``en``, the
-source language, with task training data) and three invented languages, ``vel``,
-``dor`` and ``lum``; ``lum`` is the low-resource target (a small raw-text split,
-little of it in the base model's pretraining, no task training data). Everything is
+source language, whose instructions the low-resource recipes use) and three invented
+languages, ``vel``, ``dor`` and ``lum``; ``lum`` is the low-resource target (a small
+raw-text split, little of it in the base model's pretraining). Everything is
 generated deterministically at first use and cached under :func:`cache_dir`, so
 recipes and tests run without downloading anything. See docs/world.md.
 """

@@ -79,7 +79,7 @@ GRAMMARS: dict[str, Grammar] = {
     "en": Grammar(
         code="en",
         description="English (source language): real English words, subject-verb-object, "
-                    "adjective before the noun; the only language with task training data.",
+                    "adjective before the noun; its instructions teach the task format.",
         seed=0,
         np="the {E}", np_adj="the {A} {E}",
         statements={"color": "{S} is {V}", "place": "{S} lives in the {V}",
@@ -128,7 +128,7 @@ GRAMMARS: dict[str, Grammar] = {
         code="lum",
         description="Lum (invented, the low-resource target): soft open syllables, verb-first "
                     "(verb-subject-object), suffixes -wa (adjective), -ne (place), -li (plural), "
-                    "question particle first; only raw text, no task training data.",
+                    "question particle first; little of it in the base model's pretraining.",
         seed=303,
         onsets=("l", "m", "n", "w", "y", "h", ""),
         vowels=("u", "o", "a", "i", "ua", "io"),
