@@ -313,3 +313,14 @@ def test_a_manifest_from_another_version_means_a_rebuild(cache, capsys):
     world.data_dir()
     assert "was built by world version" in capsys.readouterr().err
     assert json.loads((folder / ".manifest.json").read_text())["world_version"] == world.WORLD_VERSION
+
+
+def test_a_folder_without_a_manifest_is_rebuilt(cache, capsys):
+    folder = world.data_dir()
+    (folder / ".manifest.json").unlink()
+    (folder / "lum" / "train.txt").write_text("from some other build\n")
+    cache_module._verified.clear()
+    world.data_dir()
+    assert "has no .manifest.json" in capsys.readouterr().err
+    assert (folder / "lum" / "train.txt").read_text() != "from some other build\n"
+    assert (folder / ".manifest.json").is_file()

@@ -6,8 +6,8 @@ lock file serialises builds between processes so that two first uses do not both
 spend a minute pretraining.
 
 A finished folder carries ``.manifest.json``: the world version and the size and
-sha256 of every file. A folder whose files no longer match it (a truncated or edited
-file, a file missing) is rebuilt, with one line on stderr naming the file; the check
+sha256 of every file. A folder without one, or whose files no longer match it (a
+truncated or edited file, a file missing), is rebuilt, with one line on stderr naming the file; the check
 runs once per folder and process. Caches of older world versions live in their own
 ``world-v<N>`` folders and are never read; the first build of a new version says that
 an older one was found and left alone.
@@ -68,11 +68,11 @@ def write_manifest(folder: Path) -> None:
 
 def manifest_problem(folder: Path) -> str | None:
     """Why ``folder`` does not match its manifest (None when it does). A folder without
-    a manifest (built before manifests existed) gets one written now."""
+    one cannot be vouched for (a build from before manifests, or from a development
+    tree with the same version number) and is rebuilt too."""
     path = folder / MANIFEST
     if not path.is_file():
-        write_manifest(folder)
-        return None
+        return f"{folder} has no {MANIFEST} (its build cannot be checked)"
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
