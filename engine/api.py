@@ -171,7 +171,8 @@ class DataSource:
     ``prompt``/``response`` or chat ``messages``), ``choice`` (jsonl
     multiple-choice items with ``prompt``, ``choices`` and ``label``) or
     ``generation`` (jsonl items with ``prompt`` and ``answer`` or ``answers``, scored
-    by greedy generation and exact match).
+    by greedy generation and exact match). ``records`` keeps only a range of the
+    file's records (non-empty lines), in file order.
     """
 
     path: Path
@@ -179,6 +180,9 @@ class DataSource:
     language: str | None = None
     weight: float = 1.0
     text_field: str = "text"
+    #: a record range such as ``"0:50%"`` (see :func:`engine.data.parse_record_range`);
+    #: ``None`` reads every record
+    records: str | None = None
 
     @property
     def label(self) -> str:

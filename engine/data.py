@@ -9,6 +9,12 @@ Formats (see :class:`engine.api.DataSource`):
 * ``generation``: jsonl with ``prompt`` and the reference ``answer`` (a string) or
   ``answers`` (a list of accepted strings), scored by greedy generation and exact match.
 
+A data spec's ``records`` keeps a range of a file's records (its non-empty lines, in file
+order), written like a Python slice whose ends are record indices or percentages of the
+file: ``"0:50%"`` (the first half), ``"50%:"`` (the rest), ``":100"``, ``"96:192"``. It
+lets a recipe train on part of a file now and on more of it later without splitting the
+file (:func:`parse_record_range`, :func:`record_bounds`).
+
 Files are read line by line, so a corpus larger than memory works. Text must be UTF-8:
 lines are decoded one at a time, so a stray byte is reported with its file and line
 rather than as a codec error from somewhere inside a read-ahead buffer.
@@ -17,7 +23,9 @@ rather than as a codec error from somewhere inside a read-ahead buffer.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,86 @@ from engine.errors import DataError
 UTF8_SNIFF_BYTES = 1 << 20
 #: jsonl files up to this size are parsed whole by ``engine validate`` (well under a second)
 JSONL_SCAN_BYTES = 8 << 20
+
+
+_RANGE_END = re.compile(r"^\s*(?:(\d+)|(\d+(?:\.\d+)?)\s*%)?\s*$")
+
+#: one end of a record range: (number, is_percent), or None for an open end
+RangeEnd = tuple[float, bool] | None
+
+
+def parse_record_range(text: str) -> tuple[RangeEnd, RangeEnd]:
+    """``"start:end"`` as two ends, each a record index (``96``), a percentage of the
+    file's records (``50%``, at most 100) or empty (the file's start or end).
+
+    Raises ``ValueError`` with the accepted forms; :class:`~engine.recipe.DataSpec`
+    turns it into an error naming the ``records`` field.
+    """
+    if not isinstance(text, str) or text.count(":") != 1:
+        raise ValueError(f"{text!r} is not a record range: write 'start:end', each end a record "
+                         "index (96), a percentage of the file's records (50%) or empty, "
+                         "e.g. '0:50%', '50%:', ':100'")
+    ends: list[RangeEnd] = []
+    for part in text.split(":"):
+        m = _RANGE_END.match(part)
+        if m is None:
+            raise ValueError(f"{text!r}: {part.strip()!r} is neither a record index nor a "
+                             "percentage (write e.g. 96 or 50%)")
+        if m.group(1) is not None:
+            ends.append((int(m.group(1)), False))
+        elif m.group(2) is not None:
+            pct = float(m.group(2))
+            if pct > 100:
+                raise ValueError(f"{text!r}: {pct:g}% is more than the whole file (at most 100%)")
+            ends.append((pct, True))
+        else:
+            ends.append(None)
+    start, end = ends
+    if start is not None and end is not None and start[1] == end[1] and start[0] >= end[0]:
+        raise ValueError(f"{text!r} selects no records (the start is not before the end)")
+    return start, end
+
+
+def record_bounds(text: str, total: int) -> tuple[int, int]:
+    """The half-open index range ``[lo, hi)`` that ``text`` selects from ``total``
+    records. A percentage rounds down (``50%`` of 97 is 48), so ``"0:50%"`` and
+    ``"50%:"`` split a file into two parts with no record in both or neither."""
+    start, end = parse_record_range(text)
+
+    def index(e: RangeEnd, default: int) -> int:
+        if e is None:
+            return default
+        value, pct = e
+        return int(total * value // 100) if pct else int(value)
+
+    lo, hi = index(start, 0), index(end, total)
+    if hi > total:
+        raise ValueError(f"record range {text!r} ends at record {hi} but the file has {total} records")
+    if lo >= hi:
+        raise ValueError(f"record range {text!r} selects no records of the file's {total}")
+    return lo, hi
+
+
+@lru_cache(maxsize=256)
+def _count_records(path: str, size: int, mtime_ns: int) -> int:
+    return sum(1 for _ in iter_lines(Path(path)))
+
+
+def count_records(path: Path) -> int:
+    """Non-empty lines of ``path`` (what ``records`` counts); cached per file state."""
+    st = Path(path).stat()
+    return _count_records(str(path), st.st_size, st.st_mtime_ns)
+
+
+def source_bounds(path: Path, records: str | None) -> tuple[int, int] | None:
+    """``[lo, hi)`` of the records ``records`` selects in ``path``, or None for all;
+    a range that does not fit the file is a DataError naming the file and the field."""
+    if records is None:
+        return None
+    try:
+        return record_bounds(records, count_records(path))
+    except ValueError as exc:
+        raise DataError(f"{path}: records: {exc}") from None
 
 
 def detect_format(path: Path, text_field: str = "text") -> str:
@@ -72,11 +160,13 @@ def resolve_data(spec: Any, recipe_dir: Path) -> DataSource:
     if path.suffix == ".jsonl" and path.stat().st_size <= JSONL_SCAN_BYTES:
         for _ in iter_jsonl(path):  # a malformed line is named now, not minutes into a stage
             pass
+    records = getattr(spec, "records", None)
+    source_bounds(path, records)  # a range beyond the file's end is named now
     fmt = spec.format
     if fmt == "auto":
         fmt = detect_format(path, spec.text_field)
     return DataSource(path=path, format=fmt, language=spec.language, weight=spec.weight,
-                      text_field=spec.text_field)
+                      text_field=spec.text_field, records=records)
 
 
 def check_utf8_head(path: Path, limit: int = UTF8_SNIFF_BYTES) -> None:
@@ -113,9 +203,25 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-empty line; bad JSON names file and line."""
-    for lineno, line in iter_lines(path):
+def iter_records(path: Path, records: str | None = None) -> Iterator[tuple[int, str]]:
+    """:func:`iter_lines`, restricted to the record range ``records`` (None: all)."""
+    bounds = source_bounds(path, records)
+    lines = iter_lines(path)
+    if bounds is None:
+        yield from lines
+        return
+    lo, hi = bounds
+    for index, item in enumerate(lines):
+        if index >= hi:
+            break
+        if index >= lo:
+            yield item
+
+
+def iter_jsonl(path: Path, records: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-empty line in the range ``records``; bad JSON
+    names file and line."""
+    for lineno, line in iter_records(path, records):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -128,10 +234,10 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def iter_texts(source: DataSource) -> Iterator[str]:
     """The documents of a text source, streamed."""
     if source.path.suffix == ".txt":
-        for _, line in iter_lines(source.path):
+        for _, line in iter_records(source.path, source.records):
             yield line
         return
-    for lineno, record in iter_jsonl(source.path):
+    for lineno, record in iter_jsonl(source.path, source.records):
         value = record.get(source.text_field)
         if not isinstance(value, str):
             raise DataError(f"{source.path}:{lineno}: field {source.text_field!r} missing or not a string")
@@ -141,7 +247,7 @@ def iter_texts(source: DataSource) -> Iterator[str]:
 
 def iter_instructions(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line, record) with either ``prompt``/``response`` or ``messages``, checked."""
-    for lineno, record in iter_jsonl(source.path):
+    for lineno, record in iter_jsonl(source.path, source.records):
         if "messages" in record:
             msgs = record["messages"]
             if (not isinstance(msgs, list) or not msgs
@@ -156,7 +262,7 @@ def iter_instructions(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]
 
 def iter_choices(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line, record) of multiple-choice items, checked."""
-    for lineno, record in iter_jsonl(source.path):
+    for lineno, record in iter_jsonl(source.path, source.records):
         choices = record.get("choices")
         label = record.get("label")
         if not isinstance(record.get("prompt"), str):
@@ -174,7 +280,7 @@ def iter_answers(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line, record) of generation items, checked: a string ``prompt`` and either a
     string ``answer`` or ``answers``, a non-empty list of strings. Records are yielded
     as read; whether an answer is empty after normalisation is the evaluator's check."""
-    for lineno, record in iter_jsonl(source.path):
+    for lineno, record in iter_jsonl(source.path, source.records):
         where = f"{source.path}:{lineno}"
         if not isinstance(record.get("prompt"), str):
             raise DataError(f"{where}: 'prompt' missing or not a string")

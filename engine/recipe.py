@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.api import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS, STAGE_KINDS
+from engine.data import parse_record_range
 from engine.errors import RecipeError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -82,6 +83,21 @@ class DataSpec(_Strict):
     language: str | None = Field(None, description="Language label used in metrics and mixing.")
     weight: float = Field(1.0, gt=0, description="Mixing weight relative to the other files.")
     text_field: str = Field("text", description="Field holding the text in jsonl text files.")
+    records: str | None = Field(
+        None, description="Read only this range of the file's records (non-empty lines, in file "
+        "order), as 'start:end' with record indices or percentages of the file: '0:50%' the first "
+        "half, '50%:' the rest, '96:192'. Part of the stage's cache key; unset reads every record.")
+
+    @field_validator("records", mode="before")
+    @classmethod
+    def _record_range(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            # YAML 1.1 reads an unquoted 0:50 as the base-60 number 50
+            raise ValueError(f"got the number {v!r}; write the range as a quoted string, e.g. "
+                             "'0:50' or '0:50%' (unquoted, YAML reads 0:50 as a base-60 number)")
+        if v is not None:
+            parse_record_range(v)  # ValueError -> pydantic names the field 'records'
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:

@@ -46,7 +46,14 @@ from rich.progress import (
 )
 
 from engine import modelio, threads
-from engine.api import Artifact, LayerSelection, MetricsArtifact, ModelArtifact, StageInputs
+from engine.api import (
+    Artifact,
+    DataSource,
+    LayerSelection,
+    MetricsArtifact,
+    ModelArtifact,
+    StageInputs,
+)
 from engine.context import StageContext
 from engine.errors import EngineError
 from engine.plugin_manager import call_observers
@@ -153,9 +160,7 @@ class Runner:
             "plugin": stage.spec.plugin,
             "params": stage.params.result_key(),
             "inputs": refs,
-            "data": [{"path": str(d.path), "format": d.format, "language": d.language,
-                      "weight": d.weight, "field": d.text_field, "state": _file_state(d.path)}
-                     for d in stage.data],
+            "data": [_data_key(d) for d in stage.data],
             # thread counts change speed, not what a stage computes: not part of the key
             "runtime": {k: v for k, v in vars(stage.runtime).items() if k != "threads"},
         })
@@ -412,6 +417,16 @@ def _remove_stale_temporaries(workdir: Path) -> None:
     for item in workdir.glob(".*.tmp-*"):
         if item.is_dir():
             shutil.rmtree(item, ignore_errors=True)
+
+
+def _data_key(d: DataSource) -> dict[str, Any]:
+    """What a data source contributes to a stage's fingerprint. ``records`` joins the key
+    only when set, so fingerprints of recipes that do not slice stay as they were."""
+    key = {"path": str(d.path), "format": d.format, "language": d.language,
+           "weight": d.weight, "field": d.text_field, "state": _file_state(d.path)}
+    if d.records is not None:
+        key["records"] = d.records
+    return key
 
 
 def _hash(obj: Any) -> str:
