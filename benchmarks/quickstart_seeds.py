@@ -1,0 +1,80 @@
+"""The quickstart over seeds: its final table as mean ± sd.
+
+Runs ``recipes/quickstart.yaml`` once per seed (every seeded stage gets the seed, see
+``benchmarks/_papers.py``), each in its own workdir, and prints every model's target-
+and source-language figures, plus the gap between the best merge and the better of its
+two parents (``ct-lum`` and ``sft-en``) on the target-language task.
+
+    python benchmarks/quickstart_seeds.py --seeds 0-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _papers import ROOT, fmt, machine, markdown_table, mean_sd, metric, parse_seeds, run_recipe, seed_sets, stage  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+MODELS = ["base", "elo-lum-aligned", "ct-lum", "sft-en", "merge-ta", "merge-ties", "merge-slack-ties"]
+MERGES = ["merge-ta", "merge-ties", "merge-slack-ties"]
+PARENTS = ["ct-lum", "sft-en"]
+COLUMNS = [("task", "acc/lum"), ("task", "exact_match/lum"), ("perplexity", "ppl/lum"),
+           ("task", "acc/en"), ("task", "exact_match/en"), ("perplexity", "ppl/en")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0-2")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temporary folder")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quickstart_seeds.json")
+    args = ap.parse_args()
+    seeds = parse_seeds(args.seeds)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="lingoforge-qs-seeds-"))
+    reports = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        reports[seed] = run_recipe(RECIPE, work / f"seed{seed}", seed_sets(RECIPE, seed))
+        print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    def col(model: str, ev: str, key: str) -> list[float]:
+        return [metric(reports[s], ev, model, key) for s in seeds]
+
+    rows = [[m, *(fmt(col(m, ev, k)) for ev, k in COLUMNS)] for m in MODELS]
+    header = ["model", *(k for _, k in COLUMNS)]
+    print(f"\nquickstart, seeds {seeds}, {machine()}\n")
+    print(markdown_table(header, rows))
+    gaps = {}
+    for key in ("acc/lum", "exact_match/lum"):
+        per_seed = []
+        for s in seeds:
+            best_merge = max(metric(reports[s], "task", m, key) for m in MERGES)
+            better_parent = max(metric(reports[s], "task", m, key) for m in PARENTS)
+            per_seed.append(best_merge - better_parent)
+        gaps[key] = per_seed
+        print(f"\nbest merge minus better parent, {key}: {fmt(per_seed)} (per seed: "
+              + ", ".join(f"{g:+.3f}" for g in per_seed) + ")")
+    wall = [reports[s]["wall_time_s"] for s in seeds]
+    print(f"run wall time per seed (world cached): {fmt(wall, 1)} s")
+    result = {
+        "machine": machine(), "seeds": seeds, "recipe": str(RECIPE.relative_to(ROOT)),
+        "metrics": {m: {f"{ev}:{k}": col(m, ev, k) for ev, k in COLUMNS} for m in MODELS},
+        "merge_minus_better_parent": gaps,
+        "merge_minus_better_parent_mean": {k: mean_sd(v)[0] for k, v in gaps.items()},
+        "wall_time_s": wall,
+        "stage_wall_s": {st["name"]: [stage(reports[s], st["name"])["wall_time_s"] for s in seeds]
+                         for st in reports[seeds[0]]["stages"]},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
