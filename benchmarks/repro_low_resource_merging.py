@@ -46,6 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0-2")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temporary folder")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="extra recipe override for every seed, e.g. to shorten a trial run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "repro_low_resource_merging.json")
     args = ap.parse_args()
     seeds = parse_seeds(args.seeds)
@@ -54,7 +56,7 @@ def main() -> None:
     reports = {}
     for seed in seeds:
         t0 = time.perf_counter()
-        reports[seed] = run_recipe(RECIPE, work / f"seed{seed}", seed_sets(RECIPE, seed))
+        reports[seed] = run_recipe(RECIPE, work / f"seed{seed}", [*seed_sets(RECIPE, seed), *args.set])
         print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     bs = budgets()
     cfg = {s["name"]: s for s in recipe_stages(RECIPE)}
@@ -64,6 +66,7 @@ def main() -> None:
         return [metric(reports[s], ev, model, key) for s in seeds]
 
     out = {"machine": machine(), "seeds": seeds, "recipe": str(RECIPE.relative_to(ROOT)), "budgets_steps": bs,
+           "overrides": args.set,
            "tokens_per_step": tok_per_step, "metrics": {}, "questions": {}}
     print(f"\nReproduction 1 (arXiv 2407.03994) on the built-in world, seeds {seeds}; {machine()}")
     for ev, key, label in FIGURES:
