@@ -19,7 +19,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _papers import ROOT, fmt, machine, markdown_table, mean_sd, metric, parse_seeds, run_recipe, seed_sets, stage  # noqa: E402
+from _papers import (  # noqa: E402
+    ROOT,
+    fmt,
+    machine,
+    markdown_table,
+    mean_sd,
+    metric,
+    parse_seeds,
+    run_recipe,
+    seed_sets,
+    stage,
+)
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 MODELS = ["base", "elo-lum-aligned", "ct-lum", "sft-en", "merge-ta", "merge-ties", "merge-slack-ties"]

@@ -26,8 +26,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _papers import (ROOT, fmt, machine, markdown_table, mean_sd, metric, parse_seeds,  # noqa: E402
-                     recipe_stages, run_recipe, seed_sets, stage)
+from _papers import (  # noqa: E402
+    ROOT,
+    fmt,
+    machine,
+    markdown_table,
+    mean_sd,
+    metric,
+    parse_seeds,
+    recipe_stages,
+    run_recipe,
+    seed_sets,
+    stage,
+)
 
 RECIPE = ROOT / "recipes" / "papers" / "low-resource-merging.yaml"
 KINDS = [("ct", "CT"), ("ct-sft", "CT-then-SFT"), ("ta", "TA merge"), ("ties", "TIES merge"),
