@@ -116,3 +116,30 @@ def parse_seeds(text: str) -> list[int]:
         a, b = text.split("-")
         return list(range(int(a), int(b) + 1))
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def seed_arguments(description: str, out_name: str) -> Any:
+    """The options every seed script takes: --seeds, --workdir, --set (repeatable), --out."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--seeds", default="0-2", help="e.g. 0-2 or 0,3,5 (default 0-2)")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temporary folder")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="extra recipe override for every seed, e.g. to shorten a trial run")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / out_name)
+    return ap
+
+
+def run_seeds(recipe: Path, args: Any, prefix: str) -> dict[int, dict[str, Any]]:
+    """Run ``recipe`` once per seed of ``args.seeds`` (each in ``<workdir>/seed<N>``, with
+    ``args.set`` applied after the seed); reports by seed."""
+    import tempfile
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    reports = {}
+    for seed in parse_seeds(args.seeds):
+        t0 = time.perf_counter()
+        reports[seed] = run_recipe(recipe, work / f"seed{seed}", [*seed_sets(recipe, seed), *args.set])
+        print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return reports

@@ -10,11 +10,8 @@ two parents (``ct-lum`` and ``sft-en``) on the target-language task.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,9 +23,8 @@ from _papers import (  # noqa: E402
     markdown_table,
     mean_sd,
     metric,
-    parse_seeds,
-    run_recipe,
-    seed_sets,
+    run_seeds,
+    seed_arguments,
     stage,
 )
 
@@ -41,20 +37,9 @@ COLUMNS = [("task", "acc/lum"), ("task", "exact_match/lum"), ("perplexity", "ppl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0-2")
-    ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temporary folder")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                    help="extra recipe override for every seed, e.g. to shorten a trial run")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quickstart_seeds.json")
-    args = ap.parse_args()
-    seeds = parse_seeds(args.seeds)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="lingoforge-qs-seeds-"))
-    reports = {}
-    for seed in seeds:
-        t0 = time.perf_counter()
-        reports[seed] = run_recipe(RECIPE, work / f"seed{seed}", [*seed_sets(RECIPE, seed), *args.set])
-        print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    args = seed_arguments(__doc__.splitlines()[0], "quickstart_seeds.json").parse_args()
+    reports = run_seeds(RECIPE, args, "lingoforge-qs-seeds-")
+    seeds = sorted(reports)
 
     def col(model: str, ev: str, key: str) -> list[float]:
         return [metric(reports[s], ev, model, key) for s in seeds]

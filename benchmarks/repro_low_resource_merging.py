@@ -16,11 +16,9 @@ beside them; then the three questions of the paper as differences per seed:
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,10 +31,9 @@ from _papers import (  # noqa: E402
     markdown_table,
     mean_sd,
     metric,
-    parse_seeds,
     recipe_stages,
-    run_recipe,
-    seed_sets,
+    run_seeds,
+    seed_arguments,
     stage,
 )
 
@@ -54,21 +51,10 @@ def budgets() -> list[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0-2")
-    ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temporary folder")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                    help="extra recipe override for every seed, e.g. to shorten a trial run")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "repro_low_resource_merging.json")
-    args = ap.parse_args()
-    seeds = parse_seeds(args.seeds)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="lingoforge-repro1-"))
+    args = seed_arguments(__doc__.splitlines()[0], "repro_low_resource_merging.json").parse_args()
     t_all = time.perf_counter()
-    reports = {}
-    for seed in seeds:
-        t0 = time.perf_counter()
-        reports[seed] = run_recipe(RECIPE, work / f"seed{seed}", [*seed_sets(RECIPE, seed), *args.set])
-        print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    reports = run_seeds(RECIPE, args, "lingoforge-repro1-")
+    seeds = sorted(reports)
     bs = budgets()
     cfg = {s["name"]: s for s in recipe_stages(RECIPE)}
     tok_per_step = cfg[f"ct-{bs[0]}"]["params"]["batch_size"] * cfg[f"ct-{bs[0]}"]["params"]["seq_len"]

@@ -68,3 +68,24 @@ def test_low_resource_reproduction_runs_over_two_seeds(tmp_path):
     for b in ("5", "320"):
         for key in ("acc/lum", "exact_match/lum"):
             assert len(result["questions"][b][key]["best_merge_minus_ct_sft"]) == 2
+
+
+@pytest.mark.slow
+def test_quickstart_seeds_script_reports_the_merge_gap(tmp_path):
+    short = ["stages.elo-lum.params.steps=2", "stages.elo-lum-aligned.params.steps=1",
+             "stages.ct-lum.params.steps=3", "stages.sft-en.params.steps=2",
+             "stages.perplexity.params.max_documents=4", "stages.task.params.max_items=8"]
+    out = tmp_path / "q.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quickstart_seeds.py"), "--seeds", "0,1",
+           "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    for s in short:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    m = result["metrics"]
+    for key in ("acc/lum", "exact_match/lum"):
+        want = [max(m[x][f"task:{key}"][i] for x in ("merge-ta", "merge-ties", "merge-slack-ties"))
+                - max(m[x][f"task:{key}"][i] for x in ("ct-lum", "sft-en")) for i in range(2)]
+        assert result["merge_minus_better_parent"][key] == pytest.approx(want)
+    assert "best merge minus better parent, acc/lum" in proc.stdout
