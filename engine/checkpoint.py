@@ -152,8 +152,12 @@ class CheckpointDir:
              optimizer: dict[str, Any], log_file: Path | None = None) -> Path:
         """Write checkpoint ``step`` atomically and drop all but the newest ``keep``."""
         self.root.mkdir(parents=True, exist_ok=True)
+        # unfinished saves of killed runs (any pid: one run holds a workdir at a time); what
+        # they hold may include a writer's own scratch file (safetensors >= 0.8 writes
+        # beside the destination and renames)
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = self.root / f".tmp-step-{step}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()},
                   str(tmp / "trainable.safetensors"))

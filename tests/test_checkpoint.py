@@ -185,3 +185,15 @@ def test_checkpoint_ignores_torn_and_incomplete_saves(tmp_path):
     (loaded.path / "optimizer.json").write_text("{not json")
     with pytest.raises(TrainingError, match="step-3 is unreadable"):
         ck.load_latest()
+
+
+def test_a_save_clears_unfinished_saves_of_killed_runs(tmp_path):
+    ck = CheckpointDir(tmp_path / "c", keep=2)
+    stale = tmp_path / "c" / ".tmp-step-5-999"
+    stale.mkdir(parents=True)
+    (stale / ".tmpAb12Cd").write_bytes(b"half a tensor file")  # a writer's scratch file
+    p = torch.nn.Parameter(torch.randn(2))
+    ck.save(step=6, state={"tokens": 1, "micro_batches": 1}, trainable={"w": p},
+            optimizer=torch.optim.SGD([p], lr=0.1).state_dict())
+    assert not stale.exists() and ck.steps() == [6]
+    assert not [q for q in (tmp_path / "c").iterdir() if q.name.startswith(".tmp-")]

@@ -155,10 +155,16 @@ def assert_nothing_false(work: Path, ref: Path, why: str) -> bool:
     report = work / "report.json"
     if report.exists():
         json.loads(report.read_text())  # never half-written
-    # resumable checkpoints hold only formats that cannot run code (no pickles)
+    # resumable checkpoints hold only formats that cannot run code (no pickles); an
+    # unfinished save (a hidden .tmp-step-* folder, never read) may also hold a writer's
+    # scratch file, but never a pickle or a torch.save zip either
     files = [p for p in (work / ".checkpoints").rglob("*") if p.is_file()]
-    kinds = {p.suffix for p in files}
+    done = [p for p in files if not any(part.startswith(".tmp-step-") for part in p.parts)]
+    kinds = {p.suffix for p in done}
     assert kinds <= {".safetensors", ".json", ".jsonl"}, f"{why}: checkpoint files {kinds}"
+    for p in files:
+        assert p.suffix not in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}, f"{why}: {p}"
+        assert p.read_bytes()[:4] != b"PK\x03\x04", f"{why}: {p} is a torch.save zip"
     return any(p.name == "state.json" for p in files)
 
 
