@@ -45,21 +45,26 @@ def test_parse_seeds():
     assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5] and parse_seeds("4") == [4]
 
 
+def run_seed_script(script: str, short: list[str], tmp_path: Path) -> tuple[str, dict]:
+    """Run ``benchmarks/<script>`` over seeds 0 and 1 with ``short`` overrides; (stdout, its JSON)."""
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--seeds", "0,1",
+           "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    for s in short:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_low_resource_reproduction_runs_over_two_seeds(tmp_path):
     recipe = ROOT / "recipes" / "papers" / "low-resource-merging.yaml"
     stages = [s.name for s in load_recipe(recipe).stages]
     short = [f"stages.{n}.params.steps=2" for n in stages if n.startswith(("ct", "sft"))]
     short += ["stages.perplexity.params.max_documents=4", "stages.task.params.max_items=8"]
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "repro_low_resource_merging.py"), "--seeds", "0,1",
-           "--workdir", str(tmp_path / "w"), "--out", str(out)]
-    for s in short:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "CT-then-SFT" in proc.stdout and "slack 1 − TIES" in proc.stdout
-    result = json.loads(out.read_text())
+    stdout, result = run_seed_script("repro_low_resource_merging.py", short, tmp_path)
+    assert "CT-then-SFT" in stdout and "slack 1 − TIES" in stdout
     assert result["seeds"] == [0, 1] and result["overrides"] == short
     assert result["budgets_steps"] == [5, 20, 80, 320]
     # the two seeds trained different models: their CT perplexities differ
@@ -75,17 +80,10 @@ def test_quickstart_seeds_script_reports_the_merge_gap(tmp_path):
     short = ["stages.elo-lum.params.steps=2", "stages.elo-lum-aligned.params.steps=1",
              "stages.ct-lum.params.steps=3", "stages.sft-en.params.steps=2",
              "stages.perplexity.params.max_documents=4", "stages.task.params.max_items=8"]
-    out = tmp_path / "q.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "quickstart_seeds.py"), "--seeds", "0,1",
-           "--workdir", str(tmp_path / "w"), "--out", str(out)]
-    for s in short:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    stdout, result = run_seed_script("quickstart_seeds.py", short, tmp_path)
     m = result["metrics"]
     for key in ("acc/lum", "exact_match/lum"):
         want = [max(m[x][f"task:{key}"][i] for x in ("merge-ta", "merge-ties", "merge-slack-ties"))
                 - max(m[x][f"task:{key}"][i] for x in ("ct-lum", "sft-en")) for i in range(2)]
         assert result["merge_minus_better_parent"][key] == pytest.approx(want)
-    assert "best merge minus better parent, acc/lum" in proc.stdout
+    assert "best merge minus better parent, acc/lum" in stdout
