@@ -113,6 +113,10 @@ class Runner:
         started = time.perf_counter()
         for name, spec in self.plan.recipe.models.items():
             self._resolve_input_model(name, spec)
+        t0 = time.perf_counter()  # one-time imports, so the first stage is not charged for them
+        self.architectures = sorted({a for art in self.artifacts.values()
+                                     if (a := modelio.import_architecture(art.path))})
+        self.startup_s = time.perf_counter() - t0
         for stage in self.plan.stages:
             self.records.append(self._run_stage(stage))
             self._write_report(time.perf_counter() - started, finished=False)
@@ -325,6 +329,8 @@ class Runner:
             "torch": torch.__version__,
             "threads": {"recipe": self.plan.recipe.runtime.threads,
                         "cpus_available": threads.available_cpus()},
+            "startup": {"architectures_imported": getattr(self, "architectures", []),
+                        "import_s": round(getattr(self, "startup_s", 0.0), 3)},
             "stages": self.records,
         }
         if not self.main:

@@ -139,3 +139,26 @@ def test_stale_temporary_folders_are_removed(recipe, tmp_path):
     (stale / "config.json").write_text("{}")
     run(recipe, work)
     assert not stale.exists()
+
+
+def test_model_code_is_imported_before_the_first_stage(recipe, tmp_path):
+    report = run(recipe, tmp_path / "work")
+    assert report["startup"]["architectures_imported"] == ["LlamaForCausalLM"]
+    assert report["startup"]["import_s"] >= 0
+
+
+def test_import_architecture_leaves_custom_and_broken_folders_to_their_stage(tmp_path, tiny_model):
+    from engine.modelio import import_architecture
+
+    assert import_architecture(tiny_model) == "LlamaForCausalLM"
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModel": "x.Y"}}))
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    for folder in (custom, unknown, broken, tmp_path / "missing"):
+        assert import_architecture(folder) is None
