@@ -85,6 +85,9 @@ class Runner:
         self.artifacts: dict[str, Artifact] = {}
         self.fingerprints: dict[str, str] = {}
         self.records: list[dict[str, Any]] = []
+        #: the one-time import of the input models' code, done before the first stage that runs
+        self.startup: dict[str, Any] = {"architectures_imported": [], "import_s": 0.0}
+        self._imported = False
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.main = self.rank == 0
@@ -113,10 +116,6 @@ class Runner:
         started = time.perf_counter()
         for name, spec in self.plan.recipe.models.items():
             self._resolve_input_model(name, spec)
-        t0 = time.perf_counter()  # one-time imports, so the first stage is not charged for them
-        self.architectures = sorted({a for art in self.artifacts.values()
-                                     if (a := modelio.import_architecture(art.path))})
-        self.startup_s = time.perf_counter() - t0
         for stage in self.plan.stages:
             self.records.append(self._run_stage(stage))
             self._write_report(time.perf_counter() - started, finished=False)
@@ -175,6 +174,18 @@ class Runner:
         """Where stage ``name`` with ``fingerprint`` keeps its resumable checkpoints."""
         return self.workdir / CHECKPOINTS_DIR / name / fingerprint
 
+    def _import_architectures(self) -> None:
+        """Import the input models' modelling code once, before the first stage that runs
+        (not for a run served wholly from the cache), so no stage's time includes it."""
+        if self._imported:
+            return
+        self._imported = True
+        t0 = time.perf_counter()
+        names = {modelio.import_architecture(art.path) for art in self.artifacts.values()
+                 if isinstance(art, ModelArtifact)}
+        self.startup = {"architectures_imported": sorted(n for n in names if n),
+                        "import_s": round(time.perf_counter() - t0, 3)}
+
     def _run_stage(self, stage: PlannedStage) -> dict[str, Any]:
         if self.world == 1:
             return self._lead_stage(stage)
@@ -197,6 +208,7 @@ class Runner:
         if isinstance(hit, str):
             raise StageFailed(f"stage {name!r} ({stage.spec.plugin}) failed on the main process: {hit}")
         if not hit and stage.spec.stage in TRAINING_KINDS:
+            self._import_architectures()
             threads.apply_threads(stage.runtime.threads)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.rank{self.rank}-", dir=self.workdir))
             context = StageContext(
@@ -229,6 +241,7 @@ class Runner:
             _remove_checkpoints(self.workdir, name)  # left if a kill came right after the rename
             self.console.print(f"[cyan]↺[/] {name} [dim]({stage.spec.plugin}) cached[/]")
             return cached
+        self._import_architectures()
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.workdir))
         progress = _progress(self.console)
@@ -329,8 +342,7 @@ class Runner:
             "torch": torch.__version__,
             "threads": {"recipe": self.plan.recipe.runtime.threads,
                         "cpus_available": threads.available_cpus()},
-            "startup": {"architectures_imported": getattr(self, "architectures", []),
-                        "import_s": round(getattr(self, "startup_s", 0.0), 3)},
+            "startup": self.startup,
             "stages": self.records,
         }
         if not self.main:

@@ -145,6 +145,10 @@ def test_model_code_is_imported_before_the_first_stage(recipe, tmp_path):
     report = run(recipe, tmp_path / "work")
     assert report["startup"]["architectures_imported"] == ["LlamaForCausalLM"]
     assert report["startup"]["import_s"] >= 0
+    # a run served wholly from the cache has nothing to import
+    again = run(recipe, tmp_path / "work")
+    assert {r["cache"] for r in again["stages"]} == {"hit"}
+    assert again["startup"] == {"architectures_imported": [], "import_s": 0.0}
 
 
 def test_import_architecture_leaves_custom_and_broken_folders_to_their_stage(tmp_path, tiny_model):
