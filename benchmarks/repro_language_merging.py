@@ -22,7 +22,6 @@ LoRA adapter, r 16, alpha 32, lr 1e-3, merged as adapters).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -43,6 +42,7 @@ from _papers import (  # noqa: E402
     parse_seeds,
     recipe_stages,
     run_recipe,
+    seed_arguments,
     seed_sets,
     stage,
 )
@@ -139,13 +139,16 @@ def scores(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def one_seed(variant: str, seed: int, workdir: Path, budget: dict[str, Any]) -> dict[str, Any]:
+def one_seed(variant: str, seed: int, workdir: Path, budget: dict[str, Any],
+             extra: list[str] = ()) -> dict[str, Any]:
+    """The initial run and the update for one seed; ``extra`` overrides (e.g. to shorten
+    a trial) come last in both runs."""
     if workdir.exists():
         shutil.rmtree(workdir)
     sets = seed_sets(RECIPE, seed) + variant_sets(variant)
     t0 = time.perf_counter()
-    first = run_recipe(RECIPE, workdir, sets)
-    second = run_recipe(RECIPE, workdir, sets + update_sets(budget))
+    first = run_recipe(RECIPE, workdir, [*sets, *extra])
+    second = run_recipe(RECIPE, workdir, [*sets, *update_sets(budget), *extra])
     update_pl = cost(second, PER_LANGUAGE, misses_only=True)
     if update_pl["ran"] != [f"sft-{UPDATED}"]:
         raise RuntimeError(f"the update re-trained {update_pl['ran']}, expected only sft-{UPDATED}: "
@@ -242,11 +245,8 @@ def tables(variant: str, results: list[dict[str, Any]]) -> tuple[str, dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-2")
+    ap = seed_arguments(__doc__.split("\n\n")[0], OUT.name)
     ap.add_argument("--variants", default="full,lora", help="full, lora or both (comma-separated)")
-    ap.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temporary folder)")
-    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -254,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="repro-lm-"))
     t0 = time.perf_counter()
     out: dict[str, Any] = {"recipe": str(RECIPE.relative_to(ROOT)), "machine": machine(), "seeds": seeds,
-                           "epochs": EPOCHS, "budget": budget, "variants": {}}
+                           "epochs": EPOCHS, "budget": budget, "overrides": args.set, "variants": {}}
     text = [f"Machine: {out['machine']}", ""]
     for variant in variants:
         results = []
         for seed in seeds:
             print(f"[{variant}] seed {seed} ...", file=sys.stderr, flush=True)
-            results.append(one_seed(variant, seed, root / variant / f"seed-{seed}", budget))
+            results.append(one_seed(variant, seed, root / variant / f"seed-{seed}", budget, args.set))
         table, summary = tables(variant, results)
         text.append(table)
         out["variants"][variant] = {"runs": results, "summary": summary}

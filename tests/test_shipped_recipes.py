@@ -45,11 +45,12 @@ def test_parse_seeds():
     assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5] and parse_seeds("4") == [4]
 
 
-def run_seed_script(script: str, short: list[str], tmp_path: Path) -> tuple[str, dict]:
-    """Run ``benchmarks/<script>`` over seeds 0 and 1 with ``short`` overrides; (stdout, its JSON)."""
+def run_seed_script(script: str, short: list[str], tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """Run ``benchmarks/<script>`` over seeds 0 and 1 with ``short`` overrides (and any
+    further ``args``); (stdout, its JSON)."""
     out = tmp_path / "result.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--seeds", "0,1",
-           "--workdir", str(tmp_path / "w"), "--out", str(out)]
+           "--workdir", str(tmp_path / "w"), "--out", str(out), *args]
     for s in short:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -87,3 +88,19 @@ def test_quickstart_seeds_script_reports_the_merge_gap(tmp_path):
                 - max(m[x][f"task:{key}"][i] for x in ("ct-lum", "sft-en")) for i in range(2)]
         assert result["merge_minus_better_parent"][key] == pytest.approx(want)
     assert "best merge minus better parent, acc/lum" in stdout
+
+
+@pytest.mark.slow
+def test_language_merging_reproduction_updates_only_lum(tmp_path):
+    recipe = ROOT / "recipes" / "papers" / "language-merging.yaml"
+    short = [f"stages.{s.name}.params.steps=2" for s in load_recipe(recipe).stages if s.name.startswith("sft")]
+    short += ["stages.perplexity.params.max_documents=4", "stages.task.params.max_items=8"]
+    # the script itself fails when the update re-trains anything but lum's model
+    stdout, result = run_seed_script("repro_language_merging.py", short, tmp_path, "--variants", "full")
+    assert result["seeds"] == [0, 1] and result["overrides"] == short
+    runs = result["variants"]["full"]["runs"]
+    assert [r["update"]["per_language"]["ran"] for r in runs] == [["sft-lum"], ["sft-lum"]]
+    for r in runs:
+        pl, joint = r["update"]["per_language"], r["update"]["joint"]
+        assert r["ratios"]["update_tokens"] == pytest.approx(pl["tokens"] / joint["tokens"])
+        assert pl["tokens"] > 0 and joint["tokens"] > 0
