@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from engine.api import DataSource
 from engine.data import iter_instructions, iter_texts
 from engine.errors import DataError
+from engine.inputs import DataSource
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")

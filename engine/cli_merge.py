@@ -93,8 +93,9 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """Validate and run the merge; 0 on success (errors raise :class:`EngineError`)."""
     from engine import modelio
-    from engine.api import ModelArtifact, StageInputs
+    from engine.artifacts import ModelArtifact
     from engine.context import StageContext
+    from engine.inputs import StageInputs
     from engine.recipe import parse_recipe
     from engine.validate import plan_recipe
 

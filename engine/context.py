@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from engine import modelio, slow_paths
-from engine.api import ModelArtifact
+from engine.artifacts import ModelArtifact
 
 
 @dataclass

@@ -29,8 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from engine.api import DataSource
 from engine.errors import DataError
+from engine.inputs import DataSource
 
 #: how much of a data file ``engine validate`` decodes up front (the rest is checked as read)
 UTF8_SNIFF_BYTES = 1 << 20

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine import modelio
-from engine.api import DataSource, MetricsArtifact, ModelArtifact
+from engine.artifacts import MetricsArtifact, ModelArtifact
 from engine.capabilities import Capabilities, probe
 from engine.errors import DataError, EngineError, ModelLoadError
 from engine.generation import Generation, GenerationPlan, StopRule, generate_greedy
+from engine.inputs import DataSource
 from engine.scoring import Batch, batch_order, num_batches, plan_batches, score_spans
 from engine.spans import (
     DEFAULT_MAX_LENGTH,

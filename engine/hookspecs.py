@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from engine.api import Artifact, StageContext, StageImplementation
+    from engine.artifacts import Artifact
+    from engine.context import StageContext
+    from engine.implementation import StageImplementation
     from engine.recipe import Recipe, StageSpec
 
 PROJECT_NAME = "engine"

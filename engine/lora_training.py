@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine import modelio
-from engine.api import ModelArtifact
+from engine.artifacts import ModelArtifact
 from engine.errors import TrainingError
 
 if TYPE_CHECKING:

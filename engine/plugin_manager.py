@@ -22,8 +22,10 @@ from typing import Any
 import pluggy
 
 from engine import __version__, hookspecs
-from engine.api import STAGE_KINDS, PluginParams, StageImplementation, describe
 from engine.errors import PluginError
+from engine.implementation import StageImplementation, describe
+from engine.params import PluginParams
+from engine.stages import STAGE_KINDS
 
 ENTRY_POINT_GROUP = "engine.plugins"
 
@@ -115,8 +117,8 @@ def implementations() -> dict[str, dict[str, Registered]]:
     """
     load_plugins()
     found: dict[str, dict[str, Registered]] = {kind: {} for kind in STAGE_KINDS}
-    for kind, hook_name in STAGE_KINDS.items():
-        caller = getattr(pm.hook, hook_name)
+    for kind, entry in STAGE_KINDS.items():
+        caller = getattr(pm.hook, entry.hook)
         for hookimpl in caller.get_hookimpls():  # registration order: first one wins a name
             plugin_name = pm.get_name(hookimpl.plugin) or repr(hookimpl.plugin)
             pending: list[StageImplementation] = []

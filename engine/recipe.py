@@ -15,9 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.api import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS, STAGE_KINDS
 from engine.data import parse_record_range
 from engine.errors import RecipeError
+from engine.stages import STAGE_KINDS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 #: a stage's name is a folder name inside the workdir: one path component, short enough
@@ -30,7 +30,8 @@ MAX_RECIPE_BYTES = 4 << 20
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 64
 
-StageKind = Literal["adapt-language", "select-layers", "merge", "align", "evaluate"]
+#: the ``stage:`` values, read from the stage kinds table
+StageKind = Literal[tuple(STAGE_KINDS)]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -189,15 +190,9 @@ class Recipe(_Strict):
         raise KeyError(name)
 
 
-#: Which input keys each stage kind requires and accepts.
+#: Which input keys each stage kind requires and accepts (read from the stage kinds table).
 INPUT_RULES: dict[str, tuple[set[str], set[str]]] = {
-    ADAPT_LANGUAGE: ({"model", "data"}, {"layers"}),
-    SELECT_LAYERS: ({"model"}, {"data"}),
-    MERGE: ({"models"}, {"base"}),
-    ALIGN: ({"model"}, {"base", "data"}),
-    EVALUATE: ({"models", "data"}, set()),
-}
-assert set(INPUT_RULES) == set(STAGE_KINDS)
+    k.name: (set(k.required), set(k.optional)) for k in STAGE_KINDS.values()}
 
 
 # --- reading ---------------------------------------------------------------------------

@@ -46,17 +46,18 @@ from rich.progress import (
 )
 
 from engine import modelio, threads
-from engine.api import (
+from engine.artifacts import (
+    ARTIFACT_TYPES,
     Artifact,
-    DataSource,
     LayerSelection,
     MetricsArtifact,
     ModelArtifact,
-    StageInputs,
 )
 from engine.context import StageContext
 from engine.errors import EngineError
+from engine.inputs import DataSource, StageInputs
 from engine.plugin_manager import call_observers
+from engine.stages import STAGE_KINDS, training_kinds
 from engine.validate import Plan, PlannedStage, resolve_model_path
 from engine.workdir_lock import WorkdirLock
 
@@ -66,7 +67,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
 CHECKPOINTS_DIR = ".checkpoints"
 #: stage kinds whose implementations train: every process of a distributed launch runs them
-TRAINING_KINDS = ("adapt-language", "align")
+TRAINING_KINDS = training_kinds()
 
 
 class StageFailed(EngineError):
@@ -390,7 +391,7 @@ def _progress(console: Console) -> Progress:
 
 
 def _check_artifact(artifact: Any, stage: PlannedStage) -> None:
-    expected = {"select-layers": LayerSelection, "evaluate": MetricsArtifact}.get(stage.spec.stage, ModelArtifact)
+    expected = ARTIFACT_TYPES[STAGE_KINDS[stage.spec.stage].artifact]
     if not isinstance(artifact, expected):
         raise EngineError(f"plugin {stage.spec.plugin!r} returned {type(artifact).__name__}, "
                           f"a {stage.spec.stage} stage must return {expected.__name__}")
@@ -417,9 +418,10 @@ def _relocate(artifact: Artifact, final: Path) -> Artifact:
 
 
 def _load_artifact(kind: str, name: str, folder: Path) -> Artifact:
-    if kind == "select-layers":
+    artifact = STAGE_KINDS[kind].artifact
+    if artifact == "layers":
         return LayerSelection.from_json(name, json.loads((folder / LAYERS_FILE).read_text()))
-    if kind == "evaluate":
+    if artifact == "metrics":
         data = json.loads((folder / METRICS_FILE).read_text())
         metrics = {k: v for k, v in data.items() if not k.startswith("_")}
         return MetricsArtifact(name, metrics, data.get("_counts", {}), data.get("_errors", {}))

@@ -14,9 +14,10 @@ from pydantic import BaseModel, Field, create_model
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from engine.api import STAGE_KINDS, describe
+from engine.implementation import describe
 from engine.plugin_manager import implementations
 from engine.recipe import INPUT_RULES, DataSpec, ModelSpec, Recipe, RuntimeSpec, StageSpec
+from engine.stages import STAGE_KINDS
 
 
 def _slug(text: str) -> str:

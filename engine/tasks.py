@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from engine.api import DataSource
 from engine.data import iter_answers, iter_choices, iter_texts
 from engine.errors import DataError, EngineError
 from engine.evaluation import (
@@ -43,6 +42,7 @@ from engine.evaluation import (
     generate_greedy,
     score_spans,
 )
+from engine.inputs import DataSource
 
 __all__ = [
     "AnswerItem", "AnswerMatch", "ChoiceItem", "FewShot", "ItemPrediction", "chat_messages",

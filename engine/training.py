@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from engine.api import NOT_IN_RESULT, TrainingParams
 from engine.batching import IGNORE_INDEX, Batch
 from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
+from engine.params import NOT_IN_RESULT, TrainingParams
 from engine.slow_paths import auto_precision_path, loss_scaling_path
 
 if TYPE_CHECKING:

@@ -24,21 +24,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine import modelio
-from engine.api import (
-    ADAPT_LANGUAGE,
-    ALIGN,
-    MERGE,
-    SELECT_LAYERS,
-    DataSource,
-    InputConfigs,
-    PluginParams,
-    TrainingParams,
-    data_format_error,
-)
 from engine.context import Runtime
 from engine.data import resolve_data
 from engine.errors import EngineError, RecipeError, WeightFileError
+from engine.implementation import data_format_error
+from engine.inputs import DataSource, InputConfigs
 from engine.merging.lora import is_adapter_folder, read_adapter
+from engine.params import PluginParams, TrainingParams
 from engine.plugin_manager import Registered, get_implementation
 from engine.recipe import (
     INPUT_RULES,
@@ -49,8 +41,9 @@ from engine.recipe import (
     format_validation_error,
 )
 from engine.safety import check_remote_code
+from engine.stages import MERGE, SELECT_LAYERS, model_kinds
 
-MODEL_STAGES = {ADAPT_LANGUAGE, MERGE, ALIGN}
+MODEL_STAGES = model_kinds()
 
 
 @dataclass

@@ -24,12 +24,18 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from engine import arch, modelio
-from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.batching import require_format, training_batches
-from engine.errors import RecipeError, TrainingError
-from engine.lora_training import LoraParams, apply_lora, save_lora_result
-from engine.training import TrainerParams, train, training_dtype
+from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl, models
+from engine.api.errors import RecipeError, TrainingError
+from engine.api.training import (
+    LoraParams,
+    TrainerParams,
+    apply_lora,
+    require_format,
+    save_lora_result,
+    train,
+    training_batches,
+    training_dtype,
+)
 
 _MB = 2 ** 20
 
@@ -83,8 +89,8 @@ class CT:
             return
         for cfg in configs.get("model", []):
             try:
-                arch.check_supported(cfg)
-                arch.resolve_indices(params.layers, arch.num_layers(cfg))
+                models.check_supported(cfg)
+                models.resolve_indices(params.layers, models.num_layers(cfg))
             except TrainingError as exc:
                 raise ValueError(f"ct params.layers: {exc}") from None
 
@@ -93,16 +99,16 @@ class CT:
             raise RecipeError(f"stage {context.stage_name!r}: ct needs a 'model' input")
         require_format(inputs.data, "text", "ct")
         source = inputs.model.path.resolve()
-        config = modelio.read_config(source)
-        chosen = arch.choose_layers(params.layers, inputs.layers, arch.num_layers(config))
+        config = models.read_config(source)
+        chosen = models.choose_layers(params.layers, inputs.layers, models.num_layers(config))
         if chosen is not None:
-            arch.check_supported(config)
+            models.check_supported(config)
         if params.frozen_8bit:
             if chosen is None:
                 raise TrainingError(f"stage {context.stage_name!r}: frozen_8bit needs a layer selection "
                                     "(params.layers or a select-layers stage as 'layers'); without one "
                                     "every layer trains and nothing is frozen")
-            if modelio.is_adapter_folder(source):
+            if models.is_adapter_folder(source):
                 raise TrainingError(f"stage {context.stage_name!r}: frozen_8bit copies the frozen weights "
                                     f"from the input folder, but {source} is a LoRA adapter folder; "
                                     "give a model folder with full weights")
@@ -123,7 +129,7 @@ class CT:
         if params.lora is not None:
             model = apply_lora(model, params.lora, layers=chosen, seed=params.seed)
         elif chosen is not None:
-            arch.train_only_layers(model, chosen)
+            models.train_only_layers(model, chosen)
         result = train(context, model, batches, params)
         if params.lora is not None:
             return save_lora_result(context, result.model, tokenizer, params.lora, base=source, meta=meta)
@@ -133,9 +139,9 @@ class CT:
                          params: Params, chosen: list[int], meta: dict[str, Any]) -> ModelArtifact:
         dtype = training_dtype(context)
         model = context.load_model(source, load_in_8bit=True, dtype=dtype,
-                                   int8_skip_modules=arch.layer_module_names(chosen))
-        quantised = arch.check_int8_split(model, chosen)
-        arch.train_only_layers(model, chosen)
+                                   int8_skip_modules=models.layer_module_names(chosen))
+        quantised = models.check_int8_split(model, chosen)
+        models.train_only_layers(model, chosen)
         held = _memory_bytes(model)
         full = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size() + sum(
             b.numel() * b.element_size() for b in model.buffers())
@@ -148,9 +154,9 @@ class CT:
             # bitsandbytes warns on every int8 matmul that float32 inputs are cast to float16
             warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
             result = train(context, model, batches, params)
-        trained = {name: p for name, p in result.model.named_parameters() if arch.layer_of_key(name) in chosen}
+        trained = {name: p for name, p in result.model.named_parameters() if models.layer_of_key(name) in chosen}
         meta = {**meta, "frozen_8bit": True}
-        modelio.save_updated_copy(source, context.output_dir, trained, tokenizer=tokenizer, meta=meta)
+        models.save_updated_copy(source, context.output_dir, trained, tokenizer=tokenizer, meta=meta)
         return ModelArtifact(name=context.stage_name, path=context.output_dir, meta=meta)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.merging import (
+from engine.api.merging import (
     TiesParams,
     check_static,
     check_weight_sum,

@@ -21,12 +21,16 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from engine import arch, modelio
-from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.batching import require_format, training_batches
-from engine.errors import RecipeError, TrainingError
-from engine.slow_paths import attention_path
-from engine.training import TrainerParams, train, training_dtype
+from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl, models
+from engine.api.errors import RecipeError, TrainingError
+from engine.api.training import (
+    TrainerParams,
+    attention_path,
+    require_format,
+    train,
+    training_batches,
+    training_dtype,
+)
 
 SUBMODEL_KIND = "elo-submodel"
 
@@ -46,11 +50,11 @@ def prepare_submodel(source: Path, layers: Sequence[int], *, train_embeddings: b
     frozen. Returns the sub-model, the resolved source indices and the names of the
     trained tensors (sub-model names, as saved), which ``elo-align`` reinserts.
     """
-    model, indices = arch.load_submodel(source, layers, dtype=dtype, device=device)
-    arch.train_only_layers(model, range(len(indices)))
+    model, indices = models.load_submodel(source, layers, dtype=dtype, device=device)
+    models.train_only_layers(model, range(len(indices)))
     if train_embeddings:
-        arch.embeddings(model).requires_grad_(True)
-        arch.lm_head(model).requires_grad_(True)
+        models.embeddings(model).requires_grad_(True)
+        models.lm_head(model).requires_grad_(True)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     return model, indices, trained
 
@@ -75,9 +79,9 @@ class ELO:
         """Static check: a supported architecture, and explicit layers that exist."""
         for cfg in configs.get("model", []):
             try:
-                arch.check_supported(cfg)
+                models.check_supported(cfg)
                 if params.layers is not None:
-                    arch.resolve_indices(params.layers, arch.num_layers(cfg))
+                    models.resolve_indices(params.layers, models.num_layers(cfg))
             except TrainingError as exc:
                 raise ValueError(f"elo: {exc}") from None
 
@@ -86,10 +90,10 @@ class ELO:
             raise RecipeError(f"stage {context.stage_name!r}: elo needs a 'model' input")
         require_format(inputs.data, "text", "elo")
         source = inputs.model.path.resolve()
-        config = modelio.read_config(source)
-        arch.check_supported(config)
-        n = arch.num_layers(config)
-        chosen = arch.choose_layers(params.layers, inputs.layers, n) or default_layers(n)
+        config = models.read_config(source)
+        models.check_supported(config)
+        n = models.num_layers(config)
+        chosen = models.choose_layers(params.layers, inputs.layers, n) or default_layers(n)
 
         tokenizer = context.load_tokenizer(source)
         model, indices, trained = prepare_submodel(source, chosen, train_embeddings=params.train_embeddings,
@@ -97,7 +101,7 @@ class ELO:
         context.slow_path("attention", inputs.model.name, attention_path(model))
         context.note("elo_layers", indices)
         if params.train_embeddings:
-            context.note("elo_trained_embeddings", [t for t in trained if arch.layer_of_key(t) is None])
+            context.note("elo_trained_embeddings", [t for t in trained if models.layer_of_key(t) is None])
 
         batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
                                    batch_size=params.micro_batch_size, seed=params.seed)

@@ -14,25 +14,23 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from engine import arch, modelio
-from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.batching import training_batches
-from engine.errors import ModelLoadError, RecipeError, TrainingError
-from engine.training import TrainerParams, train, training_dtype
+from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl, models
+from engine.api.errors import ModelLoadError, RecipeError, TrainingError
+from engine.api.training import TrainerParams, train, training_batches, training_dtype
 
 SUBMODEL_KIND = "elo-submodel"
 
 
 def read_submodel_meta(folder: Path) -> dict:
     """The sub-model's lingoforge.json, checked: it must come from the ``elo`` trainer."""
-    meta = modelio.read_meta(folder)
+    meta = models.read_meta(folder)
     if meta.get("kind") != SUBMODEL_KIND:
-        found = f"kind {meta['kind']!r}" if "kind" in meta else f"no {modelio.META_FILE}"
+        found = f"kind {meta['kind']!r}" if "kind" in meta else f"no {models.META_FILE}"
         raise TrainingError(f"{folder}: not an ELO sub-model ({found}); elo-align expects "
                             "the output of an 'elo' stage as its 'model' input")
     for key in ("source_model", "layer_indices", "source_num_layers"):
         if key not in meta:
-            raise TrainingError(f"{folder}/{modelio.META_FILE}: missing {key!r}")
+            raise TrainingError(f"{folder}/{models.META_FILE}: missing {key!r}")
     return meta
 
 
@@ -46,23 +44,23 @@ def reinsert(model: torch.nn.Module, submodel: Path, meta: dict) -> list[str]:
     """
     from safetensors import safe_open
 
-    n = arch.model_num_layers(model)
+    n = models.model_num_layers(model)
     if n != meta["source_num_layers"]:
         raise TrainingError(f"the sub-model in {submodel} was cut from a {meta['source_num_layers']}-layer "
                             f"model; the base has {n} layers")
-    indices = arch.resolve_indices(meta["layer_indices"], n)
+    indices = models.resolve_indices(meta["layer_indices"], n)
     mapping = dict(enumerate(indices))
     trained = set(meta.get("trained_tensors") or [])
     targets = dict(model.named_parameters())
     written: list[str] = []
     with torch.no_grad():
-        for file in modelio.weight_files(submodel):
+        for file in models.weight_files(submodel):
             with safe_open(str(file), framework="pt", device="cpu") as fh:
                 for key in fh.keys():
-                    was_trained = key in trained if trained else arch.layer_of_key(key) is not None
+                    was_trained = key in trained if trained else models.layer_of_key(key) is not None
                     if not was_trained:
                         continue
-                    name = arch.rename_layer_key(key, mapping)
+                    name = models.rename_layer_key(key, mapping)
                     if name not in targets:
                         raise TrainingError(f"{file}: tensor {key!r} has no counterpart {name!r} in the base model")
                     tensor = fh.get_tensor(key)
@@ -92,9 +90,9 @@ class ELOAlign:
         meta = read_submodel_meta(sub)
         base = inputs.base.path.resolve() if inputs.base is not None else Path(meta["source_model"])
         if not base.is_dir():
-            raise ModelLoadError(f"base model {base} (from {sub}/{modelio.META_FILE} 'source_model') "
+            raise ModelLoadError(f"base model {base} (from {sub}/{models.META_FILE} 'source_model') "
                                  "does not exist; give it as the 'base' input")
-        arch.check_supported(modelio.read_config(base))
+        models.check_supported(models.read_config(base))
 
         tokenizer = context.load_tokenizer(sub)
         model = context.load_model(base, load_in_8bit=False, dtype=training_dtype(context))

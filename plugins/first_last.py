@@ -11,16 +11,15 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from engine import arch, modelio
-from engine.api import LayerSelection, PluginParams, StageContext, StageInputs, hookimpl
-from engine.errors import RecipeError, TrainingError
+from engine.api import LayerSelection, PluginParams, StageContext, StageInputs, hookimpl, models
+from engine.api.errors import RecipeError, TrainingError
 
 
 def first_last_indices(n_layers: int, first: int, last: int) -> list[int]:
     """Indices of the first ``first`` and last ``last`` of ``n_layers`` layers, sorted."""
     for name, k in (("first", first), ("last", last)):
         if k > n_layers:
-            raise arch.LayerIndexError(f"{name}={k} asks for more layers than the model's {n_layers}")
+            raise models.LayerIndexError(f"{name}={k} asks for more layers than the model's {n_layers}")
     return sorted(set(range(first)) | set(range(n_layers - last, n_layers)))
 
 
@@ -43,14 +42,14 @@ class FirstLast:
         """Static check: the model has enough layers."""
         for cfg in configs.get("model", []):
             try:
-                first_last_indices(arch.num_layers(cfg), params.first, params.last)
+                first_last_indices(models.num_layers(cfg), params.first, params.last)
             except TrainingError as exc:
                 raise ValueError(f"first-last: {exc}") from None
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> LayerSelection:
         if inputs.model is None:
             raise RecipeError(f"stage {context.stage_name!r}: first-last needs a 'model' input")
-        n = arch.num_layers(modelio.read_config(inputs.model.path))
+        n = models.num_layers(models.read_config(inputs.model.path))
         indices = first_last_indices(n, params.first, params.last)
         explanation = (f"first {params.first} and last {params.last} of {n} decoder layers: the layers "
                        "next to the embeddings and the head, which ELO trains to adapt a language")

@@ -11,9 +11,8 @@ from typing import Any
 
 from pydantic import Field
 
-from engine import arch, modelio
-from engine.api import LayerSelection, PluginParams, StageContext, StageInputs, hookimpl
-from engine.errors import RecipeError, TrainingError
+from engine.api import LayerSelection, PluginParams, StageContext, StageInputs, hookimpl, models
+from engine.api.errors import RecipeError, TrainingError
 
 
 class Indices:
@@ -28,15 +27,15 @@ class Indices:
         """Static check: every index exists in the model."""
         for cfg in configs.get("model", []):
             try:
-                arch.resolve_indices(params.indices, arch.num_layers(cfg))
+                models.resolve_indices(params.indices, models.num_layers(cfg))
             except TrainingError as exc:
                 raise ValueError(f"indices: {exc}") from None
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> LayerSelection:
         if inputs.model is None:
             raise RecipeError(f"stage {context.stage_name!r}: indices needs a 'model' input")
-        n = arch.num_layers(modelio.read_config(inputs.model.path))
-        indices = arch.resolve_indices(params.indices, n)
+        n = models.num_layers(models.read_config(inputs.model.path))
+        indices = models.resolve_indices(params.indices, n)
         context.note("layers", indices)
         return LayerSelection(name=context.stage_name, indices=indices, num_layers=n,
                               explanation=f"layers {params.indices} given explicitly ({n} in the model)")

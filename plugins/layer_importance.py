@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from engine import arch
-from engine.api import LayerSelection, PluginParams, StageContext, StageInputs, hookimpl
-from engine.batching import packed_batches, require_format
-from engine.errors import RecipeError, TrainingError
+from engine.api import LayerSelection, PluginParams, StageContext, StageInputs, hookimpl, models
+from engine.api.errors import RecipeError, TrainingError
+from engine.api.training import packed_batches, require_format
 
 
 def _layer_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -39,7 +38,7 @@ def _layer_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> li
     def grab(_module: torch.nn.Module, _args: Any, out: Any) -> None:
         outputs.append(out[0] if isinstance(out, tuple) else out)
 
-    handles = [layer.register_forward_hook(grab) for layer in arch.decoder_layers(model)]
+    handles = [layer.register_forward_hook(grab) for layer in models.decoder_layers(model)]
     try:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=True, use_cache=False)
@@ -51,7 +50,7 @@ def _layer_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> li
 
 def layer_scores(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[int, float]:
     """``1 - cos(input, output)`` per decoder layer, averaged over every scored token."""
-    n = arch.model_num_layers(model)
+    n = models.model_num_layers(model)
     totals = torch.zeros(n, dtype=torch.float64)
     count = 0
     with torch.no_grad():
@@ -93,13 +92,13 @@ class LayerImportance:
         """Static check: k and the pinned layers fit the model."""
         for cfg in configs.get("model", []):
             try:
-                arch.check_supported(cfg)
-                n = arch.num_layers(cfg)
+                models.check_supported(cfg)
+                n = models.num_layers(cfg)
                 if params.k > n:
-                    raise arch.LayerIndexError(f"k={params.k} asks for more layers than the model's {n}")
-                pinned = arch.resolve_indices(params.always_include, n) if params.always_include else []
+                    raise models.LayerIndexError(f"k={params.k} asks for more layers than the model's {n}")
+                pinned = models.resolve_indices(params.always_include, n) if params.always_include else []
                 if len(pinned) > params.k:
-                    raise arch.LayerIndexError(f"always_include has {len(pinned)} layers, more than k={params.k}")
+                    raise models.LayerIndexError(f"always_include has {len(pinned)} layers, more than k={params.k}")
             except TrainingError as exc:
                 raise ValueError(f"layer-importance: {exc}") from None
 
@@ -109,9 +108,9 @@ class LayerImportance:
         require_format(inputs.data, "text", "layer-importance")
         model = context.load_model(inputs.model)
         model.eval()
-        n = arch.model_num_layers(model)
+        n = models.model_num_layers(model)
         self.check({"model": [model.config.to_dict()]}, params)
-        pinned = arch.resolve_indices(params.always_include, n) if params.always_include else []
+        pinned = models.resolve_indices(params.always_include, n) if params.always_include else []
         tokenizer = context.load_tokenizer(inputs.model)
         stream = packed_batches(tokenizer, inputs.data, seq_len=params.seq_len,
                                 batch_size=params.batch_size, seed=params.seed)

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import Field
 
 from engine.api import MetricsArtifact, PluginParams, StageContext, StageInputs, hookimpl
-from engine.errors import EngineError, ModelLoadError
+from engine.api.errors import EngineError, ModelLoadError
 
 INSTALL_HINT = "pip install 'lingoforge[lm-eval]'"
 

@@ -25,8 +25,14 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from engine.api import MetricsArtifact, PluginParams, StageContext, StageInputs, hookimpl
-from engine.evaluation import EvalPlan, context_length, evaluate_models, select_sources
-from engine.tasks import plan_perplexity, read_documents
+from engine.api.evaluation import (
+    EvalPlan,
+    context_length,
+    evaluate_models,
+    plan_perplexity,
+    read_documents,
+    select_sources,
+)
 
 __all__ = ["Perplexity", "plan_perplexity"]
 

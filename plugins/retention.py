@@ -38,9 +38,17 @@ from engine.api import (
     StageInputs,
     hookimpl,
 )
-from engine.errors import DataError, EngineError, RecipeError
-from engine.evaluation import EvalPlan, SpanScore, evaluate_models, tokenizer_fingerprint
-from engine.tasks import choice_plan, load_items, plan_perplexity, read_documents
+from engine.api.errors import DataError, EngineError, RecipeError
+from engine.api.evaluation import (
+    EvalPlan,
+    SpanScore,
+    choice_plan,
+    evaluate_models,
+    load_items,
+    plan_perplexity,
+    read_documents,
+    tokenizer_fingerprint,
+)
 
 Metric = Literal["ppl", "bpb", "acc", "acc_norm"]
 #: metrics that improve downwards get a ratio reference/model; the others a difference

@@ -14,10 +14,17 @@ from __future__ import annotations
 from pydantic import Field
 
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.batching import require_format, training_batches
-from engine.errors import RecipeError
-from engine.lora_training import LoraParams, apply_lora, save_lora_result
-from engine.training import TrainerParams, train, training_dtype
+from engine.api.errors import RecipeError
+from engine.api.training import (
+    LoraParams,
+    TrainerParams,
+    apply_lora,
+    require_format,
+    save_lora_result,
+    train,
+    training_batches,
+    training_dtype,
+)
 
 
 class SFT:

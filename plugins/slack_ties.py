@@ -11,8 +11,8 @@ from typing import Any
 from pydantic import Field
 
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.errors import MergeError
-from engine.merging import (
+from engine.api.errors import MergeError
+from engine.api.merging import (
     Positionwise,
     PositionwiseMerge,
     TiesParams,

@@ -58,14 +58,17 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from engine.api import MetricsArtifact, PluginParams, StageContext, StageInputs, hookimpl
-from engine.evaluation import EvalPlan, GenerationPlan, StopRule, evaluate_models, select_sources
-from engine.tasks import (  # noqa: F401  (re-exported: the plugin's public helpers)
+from engine.api.evaluation import (  # noqa: F401  (re-exported: the plugin's public helpers)
     AnswerItem,
     AnswerMatch,
     ChoiceItem,
+    EvalPlan,
+    GenerationPlan,
     ItemPrediction,
+    StopRule,
     choice_plan,
     choose,
+    evaluate_models,
     fewshot_indices,
     generate_answers,
     generation_plan,
@@ -75,6 +78,7 @@ from engine.tasks import (  # noqa: F401  (re-exported: the plugin's public help
     plan_generation,
     predict,
     render_prompt,
+    select_sources,
     summarize_choices,
     summarize_exact_match,
     use_chat_template,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.merging import (
+from engine.api.merging import (
     Positionwise,
     PositionwiseMerge,
     TaskVectorParams,

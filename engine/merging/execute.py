@@ -32,9 +32,10 @@ from typing import Any
 import torch
 
 from engine import modelio
-from engine.api import ModelArtifact, StageInputs
+from engine.artifacts import ModelArtifact
 from engine.context import StageContext
 from engine.errors import MergeError
+from engine.inputs import StageInputs
 from engine.merging.arithmetic import MagnitudeThreshold, _magnitude_bits, _trim_, keep_count
 from engine.merging.lora import open_reader
 from engine.merging.params import MergeParams

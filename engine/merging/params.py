@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
-from engine.api import NOT_IN_RESULT, PluginParams
 from engine.errors import MergeError
 from engine.merging.overrides import TensorOverride, resolve_overrides
 from engine.merging.tensorio import parse_size
+from engine.params import NOT_IN_RESULT, PluginParams
 
 __all__ = [
     "MergeParams", "PerModelDensity", "PerModelFloat", "TaskVectorParams",

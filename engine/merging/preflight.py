@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import modelio
-from engine.api import ModelArtifact
+from engine.artifacts import ModelArtifact
 from engine.errors import EngineError, MergeError
 from engine.merging.lora import LoraAdapter, check_adapter, is_adapter_folder, read_adapter
 from engine.merging.tensorio import TensorInfo, read_tensor_infos

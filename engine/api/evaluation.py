@@ -1,0 +1,44 @@
+"""What an evaluator uses: evaluation plans run over every model (loading each once,
+batching, isolating failures), task items and their scoring."""
+
+from engine.evaluation import (
+    EvalPlan,
+    GenerationPlan,
+    SpanScore,
+    StopRule,
+    context_length,
+    evaluate_models,
+    select_sources,
+    tokenizer_fingerprint,
+)
+from engine.tasks import (
+    AnswerItem,
+    AnswerMatch,
+    ChoiceItem,
+    ItemPrediction,
+    choice_plan,
+    choose,
+    fewshot_indices,
+    generate_answers,
+    generation_plan,
+    load_answer_items,
+    load_items,
+    plan_choices,
+    plan_generation,
+    plan_perplexity,
+    predict,
+    read_documents,
+    render_prompt,
+    summarize_choices,
+    summarize_exact_match,
+    use_chat_template,
+)
+
+__all__ = [
+    "AnswerItem", "AnswerMatch", "ChoiceItem", "EvalPlan", "GenerationPlan", "ItemPrediction",
+    "SpanScore", "StopRule", "choice_plan", "choose", "context_length", "evaluate_models",
+    "fewshot_indices", "generate_answers", "generation_plan", "load_answer_items", "load_items",
+    "plan_choices", "plan_generation", "plan_perplexity", "predict", "read_documents",
+    "render_prompt", "select_sources", "summarize_choices", "summarize_exact_match",
+    "tokenizer_fingerprint", "use_chat_template",
+]
