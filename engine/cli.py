@@ -182,14 +182,16 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     table = Table(title="plugins")
-    for col in ("plugin", "version", "registers"):
-        table.add_column(col)
+    for col in ("plugin", "distribution", "version", "registers"):
+        table.add_column(col, overflow="fold")
     for row in info:
         regs = "; ".join(f"{kind}: {', '.join(i['name'] for i in items)}"
                          for kind, items in row["registers"].items())
         if row.get("broken"):
             regs = f"[red]broken: {_escape(row['broken'])}[/]"
-        table.add_row(row["name"], row["version"], regs)
+        elif row.get("skipped"):
+            regs = f"[yellow]not loaded: {_escape(row['skipped'])}[/]"
+        table.add_row(row["name"], row["distribution"], row["version"], regs)
     Console().print(table)
     return 0
 

@@ -3,8 +3,19 @@
 Built-ins are ordinary plugin modules listed in :data:`DEFAULT_PLUGINS` and loaded
 through the same path as third-party ones (datasette's pattern); third parties ship
 a distribution with an entry point in the group ``engine.plugins``. A plugin that
-fails to import or to register is recorded as *broken*, reported by name, and the
-rest keep working.
+fails to import, implements a hook the engine does not define (a stage kind that does
+not exist), registers a name another plugin registered first, or declares params the
+engine cannot route is recorded as *broken*: reported once on stderr with its
+distribution, none of its implementations used, and the rest keep working;
+``engine validate`` names it when a recipe asks for what it would have provided.
+
+Environment controls (read once, when plugins first load):
+
+* ``LINGOFORGE_PLUGINS=a,b`` -- allow-list: only these plugins load (plugin names as
+  ``engine plugins`` shows them, or distribution names; ``builtins`` means every
+  built-in);
+* ``LINGOFORGE_DISABLE_PLUGINS=a,b`` -- block-list, same names, wins over the allow-list;
+* ``LINGOFORGE_TRACE_HOOKS=1`` -- every load, registration and hook call on stderr.
 
 Tests and embedding code may ``pm.register(module_or_object, name=...)`` and
 ``pm.unregister(name=...)``; :func:`implementations` always reflects the current set.
@@ -15,6 +26,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +61,17 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 
 
+#: allow-list: only these plugins load (comma-separated plugin or distribution names;
+#: ``builtins`` stands for every built-in)
+ALLOW_ENV = "LINGOFORGE_PLUGINS"
+#: block-list, same names; wins over the allow-list
+BLOCK_ENV = "LINGOFORGE_DISABLE_PLUGINS"
+#: any non-empty value other than 0 traces every hook call to stderr
+TRACE_ENV = "LINGOFORGE_TRACE_HOOKS"
+
+BUILTIN_DISTRIBUTION = "lingoforge"
+
+
 @dataclass
 class Registered:
     """One implementation and the plugin that registered it."""
@@ -61,11 +84,22 @@ class Registered:
     def name(self) -> str:
         return self.impl.name
 
+    @property
+    def distribution(self) -> str:
+        return plugin_distribution(self.plugin)
+
 
 @dataclass
 class BrokenPlugin:
     name: str
     error: str
+    #: implementation names the plugin tried to register, where known (so that
+    #: ``engine validate`` can say which broken plugin a recipe's ``plugin:`` needed)
+    names: tuple[str, ...] = ()
+
+    @property
+    def distribution(self) -> str:
+        return plugin_distribution(self.name)
 
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
@@ -73,31 +107,102 @@ pm.add_hookspecs(hookspecs)
 
 _broken: dict[str, BrokenPlugin] = {}
 _versions: dict[str, str] = {}
+#: plugin name -> the distribution that ships it
+_distributions: dict[str, str] = {}
+#: plugins skipped by the allow/block lists: name -> which variable and why
+_skipped: dict[str, str] = {}
+#: broken plugins already reported on stderr (each is reported once per process)
+_reported: set[str] = set()
 _loaded = False
 
 
+def _names_from(variable: str) -> set[str] | None:
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def _selected(name: str, distribution: str, builtin: bool) -> str | None:
+    """Why the plugin must not load (None: load it), from the allow and block lists."""
+    keys = {name, distribution, *(["builtins"] if builtin else [])}
+    blocked = _names_from(BLOCK_ENV)
+    if blocked is not None and keys & blocked:
+        return f"blocked by {BLOCK_ENV}"
+    allowed = _names_from(ALLOW_ENV)
+    if allowed is not None and not keys & allowed:
+        return f"not in {ALLOW_ENV}"
+    return None
+
+
+def tracing() -> bool:
+    return os.environ.get(TRACE_ENV, "").strip() not in ("", "0")
+
+
+def trace(message: str) -> None:
+    """One line on stderr when :data:`TRACE_ENV` is set (hook calls, registrations)."""
+    if tracing():
+        print(f"[hook] {message}", file=sys.stderr, flush=True)
+
+
 def load_plugins() -> None:
-    """Load built-ins and entry-point plugins once per process."""
+    """Load built-ins and entry-point plugins once per process, honouring the allow and
+    block lists (:data:`ALLOW_ENV`, :data:`BLOCK_ENV`)."""
     global _loaded
     if _loaded:
         return
     _loaded = True
+    if tracing():
+        pm.trace.root.setwriter(lambda text: print(f"[hook] {text}", end="", file=sys.stderr))
+        pm.enable_tracing()
     for module_name in DEFAULT_PLUGINS:
-        _load(module_name, lambda m=module_name: importlib.import_module(m), __version__)
+        _load(module_name, lambda m=module_name: importlib.import_module(m), __version__,
+              BUILTIN_DISTRIBUTION, builtin=True)
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         version = ep.dist.version if ep.dist is not None else "?"
-        _load(ep.name, ep.load, version)
+        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+        _load(ep.name, ep.load, version, dist, builtin=False)
 
 
-def _load(name: str, loader: Any, version: str) -> None:
+def _load(name: str, loader: Any, version: str, distribution: str, *, builtin: bool) -> None:
     if pm.has_plugin(name):
+        return
+    _versions[name] = version
+    _distributions[name] = distribution
+    why = _selected(name, distribution, builtin)
+    if why is not None:
+        _skipped[name] = why
+        trace(f"skip {name} ({distribution} {version}): {why}")
         return
     try:
         obj = loader()
         pm.register(obj, name=name)
-        _versions[name] = version
+        _check_hooks(name, obj)
+        trace(f"loaded {name} ({distribution} {version})")
     except Exception as exc:  # a broken plugin must not take the engine down
-        _broken[name] = BrokenPlugin(name, f"{type(exc).__name__}: {exc}")
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
+        _mark_broken(name, f"{type(exc).__name__}: {exc}")
+
+
+def _check_hooks(name: str, plugin: object) -> None:
+    """A hook implementation with no hookspec is a plugin error (pluggy accepts it
+    silently): most often a stage kind that does not exist."""
+    for caller in pm.get_hookcallers(plugin) or []:
+        if not caller.has_spec():
+            stage_hooks = ", ".join(k.hook for k in STAGE_KINDS.values())
+            raise PluginError(
+                f"implements hook {caller.name!r}, which the engine does not define; "
+                f"the stage hooks are {stage_hooks} (stage kinds: {', '.join(STAGE_KINDS)})")
+
+
+def _mark_broken(name: str, error: str, names: tuple[str, ...] = ()) -> None:
+    _broken[name] = BrokenPlugin(name, error, names)
+    if name not in _reported:
+        _reported.add(name)
+        dist = plugin_distribution(name)
+        print(f"warning: plugin {name!r} (distribution {dist} {plugin_version(name)}) is broken "
+              f"and was skipped: {error}", file=sys.stderr)
 
 
 def broken_plugins() -> list[BrokenPlugin]:
@@ -105,37 +210,70 @@ def broken_plugins() -> list[BrokenPlugin]:
     return list(_broken.values())
 
 
+def skipped_plugins() -> dict[str, str]:
+    """Plugins the allow/block lists kept out: ``{name: reason}``."""
+    load_plugins()
+    return dict(_skipped)
+
+
 def plugin_version(name: str) -> str:
     return _versions.get(name, "-")
+
+
+def plugin_distribution(name: str) -> str:
+    """The distribution that ships plugin ``name`` (``-`` for one registered in-process)."""
+    return _distributions.get(name, "-")
 
 
 def implementations() -> dict[str, dict[str, Registered]]:
     """Every registered implementation: ``{stage kind: {name: Registered}}``.
 
-    Registration problems (a non-conforming object, a name registered twice, an
-    exception in the hook) mark the plugin at fault as broken and skip it.
+    Registration problems (a non-conforming object, a name another plugin registered
+    first, an exception in the hook, params the engine cannot route) mark the plugin at
+    fault as broken: none of its implementations is used, it is reported once on
+    stderr with its distribution, and the rest keep working.
     """
     load_plugins()
-    found: dict[str, dict[str, Registered]] = {kind: {} for kind in STAGE_KINDS}
+    pending: dict[str, list[tuple[str, StageImplementation]]] = {}
+    failed: dict[str, tuple[str, tuple[str, ...]]] = {}
     for kind, entry in STAGE_KINDS.items():
-        caller = getattr(pm.hook, entry.hook)
-        for hookimpl in caller.get_hookimpls():  # registration order: first one wins a name
+        for hookimpl in getattr(pm.hook, entry.hook).get_hookimpls():
             plugin_name = pm.get_name(hookimpl.plugin) or repr(hookimpl.plugin)
-            pending: list[StageImplementation] = []
+            got: list[StageImplementation] = []
             try:
-                hookimpl.function(register=pending.append)
-                for impl in pending:
+                hookimpl.function(register=got.append)
+                trace(f"{entry.hook}() in {plugin_name}: registered "
+                      f"{[getattr(i, 'name', repr(i)) for i in got]}")
+                for impl in got:
                     _check_impl(impl, kind)
-                    if impl.name in found[kind]:
-                        other = found[kind][impl.name].plugin
-                        raise PluginError(
-                            f"{kind} implementation {impl.name!r} is already registered by {other!r}"
-                        )
             except Exception as exc:
-                _broken[plugin_name] = BrokenPlugin(plugin_name, f"{type(exc).__name__}: {exc}")
+                names = tuple(n for n in (getattr(i, "name", None) for i in got) if isinstance(n, str))
+                failed.setdefault(plugin_name, (f"{type(exc).__name__}: {exc}", names))
                 continue
-            for impl in pending:
-                found[kind][impl.name] = Registered(kind, impl, plugin_name)
+            pending.setdefault(plugin_name, []).extend((kind, impl) for impl in got)
+    for plugin in pm.get_plugins():  # also plugins registered in-process, not only loaded ones
+        plugin_name = pm.get_name(plugin) or repr(plugin)
+        try:
+            _check_hooks(plugin_name, plugin)
+        except PluginError as exc:
+            failed.setdefault(plugin_name, (f"PluginError: {exc}", ()))
+    found: dict[str, dict[str, Registered]] = {kind: {} for kind in STAGE_KINDS}
+    for plugin_name, impls in pending.items():  # registration order: the first one wins a name
+        if plugin_name in failed:
+            continue
+        clash = next(((k, i.name) for k, i in impls if i.name in found[k]), None)
+        if clash is not None:
+            kind, impl_name = clash
+            other = found[kind][impl_name]
+            failed[plugin_name] = (
+                f"PluginError: {kind} implementation {impl_name!r} is already registered by "
+                f"{other.plugin!r} (distribution {other.distribution})",
+                tuple(i.name for _, i in impls))
+            continue
+        for kind, impl in impls:
+            found[kind][impl.name] = Registered(kind, impl, plugin_name)
+    for plugin_name, (error, names) in failed.items():
+        _mark_broken(plugin_name, error, names)
     return found
 
 
@@ -148,38 +286,82 @@ def _check_impl(impl: Any, kind: str) -> None:
         raise PluginError(f"{kind} implementation {name!r}: Params must subclass engine.api.PluginParams")
     if not callable(getattr(impl, "run", None)):
         raise PluginError(f"{kind} implementation {name!r} has no run(context, inputs, params)")
+    problems = declaration_problems(impl)
+    if problems:
+        raise PluginError(f"{kind} implementation {name!r} declares params the engine cannot "
+                          f"route: {'; '.join(problems)}")
+
+
+def declaration_problems(impl: Any) -> list[str]:
+    """Why ``impl.Params`` cannot be routed from a recipe (empty: it can).
+
+    Every param must be writable in YAML and shown by ``engine schema``: its JSON
+    schema must build and its recipe key must be a plain name. An implementation may
+    add its own checks with a ``declaration_problems()`` method returning messages (the
+    merge-method base checks that each param reaches its arithmetic).
+    """
+    params = impl.Params
+    problems: list[str] = []
+    for field_name, info in params.model_fields.items():
+        key = info.alias or field_name
+        if not key.replace("_", "a").replace("-", "a").isalnum() or key.startswith("_"):
+            problems.append(f"params.{key}: not a plain recipe key")
+    try:
+        params.model_json_schema()
+    except Exception as exc:  # pydantic cannot describe a field type to a recipe writer
+        problems.append(f"no JSON schema ({type(exc).__name__}: {exc})")
+    extra = getattr(impl, "declaration_problems", None)
+    if callable(extra):
+        problems += list(extra())
+    return problems
 
 
 def get_implementation(stage: str, name: str) -> Registered:
-    """The implementation a recipe names, or an error that lists the alternatives."""
+    """The implementation a recipe names, or an error that lists the alternatives and
+    names the broken or unloaded plugin that would have provided it."""
     if stage not in STAGE_KINDS:
         raise PluginError(f"unknown stage kind {stage!r}; known: {', '.join(STAGE_KINDS)}")
     impls = implementations()[stage]
     if name in impls:
         return impls[name]
+    for b in _broken.values():
+        if name in b.names:
+            raise PluginError(
+                f"{stage} plugin {name!r} is provided by plugin {b.name!r} (distribution "
+                f"{b.distribution} {plugin_version(b.name)}), which is broken: {b.error}")
     msg = f"no {stage} plugin named {name!r}; available: {', '.join(sorted(impls)) or 'none'}"
     if _broken:
-        msg += f" (broken plugins: {', '.join(sorted(_broken))}; see 'engine plugins')"
+        listed = ", ".join(f"{b.name} ({b.distribution})" for b in sorted(_broken.values(),
+                                                                         key=lambda b: b.name))
+        msg += f" (broken plugins: {listed}; see 'engine plugins')"
+    if _skipped:
+        listed = ", ".join(f"{n} ({why})" for n, why in sorted(_skipped.items()))
+        msg += f" (not loaded: {listed})"
     raise PluginError(msg)
 
 
+def _row(name: str) -> dict[str, Any]:
+    return {"name": name, "distribution": plugin_distribution(name), "version": plugin_version(name),
+            "registers": {}, "broken": None, "skipped": None}
+
+
 def plugins_info() -> list[dict[str, Any]]:
-    """What ``engine plugins`` shows: each plugin, its version, and what it registers."""
+    """What ``engine plugins`` shows: each plugin, its distribution and version, what it
+    registers, and whether it is broken or kept out by the allow/block lists."""
+    impls = implementations()
     rows: dict[str, dict[str, Any]] = {}
     for name in (pm.get_name(p) for p in pm.get_plugins()):
-        if name is None:
-            continue
-        rows[name] = {"name": name, "version": plugin_version(name), "registers": {}, "broken": None}
-    for kind, impls in implementations().items():
-        for reg in impls.values():
-            entry = rows.setdefault(
-                reg.plugin, {"name": reg.plugin, "version": plugin_version(reg.plugin),
-                             "registers": {}, "broken": None})
-            entry["registers"].setdefault(kind, []).append(
+        if name is not None:
+            rows[name] = _row(name)
+    for kind, by_name in impls.items():
+        for reg in by_name.values():
+            rows.setdefault(reg.plugin, _row(reg.plugin))["registers"].setdefault(kind, []).append(
                 {"name": reg.name, "description": describe(reg.impl)})
     for b in _broken.values():
-        rows.setdefault(b.name, {"name": b.name, "version": plugin_version(b.name), "registers": {}})
-        rows[b.name]["broken"] = b.error
+        rows.setdefault(b.name, _row(b.name))["broken"] = b.error
+        rows[b.name]["registers"] = {}
+    for name, why in _skipped.items():
+        rows.setdefault(name, _row(name))["skipped"] = why
     return sorted(rows.values(), key=lambda r: r["name"])
 
 
@@ -187,6 +369,9 @@ def call_observers(hook_name: str, **kwargs: Any) -> None:
     """Call a lifecycle hook; an observer's failure is reported, never fatal."""
     caller = getattr(pm.hook, hook_name)
     for hookimpl in caller.get_hookimpls():
+        if pm.get_name(hookimpl.plugin) in _broken:
+            continue
+        trace(f"{hook_name}() in {pm.get_name(hookimpl.plugin)}")
         try:
             hookimpl.function(**{k: kwargs[k] for k in hookimpl.argnames})
         except Exception as exc:
