@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from engine.stages import INPUT_KEYS, STAGE_KINDS, StageKind
+
 if TYPE_CHECKING:
     from engine.artifacts import Artifact
     from engine.context import StageContext
@@ -40,61 +42,43 @@ Register = Callable[["StageImplementation"], None]
 
 
 # --- stage hooks -----------------------------------------------------------------
+#
+# One register hook per entry of the stage kinds table (engine.stages.STAGE_KINDS),
+# generated from it, so that adding a stage kind is one table entry. Each hook's
+# docstring -- the contract -- is built from the entry: read it with
+# ``help(engine.hookspecs.register_merge_methods)`` or in docs/plugins.md.
+
+_ARTIFACT_CLASS = {"model": "ModelArtifact", "layers": "LayerSelection", "metrics": "MetricsArtifact"}
 
 
-@hookspec
-def register_language_adapters(register: Register) -> None:
-    """Register *adapt-language* implementations: they train a model on text or
-    instructions (continual pretraining, supervised fine-tuning, ELO's detached-layer
-    training) and return a :class:`engine.api.ModelArtifact`.
+def _inputs(kind: StageKind) -> str:
+    def listed(keys: frozenset[str]) -> str:
+        return ", ".join(f"``{k}``" for k in INPUT_KEYS if k in keys) or "none"
 
-    Inputs a recipe may give: ``model`` (required), ``data`` (required), ``layers``
-    (optional, the output of a select-layers stage).
-    """
+    return f"Inputs: {listed(kind.required)} (required); {listed(kind.optional)} (optional)."
 
 
-@hookspec
-def register_layer_selectors(register: Register) -> None:
-    """Register *select-layers* implementations: they choose which decoder layers a
-    later stage trains and return a :class:`engine.api.LayerSelection` whose
-    ``explanation`` says why.
-
-    Inputs: ``model`` (required; only its config needs to be read by simple
-    selectors), ``data`` (optional, for data-driven selectors).
-    """
+def stage_hook_doc(kind: StageKind) -> str:
+    """The contract of ``kind``'s register hook, from its table entry."""
+    trains = (" Its stages train: they are seeded, checkpointed and resumable, and a "
+              "cache hit skips them." if kind.trains else "")
+    return (f"Register *{kind.name}* implementations: they {kind.summary} and return an "
+            f":class:`engine.api.{_ARTIFACT_CLASS[kind.artifact]}`.\n\n"
+            f"{kind.contract}{trains}\n\n{_inputs(kind)}\n")
 
 
-@hookspec
-def register_merge_methods(register: Register) -> None:
-    """Register *merge* implementations: they combine ``models`` (each optionally
-    relative to ``base``) into one model and return a :class:`engine.api.ModelArtifact`.
+def _stage_hookspec(kind: StageKind) -> Callable[[Register], None]:
+    def register_hook(register: Register) -> None:
+        pass
 
-    Inputs: ``models`` (required, at least one), ``base`` (required by methods that
-    work on task vectors). Merges should stream tensor by tensor
-    (:mod:`engine.merging`) so that peak memory stays a few tensors.
-    """
+    register_hook.__name__ = register_hook.__qualname__ = kind.hook
+    register_hook.__doc__ = stage_hook_doc(kind)
+    return hookspec(register_hook)
 
 
-@hookspec
-def register_aligners(register: Register) -> None:
-    """Register *align* implementations: they re-integrate separately trained parts
-    into a full model (ELO's layer alignment: put the trained layers back, then a
-    brief full fine-tune) and return a :class:`engine.api.ModelArtifact`.
-
-    Inputs: ``model`` (required, the trained part, for example an ELO sub-model),
-    ``base`` (optional, the full model to put it back into; defaults to the model the
-    part was detached from), ``data`` (optional, the fine-tuning data).
-    """
-
-
-@hookspec
-def register_evaluators(register: Register) -> None:
-    """Register *evaluate* implementations: they score ``models`` on ``data`` and
-    return a :class:`engine.api.MetricsArtifact` mapping each model name to its
-    metrics. The runner writes it to ``<workdir>/<stage>/metrics.json``.
-
-    Inputs: ``models`` (required), ``data`` (required).
-    """
+for _kind in STAGE_KINDS.values():
+    globals()[_kind.hook] = _stage_hookspec(_kind)
+del _kind
 
 
 # --- lifecycle hooks ---------------------------------------------------------------

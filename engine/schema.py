@@ -16,8 +16,8 @@ from pydantic_core import PydanticUndefined
 
 from engine.implementation import describe
 from engine.plugin_manager import implementations
-from engine.recipe import INPUT_RULES, DataSpec, ModelSpec, Recipe, RuntimeSpec, StageSpec
-from engine.stages import STAGE_KINDS
+from engine.recipe import DataSpec, ModelSpec, Recipe, RuntimeSpec, StageSpec
+from engine.stages import INPUT_KEYS, STAGE_KINDS
 
 
 def _slug(text: str) -> str:
@@ -78,6 +78,21 @@ def fields_table(model: type[BaseModel]) -> list[str]:
     return lines
 
 
+def stage_kinds_table() -> list[str]:
+    """The stage kinds as a markdown table: inputs, what a stage returns, whether it trains."""
+    from engine.hookspecs import _ARTIFACT_CLASS
+
+    def keys(ks: frozenset[str]) -> str:
+        return ", ".join(f"`{k}`" for k in INPUT_KEYS if k in ks) or "-"
+
+    out = ["| stage | hook | required inputs | optional inputs | returns | trains |",
+           "|---|---|---|---|---|---|"]
+    for k in STAGE_KINDS.values():
+        out.append(f"| `{k.name}` | `{k.hook}(register)` | {keys(k.required)} | {keys(k.optional)} "
+                   f"| `{_ARTIFACT_CLASS[k.artifact]}` | {'yes' if k.trains else 'no'} |")
+    return out
+
+
 def markdown() -> str:
     """The recipe reference, generated from the pydantic models."""
     out = [
@@ -93,12 +108,9 @@ def markdown() -> str:
         "## `models.<name>`", "", *fields_table(ModelSpec), "",
         "## `runtime` (recipe level, or per stage)", "", *fields_table(RuntimeSpec), "",
         "## Stages", "", *fields_table(StageSpec), "",
-        "Inputs each stage kind takes:", "",
-        "| stage | required inputs | optional inputs |", "|---|---|---|",
+        "The stage kinds (from the one table in `engine.stages`):", "",
+        *stage_kinds_table(),
     ]
-    for kind, (req, opt) in INPUT_RULES.items():
-        out.append(f"| `{kind}` | {', '.join(f'`{k}`' for k in sorted(req))} | "
-                   f"{', '.join(f'`{k}`' for k in sorted(opt)) or '-'} |")
     out += ["", "## `data` entries", "", *fields_table(DataSpec), ""]
     out += ["## Plugins and their `params`", ""]
     impls = implementations()

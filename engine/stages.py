@@ -44,6 +44,9 @@ class StageKind:
     artifact: ArtifactType
     trains: bool
     summary: str
+    #: what an implementation of this kind promises, beyond inputs and artifact: the
+    #: hookspec's docstring is built from it (see :mod:`engine.hookspecs`)
+    contract: str = ""
 
     @property
     def produces_model(self) -> bool:
@@ -55,11 +58,11 @@ class StageKind:
 
 
 def _kind(name: str, hook: str, required: set[str], optional: set[str], artifact: ArtifactType,
-          trains: bool, summary: str) -> StageKind:
+          trains: bool, summary: str, contract: str = "") -> StageKind:
     unknown = (required | optional) - set(INPUT_KEYS)
     assert not unknown, f"stage kind {name}: unknown input keys {unknown}"
     return StageKind(name, hook, frozenset(required), frozenset(optional), artifact, trains,
-                     summary)
+                     summary, " ".join(contract.split()))
 
 
 ADAPT_LANGUAGE = "adapt-language"
@@ -71,15 +74,28 @@ EVALUATE = "evaluate"
 #: stage kind name -> its entry, in pipeline order
 STAGE_KINDS: dict[str, StageKind] = {k.name: k for k in (
     _kind(ADAPT_LANGUAGE, "register_language_adapters", {"model", "data"}, {"layers"}, "model",
-          True, "train a model on text or instructions (CT, SFT, ELO's detached layers)"),
+          True, "train a model on text or instructions (CT, SFT, ELO's detached layers)",
+          """Continual pretraining, supervised fine-tuning, ELO's detached-layer training.
+          ``layers`` is the output of a select-layers stage: train only those layers."""),
     _kind(SELECT_LAYERS, "register_layer_selectors", {"model"}, {"data"}, "layers", False,
-          "choose which decoder layers a later stage trains"),
+          "choose which decoder layers a later stage trains",
+          """The returned selection's ``explanation`` says why these layers. Simple
+          selectors read only the model's config; data-driven ones read ``data``."""),
     _kind(MERGE, "register_merge_methods", {"models"}, {"base"}, "model", False,
-          "combine models (each optionally relative to a base) into one"),
+          "combine models (each optionally relative to a base) into one",
+          """Methods on task vectors need ``base``. A merge streams tensor by tensor
+          (``engine.api.merging``: the merge-method base), so that peak memory stays a few
+          tensors whatever the model size, and honours every param it advertises."""),
     _kind(ALIGN, "register_aligners", {"model"}, {"base", "data"}, "model", True,
-          "re-integrate separately trained parts into a full model, then fine-tune briefly"),
+          "re-integrate separately trained parts into a full model, then fine-tune briefly",
+          """ELO's layer alignment: ``model`` is the trained part (an ELO sub-model),
+          ``base`` the full model to put it back into (default: the model the part was
+          detached from), ``data`` the brief full fine-tune's data."""),
     _kind(EVALUATE, "register_evaluators", {"models", "data"}, set(), "metrics", False,
-          "score models on data and write metrics.json"),
+          "score models on data and write metrics.json",
+          """The returned metrics map each model name to its metrics; the runner writes
+          them to ``<workdir>/<stage>/metrics.json``. Failures of one model are recorded
+          in ``errors`` and do not stop the others."""),
 )}
 
 

@@ -18,39 +18,38 @@ BOS itself when the model wants one, so none is added.
 from __future__ import annotations
 
 import random
-import unicodedata
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.data import iter_answers, iter_choices, iter_texts
+from engine.data import iter_choices, iter_texts
 from engine.errors import DataError, EngineError
 from engine.evaluation import (
     EvalPlan,
-    Generation,
-    GenerationPlan,
     Span,
     SpanScore,
-    StopRule,
     TokenTotals,
     continuation_span,
     document_spans,
     encode_document,
     encode_pair,
-    generate_greedy,
     score_spans,
 )
 from engine.inputs import DataSource
 
+if TYPE_CHECKING:
+    from engine.answers import AnswerItem
+
 __all__ = [
-    "AnswerItem", "AnswerMatch", "ChoiceItem", "FewShot", "ItemPrediction", "chat_messages",
-    "choice_plan", "choose", "encode_prompt", "fewshot_indices", "generate_answers", "generation_plan",
-    "load_answer_items", "load_items", "plan_choices", "plan_generation", "plan_perplexity",
-    "predict", "read_documents", "render_prompt", "summarize_choices",
-    "summarize_exact_match", "use_chat_template",
+    "ChoiceItem", "FewShot", "ItemPrediction", "chat_messages", "choice_plan", "choose",
+    "encode_prompt", "fewshot_indices", "load_items", "plan_choices", "plan_perplexity", "predict",
+    "read_documents", "render_prompt", "summarize_choices", "use_chat_template",
 ]
+#: generation names that lived here before engine.answers; still importable, with a warning
+_MOVED = ("AnswerItem", "AnswerMatch", "generate_answers", "generation_plan", "load_answer_items",
+          "plan_generation", "summarize_exact_match")
 
 Shots = tuple[tuple[str, str], ...]
 
@@ -326,116 +325,13 @@ def choice_plan(tokenizer: Any, items: list[ChoiceItem], max_length: int, *,
     return EvalPlan(spans, lambda scores: summarize_choices(items, choose(items, owners, scores)))
 
 
-# --- generation (exact match) -------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import warnings
 
+        from engine import answers
 
-@dataclass(frozen=True)
-class AnswerItem:
-    """One generation item: a prompt and the answers that count as correct.
-
-    ``context``, ``prompt`` and ``shots`` are as in :class:`ChoiceItem` (a few-shot
-    example's answer is its first accepted answer).
-    """
-
-    source: str  # the data source's label
-    where: str  # "path:line", for error messages
-    context: str
-    answers: tuple[str, ...]
-    prompt: str = ""
-    shots: Shots = ()
-
-
-@dataclass(frozen=True)
-class AnswerMatch:
-    """How a generated text is compared with the answers (exact match after
-    normalisation, the same normalisation applied to both sides)."""
-
-    ignore_case: bool = False
-    ignore_punctuation: bool = False
-
-    def normalize(self, text: str) -> str:
-        """Strip surrounding whitespace; with ``ignore_punctuation`` drop every Unicode
-        punctuation character (categories ``P*``) first; with ``ignore_case``
-        compare case-folded (``str.casefold``: also ``ß`` = ``ss``)."""
-        if self.ignore_punctuation:
-            text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
-        text = text.strip()
-        return text.casefold() if self.ignore_case else text
-
-    def matches(self, output: str, answers: tuple[str, ...]) -> bool:
-        got = self.normalize(output)
-        return any(got == self.normalize(a) for a in answers)
-
-
-def load_answer_items(source: DataSource, params: Any, match: AnswerMatch) -> list[AnswerItem]:
-    """A generation source's items with few-shot contexts built; errors name file and
-    line. ``params`` has the :class:`FewShot` attributes. An answer that normalises to
-    nothing (``""``, blanks, only punctuation under ``ignore_punctuation``) is an error:
-    it would match an empty output."""
-    records = list(islice(iter_answers(source), params.max_items))
-    if not records:
-        raise DataError(f"{source.path}: no generation items")
-    answers: list[tuple[str, ...]] = []
-    for lineno, record in records:
-        got = (record["answer"],) if "answer" in record else tuple(record["answers"])
-        for a in got:
-            if not match.normalize(a):
-                field_name = "answer" if "answer" in record else "answers"
-                raise DataError(f"{source.path}:{lineno}: {field_name!r} holds {a!r}, which is "
-                                "empty after normalisation")
-        answers.append(got)
-    solved = [(r["prompt"], a[0]) for (_, r), a in zip(records, answers, strict=True)]
-    items = []
-    for (lineno, record), accepted, shots in zip(records, answers, _draw_shots(source, solved, params),
-                                                strict=True):
-        items.append(AnswerItem(source.label, f"{source.path}:{lineno}",
-                                _plain_context(shots, record["prompt"], params.fewshot_separator),
-                                accepted, record["prompt"], shots))
-    return items
-
-
-def plan_generation(tokenizer: Any, items: list[AnswerItem], max_length: int, rule: StopRule, *,
-                    chat_template: bool | None = None) -> list[tuple[int, ...]]:
-    """Each item's prompt ids. A prompt longer than ``max_length - max_new_tokens``
-    keeps its end (its start is dropped), so prompt and answer fit the window; a
-    ``max_new_tokens`` that leaves no room raises :class:`EngineError` (reported
-    against the model whose window it is)."""
-    room = max_length - rule.max_new_tokens
-    if room < 1:
-        raise EngineError(f"max_new_tokens={rule.max_new_tokens} leaves no room for a prompt in "
-                          f"a window of {max_length} tokens; lower it")
-    prompts = []
-    for item in items:
-        text, templated = render_prompt(tokenizer, item, chat_template)
-        prompts.append(tuple(encode_prompt(tokenizer, text, templated)[-room:]))
-    return prompts
-
-
-def summarize_exact_match(items: list[AnswerItem], gens: list[Generation],
-                          match: AnswerMatch) -> tuple[dict[str, float], dict[str, int]]:
-    """``exact_match/<label>`` per source (the share of items whose output matches one
-    of their answers), counts = items."""
-    hits: dict[str, list[int]] = {}
-    for item, gen in zip(items, gens, strict=True):
-        h = hits.setdefault(item.source, [0, 0])
-        h[0] += match.matches(gen.text, item.answers)
-        h[1] += 1
-    metrics = {f"exact_match/{label}": hit / n for label, (hit, n) in hits.items()}
-    counts = {f"exact_match/{label}": n for label, (_, n) in hits.items()}
-    return metrics, counts
-
-
-def generation_plan(tokenizer: Any, items: list[AnswerItem], max_length: int, rule: StopRule,
-                    match: AnswerMatch, *, chat_template: bool | None = None) -> GenerationPlan:
-    """The plan that completes every item's prompt greedily and reports exact_match."""
-    prompts = plan_generation(tokenizer, items, max_length, rule, chat_template=chat_template)
-    return GenerationPlan(prompts, rule, lambda gens: summarize_exact_match(items, gens, match))
-
-
-def generate_answers(model: torch.nn.Module, tokenizer: Any, items: list[AnswerItem], *,
-                     max_length: int, rule: StopRule, batch_size: int = 8,
-                     device: torch.device | str = "cpu",
-                     chat_template: bool | None = None) -> list[Generation]:
-    """Per-item generations of one loaded model (for tests, notebooks, sample logs)."""
-    prompts = plan_generation(tokenizer, items, max_length, rule, chat_template=chat_template)
-    return generate_greedy(model, tokenizer, prompts, rule, batch_size=batch_size, device=device)
+        warnings.warn(f"engine.tasks.{name} moved: import it from engine.api.evaluation",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(answers, name)
+    raise AttributeError(f"module 'engine.tasks' has no attribute {name!r}")

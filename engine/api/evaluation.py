@@ -1,6 +1,15 @@
 """What an evaluator uses: evaluation plans run over every model (loading each once,
 batching, isolating failures), task items and their scoring."""
 
+from engine.answers import (
+    AnswerItem,
+    AnswerMatch,
+    generate_answers,
+    generation_plan,
+    load_answer_items,
+    plan_generation,
+    summarize_exact_match,
+)
 from engine.evaluation import (
     EvalPlan,
     GenerationPlan,
@@ -12,25 +21,18 @@ from engine.evaluation import (
     tokenizer_fingerprint,
 )
 from engine.tasks import (
-    AnswerItem,
-    AnswerMatch,
     ChoiceItem,
     ItemPrediction,
     choice_plan,
     choose,
     fewshot_indices,
-    generate_answers,
-    generation_plan,
-    load_answer_items,
     load_items,
     plan_choices,
-    plan_generation,
     plan_perplexity,
     predict,
     read_documents,
     render_prompt,
     summarize_choices,
-    summarize_exact_match,
     use_chat_template,
 )
 
