@@ -1,13 +1,38 @@
 """What a stage returns: a model folder, a layer selection or metrics (re-exported by
-:mod:`engine.api`)."""
+:mod:`engine.api`).
+
+Each artifact saves itself into a stage's output folder and loads itself back from one
+(``save``, ``load``): a layer selection as ``layers.json``, metrics as ``metrics.json``;
+a model is the folder itself (its plugin writes it; ``save`` only moves a model written
+elsewhere into the folder). ``relocated`` is the artifact once its folder has been
+renamed into place. The runner picks the class from the stage-kind table
+(:data:`engine.stages.STAGE_KINDS` ``[kind].artifact`` -> :data:`ARTIFACT_TYPES`).
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["ARTIFACT_TYPES", "Artifact", "LayerSelection", "MetricsArtifact", "ModelArtifact"]
+__all__ = ["ARTIFACT_TYPES", "Artifact", "LAYERS_FILE", "LayerSelection", "METRICS_FILE",
+           "MetricsArtifact", "ModelArtifact", "load_artifact"]
+
+#: where a select-layers stage's selection and an evaluate stage's metrics are saved
+LAYERS_FILE = "layers.json"
+METRICS_FILE = "metrics.json"
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    from engine.meta import read_meta  # torch-free, but kept out of ``import engine.api``
+
+    return read_meta(folder)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2))
 
 
 @dataclass
@@ -24,6 +49,24 @@ class ModelArtifact:
     meta: dict[str, Any] = field(default_factory=dict)
 
     kind: ClassVar[str] = "model"
+
+    def save(self, folder: Path) -> None:
+        """Make ``folder`` hold the model: a plugin writes its model into the stage folder
+        itself; one that wrote it elsewhere has its files moved in."""
+        folder = Path(folder)
+        if Path(self.path).resolve() != folder.resolve():
+            for item in Path(self.path).iterdir():
+                shutil.move(str(item), folder / item.name)
+
+    @classmethod
+    def load(cls, name: str, folder: Path) -> ModelArtifact:
+        """The model in ``folder``, with the facts its ``lingoforge.json`` records."""
+        return cls(name=name, path=Path(folder), meta=_read_meta(folder))
+
+    def relocated(self, folder: Path) -> ModelArtifact:
+        """This model once its stage folder is ``folder`` (meta re-read, else kept)."""
+        return ModelArtifact(name=self.name, path=Path(folder),
+                             meta=_read_meta(folder) or self.meta)
 
 
 @dataclass
@@ -56,6 +99,16 @@ class LayerSelection:
             scores={int(k): float(v) for k, v in data.get("scores", {}).items()},
         )
 
+    def save(self, folder: Path) -> None:
+        _write_json(Path(folder) / LAYERS_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, name: str, folder: Path) -> LayerSelection:
+        return cls.from_json(name, json.loads((Path(folder) / LAYERS_FILE).read_text()))
+
+    def relocated(self, folder: Path) -> LayerSelection:
+        return self
+
 
 @dataclass
 class MetricsArtifact:
@@ -81,10 +134,32 @@ class MetricsArtifact:
             out["_errors"] = self.errors
         return out
 
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> MetricsArtifact:
+        """The inverse of :meth:`to_json`: keys starting with ``_`` are reserved."""
+        metrics = {k: v for k, v in data.items() if not k.startswith("_")}
+        return cls(name, metrics, data.get("_counts", {}), data.get("_errors", {}))
+
+    def save(self, folder: Path) -> None:
+        _write_json(Path(folder) / METRICS_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, name: str, folder: Path) -> MetricsArtifact:
+        return cls.from_json(name, json.loads((Path(folder) / METRICS_FILE).read_text()))
+
+    def relocated(self, folder: Path) -> MetricsArtifact:
+        return self
+
 
 Artifact = ModelArtifact | LayerSelection | MetricsArtifact
 
 
 #: the artifact class of each artifact type named in the stage kinds table
-ARTIFACT_TYPES: dict[str, type] = {
+ARTIFACT_TYPES: dict[str, type[ModelArtifact] | type[LayerSelection] | type[MetricsArtifact]] = {
     cls.kind: cls for cls in (ModelArtifact, LayerSelection, MetricsArtifact)}
+
+
+def load_artifact(artifact_type: str, name: str, folder: Path) -> Artifact:
+    """Load the artifact of type ``artifact_type`` (a key of :data:`ARTIFACT_TYPES`, as the
+    stage-kind table names it) saved in ``folder``."""
+    return ARTIFACT_TYPES[artifact_type].load(name, folder)

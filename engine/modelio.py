@@ -8,9 +8,9 @@ A *LoRA adapter folder* (``adapter_config.json`` + ``adapter_model.safetensors``
 ``config.json``; written by ``ct``/``sft`` with ``lora.save: adapter``) stands for its
 base model with the adapter applied: :func:`read_config` and
 :func:`check_model_folder` answer for the base, and :func:`load_model` loads the base
-and merges the adapter into it (peft). The base is the folder named in the adapter's
-``lingoforge.json`` (:data:`ADAPTER_BASE_KEY`), else ``base_model_name_or_path`` of
-``adapter_config.json`` when that is a local folder.
+and merges the adapter into it (peft). What an adapter folder is and how its base is
+found is :mod:`engine.adapters` (its folder functions are re-exported here, as is
+:mod:`engine.meta`'s ``lingoforge.json`` reading).
 """
 
 from __future__ import annotations
@@ -26,17 +26,28 @@ from typing import Any
 
 import torch
 
+from engine import adapters
+from engine.adapters import (  # re-exported: their home was this module
+    ADAPTER_BASE_KEY,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_base,
+    check_adapter_folder,
+    is_adapter_folder,
+    read_adapter_config,
+)
 from engine.errors import ModelLoadError
+from engine.meta import META_FILE, read_meta, write_meta
 from engine.safety import check_remote_code, check_safetensors_file
 
-META_FILE = "lingoforge.json"
-#: a PEFT adapter folder's files, named as peft's ``save_pretrained`` writes them
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: lingoforge.json key of an adapter folder that names its base model folder
-ADAPTER_BASE_KEY = "base_model"
-#: adapters stacked on adapters are followed at most this deep (a cycle is an error)
-_MAX_ADAPTER_DEPTH = 8
+__all__ = [
+    "ADAPTER_BASE_KEY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "META_FILE", "adapter_base",
+    "atomic_dir", "check_adapter_folder", "check_model_folder", "copy_tokenizer_files",
+    "count_parameters", "import_architecture", "is_adapter_folder", "load_model",
+    "load_tokenizer", "read_adapter_config", "read_config", "read_meta", "replace_dir",
+    "resolve_device", "resolve_dtype", "save_model", "save_updated_copy", "weight_files",
+    "write_meta",
+]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -133,89 +144,6 @@ def check_model_folder(path: Path) -> dict[str, Any]:
     return config
 
 
-# --- LoRA adapter folders ---------------------------------------------------------------------
-
-
-def is_adapter_folder(path: Path) -> bool:
-    """A PEFT adapter folder: ``adapter_config.json`` and no ``config.json`` of its own."""
-    path = Path(path)
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
-
-
-def read_adapter_config(path: Path) -> dict[str, Any]:
-    """adapter_config.json of an adapter folder, checked to be a JSON object."""
-    f = Path(path) / ADAPTER_CONFIG
-    try:
-        data = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{f}: unreadable adapter config ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{f}: expected a JSON object")
-    return data
-
-
-def check_adapter_folder(path: Path) -> dict[str, Any]:
-    """Check an adapter folder holds safetensors adapter weights; return its adapter config."""
-    path = Path(path)
-    config = read_adapter_config(path)
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise ModelLoadError(f"{path}: only pickle adapter weights (adapter_model.bin) found; "
-                                 f"lingoforge loads safetensors only ({ADAPTER_WEIGHTS})")
-        raise ModelLoadError(f"{path}: adapter folder without {ADAPTER_WEIGHTS}")
-    check_safetensors_file(path / ADAPTER_WEIGHTS)
-    return config
-
-
-def adapter_base(path: Path, _depth: int = 0) -> Path:
-    """The base model folder of an adapter folder (see the module docstring)."""
-    path = Path(path)
-    if _depth > _MAX_ADAPTER_DEPTH:
-        raise ModelLoadError(f"{path}: adapters name each other as base more than "
-                             f"{_MAX_ADAPTER_DEPTH} deep (a cycle?)")
-    candidates: list[str] = []
-    recorded = read_meta(path).get(ADAPTER_BASE_KEY)
-    if isinstance(recorded, str) and recorded:
-        candidates.append(recorded)
-    named = read_adapter_config(path).get("base_model_name_or_path")
-    if isinstance(named, str) and named and named not in candidates:
-        candidates.append(named)
-    for candidate in candidates:
-        base = Path(candidate).expanduser()
-        base = base if base.is_absolute() else (path / base)
-        if base.is_dir() and base.resolve() != path.resolve():
-            if is_adapter_folder(base):
-                adapter_base(base, _depth + 1)  # the chain must end in a model folder
-            return base
-    tried = ", ".join(repr(c) for c in candidates) or "none recorded"
-    raise ModelLoadError(
-        f"{path}: the base model of this LoRA adapter was not found (tried {tried}; from "
-        f"{META_FILE} '{ADAPTER_BASE_KEY}' and {ADAPTER_CONFIG} 'base_model_name_or_path'). "
-        f"Put the base model folder back, or set '{ADAPTER_BASE_KEY}' in {path / META_FILE} "
-        "to its path")
-
-
-def _load_adapter_model(path: Path, **kwargs: Any) -> torch.nn.Module:
-    """The adapter's base model (loaded with ``kwargs``) with the adapter merged in."""
-    check_adapter_folder(path)
-    base = adapter_base(path)
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise ModelLoadError(f"{path} is a LoRA adapter folder; loading it needs peft: "
-                             "install lingoforge[lora]") from None
-    model = load_model(base, **kwargs)
-    device = next(model.parameters()).device
-    try:
-        wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False,
-                                            torch_device=str(device))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"{path}: could not apply the LoRA adapter to {base}: {exc}") from None
-    merged = wrapped.merge_and_unload()
-    merged.eval()
-    return merged
-
-
 def load_model(
     path: Path,
     *,
@@ -240,9 +168,9 @@ def load_model(
     path = Path(path)
     check_remote_code(path, trust_remote_code)
     if is_adapter_folder(path):
-        return _load_adapter_model(path, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
-                                   trust_remote_code=trust_remote_code,
-                                   int8_skip_modules=int8_skip_modules)
+        return adapters.load_adapted(path, lambda base: load_model(
+            base, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
+            trust_remote_code=trust_remote_code, int8_skip_modules=int8_skip_modules))
     check_model_folder(path)
     dev = resolve_device(device) if isinstance(device, str) else device
     dt = resolve_dtype(dtype, dev) if isinstance(dtype, str) else dtype
@@ -418,16 +346,6 @@ def save_updated_copy(source: Path, out_dir: Path, updates: dict[str, torch.Tens
     if meta:
         write_meta(out_dir, meta)
     return out_dir
-
-
-def write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-
-def read_meta(folder: Path) -> dict[str, Any]:
-    """lingoforge's own facts about a model folder (empty when absent)."""
-    f = Path(folder) / META_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
