@@ -29,6 +29,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from engine.merging.trims import (  # noqa: F401 - re-exported from their old home
+    MagnitudeThreshold,
+    _magnitude_bits,
+    _trim_,
+    keep_count,
+    magnitude_trim,
+)
+
 __all__ = [
     "MagnitudeThreshold", "SlackTiesResult", "dare_ties", "dare_ties_delta", "disjoint_merge", "elect_sign",
     "keep_count", "linear", "magnitude_trim", "random_drop", "seed_for", "slack_ties", "slack_ties_combine",
@@ -56,127 +64,6 @@ def _weights_like(weights: Sequence[float], stacked: Tensor) -> Tensor:
 def stack_deltas(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     """Task vectors ``tensor_i - base`` stacked on a new first dimension (one buffer)."""
     return torch.stack(list(tensors), dim=0).sub_(base)
-
-
-def keep_count(density: float, numel: int) -> int:
-    """How many entries a magnitude trim keeps: ``floor(density * numel)`` as mergekit
-    computes it (in floating point), at least 1; everything for ``density >= 1``."""
-    if not density > 0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return numel if density >= 1 else min(numel, max(1, int(density * numel)))
-
-
-def _magnitude_bits(delta: Tensor) -> Tensor:
-    """``|delta|`` as int32 bit patterns, which order exactly as the magnitudes do (IEEE
-    floats >= 0 compare like their bits). Half types widen to float32 exactly."""
-    a = delta.abs() if delta.dtype == torch.float32 else delta.abs().float()
-    return a.view(torch.int32)
-
-
-class MagnitudeThreshold:
-    """The exact ``k``-th largest magnitude of a tensor seen in pieces, by radix select.
-
-    The tensor's magnitudes are fed in flat order, in any number of contiguous pieces,
-    twice: :meth:`count_high` with every piece (a histogram of the top 16 bits of each
-    magnitude's float32 bit pattern), then :meth:`count_low` with every piece (the low
-    16 bits, of the entries in the one high bin that holds the ``k``-th largest). That
-    pins the ``k``-th largest magnitude ``T`` exactly, so :meth:`dropped` can then trim
-    piece by piece: every entry with ``|x| > T`` is kept, and of the entries with
-    ``|x| == T`` the first ones in flat order until ``k`` are kept. The result equals a
-    whole-tensor top-``k`` whose ties go to the lowest index, whatever the pieces.
-    Two histogram passes cost a few elementwise passes, a fraction of a ``torch.topk``
-    with ``k`` in the millions.
-    """
-
-    HIGH = 1 << 15  # |x| bits < 2**31, so the top 16 bits are < 2**15
-
-    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
-        self.k = k
-        self._high = torch.zeros(self.HIGH, dtype=torch.int64, device=device)
-        self._low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
-        self._bin: int | None = None
-        self.threshold: int | None = None  # the k-th largest magnitude's bits
-        self._greater = 0  # entries in the high bins above the chosen one
-        self._ties_left = 0  # entries equal to the threshold still to keep
-        self._keep_all_ties = False
-
-    def count_high(self, bits: Tensor, high: Tensor | None = None) -> None:
-        """First pass over a piece; ``high`` may pass ``bits >> 16`` when already at hand."""
-        high = bits >> 16 if high is None else high
-        self._high += torch.bincount(high.view(-1), minlength=self.HIGH)
-
-    def _choose_bin(self) -> None:
-        above = self._high.flip(0).cumsum(0)  # above[j]: entries whose high bits >= HIGH-1-j
-        j = int(torch.searchsorted(above, self.k))
-        self._bin = self.HIGH - 1 - j
-        self._greater = int(above[j - 1]) if j > 0 else 0
-
-    def count_low(self, bits: Tensor, high: Tensor | None = None) -> None:
-        """Second pass over a piece (after every piece's :meth:`count_high`)."""
-        if self._bin is None:
-            self._choose_bin()
-        flat = bits.view(-1)
-        high = flat >> 16 if high is None else high.view(-1)
-        low = flat[high == self._bin] & 0xFFFF
-        self._low += torch.bincount(low, minlength=1 << 16)
-
-    def finish(self) -> None:
-        """Fix the threshold after both passes (called by :meth:`dropped` when needed)."""
-        if self._bin is None:
-            self._choose_bin()
-        above = self._low.flip(0).cumsum(0)
-        j = int(torch.searchsorted(above, self.k - self._greater))
-        self.threshold = (self._bin << 16) | (0xFFFF - j)
-        greater = self._greater + (int(above[j - 1]) if j > 0 else 0)
-        self._ties_left = self.k - greater
-        # every entry equal to the threshold is kept (the usual case for real weights):
-        # then no piece needs to count its ties
-        self._keep_all_ties = self._ties_left == int(above[j]) - (int(above[j - 1]) if j else 0)
-
-    def dropped(self, bits: Tensor) -> Tensor:
-        """The mask of entries the trim zeroes in the next piece (pieces in flat order,
-        each exactly once)."""
-        if self.threshold is None:
-            self.finish()
-        assert self.threshold is not None
-        if self._keep_all_ties or self.threshold == 0:  # kept zeros stay zeros anyway
-            return bits < self.threshold
-        drop = bits <= self.threshold
-        if self._ties_left > 0:
-            ties = (bits.view(-1) == self.threshold).nonzero().view(-1)[:self._ties_left]
-            drop.view(-1)[ties] = False
-            self._ties_left -= len(ties)
-        return drop
-
-
-def _trim_(delta: Tensor, density: float) -> Tensor:
-    """In place: zero all but the ``k`` largest magnitudes (see :func:`magnitude_trim`)."""
-    k = keep_count(density, delta.numel())
-    if k >= delta.numel():
-        return delta
-    if delta.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        drop = torch.ones(delta.numel(), dtype=torch.bool, device=delta.device)
-        drop[torch.topk(delta.reshape(-1).abs(), k, sorted=False).indices] = False
-        return delta.masked_fill_(drop.view_as(delta), 0)
-    bits = _magnitude_bits(delta)
-    high = bits >> 16
-    selector = MagnitudeThreshold(k, delta.device)
-    selector.count_high(bits, high)
-    selector.count_low(bits, high)
-    del high
-    return delta.masked_fill_(selector.dropped(bits), 0)
-
-
-def magnitude_trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``k`` largest-magnitude entries of ``delta`` and zero the rest.
-
-    ``k = floor(density * numel)`` as mergekit computes it (in floating point), but at
-    least 1, so that a small tensor (a norm weight) is never erased entirely where
-    mergekit would refuse to merge. ``density >= 1`` keeps everything. Among equal
-    magnitudes at the threshold the lowest flat indices are kept (float64 tensors use
-    ``torch.topk``, whose choice among ties is unspecified).
-    """
-    return _trim_(delta.clone(), density)
 
 
 def seed_for(seed: int, tensor_name: str, model_index: int) -> int:

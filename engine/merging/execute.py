@@ -21,11 +21,9 @@ buffers) are copied from the reference model unchanged.
 from __future__ import annotations
 
 import json
-import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,101 +34,29 @@ from engine.artifacts import ModelArtifact
 from engine.context import StageContext
 from engine.errors import MergeError
 from engine.inputs import StageInputs
-from engine.merging.arithmetic import MagnitudeThreshold, _magnitude_bits, _trim_, keep_count
 from engine.merging.lora import open_reader
 from engine.merging.params import MergeParams
 from engine.merging.prefetch import prefetched
 from engine.merging.preflight import MergePlan, check_merge_inputs
-from engine.merging.tensorio import ModelReader, PlannedTensor, ShardedWriter, parse_size
-from engine.merging.vocab import tail_rows
+from engine.merging.streaming import (
+    SLICE_ELEMENTS,
+    MergeSummary,
+    Positionwise,
+    PositionwiseMerge,
+    TensorMerge,
+    _load,
+    _merge_in_slices,
+    _Step,
+    _why_whole,
+)
+from engine.merging.tensorio import PlannedTensor, ShardedWriter, parse_size
 
-__all__ = ["CHUNK_ELEMENTS", "MergeSummary", "Positionwise", "PositionwiseMerge", "TensorMerge",
-           "merge_folders", "run_merge"]
-
-#: ``merge(tensor_name, stacked) -> merged``. ``stacked`` (``[m, ...]``, on the compute
-#: device in the compute dtype, the function may modify it) holds the task vectors
-#: ``model_i - base`` for a task-vector merge, which returns the merged *delta* (the
-#: base is added for it), and the models themselves otherwise.
-TensorMerge = Callable[[str, torch.Tensor], torch.Tensor]
+__all__ = ["CHUNK_ELEMENTS", "SLICE_ELEMENTS", "MergeSummary", "Positionwise", "PositionwiseMerge",
+           "TensorMerge", "merge_folders", "run_merge"]
 
 #: tensors with more elements than this are merged in row slices when the method is
-#: position-wise (:class:`PositionwiseMerge`) ...
+#: position-wise (:class:`PositionwiseMerge`), in slices of about ``SLICE_ELEMENTS``
 CHUNK_ELEMENTS = 4 * 2**20
-#: ... of about this many elements per input
-SLICE_ELEMENTS = 2**20
-
-
-@dataclass(frozen=True)
-class Positionwise:
-    """One tensor's merge step for a position-wise method.
-
-    ``fn(stacked) -> merged`` must compute each output position from the same position
-    of the inputs only (TIES's sign election and disjoint merge, task arithmetic, a
-    weighted average, a median...); it may consume ``stacked``. ``densities`` (one per
-    model, task-vector merges only) asks the engine to trim each task vector to its
-    top-``density`` magnitudes first, exactly as :func:`~engine.merging.arithmetic.magnitude_trim`
-    does on the whole tensor: the one step of the TIES family that looks at the whole
-    tensor is done by the engine, so ``fn`` can run on any slice of rows.
-    """
-
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    densities: tuple[float, ...] | None = None
-
-
-class PositionwiseMerge:
-    """A merge method made of :class:`Positionwise` steps: ``select(tensor name)`` gives
-    each tensor's step (per-tensor overrides choose there, see
-    :func:`~engine.merging.overrides.for_tensor`).
-
-    Passed to :func:`run_merge` in place of a :data:`TensorMerge`, it lets the engine
-    merge a large tensor (an embedding, an LM head) in row slices, reading each input
-    slice by slice, so peak memory is a few slices rather than ``m + 2`` whole tensors.
-    Called as a :data:`TensorMerge` it merges a whole tensor at once, with the same
-    result.
-    """
-
-    def __init__(self, select: Callable[[str], Positionwise]) -> None:
-        self.select = select
-
-    def __call__(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
-        step = self.select(name)
-        if step.densities is not None:
-            for delta, density in zip(stacked, step.densities):
-                _trim_(delta, density)
-        return step.fn(stacked)
-
-@dataclass
-class MergeSummary:
-    """What a merge wrote, for reports."""
-
-    tensors: int = 0
-    parameters: int = 0
-    copied: list[str] = field(default_factory=list)
-    #: tensors merged in row slices (see :class:`PositionwiseMerge`)
-    sliced: list[str] = field(default_factory=list)
-    #: large tensors (more than ``chunk_elements``) merged whole, and why not in slices
-    whole: dict[str, str] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-    bytes: int = 0
-
-
-_SUMMABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t``. A finite sum proves every entry finite (a NaN or inf makes
-    the sum NaN or inf), and summing is several times cheaper than ``isfinite``; only a
-    sum that is not finite (a NaN/inf, or finite entries overflowing) is looked at entry
-    by entry."""
-    if t.dtype in _SUMMABLE and bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def _check_finite(t: torch.Tensor, model: str, tensor: str) -> None:
-    if t.is_floating_point() and not _all_finite(t):
-        raise MergeError(f"model {model!r} tensor {tensor!r} contains NaN or inf; "
-                         "refusing to merge it")
 
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -261,185 +187,6 @@ def merge_folders(
     summary.files = [f.name for f in files]
     summary.bytes = writer.total_bytes
     return summary
-
-
-def _load(readers: Sequence[ModelReader], name: str) -> list[torch.Tensor]:
-    """Tensor ``name`` of every input (base first), each checked for NaN/inf."""
-    raws = []
-    for r in readers:
-        t = r.get(name)
-        _check_finite(t, r.label, name)
-        raws.append(t)
-    return raws
-
-
-def _output(merged: torch.Tensor, target: PlannedTensor) -> torch.Tensor:
-    """A merged tensor (or rows of one) cast to its output dtype on the CPU, refused when
-    the cast overflows."""
-    out = merged.to(target.dtype).cpu()
-    if not _all_finite(out):
-        raise MergeError(f"merged tensor {target.name!r} is not finite in {target.dtype} (overflow? "
-                         f"try a wider out_dtype than {str(target.dtype).removeprefix('torch.')})")
-    return out
-
-
-def _why_whole(target: PlannedTensor, plan: MergePlan, merge: TensorMerge,
-               readers: Sequence[Any], cdtype: torch.dtype, chunk_elements: int) -> str | None:
-    """None when ``target`` is merged in row slices: a large floating-point tensor with
-    more than one row, a position-wise method, readers that read rows, no vocabulary
-    tail, and a dtype whose magnitudes the exact trim can rank. Otherwise why not: ``""``
-    for a tensor too small (or of one row, or integer) to slice, else a reason worth
-    reporting (the tensor is held whole per input)."""
-    numel = math.prod(target.shape)
-    if not (numel > chunk_elements and len(target.shape) >= 1 and target.shape[0] > 1
-            and target.dtype.is_floating_point):
-        return ""
-    if not isinstance(merge, PositionwiseMerge):
-        return "the method is not position-wise"
-    if plan.vocab is not None and target.name in plan.vocab.tensors:
-        return "vocabulary sizes differ (rows beyond the common vocabulary are merged apart)"
-    if cdtype != torch.float32:
-        return f"compute_dtype is {str(cdtype).removeprefix('torch.')} (slices need float32)"
-    if not all(hasattr(r, "get_rows") for r in readers):
-        return "an input cannot be read by rows"
-    return None
-
-
-def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
-                     writer: ShardedWriter, chunk_elements: int) -> None:
-    """Merge one large tensor of a :class:`PositionwiseMerge` slice by slice.
-
-    With trimming, two counting passes over the task vectors' slices find each model's
-    exact top-``k`` threshold (:class:`~engine.merging.arithmetic.MagnitudeThreshold`)
-    before the merging pass; inputs are re-read for each pass (from the page cache).
-    Peak memory: a few slices of ``SLICE_ELEMENTS`` (or ``chunk_elements`` if smaller)
-    per input.
-    """
-    merge = step.merge
-    assert isinstance(merge, PositionwiseMerge)
-    name, rows = target.name, target.shape[0]
-    pos = merge.select(name)
-    per_row = max(1, math.prod(target.shape[1:]))
-    numel = rows * per_row
-    step.summary.tensors += 1
-    step.summary.parameters += numel
-    step.summary.sliced.append(name)
-    span = max(1, min(chunk_elements, SLICE_ELEMENTS) // per_row)
-    slices = [(a, min(a + span, rows)) for a in range(0, rows, span)]
-    has_base = step.plan.base is not None
-    models = readers[1:] if has_base else readers
-
-    def read(a: int, b: int, check: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Base rows (compute dtype) and the stacked model rows (minus the base for a
-        task-vector merge)."""
-        base = None
-        if has_base and step.task_vectors:
-            raw = readers[0].get_rows(name, a, b)
-            if check:
-                _check_finite(raw, readers[0].label, name)
-            base = raw.to(step.dev, step.cdtype)
-        stacked = torch.empty((len(models), b - a, *target.shape[1:]), dtype=step.cdtype,
-                              device=step.dev)
-        for i, r in enumerate(models):
-            raw = r.get_rows(name, a, b)
-            if check:
-                _check_finite(raw, r.label, name)
-            stacked[i].copy_(raw)
-            del raw
-            if step.task_vectors:
-                stacked[i].sub_(base)
-        return base, stacked
-
-    selectors: list[MagnitudeThreshold | None] = []
-    if step.task_vectors and pos.densities is not None:
-        counts = [keep_count(d, numel) for d in pos.densities]
-        selectors = [MagnitudeThreshold(k, step.dev) if k < numel else None for k in counts]
-    counting = any(s is not None for s in selectors)
-    if counting:
-        for count_pass in (0, 1):
-            for a, b in slices:
-                _, stacked = read(a, b, check=count_pass == 0)
-                for sel, delta in zip(selectors, stacked):
-                    if sel is not None:
-                        bits = _magnitude_bits(delta)
-                        (sel.count_high if count_pass == 0 else sel.count_low)(bits)
-                del stacked
-    for a, b in slices:
-        base, stacked = read(a, b, check=not counting)
-        for sel, delta in zip(selectors, stacked):
-            if sel is not None:
-                delta.masked_fill_(sel.dropped(_magnitude_bits(delta)), 0)
-        merged = pos.fn(stacked)
-        del stacked
-        if tuple(merged.shape) != (b - a, *target.shape[1:]):
-            raise MergeError(f"the merge method returned shape {list(merged.shape)} for rows "
-                             f"{a}:{b} of tensor {name!r}, expected {[b - a, *target.shape[1:]]}")
-        if step.task_vectors:
-            merged = merged.add_(base)
-        writer.write_rows(name, _output(merged, target))
-
-
-@dataclass
-class _Step:
-    """Merges one tensor from the raw tensors of every input (base first)."""
-
-    plan: MergePlan
-    merge: TensorMerge
-    task_vectors: bool
-    cdtype: torch.dtype
-    dev: torch.device
-    summary: MergeSummary
-
-    def __call__(self, target: PlannedTensor, raws: list[torch.Tensor]) -> torch.Tensor:
-        """Copy each model's tensor into its row of one stacked buffer (minus the base,
-        in place) and drop the raw tensor at once, merge, add the base back, cast."""
-        name, plan = target.name, self.plan
-        has_base = plan.base is not None
-        first = raws[0]
-        self.summary.tensors += 1
-        self.summary.parameters += first.numel()
-        if not first.is_floating_point():
-            self.summary.copied.append(name)
-            return first
-        vocab = plan.vocab if plan.vocab is not None and name in plan.vocab.tensors else None
-        rows = vocab.common if vocab is not None else target.shape[0] if target.shape else None
-        tails = None
-        if vocab is not None:
-            labels = [*([plan.base.name] if plan.base else []), *plan.names]  # type: ignore[union-attr]
-            tails = tail_rows(vocab, plan.names, dict(zip(labels, raws)), self.cdtype)
-        shape = (rows, *target.shape[1:]) if vocab is not None else target.shape
-
-        def cut(t: torch.Tensor) -> torch.Tensor:
-            return t[:rows] if vocab is not None else t
-
-        base_t = cut(first).to(self.dev, self.cdtype) if has_base else None
-        del first
-        offset = 1 if has_base else 0
-        if has_base:
-            raws[0] = None  # type: ignore[call-overload]  # base_t holds what is needed
-        # ``raws`` is shared with the caller and the read-ahead thread: clearing its
-        # entries (not rebinding names) is what actually frees each raw tensor.
-        stacked = torch.empty((len(raws) - offset, *shape), dtype=self.cdtype, device=self.dev)
-        for i in range(len(raws) - offset):
-            stacked[i].copy_(cut(raws[i + offset]))
-            raws[i + offset] = None  # type: ignore[call-overload]
-            if self.task_vectors:
-                stacked[i].sub_(base_t)
-        merged = self.merge(name, stacked)
-        del stacked
-        if tuple(merged.shape) != tuple(shape):
-            raise MergeError(f"the merge method returned shape {list(merged.shape)} for tensor "
-                             f"{name!r}, expected {list(shape)}")
-        if self.task_vectors:
-            merged = merged.add_(base_t)
-        del base_t
-        if tails is not None:
-            full = torch.empty(target.shape, dtype=self.cdtype, device=self.dev)
-            full[:rows] = merged
-            for a, b, t in tails:
-                full[a:b] = t
-            merged = full
-        return _output(merged, target)
 
 
 def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, merge: TensorMerge,
