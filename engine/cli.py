@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema (plugin params included)")
     schema.add_argument("--markdown", action="store_true", help="print the recipe reference instead")
+    schema.add_argument("--api", action="store_true",
+                        help="print the plugin API reference (docs/api-reference.md) instead")
     return parser
 
 
@@ -199,6 +201,11 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
 def cmd_schema(args: argparse.Namespace, console: Console) -> int:
     from engine.schema import json_schema, markdown
 
+    if args.api:
+        from engine import api_reference
+
+        sys.stdout.write(api_reference.markdown())
+        return 0
     sys.stdout.write(markdown() if args.markdown else json.dumps(json_schema(), indent=2) + "\n")
     return 0
 

@@ -63,7 +63,22 @@ def _fmt(v: Any) -> str:
 
 
 class StageContext:
-    """Everything a stage implementation may use besides its inputs and params."""
+    """Everything a stage implementation may use besides its inputs and params.
+
+    Attributes a plugin reads: ``run_name`` (the recipe's ``name``); ``stage_name`` (the
+    stage's ``name``: name the returned artifact after it, e.g.
+    ``ModelArtifact(context.stage_name, context.output_dir)`` or
+    ``LayerSelection(context.stage_name, ...)``); ``stage_kind`` (its entry in
+    ``engine.api.STAGE_KINDS``); ``plugin`` (the implementation name the recipe chose);
+    ``workdir`` (the run's folder); ``output_dir`` (a temporary folder for this stage's
+    output, renamed into place by the runner only when ``run`` returns: write the model
+    here); ``checkpoint_dir`` (a folder that survives a killed run, for resumable
+    training; None outside the runner); ``runtime`` (device, dtype, 8-bit loading,
+    ``trust_remote_code``, threads, as the recipe set them); ``device`` and ``dtype``
+    (resolved); ``console`` (a rich console on stderr); ``stats`` (the counters the
+    report shows, filled through :meth:`add_tokens`, :meth:`set_param_counts` and
+    :meth:`note`).
+    """
 
     def __init__(
         self,
