@@ -1,4 +1,5 @@
-"""Readable summaries of a run: the tables printed at the end of ``engine run``.
+"""A run's report: report.json as the runner assembles it, and the readable tables
+printed at the end of ``engine run``.
 
 The column order, direction and "best" rules here are shared with ``engine report``
 (:mod:`engine.report_files`), so the terminal and report.md agree.
@@ -6,13 +7,92 @@ The column order, direction and "best" rules here are shared with ``engine repor
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from engine.artifacts import LayerSelection, MetricsArtifact
+
+if TYPE_CHECKING:
+    from engine.artifacts import Artifact
+    from engine.context import StageContext
+    from engine.resources import MemorySampler
+    from engine.validate import Plan, PlannedStage
+
+REPORT_FILE = "report.json"
 LOWER_IS_BETTER = ("ppl", "loss", "nll", "bpb")
+
+
+# --- report.json ------------------------------------------------------------------------------
+
+
+def stage_record(stage: PlannedStage, context: StageContext, artifact: Artifact, wall: float,
+                 sampler: MemorySampler, fingerprint: str) -> dict[str, Any]:
+    """The report.json entry of a stage that ran (the runner adds ``threads`` and ``output``;
+    a cached stage's entry is the one saved with its output, ``cache`` set to ``hit``)."""
+    stats = context.stats
+    metrics: dict[str, Any] = dict(stats.metrics)
+    if isinstance(artifact, MetricsArtifact):
+        metrics.update(artifact.metrics)
+    record: dict[str, Any] = {
+        "name": stage.name,
+        "stage": stage.spec.stage,
+        "plugin": stage.spec.plugin,
+        "wall_time_s": round(wall, 3),
+        "tokens": stats.tokens,
+        "tokens_per_s": round(stats.tokens / wall, 1) if wall > 0 and stats.tokens else None,
+        "trainable_params": stats.trainable_params,
+        "forward_params": stats.forward_params,
+        "peak_rss_mb": sampler.peak_rss_mb,
+        "peak_cuda_mb": sampler.peak_cuda_mb,
+        "cache": "miss",
+        "fingerprint": fingerprint,
+        "metrics": metrics,
+        "notes": stats.notes,
+    }
+    if isinstance(artifact, LayerSelection):
+        record["notes"].setdefault("layers", artifact.indices)
+        record["notes"].setdefault("explanation", artifact.explanation)
+    if isinstance(artifact, MetricsArtifact) and artifact.errors:
+        record["errors"] = artifact.errors
+    return record
+
+
+def run_report(plan: Plan, records: list[dict[str, Any]], startup: dict[str, Any], wall: float,
+               *, finished: bool) -> dict[str, Any]:
+    """report.json of a run: the recipe, where it ran, and one record per stage so far."""
+    import torch
+
+    from engine import threads
+    from engine.modelio import resolve_device
+
+    return {
+        "recipe": plan.recipe.name,
+        "source": plan.source,
+        "finished": finished,
+        "wall_time_s": round(wall, 3),
+        "device": str(resolve_device(plan.recipe.runtime.device)),
+        "torch": torch.__version__,
+        "threads": {"recipe": plan.recipe.runtime.threads,
+                    "cpus_available": threads.available_cpus()},
+        "startup": startup,
+        "stages": records,
+    }
+
+
+def write_report(workdir: Path, report: dict[str, Any]) -> None:
+    """Replace ``<workdir>/report.json`` atomically (a reader never sees half a file)."""
+    tmp = Path(workdir) / f".{REPORT_FILE}.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, Path(workdir) / REPORT_FILE)
+
+
+# --- tables ----------------------------------------------------------------------------------
 
 
 def lower_is_better(metric: str) -> bool:
