@@ -54,6 +54,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "engine_plugins.ties",
     "engine_plugins.slack_ties",
     "engine_plugins.dare_ties",
+    "engine_plugins.breadcrumbs",
     "engine_plugins.perplexity",
     "engine_plugins.task_accuracy",
     "engine_plugins.retention",

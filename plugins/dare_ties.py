@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
-from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.api.merging import (
-    TiesParams,
-    check_static,
-    check_weight_sum,
-    dare_ties_delta,
-    per_tensor,
-    resolve_per_model,
-    run_merge,
-)
+from engine.api import hookimpl
+from engine.api.merging import MergeMethod, TiesParams, dare_ties_delta
 
 
-class DareTies:
+class DareTies(MergeMethod):
     """DARE-TIES: randomly drop task-vector entries (rescaled), elect sign, disjoint merge."""
 
     name = "dare-ties"
+    positionwise = False  # the random masks are drawn over the whole tensor
 
     class Params(TiesParams):
         """DARE-TIES's parameters (mergekit's defaults: ``density`` 1, ``normalize`` and
@@ -32,21 +23,9 @@ class DareTies:
         seed: int = Field(0, description="Seed of the random drop; each (tensor, model) pair "
                                          "derives its own stream from it.")
 
-    def check(self, configs: dict[str, list[dict[str, Any]]], params: Params) -> None:
-        check_static(configs, params)
-
-    def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
-        names = [m.name for m in inputs.models]
-
-        def build(p: DareTies.Params):
-            weights = resolve_per_model(p.weight, names, "weight")
-            densities = resolve_per_model(p.density, names, "density")
-            check_weight_sum(weights, names, normalize=p.normalize)
-            return lambda name, deltas: dare_ties_delta(
-                deltas, weights, densities, seed=p.seed, tensor_name=name,
-                normalize=p.normalize, lam=p.lambda_, rescale=p.rescale)
-
-        return run_merge(context, inputs, params, per_tensor(params, build))
+    def merge(self, deltas, p, tensor):
+        return dare_ties_delta(deltas, p.weight, p.density, seed=p.seed, tensor_name=tensor.name,
+                               normalize=p.normalize, lam=p.lambda_, rescale=p.rescale)
 
 
 @hookimpl

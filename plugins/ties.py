@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from engine.api import ModelArtifact, StageContext, StageInputs, hookimpl
-from engine.api.merging import (
-    Positionwise,
-    PositionwiseMerge,
-    TiesParams,
-    check_static,
-    check_weight_sum,
-    for_tensor,
-    resolve_per_model,
-    run_merge,
-    ties_combine,
-)
+from engine.api import hookimpl
+from engine.api.merging import MagnitudeBand, MergeMethod, TiesParams, ties_combine
 
 
-class Ties:
+class Ties(MergeMethod):
     """TIES merging: trim each task vector, elect the sign, average the agreeing deltas."""
 
     name = "ties"
@@ -26,22 +14,11 @@ class Ties:
     class Params(TiesParams):
         """TIES's parameters (mergekit's defaults: ``density`` 1, ``normalize`` on)."""
 
-    def check(self, configs: dict[str, list[dict[str, Any]]], params: Params) -> None:
-        check_static(configs, params)
+    def bands(self, p):
+        return [MagnitudeBand(d) for d in p.density]  # top-density; the engine trims
 
-    def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
-        names = [m.name for m in inputs.models]
-
-        def build(p: Ties.Params):
-            weights = resolve_per_model(p.weight, names, "weight")
-            densities = resolve_per_model(p.density, names, "density")
-            check_weight_sum(weights, names, normalize=p.normalize)
-            return Positionwise(
-                lambda trimmed: ties_combine(trimmed, weights, normalize=p.normalize,
-                                             lam=p.lambda_),
-                densities=tuple(densities))
-
-        return run_merge(context, inputs, params, PositionwiseMerge(for_tensor(params, build)))
+    def merge(self, trimmed, p, tensor):
+        return ties_combine(trimmed, p.weight, normalize=p.normalize, lam=p.lambda_)
 
 
 @hookimpl

@@ -6,8 +6,13 @@ The public helpers a merge plugin uses (built-in or third-party):
   arithmetic, TIES, DARE-TIES, slack-TIES and their building blocks);
 * :mod:`engine.merging.params` -- shared ``Params`` declarations and per-model
   parameter resolution;
-* :mod:`engine.merging.execute` -- :func:`run_merge`, which streams a merge tensor by
-  tensor into a stage's output folder;
+* :mod:`engine.merging.method` -- :class:`MergeMethod`, the base class of a merge
+  method: it declares ``name`` and ``Params`` and writes the arithmetic on one tensor;
+  the engine resolves and checks every param, trims and streams;
+* :mod:`engine.merging.trims` -- magnitude trims: top-``density`` and magnitude bands,
+  exact whole or in row slices;
+* :mod:`engine.merging.execute` -- the streaming loop; :func:`run_merge`, the older
+  entry point for a plugin's own merge function (deprecated);
 * :mod:`engine.merging.preflight` -- header-only input checks;
 * :mod:`engine.merging.lora` -- PEFT LoRA adapter folders as merge inputs (the delta
   ``scaling · B·A`` on the base);
@@ -43,9 +48,12 @@ from engine.merging.execute import (
     run_merge,
 )
 from engine.merging.lora import LoraAdapter, is_adapter_folder, read_adapter
+from engine.merging.method import MergeMethod, ResolvedParams, TensorSlice
 from engine.merging.overrides import TensorOverride, for_tensor, per_tensor
 from engine.merging.params import (
+    ExecutionParams,
     MergeParams,
+    PerModel,
     PerModelDensity,
     PerModelFloat,
     TaskVectorParams,
@@ -55,8 +63,11 @@ from engine.merging.params import (
     resolve_per_model,
 )
 from engine.merging.preflight import MergePlan, check_configs, check_merge_inputs
+from engine.merging.trims import BandSelector, MagnitudeBand, magnitude_band
 
 __all__ = [
+    "BandSelector", "ExecutionParams", "MagnitudeBand", "MergeMethod", "PerModel",
+    "ResolvedParams", "TensorSlice", "magnitude_band",
     "LoraAdapter", "MagnitudeThreshold", "MergeParams", "MergePlan", "MergeSummary", "PerModelDensity",
     "PerModelFloat", "Positionwise", "PositionwiseMerge", "SlackTiesResult", "TaskVectorParams",
     "TensorMerge", "TensorOverride", "TiesParams", "check_configs", "check_merge_inputs",

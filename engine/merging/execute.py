@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,7 +36,7 @@ from engine.context import StageContext
 from engine.errors import MergeError
 from engine.inputs import StageInputs
 from engine.merging.lora import open_reader
-from engine.merging.params import MergeParams
+from engine.merging.params import ExecutionParams
 from engine.merging.prefetch import prefetched
 from engine.merging.preflight import MergePlan, check_merge_inputs
 from engine.merging.streaming import (
@@ -50,9 +51,10 @@ from engine.merging.streaming import (
     _why_whole,
 )
 from engine.merging.tensorio import PlannedTensor, ShardedWriter, parse_size
+from engine.merging.unread import refuse_unread_params
 
 __all__ = ["CHUNK_ELEMENTS", "SLICE_ELEMENTS", "MergeSummary", "Positionwise", "PositionwiseMerge",
-           "TensorMerge", "merge_folders", "run_merge"]
+           "TensorMerge", "execute_merge", "merge_folders", "run_merge"]
 
 #: tensors with more elements than this are merged in row slices when the method is
 #: position-wise (:class:`PositionwiseMerge`), in slices of about ``SLICE_ELEMENTS``
@@ -189,16 +191,43 @@ def merge_folders(
     return summary
 
 
-def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, merge: TensorMerge,
-              *, task_vectors: bool = True, meta: dict[str, Any] | None = None) -> ModelArtifact:
-    """Run a merge stage: check inputs, stream the merge into ``context.output_dir``,
-    record what happened, return the artifact.
+def run_merge(context: StageContext, inputs: StageInputs, params: ExecutionParams,
+              merge: TensorMerge, *, task_vectors: bool = True,
+              meta: dict[str, Any] | None = None) -> ModelArtifact:
+    """Run a merge stage with a plugin's own merge function (the API before
+    :class:`~engine.merging.method.MergeMethod`; deprecated, still supported).
 
-    ``task_vectors`` says what ``merge`` receives (see :data:`TensorMerge`); it needs a
-    base. ``meta`` (JSON-serialisable) is stored with the method's facts in the output's
-    ``lingoforge.json`` under ``merge``; it is read after the merge, so a plugin may
-    fill it while merging (slack-TIES records its keep counts that way).
+    ``merge`` is a :data:`TensorMerge` ``(tensor name, stacked) -> merged`` or a
+    :class:`PositionwiseMerge`; ``task_vectors`` says what it receives (see
+    :data:`TensorMerge`) and needs a base. ``meta`` (JSON-serialisable) is stored with
+    the method's facts in the output's ``lingoforge.json`` under ``merge``; it is read
+    after the merge, so a plugin may fill it while merging.
+
+    The engine cannot see what such a function does with ``params``, so it watches which
+    method params the plugin reads: a param the recipe sets (``weight``, ``lambda``, any
+    field of the plugin's ``Params``, or ``overrides``) that the plugin has not read by
+    the time its function has merged the first tensor is refused with a
+    :class:`MergeError` naming the param and the plugin (the output is removed), rather
+    than silently ignored.
     """
+    warnings.warn(
+        f"plugin {context.plugin!r}: run_merge(context, inputs, params, merge_function) is "
+        "deprecated; subclass engine.api.merging.MergeMethod (declare name and Params, write "
+        "merge(stacked, p, tensor)) and the engine applies weight, per-model values, "
+        "overrides and row slicing for you (docs/merging.md, 'Writing a merge method')",
+        DeprecationWarning, stacklevel=2)
+    merge = refuse_unread_params(context.plugin, params, merge)
+    return execute_merge(context, inputs, params, merge, task_vectors=task_vectors,
+                         meta=(lambda: meta or {}))
+
+
+def execute_merge(context: StageContext, inputs: StageInputs, params: ExecutionParams,
+                  merge: TensorMerge, *, task_vectors: bool = True,
+                  meta: Callable[[], dict[str, Any]] | None = None) -> ModelArtifact:
+    """Check inputs, stream the merge into ``context.output_dir``, record what happened,
+    return the artifact. ``meta()`` is called after the merge; what it returns is stored
+    under ``merge`` in ``lingoforge.json``. (:meth:`MergeMethod.run` and
+    :func:`run_merge` call this.)"""
     if task_vectors and inputs.base is None:
         raise MergeError(f"{context.plugin} merges task vectors and needs a base model "
                          "(recipe key 'base')")
@@ -218,7 +247,7 @@ def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, m
         "base": plan.base.name if plan.base else None,
         "models": plan.names,
         "params": params.model_dump(mode="json", by_alias=True),
-        **(meta or {}),
+        **(meta() if meta is not None else {}),
     }
     if plan.vocab is not None:
         info["vocab"] = plan.vocab.report(plan.names)
@@ -235,5 +264,7 @@ def run_merge(context: StageContext, inputs: StageInputs, params: MergeParams, m
             + (", ..." if len(summary.whole) > 4 else "") + ")"))
     context.note("merge", {"tensors": summary.tensors, "shards": len(shards),
                            "bytes": summary.bytes, "copied_unmerged": summary.copied[:20],
-                           "merged_in_slices": summary.sliced[:20]})
+                           "merged_in_slices": summary.sliced[:20],
+                           "sliced_count": len(summary.sliced),
+                           "merged_whole": dict(list(summary.whole.items())[:20])})
     return ModelArtifact(name=context.stage_name, path=context.output_dir, meta={"merge": info})

@@ -76,9 +76,11 @@ def resolve_overrides(params: MergeParams) -> list[tuple[re.Pattern[str], MergeP
     Raises ``ValueError`` naming the override for a field the method does not have, an
     execution field, or a value the method's ``Params`` rejects.
     """
+    from engine.merging.params import _start_tracking
+
     out: list[tuple[re.Pattern[str], MergeParams]] = []
     base = params.model_dump(by_alias=True, exclude={"overrides"})
-    for i, ov in enumerate(params.overrides):
+    for i, ov in enumerate(params.__dict__["overrides"]):  # not counted as the plugin's read
         where = f"overrides[{i}] (match {ov.match!r})"
         fixed = sorted(set(ov.values) & EXECUTION_FIELDS)
         if fixed:
@@ -89,6 +91,7 @@ def resolve_overrides(params: MergeParams) -> list[tuple[re.Pattern[str], MergeP
             errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                                for e in exc.errors())
             raise ValueError(f"{where}: {errors}") from None
+        _start_tracking(effective, root=params)  # its reads count as reads of ``params``
         out.append((re.compile(ov.match), effective))
     return out
 
@@ -100,6 +103,9 @@ def for_tensor(params: MergeParams, build: Callable[[Any], B]) -> Callable[[str]
     ``build`` is called once per override up front, so that, e.g., a zero weight sum in
     an override fails before the first tensor is read.
     """
+    from engine.merging.params import note_read
+
+    note_read(params, "overrides")
     default = build(params)
     variants = [(pattern, build(p)) for pattern, p in resolve_overrides(params)]
 

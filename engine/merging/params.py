@@ -8,7 +8,9 @@ recipe either as one number for every model or as ``{model name: number}``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
@@ -19,9 +21,17 @@ from engine.merging.tensorio import parse_size
 from engine.params import NOT_IN_RESULT, PluginParams
 
 __all__ = [
-    "MergeParams", "PerModelDensity", "PerModelFloat", "TaskVectorParams",
-    "TiesParams", "check_weight_sum", "resolve_per_model",
+    "ExecutionParams", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
+    "TaskVectorParams", "TiesParams", "check_weight_sum", "per_model_fields", "resolve_per_model",
 ]
+
+
+@dataclass(frozen=True)
+class PerModel:
+    """Marks a field as per-model (``Annotated[..., PerModel()]``): a recipe writes one
+    number for every model or ``{model name: number}``, and
+    :class:`~engine.merging.method.MergeMethod` hands the arithmetic one value per model,
+    in model order (models a dict does not name get the field's default)."""
 
 def _check_density(value: float | dict[str, float]) -> float | dict[str, float]:
     """One readable error for a density out of (0, 1], naming the model when per-model."""
@@ -33,22 +43,79 @@ def _check_density(value: float | dict[str, float]) -> float | dict[str, float]:
     return value
 
 
-PerModelFloat = float | dict[str, float]
+#: a number for all models or ``{model name: number}``
+PerModelFloat = Annotated[float | dict[str, float], PerModel()]
 #: a kept fraction in (0, 1], for all models or ``{model name: fraction}``
-PerModelDensity = Annotated[float | dict[str, float], AfterValidator(_check_density)]
+PerModelDensity = Annotated[float | dict[str, float], AfterValidator(_check_density), PerModel()]
+
+
+def per_model_fields(params_type: type[PluginParams]) -> list[str]:
+    """The names of the fields of ``params_type`` declared per-model (:class:`PerModel`)."""
+    return [name for name, info in params_type.model_fields.items()
+            if any(isinstance(m, PerModel) for m in info.metadata)]
+
+
+# --- which method params a plugin read (for plugins that predate MergeMethod) ----------
+
+#: id(params) -> the field names read on it or on the params its overrides produce
+_READS: dict[int, set[str]] = {}
+#: id(params an override produced) -> id(the params it came from)
+_ROOT: dict[int, int] = {}
+_TRACKED: dict[type, frozenset[str]] = {}
+#: params that say how the merge runs; the engine honours them itself
+_RUN_FIELDS = frozenset({"out_dtype", "compute_dtype", "device", "shard_size", "prefetch"})
+
+
+def _tracked(cls: type) -> frozenset[str]:
+    found = _TRACKED.get(cls)
+    if found is None:
+        found = _TRACKED[cls] = frozenset(cls.model_fields) - _RUN_FIELDS  # type: ignore[attr-defined]
+    return found
+
+
+def _forget(key: int) -> None:
+    _READS.pop(key, None)
+    _ROOT.pop(key, None)
+
+
+def _start_tracking(params: Any, root: Any | None = None) -> None:
+    key = id(params)
+    if root is not None:
+        _ROOT[key] = _ROOT.get(id(root), id(root))
+    else:
+        _READS[key] = set()
+    weakref.finalize(params, _forget, key)
+
+
+def note_read(params: Any, field: str) -> None:
+    """Record that a plugin honoured ``field`` of ``params`` without reading the attribute
+    (``for_tensor`` does this for ``overrides``)."""
+    reads = _READS.get(_ROOT.get(id(params), id(params)))
+    if reads is not None:
+        reads.add(field)
+
+
+def fields_read(params: Any) -> set[str]:
+    """The method params read so far on ``params`` (or on the params its overrides give)."""
+    return set(_READS.get(_ROOT.get(id(params), id(params)), set()))
+
+
+def peek(params: Any, field: str, default: Any = None) -> Any:
+    """A field's value read by the engine itself (not counted as the plugin reading it)."""
+    return params.__dict__.get(field, default)
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
 ComputeDtypeName = Literal["float32", "float64", "bfloat16", "float16"]
 
 
-class MergeParams(PluginParams):
-    """What every merge method takes: model weights and how the merge is executed."""
+class ExecutionParams(PluginParams):
+    """What every merge method takes: how the merge is executed, and per-tensor
+    ``overrides``. A method without model weights declares its ``Params`` on this class
+    (a recipe that sets ``weight`` is then refused by the schema); most use
+    :class:`MergeParams`."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    weight: PerModelFloat = Field(
-        1.0, description="Weight of each model: one number for all, or {model name: weight} "
-                         "(models not named get 1.0).")
     out_dtype: DtypeName | None = Field(
         None, description="dtype of the written tensors; default: each tensor's dtype in the "
                           "base (the first model when there is no base).")
@@ -84,13 +151,32 @@ class MergeParams(PluginParams):
         return v
 
     @model_validator(mode="after")
-    def _valid_overrides(self) -> MergeParams:
+    def _valid_overrides(self) -> ExecutionParams:
         resolve_overrides(self)  # each override must produce valid params of this method
+        _start_tracking(self)
         return self
+
+    def __getattribute__(self, name: str) -> Any:
+        # which method params a plugin reads, so that run_merge can refuse a recipe value
+        # a plugin written before MergeMethod never looked at (see fields_read)
+        if name in _tracked(type(self)):
+            key = id(self)
+            reads = _READS.get(_ROOT.get(key, key))
+            if reads is not None:
+                reads.add(name)
+        return super().__getattribute__(name)
 
     @property
     def prefetch_bytes(self) -> int:
         return 0 if self.prefetch in (0, "0") else parse_size(self.prefetch)
+
+
+class MergeParams(ExecutionParams):
+    """What most merge methods take: model weights, and how the merge is executed."""
+
+    weight: PerModelFloat = Field(
+        1.0, description="Weight of each model: one number for all, or {model name: weight} "
+                         "(models not named get 1.0).")
 
 
 class TaskVectorParams(MergeParams):
@@ -155,7 +241,7 @@ def _check_headers(configs: Mapping[str, Any]) -> None:
     check_merge_paths(base, list(zip(names.get("models", []), paths["models"])))
 
 
-def check_static(configs: Mapping[str, Any], params: MergeParams) -> list[str]:
+def check_static(configs: Mapping[str, Any], params: ExecutionParams) -> list[str]:
     """``engine validate``'s check for a merge: architectures agree (config.json only),
     per-model params name only merged models, normalised weights do not sum to zero.
 
@@ -170,8 +256,8 @@ def check_static(configs: Mapping[str, Any], params: MergeParams) -> list[str]:
     if not names:
         return names
     for p in [params, *(p for _, p in resolve_overrides(params))]:
-        weights = resolve_per_model(p.weight, names, "weight")
-        if hasattr(p, "density"):
-            resolve_per_model(p.density, names, "density")
-        check_weight_sum(weights, names, normalize=bool(getattr(p, "normalize", False)))
+        weights = resolve_per_model(peek(p, "weight", 1.0), names, "weight")
+        if "density" in type(p).model_fields:
+            resolve_per_model(peek(p, "density"), names, "density")
+        check_weight_sum(weights, names, normalize=bool(peek(p, "normalize", False)))
     return names

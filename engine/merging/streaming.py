@@ -61,9 +61,10 @@ class Positionwise:
             return tuple(MagnitudeBand(d) for d in self.densities)
         return None
 
-    def apply(self, stacked: torch.Tensor, name: str, start: int, stop: int) -> torch.Tensor:
-        """Merge rows ``[start, stop)`` of tensor ``name`` (``stacked`` holds those rows,
-        already trimmed)."""
+    def apply(self, stacked: torch.Tensor, name: str, start: int, stop: int,
+              shape: tuple[int, ...]) -> torch.Tensor:
+        """Merge rows ``[start, stop)`` of tensor ``name`` of one model's ``shape``
+        (``stacked`` holds those rows of every model, already trimmed)."""
         return self.fn(stacked)
 
 
@@ -90,7 +91,8 @@ class PositionwiseMerge:
             for delta, band in zip(stacked, bands):
                 if band is not None:
                     band_trim_(delta, *band.ranks(n))
-        return step.apply(stacked, name, 0, stacked.shape[1] if stacked.dim() > 1 else 1)
+        shape = tuple(stacked.shape[1:])
+        return step.apply(stacked, name, 0, shape[0] if shape else 1, shape)
 
 
 @dataclass
@@ -236,7 +238,7 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
         for sel, delta in zip(selectors, stacked):
             if sel is not None:
                 delta.masked_fill_(sel.dropped(_magnitude_bits(delta)), 0)
-        merged = pos.apply(stacked, name, a, b)
+        merged = pos.apply(stacked, name, a, b, tuple(target.shape))
         del stacked
         if tuple(merged.shape) != (b - a, *target.shape[1:]):
             raise MergeError(f"the merge method returned shape {list(merged.shape)} for rows "

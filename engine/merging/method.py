@@ -1,0 +1,299 @@
+"""Merge methods that cannot drop a parameter: the engine applies the params, the method
+writes the arithmetic on one tensor (mergekit's ``tensor_parameters`` idea).
+
+A method subclasses :class:`MergeMethod`, declares ``name`` and ``Params`` and writes
+:meth:`MergeMethod.merge`; the engine does everything between the recipe and that call:
+
+* resolves per-model params (``weight``, ``density``, ... declared with
+  :class:`~engine.merging.params.PerModel`) from one number or ``{model: number}``
+  into one value per model, in model order;
+* picks each tensor's params (the first ``overrides`` entry whose ``match`` finds the
+  tensor name; those params are what the arithmetic sees for that tensor);
+* checks weight sums when ``normalize`` divides by them;
+* trims each task vector to the magnitude band :meth:`MergeMethod.bands` asks for;
+* streams large tensors in row slices when the method is ``positionwise``;
+* refuses, in :meth:`MergeMethod.check` (``engine validate``) and again before a run,
+  any declared param the arithmetic never reads: each set of params is run once through
+  :meth:`~MergeMethod.bands` and :meth:`~MergeMethod.merge` on a small probe tensor, and
+  a field neither of them read would be silently ignored.
+
+docs/merging.md ("Writing a merge method") states the contract of ``merge``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from engine.artifacts import ModelArtifact
+from engine.context import StageContext
+from engine.errors import MergeError
+from engine.inputs import StageInputs
+from engine.merging.execute import execute_merge
+from engine.merging.overrides import EXECUTION_FIELDS, resolve_overrides
+from engine.merging.params import (
+    ExecutionParams,
+    MergeParams,
+    check_static,
+    check_weight_sum,
+    per_model_fields,
+    resolve_per_model,
+)
+from engine.merging.streaming import Positionwise, PositionwiseMerge
+from engine.merging.trims import MagnitudeBand, band_trim_
+
+__all__ = ["MergeMethod", "ResolvedParams", "TensorSlice"]
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Where the rows :meth:`MergeMethod.merge` gets come from.
+
+    ``name`` is the tensor's name, ``shape`` one model's whole tensor (rows limited to
+    the common vocabulary when vocabularies differ), ``[start, stop)`` the rows at hand
+    (the whole tensor: ``start == 0`` and ``stop == shape[0]``; a 0-d tensor is one
+    row). ``tally`` is one counter for the whole run: add counts to it (they add up over
+    slices and tensors) and read them in :meth:`MergeMethod.report`.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    tally: Counter
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == (self.shape[0] if self.shape else 1)
+
+
+class ResolvedParams:
+    """One set of a method's params as its arithmetic sees them: every field of
+    ``Params`` except the execution ones, per-model fields as tuples in model order
+    (``p.weight[i]`` is model ``i``'s weight), the others as validated; ``p.names`` are
+    the merged models. Reading an attribute records it (see :attr:`reads`)."""
+
+    def __init__(self, values: dict[str, Any], names: Sequence[str], where: str) -> None:
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_reads", set())
+        object.__setattr__(self, "names", tuple(names))
+        object.__setattr__(self, "where", where)  # "params" or "overrides[i] (match ...)"
+
+    def __getattr__(self, field: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if field not in values:
+            raise AttributeError(f"{self.where} has no field {field!r} (declared: "
+                                 f"{sorted(values)})")
+        object.__getattribute__(self, "_reads").add(field)
+        return values[field]
+
+    def __setattr__(self, field: str, value: Any) -> None:
+        raise AttributeError("resolved params are read-only")
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(object.__getattribute__(self, "_values"))
+
+    @property
+    def reads(self) -> set[str]:
+        """The fields read so far."""
+        return object.__getattribute__(self, "_reads")
+
+    def peek(self, field: str) -> Any:
+        """A value read by the engine (not recorded as the arithmetic reading it)."""
+        return object.__getattribute__(self, "_values")[field]
+
+
+def _resolve(params: ExecutionParams, names: Sequence[str], where: str) -> ResolvedParams:
+    per_model = set(per_model_fields(type(params)))
+    values: dict[str, Any] = {}
+    prefix = "" if where == "params" else f"{where}: "
+    for field, info in type(params).model_fields.items():
+        if field in EXECUTION_FIELDS:
+            continue
+        value = params.__dict__[field]
+        if field in per_model:
+            default = info.default if isinstance(info.default, int | float) else 1.0
+            try:
+                value = tuple(resolve_per_model(value, names, info.alias or field, default))
+            except MergeError as exc:
+                raise MergeError(f"{prefix}{exc}") from None
+        values[field] = value
+    return ResolvedParams(values, names, where)
+
+
+class _MethodStep(Positionwise):
+    """A :class:`MergeMethod`'s step for one set of params, as the engine runs it."""
+
+    def __init__(self, method: MergeMethod, p: ResolvedParams,
+                 bands: tuple[MagnitudeBand | None, ...] | None, tally: Counter) -> None:
+        object.__setattr__(self, "fn", None)
+        object.__setattr__(self, "densities", None)
+        object.__setattr__(self, "bands", bands)
+        object.__setattr__(self, "_call", lambda stacked, where: method.merge(stacked, p, where))
+        object.__setattr__(self, "_tally", tally)
+
+    def apply(self, stacked: torch.Tensor, name: str, start: int, stop: int,
+              shape: tuple[int, ...]) -> torch.Tensor:
+        where = TensorSlice(name, tuple(shape), start, stop, self._tally)  # type: ignore[attr-defined]
+        return self._call(stacked, where)  # type: ignore[attr-defined]
+
+
+class MergeMethod:
+    """Base class of a merge method: declare ``name`` and ``Params``, write :meth:`merge`.
+
+    Class attributes:
+
+    * ``name``: the recipe's ``plugin:`` value; ``Params``: a subclass of
+      :class:`~engine.merging.params.MergeParams` (or ``ExecutionParams`` for a method
+      without model weights) whose fields are the recipe keys;
+    * ``task_vectors`` (default True): :meth:`merge` gets task vectors ``model - base``
+      and returns a delta; False: it gets the models and returns the merged tensor;
+    * ``positionwise`` (default True): each output entry depends only on the same entry
+      of the inputs (after the engine's trim), so the engine may call :meth:`merge` on
+      row slices of large tensors; False: always on whole tensors.
+
+    Optional hooks: :meth:`bands` (the engine's magnitude trim), :meth:`check_params`
+    (extra checks of resolved params), :meth:`report` (what goes to lingoforge.json).
+    The base provides :meth:`check` and :meth:`run` (the stage implementation).
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[ExecutionParams]] = MergeParams
+    task_vectors: ClassVar[bool] = True
+    positionwise: ClassVar[bool] = True
+
+    # --- what a method writes -----------------------------------------------------------
+
+    def merge(self, stacked: torch.Tensor, p: ResolvedParams, tensor: TensorSlice) -> torch.Tensor:
+        """Merge one tensor, or rows ``tensor.start:tensor.stop`` of it.
+
+        ``stacked`` is ``[m, rows, ...]`` (model order as ``p.names``), in the compute
+        dtype on the compute device, task vectors already trimmed to :meth:`bands`; the
+        method may modify it. Return ``[rows, ...]`` (a delta for task-vector methods)."""
+        raise NotImplementedError(f"{type(self).__name__} must define merge()")
+
+    def bands(self, p: ResolvedParams) -> Sequence[MagnitudeBand | None] | None:
+        """The magnitude band each model's task vector is trimmed to before :meth:`merge`
+        (None: no trim). The engine trims exactly, whole or in slices."""
+        return None
+
+    def check_params(self, p: ResolvedParams) -> None:
+        """Refuse resolved params that cannot work (raise :class:`MergeError`; the engine
+        prefixes where they come from). Reads here do not count as the arithmetic's."""
+
+    def report(self, context: StageContext, params: ExecutionParams, names: Sequence[str],
+               tally: Counter) -> dict[str, Any]:
+        """Called once after every tensor is merged; the returned dict is stored under
+        ``merge`` in lingoforge.json. May add notes with ``context.note``."""
+        return {}
+
+    # --- what the engine does -----------------------------------------------------------
+
+    def _variants(self, params: ExecutionParams, names: Sequence[str]
+                  ) -> list[tuple[re.Pattern[str] | None, ResolvedParams]]:
+        """Plain params and each override, resolved, checked and probed."""
+        out: list[tuple[re.Pattern[str] | None, ResolvedParams]] = [
+            (None, _resolve(params, names, "params"))]
+        for i, (pattern, p) in enumerate(resolve_overrides(params)):
+            where = f"overrides[{i}] (match {params.overrides[i].match!r})"
+            out.append((pattern, _resolve(p, names, where)))
+        for _, p in out:
+            self._check_resolved(p)
+        return out
+
+    def _check_resolved(self, p: ResolvedParams) -> None:
+        prefix = "" if p.where == "params" else f"{p.where}: "
+        if "weight" in p.fields:
+            try:
+                check_weight_sum(p.peek("weight"), p.names,
+                                 normalize=bool("normalize" in p.fields and p.peek("normalize")))
+            except MergeError as exc:
+                raise MergeError(f"{prefix}{exc}") from None
+        try:
+            self.check_params(p)
+        except (MergeError, ValueError) as exc:
+            raise MergeError(f"{prefix}{exc}") from None
+        self._probe(p)
+
+    def _probe(self, p: ResolvedParams) -> None:
+        """Run the arithmetic once on a small tensor and refuse fields it never read."""
+        m = len(p.names)
+        if m == 0:
+            return
+        values = torch.linspace(-1.0, 1.0, m * 32, dtype=torch.float32)
+        stacked = values[torch.randperm(m * 32, generator=torch.Generator().manual_seed(0))]
+        stacked = stacked.reshape(m, 4, 8).contiguous()
+        p.reads.clear()
+        try:
+            bands = self.bands(p)
+            if bands is not None:
+                for delta, band in zip(stacked, bands):
+                    if band is not None:
+                        band_trim_(delta, *band.ranks(delta.numel()))
+            out = self.merge(stacked, p, TensorSlice("<probe>", (4, 8), 0, 4, Counter()))
+        except Exception as exc:
+            raise MergeError(f"merge method {self.name!r} failed on a probe tensor of shape "
+                             f"[{m}, 4, 8] with {p.where}: {type(exc).__name__}: {exc}") from exc
+        if tuple(out.shape) != (4, 8):
+            raise MergeError(f"merge method {self.name!r} returned shape {list(out.shape)} for "
+                             "a probe tensor of 4 x 8 (merge() must return one model's rows)")
+        unread = sorted(p.fields - p.reads)
+        if unread:
+            fields = type(self).Params.model_fields
+            shown = ", ".join(f"params.{fields[f].alias or f}" for f in unread)
+            raise MergeError(
+                f"merge method {self.name!r} declares {shown} but its arithmetic (bands() and "
+                f"merge()) never reads {'it' if len(unread) == 1 else 'them'}: a recipe value "
+                "would be silently ignored. The method must read every declared param, or "
+                "not declare it")
+        p.reads.clear()
+
+    def check(self, configs: Any, params: ExecutionParams) -> None:
+        """``engine validate``'s check: the header pre-flight on the inputs that exist
+        (architectures, tensors, shapes, dtypes, tokenizers), per-model params naming
+        only merged models, weight sums, :meth:`check_params`, and that the arithmetic
+        reads every declared param, for the plain params and each override."""
+        names = check_static(configs, params)
+        if names:
+            self._variants(params, names)
+
+    def run(self, context: StageContext, inputs: StageInputs, params: ExecutionParams
+            ) -> ModelArtifact:
+        """Resolve and check the params, then stream the merge (the stage's ``run``)."""
+        names = [m.name for m in inputs.models]
+        if not names:
+            raise MergeError(f"{self.name} needs at least one model (recipe key 'models')")
+        variants = self._variants(params, names)
+        tally: Counter = Counter()
+        steps = [(pattern, _MethodStep(self, p, self._bands(p), tally)) for pattern, p in variants]
+
+        def select(name: str) -> _MethodStep:
+            for pattern, step in steps[1:]:
+                if pattern is not None and pattern.search(name):
+                    return step
+            return steps[0][1]
+
+        merge: Callable[[str, torch.Tensor], torch.Tensor]
+        if self.positionwise:
+            merge = PositionwiseMerge(select)
+        else:
+            whole = PositionwiseMerge(select)
+            merge = lambda name, stacked: whole(name, stacked)  # noqa: E731 - never sliced
+        return execute_merge(context, inputs, params, merge, task_vectors=self.task_vectors,
+                             meta=lambda: self.report(context, params, names, tally))
+
+    def _bands(self, p: ResolvedParams) -> tuple[MagnitudeBand | None, ...] | None:
+        bands = self.bands(p)
+        if bands is None:
+            return None
+        bands = tuple(bands)
+        if len(bands) != len(p.names):
+            raise MergeError(f"merge method {self.name!r} gave {len(bands)} bands for "
+                             f"{len(p.names)} models")
+        return bands
