@@ -5,10 +5,15 @@
 builds the recipe a user would otherwise write by hand (models named after their
 folders, or ``--model NAME=PATH``; a model may be a PEFT LoRA adapter folder, merged as
 its delta on ``--base``), validates it exactly as ``engine validate`` does
-(params, architectures, safetensors headers), then runs the merge into a hidden
-temporary folder beside ``--out`` that is renamed into place only when complete. An
-existing ``--out`` is refused unless ``--overwrite``; a failed merge leaves it as it
-was. No report.json or stage cache is written: the output folder is the result.
+(params, architectures, safetensors headers), then runs it through the runner as a
+one-stage recipe (:func:`engine.runner.run_stage`): into a hidden temporary folder beside
+``--out`` that is renamed into place only when complete, with the stage's fingerprint and
+report record saved inside it (``.lingoforge-stage.json``, as in every stage folder of
+``engine run``). An existing ``--out`` is refused unless ``--overwrite``; a failed merge
+leaves it as it was. With ``--overwrite``, an ``--out`` that already holds this very merge
+(same models, files, method, params and device) is a cache hit and is left as it is
+(``--no-cache`` merges again). No report.json is written beside ``--out``: its parent is
+the user's folder, not a workdir.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="method parameter, VALUE read as YAML: -p density=0.2 "
                         "-p 'weight={a: 1.0, b: 0.5}' (repeatable)")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs (default: cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (unless it already holds this same merge: "
+                        "same models, files, method, params and device; then it is kept, cached)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="with --overwrite, merge again even when --out already holds this merge")
     return p
 
 
@@ -92,11 +101,8 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """Validate and run the merge; 0 on success (errors raise :class:`EngineError`)."""
-    from engine import modelio
-    from engine.artifacts import ModelArtifact
-    from engine.context import StageContext
-    from engine.inputs import StageInputs
     from engine.recipe import parse_recipe
+    from engine.runner import StageFailed, run_stage
     from engine.validate import plan_recipe
 
     out = Path(args.out).expanduser().resolve()
@@ -105,23 +111,21 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     recipe = parse_recipe(build_recipe(args), "engine merge")
     plan = plan_recipe(recipe, Path.cwd(), "engine merge")
     stage = plan.stages[0]
-    def artifact(name: str) -> ModelArtifact:
-        path = Path(recipe.models[name].path or "")
-        return ModelArtifact(name=name, path=path, meta=modelio.read_meta(path))
-
-    inputs = StageInputs(base=artifact(stage.spec.base) if stage.spec.base else None,
-                         models=[artifact(n) for n in stage.spec.models or []])
     started = time.perf_counter()
     try:
-        with modelio.atomic_dir(out, overwrite=args.overwrite) as tmp:
-            context = StageContext(run_name=recipe.name, stage_name=out.name, stage_kind="merge",
-                                   plugin=stage.spec.plugin, workdir=out.parent, output_dir=tmp,
-                                   runtime=stage.runtime, console=console)
-            stage.registered.impl.run(context, inputs, stage.params)
-    except FileExistsError as exc:
-        raise EngineError(str(exc)) from None
-    notes = context.stats.notes.get("merge", {})
-    console.print(f"[green]merged[/] {len(inputs.models)} model(s) with {stage.spec.plugin} into "
+        record = run_stage(plan, out, console=console, use_cache=not getattr(args, "no_cache", False),
+                           announce=False)
+    except StageFailed as exc:  # the error as the merge raised it: there is no stage to name
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise cause from cause.__cause__
+    count = len(stage.spec.models or [])
+    if record.get("cache") == "hit":
+        console.print(f"[cyan]cached[/] {out} already holds this merge of {count} model(s) with "
+                      f"{stage.spec.plugin} (same models, files and params); nothing written",
+                      highlight=False)
+        return 0
+    notes = record.get("notes", {}).get("merge", {})
+    console.print(f"[green]merged[/] {count} model(s) with {stage.spec.plugin} into "
                   f"{out}: {notes.get('tensors', '?')} tensors, {notes.get('shards', '?')} shard(s), "
                   f"{time.perf_counter() - started:.1f}s", highlight=False)
     return 0

@@ -107,6 +107,8 @@ class Runner:
         #: the one-time import of the input models' code, done before the first stage that runs
         self.startup: dict[str, Any] = {"architectures_imported": [], "import_s": 0.0}
         self._imported = False
+        #: keep checkpoints under <workdir>/.checkpoints (off: no checkpoint folder, no clean-up)
+        self._checkpoints = True
         ranks = Ranks.from_env()
         self.rank, self.world, self.main = ranks.rank, ranks.world, ranks.main
 
@@ -131,6 +133,8 @@ class Runner:
         if len(self.plan.stages) != 1:
             raise EngineError(f"run_one runs a one-stage plan; this one has {len(self.plan.stages)}")
         self._imported = True  # one stage: no later stage's time to keep clean of the import
+        # the workdir may be the caller's own folder: touch .checkpoints only for training
+        self._checkpoints = STAGE_KINDS[self.plan.stages[0].spec.stage].trains
         with self._session():
             if self.world > 1:
                 init_process_group(self.plan.recipe.runtime.device)
@@ -230,6 +234,10 @@ class Runner:
         self.startup = {"architectures_imported": sorted(n for n in names if n),
                         "import_s": round(time.perf_counter() - t0, 3)}
 
+    def _remove_checkpoints(self, name: str) -> None:
+        if self._checkpoints:
+            stage_cache.remove_checkpoints(self.workdir, name)
+
     def _say(self, text: str) -> None:
         if self.announce:
             self.console.print(text)
@@ -289,7 +297,7 @@ class Runner:
         if cached is not None:
             self.artifacts[name] = load_artifact(artifact_type, name, final)
             cached["cache"] = "hit"
-            stage_cache.remove_checkpoints(self.workdir, name)  # left if a kill came after the rename
+            self._remove_checkpoints(name)  # left if a kill came right after the rename
             self._say(f"[cyan]↺[/] {name} [dim]({stage.spec.plugin}) cached[/]")
             return cached
         self._import_architectures()
@@ -301,7 +309,7 @@ class Runner:
             run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
             plugin=stage.spec.plugin, workdir=self.workdir, output_dir=tmp,
             runtime=stage.runtime, console=self.console, progress=progress,
-            checkpoint_dir=self.checkpoint_dir(name, fingerprint),
+            checkpoint_dir=self.checkpoint_dir(name, fingerprint) if self._checkpoints else None,
         )
         call_observers("stage_started", context=context, stage=stage.spec)
         thread_plan = threads.apply_threads(stage.runtime.threads)
@@ -317,7 +325,7 @@ class Runner:
             artifact.save(tmp)
             stage_cache.write_marker(tmp, fingerprint, record)
             modelio.replace_dir(tmp, final)
-            stage_cache.remove_checkpoints(self.workdir, name)
+            self._remove_checkpoints(name)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, KeyboardInterrupt):
@@ -345,7 +353,8 @@ def run_stage(plan: Plan, out: Path, *, console: Console | None = None, use_cach
     complete, so a second call with the same inputs, params and runtime is a cache hit
     that writes nothing. Unlike a full run there is no workdir lock, report.json,
     clean-up of other temporaries or ``run_finished`` call: ``out``'s parent is anybody's
-    folder. The input models' code is not imported ahead of the stage.
+    folder, so a stage that does not train gets no checkpoint folder there either. The
+    input models' code is not imported ahead of the stage.
     """
     out = Path(out)
     runner = Runner(plan, out.parent, console=console, use_cache=use_cache,

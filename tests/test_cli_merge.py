@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
+from safetensors.torch import save_file
 from test_merge_plugins import assert_same_state, edited_copy, in_memory, state
 
-from engine.cli_merge import main
+from engine.cli_merge import add_parser, build_recipe, main
 from engine.merging import arithmetic
+from engine.recipe import parse_recipe
+from engine.runner import Runner
+from engine.stage_cache import STAGE_FILE
+from engine.validate import plan_recipe
 
 
 def args(fam, out, *extra: str) -> list[str]:
@@ -74,3 +80,68 @@ def test_linear_cli_merge_without_base(tiny_model_family, tmp_path):
                  "--out", str(out)]) == 0
     a, c = state(fam["a"]), state(fam["c"])
     assert_same_state(out, {k: arithmetic.linear([a[k], c[k]], [1, 1]) for k in a})
+
+
+# --- engine merge runs through the runner (engine.runner.run_stage) -----------------------------
+
+
+def test_cli_merge_output_carries_the_stage_marker_and_record(tiny_model_family, tmp_path):
+    out = tmp_path / "merged"
+    assert main(args(tiny_model_family, out)) == 0
+    saved = json.loads((out / STAGE_FILE).read_text())
+    record = saved["record"]
+    assert record["fingerprint"] == saved["fingerprint"] and record["cache"] == "miss"
+    assert (record["stage"], record["plugin"]) == ("merge", "ties")
+    assert record["notes"]["merge"]["tensors"] > 0 and record["wall_time_s"] >= 0
+    assert "threads" in record and "peak_rss_mb" in record  # the runner's record, as in engine run
+
+
+def test_cli_merge_identical_rerun_with_overwrite_is_a_cache_hit(tiny_model_family, tmp_path, capsys):
+    fam = tiny_model_family
+    out = tmp_path / "merged"
+    assert main(args(fam, out)) == 0
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args(fam, out, "--overwrite")) == 0
+    assert "already holds this merge" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns == before  # nothing rewritten
+    assert main(args(fam, out, "--overwrite", "--no-cache")) == 0
+    assert "merged 2 model(s) with ties" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_cli_merge_changed_input_file_merges_again(tiny_model_family, tmp_path, capsys):
+    fam = tiny_model_family
+    a = edited_copy(fam["a"], tmp_path / "a")
+    out = tmp_path / "merged"
+    base = ["--method", "linear", "--model", str(a), "--model", str(fam["c"]), "--out", str(out)]
+    assert main(base) == 0
+
+    def bump(t):
+        name = sorted(t)[0]
+        t[name] = t[name] + 1.0
+
+    save_state = state(a)
+    bump(save_state)
+    save_file(save_state, str(a / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main([*base, "--overwrite"]) == 0
+    assert "already holds" not in capsys.readouterr().err
+    c = state(fam["c"])
+    assert_same_state(out, {k: arithmetic.linear([save_state[k], c[k]], [1, 1]) for k in c})
+
+
+def test_cli_merge_fingerprint_is_the_recipe_stage_fingerprint(tiny_model_family, tmp_path):
+    """engine merge and engine run of the recipe it builds compute the same stage."""
+    fam = tiny_model_family
+    out = tmp_path / "merged"
+    assert main(args(fam, out)) == 0
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["merge", *args(fam, out)])
+    recipe = parse_recipe(build_recipe(ns), "engine merge")
+    report = Runner(plan_recipe(recipe, tmp_path, "engine merge"), tmp_path / "run").run()
+    merged_by_cli = json.loads((out / STAGE_FILE).read_text())["fingerprint"]
+    assert report["stages"][0]["fingerprint"] == merged_by_cli
+    assert_same_state(tmp_path / "run" / "merged", state(out))

@@ -399,3 +399,40 @@ def test_lora_cli_merge_with_adapter_models(lora, tmp_path):
     assert json.loads((out / "lingoforge.json").read_text())["merge"]["models"] == ["mn", "rs"]
     assert main(["--method", "linear", "--model", str(lora["la"]), "--model",
                  str(lora["a"]), "--out", str(tmp_path / "nobase")]) == 2
+
+
+# --- one adapters module (engine/adapters.py) ----------------------------------------------
+
+
+def test_adapter_folder_knowledge_lives_in_engine_adapters_under_the_old_names_too():
+    from engine import adapters, validate_models
+    from engine.api import models as api_models
+    from engine.merging import lora as merging_lora
+
+    for name in ("is_adapter_folder", "read_adapter_config", "check_adapter_folder", "adapter_base",
+                 "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_BASE_KEY"):
+        assert getattr(modelio, name) is getattr(adapters, name), name
+    for name in ("is_adapter_folder", "read_adapter", "read_settings", "trained_on", "LoraAdapter",
+                 "LoraDelta", "LoraSettings", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"):
+        assert getattr(merging_lora, name) is getattr(adapters, name), name
+    assert api_models.is_adapter_folder is adapters.is_adapter_folder
+    assert validate_models.read_adapter is adapters.read_adapter
+    assert callable(merging_lora.open_reader)
+
+
+def test_adapter_delta_is_scaling_b_a_and_its_rows(lora):
+    from engine.adapters import delta, delta_rows, trained_on
+
+    ad = read_adapter(lora["rs"])
+    raw = load_file(str(lora["rs"] / "adapter_model.safetensors"))
+    d = ad.deltas[Q]
+    expected = raw[d.b.name] @ raw[d.a.name] * (4 / 8 ** 0.5)
+    torch.testing.assert_close(delta(d, raw.__getitem__, torch.float32), expected, rtol=0, atol=0)
+    torch.testing.assert_close(delta_rows(d, raw.__getitem__, torch.float32, 2, 5), expected[2:5],
+                               rtol=0, atol=1e-7)
+    emb = read_adapter(lora["la"]).deltas["model.embed_tokens.weight"]
+    raw_la = load_file(str(lora["la"] / "adapter_model.safetensors"))
+    assert delta(emb, raw_la.__getitem__, torch.float32).shape == emb.shape  # transposed
+    named = trained_on(ad)
+    assert named is not None and named[0].resolve() == lora["base"].resolve()
+    assert modelio.adapter_base(lora["rs"]).resolve() == lora["base"].resolve()
