@@ -17,18 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from engine.meta import read_meta
+
 __all__ = ["ARTIFACT_TYPES", "Artifact", "LAYERS_FILE", "LayerSelection", "METRICS_FILE",
            "MetricsArtifact", "ModelArtifact", "load_artifact"]
 
 #: where a select-layers stage's selection and an evaluate stage's metrics are saved
 LAYERS_FILE = "layers.json"
 METRICS_FILE = "metrics.json"
-
-
-def _read_meta(folder: Path) -> dict[str, Any]:
-    from engine.meta import read_meta  # torch-free, but kept out of ``import engine.api``
-
-    return read_meta(folder)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -61,12 +57,12 @@ class ModelArtifact:
     @classmethod
     def load(cls, name: str, folder: Path) -> ModelArtifact:
         """The model in ``folder``, with the facts its ``lingoforge.json`` records."""
-        return cls(name=name, path=Path(folder), meta=_read_meta(folder))
+        return cls(name=name, path=Path(folder), meta=read_meta(folder))
 
     def relocated(self, folder: Path) -> ModelArtifact:
         """This model once its stage folder is ``folder`` (meta re-read, else kept)."""
         return ModelArtifact(name=self.name, path=Path(folder),
-                             meta=_read_meta(folder) or self.meta)
+                             meta=read_meta(folder) or self.meta)
 
 
 @dataclass
