@@ -4,8 +4,9 @@ mergekit is LGPL and never imported here: it runs as the ``mergekit-yaml`` comma
 its own virtual environment, on model folders this script writes, and the two outputs
 are compared tensor by tensor:
 
-* linear, task arithmetic, TIES (per-model weights and densities) and TIES with a
-  per-tensor density override (mergekit: a ``filter`` condition): allclose in fp32;
+* linear, task arithmetic, TIES (per-model weights and densities), TIES with a
+  per-tensor density override (mergekit: a ``filter`` condition), Model Breadcrumbs
+  (per-model weights, densities and gammas) and Breadcrumbs-TIES: allclose in fp32;
 * DARE-TIES, whose masks are random in both tools: statistics agree -- the kept
   fraction of each tensor is ``density`` within 3 standard deviations in both, and
   kept entries are rescaled by ``1/density`` (lingoforge, exactly) and by the L1 norm
@@ -145,6 +146,7 @@ def exact_cases(base: Path, models: list[Path]) -> list[tuple[str, str, dict, di
     names = [m.name for m in models]
     w = [0.6, 0.3, 0.8][: len(models)]
     d = [0.2, 0.5, 0.35][: len(models)]
+    g = [0.01, 0.05, 0.02][: len(models)]  # breadcrumbs: outlier fractions
     mk_base = {"base_model": str(base), "dtype": "float32", "out_dtype": "float32"}
     return [
         ("linear", "linear", {"weight": dict(zip(names, w))},
@@ -162,6 +164,16 @@ def exact_cases(base: Path, models: list[Path]) -> list[tuple[str, str, dict, di
           "models": _mk_models(models, [{"weight": 1.0, "density": [
               {"filter": "embed_tokens", "value": 0.9}, {"filter": "lm_head", "value": 0.9},
               {"filter": "self_attn", "value": 0.5}, {"value": 0.2}]}] * len(models))}, base),
+        ("breadcrumbs", "breadcrumbs", {"weight": dict(zip(names, w)), "density": dict(zip(names, d)),
+                                        "gamma": dict(zip(names, g)), "lambda": 0.9},
+         {"merge_method": "breadcrumbs", **mk_base, "parameters": {"lambda": 0.9},
+          "models": _mk_models(models, [{"weight": x, "density": y, "gamma": z}
+                                        for x, y, z in zip(w, d, g)])}, base),
+        ("breadcrumbs-ties", "breadcrumbs-ties",
+         {"weight": dict(zip(names, w)), "density": 0.3, "gamma": 0.02, "normalize": True},
+         {"merge_method": "breadcrumbs_ties", **mk_base, "parameters": {"normalize": True},
+          "models": _mk_models(models, [{"weight": x, "density": 0.3, "gamma": 0.02}
+                                        for x in w])}, base),
     ]
 
 
