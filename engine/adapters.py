@@ -1,8 +1,9 @@
 """PEFT LoRA adapter folders: the one place that knows their layout and arithmetic.
 
-(Over 400 lines on purpose: issue 11 asks for one module holding all adapter-folder
-knowledge; about half of it is :func:`read_adapter`, mapping PEFT's tensor names onto
-base tensors with a checked refusal for each layout lingoforge does not merge.)
+Long module: issue 11 asks for one module holding all adapter-folder knowledge (it was
+written twice, in modelio and merging/lora); about half of it is :func:`read_adapter`,
+mapping PEFT's tensor names onto base tensors with a refusal for each layout lingoforge
+does not merge.
 
 An *adapter folder* holds ``adapter_config.json`` and ``adapter_model.safetensors`` and
 no ``config.json`` of its own (written by PEFT's ``save_pretrained``, or by ``ct``/``sft``
