@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from engine import modelio
+from engine.testing.conformance import model_state
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model folder, in memory (the reference streamed outputs must equal)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in modelio.weight_files(folder):
-        out.update(load_file(str(f)))
-    return out
+    return model_state(folder)

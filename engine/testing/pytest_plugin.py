@@ -1,0 +1,119 @@
+"""pytest fixtures for plugin authors, registered by the ``pytest11`` entry point
+``lingoforge`` (installed with the engine: nothing to add to a conftest.py).
+
+Every fixture name starts with ``lingoforge_`` so that it never collides with a
+project's own fixtures:
+
+* ``lingoforge_tokenizer`` (session): the tiny byte-level BPE tokenizer;
+* ``lingoforge_tiny_model`` (session): a 4-layer, hidden-32 Llama folder (read-only);
+* ``lingoforge_model_family`` (session): ``{"base", "a", "b", "c"}`` -> folders of the same
+  shape with different weights and one tokenizer (merge inputs; read-only);
+* ``lingoforge_text_file``, ``lingoforge_instructions_file``, ``lingoforge_choice_file``:
+  small data files of each format, in the test's ``tmp_path``;
+* ``lingoforge_context``: a factory ``(stage_name="stage", stage_kind="adapt-language",
+  plugin="test", **runtime) -> StageContext`` writing into ``tmp_path``;
+* ``lingoforge_run_recipe``: :func:`engine.testing.run_recipe` with the workdir defaulting
+  to ``tmp_path / "work"``;
+* ``lingoforge_register``: ``register(plugin, name=None)`` registers a plugin module or
+  object with the engine for this test only (unregistered after it).
+
+Heavy imports (torch, transformers) happen inside the fixtures, so loading this plugin
+costs a pytest run nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def lingoforge_tokenizer(tmp_path_factory):
+    from engine.testing.builders import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def lingoforge_tiny_model(tmp_path_factory, lingoforge_tokenizer) -> Path:
+    """A 4-layer hidden-32 Llama folder. Treat it as read-only."""
+    from engine.testing.builders import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer=lingoforge_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def lingoforge_model_family(tmp_path_factory, lingoforge_tokenizer) -> dict[str, Path]:
+    """A base and three models of the same shape with different weights (merge inputs)."""
+    from engine.testing.builders import build_family
+
+    return build_family(tmp_path_factory.mktemp("family"), tokenizer=lingoforge_tokenizer)
+
+
+@pytest.fixture
+def lingoforge_text_file(tmp_path) -> Path:
+    from engine.testing.builders import write_text_file
+
+    return write_text_file(tmp_path / "text.txt")
+
+
+@pytest.fixture
+def lingoforge_instructions_file(tmp_path) -> Path:
+    from engine.testing.builders import write_instructions_file
+
+    return write_instructions_file(tmp_path / "sft.jsonl")
+
+
+@pytest.fixture
+def lingoforge_choice_file(tmp_path) -> Path:
+    from engine.testing.builders import write_choice_file
+
+    return write_choice_file(tmp_path / "choice.jsonl")
+
+
+@pytest.fixture
+def lingoforge_context(tmp_path):
+    """Build a StageContext writing into a fresh folder (no runner needed)."""
+    from engine.testing.builders import make_stage_context
+
+    def make(stage_name: str = "stage", stage_kind: str = "adapt-language", plugin: str = "test",
+             **runtime: Any):
+        return make_stage_context(tmp_path, stage_name, stage_kind, plugin, **runtime)
+
+    return make
+
+
+@pytest.fixture
+def lingoforge_run_recipe(tmp_path):
+    """``run(recipe, workdir=None, **kw) -> report``: :func:`engine.testing.run_recipe`
+    into ``tmp_path / "work"`` unless a workdir is given."""
+    from engine.testing.recipes import run_recipe
+
+    def run(recipe: Any, workdir: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+        return run_recipe(recipe, workdir if workdir is not None else tmp_path / "work", **kwargs)
+
+    return run
+
+
+@pytest.fixture
+def lingoforge_register():
+    """``register(plugin, name=None)``: register a plugin module or object with the engine's
+    plugin manager for one test; every plugin registered this way is unregistered after it."""
+    from engine.plugin_manager import pm
+
+    names: list[str] = []
+
+    def register(plugin: Any, name: str | None = None) -> Any:
+        name = name or f"lingoforge-test-{getattr(plugin, '__name__', type(plugin).__name__)}"
+        pm.register(plugin, name=name)
+        names.append(name)
+        return plugin
+
+    try:
+        yield register
+    finally:
+        for name in reversed(names):
+            if pm.has_plugin(name):
+                pm.unregister(name=name)
