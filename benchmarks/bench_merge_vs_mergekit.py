@@ -8,7 +8,9 @@ perturbations) are merged with TIES at density 0.2 by
 * ``mergekit-yaml`` from its own virtual environment (``--lazy-unpickle``; 0.1.5's
   ``--low-cpu-memory`` only moves results to an accelerator, so it is not used on CPU),
 
-each in a subprocess of its own, with the inputs evicted from the page cache first
+and optionally other lingoforge methods on the same inputs (``--also breadcrumbs``,
+``--also breadcrumbs:gamma=0.05``: same density, compared with lingoforge's TIES), each
+in a subprocess of its own, with the inputs evicted from the page cache first
 (``posix_fadvise(DONTNEED)``), so every tool starts cold. Wall time and peak resident
 memory (``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a fresh wrapper per tool) are
 recorded, the outputs are compared tensor by tensor (fp32 allclose), and the input
@@ -115,7 +117,7 @@ def measured(cmd: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mergekit", required=True, help="mergekit-yaml executable (its own venv)")
+    ap.add_argument("--mergekit", help="mergekit-yaml executable (its own venv)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lf-bench"))
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=14)
@@ -125,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=1,
                     help="rounds of every tool (order rotated); wall time: the median "
                          "(lower middle), peak RSS: the largest")
+    ap.add_argument("--also", action="append", default=[], metavar="METHOD[:K=V,...]",
+                    help="another lingoforge merge method to measure on the same inputs, with "
+                         "density and any extra params (repeatable), e.g. breadcrumbs:gamma=0.01")
+    ap.add_argument("--skip-mergekit", action="store_true",
+                    help="measure lingoforge's methods only (no mergekit run, no comparison)")
     ap.add_argument("--keep", action="store_true", help="keep the ~4 GB of models afterwards")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
+    if not args.mergekit and not args.skip_mergekit:
+        ap.error("--mergekit is required unless --skip-mergekit")
     root = args.workdir
     root.mkdir(parents=True, exist_ok=True)
     need = 4 * 4 * (2 * args.vocab * args.hidden + args.layers * (
@@ -158,15 +167,23 @@ def main(argv: list[str] | None = None) -> int:
             "lingoforge": lf_cmd + ["--out", str(root / "lf")],
             "lingoforge_prefetch": lf_cmd + ["--out", str(root / "lf0"), "-p", "prefetch=64MB"],
         }
-        mk_cfg = root / "mergekit.yaml"
-        import yaml
-        mk_cfg.write_text(yaml.safe_dump({
-            "merge_method": "ties", "base_model": str(base), "dtype": "float32",
-            "out_dtype": "float32", "parameters": {"normalize": True},
-            "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": args.density}}
-                       for m in models]}))
-        runs["mergekit"] = [args.mergekit, str(mk_cfg), str(root / "mk"), "--lazy-unpickle",
-                            "--quiet", "--no-copy-tokenizer"]
+        for spec in args.also:
+            method, _, extra = spec.partition(":")
+            cmd = [a if a != "ties" else method for a in lf_cmd]
+            cmd += ["--out", str(root / f"lf-{method}")]
+            for kv in filter(None, extra.split(",")):
+                cmd += ["-p", kv]
+            runs[f"lingoforge_{method}"] = cmd
+        if not args.skip_mergekit:
+            mk_cfg = root / "mergekit.yaml"
+            import yaml
+            mk_cfg.write_text(yaml.safe_dump({
+                "merge_method": "ties", "base_model": str(base), "dtype": "float32",
+                "out_dtype": "float32", "parameters": {"normalize": True},
+                "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": args.density}}
+                           for m in models]}))
+            runs["mergekit"] = [args.mergekit, str(mk_cfg), str(root / "mk"), "--lazy-unpickle",
+                                "--quiet", "--no-copy-tokenizer"]
         # --reps rounds, the order of the tools rotating each round: the first process
         # after the models are written runs measurably slower, whichever tool it is
         labels = list(runs)
@@ -183,13 +200,20 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = {"wall_s": walls[(len(walls) - 1) // 2], "peak_rss_mb": max(rss),
                               "runs": rs}
             results[label]["input_gb_per_s"] = size / 1e9 / results[label]["wall_s"]
-        ok, diff = compare(root / "lf", root / "mk")
+        lf = results["lingoforge"]
+        results["vs_lingoforge_ties"] = {
+            label: {"peak_rss": results[label]["peak_rss_mb"] / lf["peak_rss_mb"],
+                    "wall": results[label]["wall_s"] / lf["wall_s"]}
+            for label in labels if label.startswith("lingoforge_")}
         ok0, _ = compare(root / "lf", root / "lf0", rtol=0, atol=0)
+        results["prefetch_changes_nothing"] = ok0
+        if args.skip_mergekit:
+            return _report(results, args.json)
+        ok, diff = compare(root / "lf", root / "mk")
         results["equal_to_mergekit"] = {"allclose_fp32": ok, "max_abs_diff": diff.max_abs,
                                         "worst": diff.worst, "tensors": diff.tensors,
                                         "mismatched_elements": diff.mismatched,
                                         "elements": diff.elements}
-        results["prefetch_changes_nothing"] = ok0
         if not ok:
             results["equal_to_mergekit"]["explained"] = explain_mismatches(
                 root / "lf", root / "mk", folders, args.density)
@@ -199,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    return _report(results, args.json)
+
+
+def _report(results: dict[str, Any], path: Path | None) -> int:
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if path:
+        path.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

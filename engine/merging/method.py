@@ -109,6 +109,10 @@ class ResolvedParams:
         return object.__getattribute__(self, "_values")[field]
 
 
+#: attribute names of ResolvedParams itself, which no method param may take
+_RESERVED = frozenset({"names", "where", "fields", "reads", "peek"})
+
+
 def _resolve(params: ExecutionParams, names: Sequence[str], where: str) -> ResolvedParams:
     per_model = set(per_model_fields(type(params)))
     values: dict[str, Any] = {}
@@ -116,6 +120,9 @@ def _resolve(params: ExecutionParams, names: Sequence[str], where: str) -> Resol
     for field, info in type(params).model_fields.items():
         if field in EXECUTION_FIELDS:
             continue
+        if field in _RESERVED:
+            raise MergeError(f"{type(params).__qualname__} declares a param named {field!r}, "
+                             f"which MergeMethod reserves ({sorted(_RESERVED)}); rename it")
         value = params.__dict__[field]
         if field in per_model:
             default = info.default if isinstance(info.default, int | float) else 1.0
