@@ -1,11 +1,20 @@
-"""nox sessions: tests, lint, the quickstart, and a per-plugin test matrix.
+"""nox sessions: tests, lint, the quickstart, a per-plugin matrix, the example plugin
+package, and the oldest and newest dependency releases.
 
 torch is installed first from the pinned CPU wheel in every session: a looser
 requirement on a machine without torch would pull the newest CUDA build.
+
+The plugin matrix (``nox -s "plugin(plugin='ties')"``) gives each built-in plugin its
+own environment with only the extras it needs, and runs its conformance case
+(tests/test_conformance.py) and its unit tests, selected by node id: every test
+function of its files whose name starts with ``test_<plugin>_`` (the suite's naming
+convention), read from the files' syntax tree, plus files that are the plugin's alone.
 """
 
 from __future__ import annotations
 
+import ast
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nox
@@ -15,32 +24,88 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = "torch==2.13.0"
+#: what every test environment needs besides the engine
+TEST_TOOLS = ("pytest", "hypothesis")
+ROOT = Path(__file__).parent
+EXAMPLE = "examples/lingoforge-extras"
+#: the oldest releases pyproject.toml claims for the libraries the engine leans on
+#: (torch excepted: 2.13.0 is the only CPU wheel reachable here, see ``oldest``)
+OLDEST = ("transformers==5.0.0", "accelerate==1.0.0", "peft==0.17.0", "pydantic==2.7.0")
 
-#: built-in plugin -> pytest -k expression selecting its tests
-PLUGIN_TESTS = {
-    "ct": "(ct and not elo) or lora_training or frozen_8bit",
-    "sft": "sft or lora_training",
-    "elo": "elo and not align",
-    "elo-align": "elo_align",
-    "first-last": "first_last",
-    "indices": "indices",
-    "layer-importance": "layer_importance",
-    "linear": "linear",
-    "task-arithmetic": "task_arithmetic",
-    "ties": "ties and not slack",
-    "slack-ties": "slack_ties",
-    "dare-ties": "dare",
-    "perplexity": "perplexity",
-    "task-accuracy": "task_accuracy or generation",
-    "retention": "retention",
-    "lm-eval": "lm_eval",
+
+@dataclass(frozen=True)
+class Plugin:
+    """One built-in plugin of the matrix: its stage kind, the extras it needs, the test
+    files holding its ``test_<prefix>_*`` tests, and files that are its alone."""
+
+    kind: str
+    extras: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    whole: tuple[str, ...] = ()
+    prefix: str | None = None
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+
+PLUGINS: dict[str, Plugin] = {
+    "ct": Plugin("adapt-language", ("lora", "8bit"),
+                 ("test_plugins_adapt.py", "test_lora_training.py", "test_checkpoint.py",
+                  "test_distributed.py")),
+    "sft": Plugin("adapt-language", ("lora",), ("test_plugins_adapt.py", "test_lora_training.py")),
+    "elo": Plugin("adapt-language", (), ("test_plugins_adapt.py", "test_architectures.py",
+                                         "test_training.py"), exclude=("test_elo_align",)),
+    "elo-align": Plugin("align", (), ("test_plugins_adapt.py",)),
+    "first-last": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
+    "indices": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
+    "layer-importance": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
+    "linear": Plugin("merge", (), ("test_cli_merge.py", "test_merge_math.py", "test_merge_plugins.py")),
+    "task-arithmetic": Plugin("merge", (), ("test_merge_math.py", "test_merge_plugins.py",
+                                            "test_merge_slices.py")),
+    "ties": Plugin("merge", (), ("test_cli_merge.py", "test_merge_inputs.py", "test_merge_math.py",
+                                 "test_merge_plugins.py", "test_merge_slices.py")),
+    "slack-ties": Plugin("merge", (), ("test_merge_math.py", "test_merge_plugins.py",
+                                       "test_merge_slices.py")),
+    "dare-ties": Plugin("merge", (), ("test_merge_math.py", "test_merge_plugins.py")),
+    "breadcrumbs": Plugin("merge", (), ("test_merge_bands.py",), whole=("test_breadcrumbs.py",),
+                          exclude=("test_breadcrumbs_ties",)),
+    "breadcrumbs-ties": Plugin("merge", (), ("test_merge_bands.py",), whole=("test_breadcrumbs.py",)),
+    "perplexity": Plugin("evaluate", (), ("test_evaluate.py",)),
+    "task-accuracy": Plugin("evaluate", ("8bit",), ("test_evaluate.py",), whole=("test_generation.py",)),
+    "retention": Plugin("evaluate", (), whole=("test_retention.py",)),
+    "lm-eval": Plugin("evaluate", ("lm-eval",), whole=("test_lm_eval.py",)),
 }
+
+
+def _test_functions(path: Path) -> list[str]:
+    """``file::test`` node ids of a test file's test functions (classes' methods too)."""
+    tree = ast.parse(path.read_text(), str(path))
+    ids = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
+            ids.append(node.name)
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            ids += [f"{node.name}::{n.name}" for n in node.body
+                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test")]
+    return ids
+
+
+def plugin_tests(name: str) -> list[str]:
+    """The node ids the matrix runs for built-in plugin ``name``."""
+    spec = PLUGINS[name]
+    prefix = f"test_{(spec.prefix or name).replace('-', '_')}_"
+    ids = [f"tests/test_conformance.py::test_builtin_conforms[{spec.kind}/{name}]"]
+    for file in spec.files:
+        for test in _test_functions(ROOT / "tests" / file):
+            func = test.split("::")[-1]
+            if func.startswith(prefix) and not func.startswith(spec.exclude):
+                ids.append(f"tests/{file}::{test}")
+    ids += [f"tests/{file}" for file in spec.whole]
+    return ids
 
 
 def _install(session: nox.Session, extras: str = "dev", *, constrained: bool = True) -> None:
     session.install(TORCH)
     pins = ("-c", "constraints.txt") if constrained else ()
-    session.install(*pins, "-e", f".[{extras}]")
+    session.install(*pins, "-e", f".[{extras}]" if extras else ".")
 
 
 @nox.session
@@ -57,6 +122,24 @@ def newest(session: nox.Session) -> None:
     _install(session, constrained=False)
     session.run("pip", "list", "--format=freeze")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The oldest releases pyproject.toml claims of transformers, accelerate, peft and
+    pydantic, with the conformance suite and the core unit tests (posargs: other tests).
+
+    torch stays at the pinned 2.13.0 CPU wheel: no older CPU wheel is reachable from
+    these machines (the PyTorch CPU index cannot be resolved, and PyPI's older torch
+    wheels bring CUDA), so pyproject.toml's torch floor is claimed, not tested here.
+    """
+    session.install(TORCH)
+    session.install(*OLDEST, "-e", ".[lora]", *TEST_TOOLS)
+    session.run("pip", "list", "--format=freeze")
+    session.run("pytest", *(session.posargs or (
+        "tests/test_conformance.py", "tests/test_plugins_adapt.py", "tests/test_merge_plugins.py",
+        "tests/test_lora_training.py", "tests/test_evaluate.py", "tests/test_runner.py",
+        "tests/test_recipe.py")))
 
 
 @nox.session
@@ -83,11 +166,30 @@ def maintenance(session: nox.Session) -> None:
 
 
 @nox.session
-@nox.parametrize("plugin", list(PLUGIN_TESTS))
+@nox.parametrize("plugin", list(PLUGINS))
 def plugin(session: nox.Session, plugin: str) -> None:
-    """One built-in plugin's tests (the plugin matrix): nox -s "plugin(plugin='ties')"."""
-    _install(session)
-    session.run("pytest", "-k", PLUGIN_TESTS[plugin], *session.posargs)
+    """One built-in plugin in its own environment, with only the extras it needs: its
+    conformance case and its unit tests (``nox -s "plugin(plugin='ties')"``)."""
+    spec = PLUGINS[plugin]
+    session.install(TORCH)
+    session.install("-c", "constraints.txt", "-e", f".[{','.join(spec.extras)}]" if spec.extras else ".",
+                    *TEST_TOOLS)
+    ids = plugin_tests(plugin)
+    if len(ids) < 2:
+        session.error(f"no unit tests found for {plugin} (test_{plugin.replace('-', '_')}_* in "
+                      f"{', '.join(spec.files)})")
+    session.run("pytest", *ids, *session.posargs)
+
+
+@nox.session
+def example(session: nox.Session) -> None:
+    """The out-of-tree example package (examples/lingoforge-extras) installed beside the
+    engine: ``engine plugins`` lists it and its own tests (engine.testing's fixtures and
+    conformance suite) pass."""
+    session.install(TORCH)
+    session.install("-c", "constraints.txt", "-e", ".", "-e", EXAMPLE, *TEST_TOOLS)
+    session.run("engine", "plugins")
+    session.run("pytest", f"{EXAMPLE}/tests", *session.posargs)
 
 
 @nox.session
