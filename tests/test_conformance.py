@@ -543,3 +543,40 @@ def test_check_plugin_finds_the_kind_of_a_registered_plugin_or_asks_for_it():
     assert check_plugin(impl).kind == "select-layers"
     with pytest.raises(TypeError, match="pass its stage kind"):
         check_plugin(ToySelector())
+
+
+# --- the kit itself ---------------------------------------------------------------------------
+
+
+def test_run_recipe_runs_a_mapping_and_a_file_through_the_runner(lingoforge_model_family, tmp_path,
+                                                                   lingoforge_run_recipe):
+    from engine.testing import run_recipe
+
+    fam = lingoforge_model_family
+    recipe = {"name": "kit", "models": {n: {"path": str(p)} for n, p in fam.items()},
+              "stages": [{"name": "merged", "stage": "merge", "plugin": "linear",
+                          "models": ["a", "b"]}]}
+    report = lingoforge_run_recipe(recipe, overrides=["stages.merged.params.weight=0.5"])
+    assert report["finished"] and report["stages"][0]["cache"] == "miss"
+    assert (tmp_path / "work" / "merged" / "config.json").is_file()
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    again = run_recipe(path, tmp_path / "work", overrides=["stages.merged.params.weight=0.5"])
+    assert again["stages"][0]["cache"] == "hit"
+
+
+def test_fixtures_build_what_conftest_names(lingoforge_tiny_model, tiny_model, lingoforge_context,
+                                            lingoforge_register, tmp_path):
+    assert tiny_model == lingoforge_tiny_model and (tiny_model / "config.json").is_file()
+    ctx = lingoforge_context("s", "merge", "x")
+    assert ctx.output_dir == tmp_path / "out-s" and ctx.output_dir.is_dir() and ctx.stage_kind == "merge"
+
+    class Plugin:
+        from engine.api import hookimpl
+
+        @hookimpl
+        def register_layer_selectors(self, register):
+            register(ToySelector())
+
+    lingoforge_register(Plugin(), name="kit-selector")
+    assert "toy-selector" in implementations()["select-layers"]
