@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
         lf_cmd = [sys.executable, "-m", "engine.cli_merge", "--method", "ties", "--base", str(base),
                   *[a for m in models for a in ("--model", str(m))], "-p", f"density={args.density}",
-                  "--overwrite"]
+                  "--overwrite", "--no-cache"]  # every round merges (engine merge caches)
         runs = {
             "lingoforge": lf_cmd + ["--out", str(root / "lf")],
             "lingoforge_prefetch": lf_cmd + ["--out", str(root / "lf0"), "-p", "prefetch=64MB"],
