@@ -44,15 +44,19 @@ class Plugin:
     whole: tuple[str, ...] = ()
     prefix: str | None = None
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    #: its other conformance cases (tests/test_conformance.py VARIANTS)
+    variants: tuple[str, ...] = ()
 
 
 PLUGINS: dict[str, Plugin] = {
     "ct": Plugin("adapt-language", ("lora", "8bit"),
                  ("test_plugins_adapt.py", "test_lora_training.py", "test_checkpoint.py",
-                  "test_distributed.py")),
-    "sft": Plugin("adapt-language", ("lora",), ("test_plugins_adapt.py", "test_lora_training.py")),
+                  "test_distributed.py"), variants=("layers", "lora", "frozen_8bit")),
+    "sft": Plugin("adapt-language", ("lora",), ("test_plugins_adapt.py", "test_lora_training.py"),
+                  variants=("lora-adapter",)),
     "elo": Plugin("adapt-language", (), ("test_plugins_adapt.py", "test_architectures.py",
-                                         "test_training.py"), exclude=("test_elo_align",)),
+                                         "test_training.py"), exclude=("test_elo_align",),
+                  variants=("train_embeddings",)),
     "elo-align": Plugin("align", (), ("test_plugins_adapt.py",)),
     "first-last": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
     "indices": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
@@ -93,6 +97,8 @@ def plugin_tests(name: str) -> list[str]:
     spec = PLUGINS[name]
     prefix = f"test_{(spec.prefix or name).replace('-', '_')}_"
     ids = [f"tests/test_conformance.py::test_builtin_conforms[{spec.kind}/{name}]"]
+    ids += [f"tests/test_conformance.py::test_builtin_variant_conforms[{name}+{v}]"
+            for v in spec.variants]
     for file in spec.files:
         for test in _test_functions(ROOT / "tests" / file):
             func = test.split("::")[-1]

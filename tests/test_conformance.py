@@ -130,6 +130,27 @@ def test_builtin_conforms(kind, name, tiny_model_family, tmp_path, request):
     assert report.passed and report.plugin == name
 
 
+#: built-ins checked again in other modes: plugin -> variant -> (check options, modules needed)
+VARIANTS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
+    "ct": {"layers": ({"layers": [1]}, ()),
+           "lora": ({"params": {"lora": {"r": 4}}, "layers": [2]}, ("peft",)),
+           "frozen_8bit": ({"params": {"frozen_8bit": True}, "layers": [1]}, ("bitsandbytes",))},
+    "sft": {"lora-adapter": ({"params": {"lora": {"r": 4, "save": "adapter"}}}, ("peft",))},
+    "elo": {"train_embeddings": ({"params": {"train_embeddings": True}}, ())},
+}
+
+
+@pytest.mark.parametrize(("name", "variant"), [
+    pytest.param(name, variant, id=f"{name}+{variant}")
+    for name, variants in VARIANTS.items() for variant in variants])
+def test_builtin_variant_conforms(name, variant, tmp_path):
+    options, needs = VARIANTS[name][variant]
+    for module in needs:
+        pytest.importorskip(module)
+    impl = implementations()["adapt-language"][name].impl
+    check_plugin(impl, "adapt-language", workdir=tmp_path, **options)
+
+
 def test_every_builtin_is_checked():
     names = {name for kind, impls in implementations().items() for name, reg in impls.items()
              if reg.plugin.startswith("engine_plugins.")}

@@ -253,10 +253,15 @@ class _MergeChecks:
         if "overrides" not in fields:
             c.note("no 'overrides' param: per-tensor overrides not checked")
             return
+        declared = {f.alias or n: f for n, f in c.impl.Params.model_fields.items()}
+        key = next((k for k in ("weight", "lambda", "density", "normalize") if k in declared), None)
+        if key is None:
+            c.note("no weight, lambda, density or normalize param: overrides not checked")
+            return
         with c.prop("overrides change only matching tensors"):
-            current = self.params.get("weight", 1.0)
-            weight = self._variation("weight", None, current)
-            ov = [{"match": OVERRIDE_MATCH, "weight": weight}]
+            info = declared[key]
+            current = self.params.get(key, info.get_default(call_default_factory=True))
+            ov = [{"match": OVERRIDE_MATCH, key: self._variation(key, info, current)}]
             got = self.state({**self.params, "overrides": ov})
             diff = set(changed_tensors(out, got))
             pattern = re.compile(OVERRIDE_MATCH)

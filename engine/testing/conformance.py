@@ -227,6 +227,20 @@ def model_state(folder: Path) -> dict[str, Any]:
     return out
 
 
+def output_state(folder: Path) -> dict[str, Any]:
+    """A model folder's tensors; for a LoRA adapter folder, those of the model it stands for
+    (its base with the adapter merged in, as the engine loads it)."""
+    import torch
+
+    from engine import modelio
+    from engine.merging.lora import is_adapter_folder
+
+    if not is_adapter_folder(Path(folder)):
+        return model_state(folder)
+    model = modelio.load_model(Path(folder), dtype=torch.float32, device=torch.device("cpu"))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def changed_tensors(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     """Names present in both with the same shape whose values differ (bitwise), plus names
     whose shape or dtype differs."""
