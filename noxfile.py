@@ -29,8 +29,12 @@ TEST_TOOLS = ("pytest", "hypothesis")
 ROOT = Path(__file__).parent
 EXAMPLE = "examples/lingoforge-extras"
 #: the oldest releases pyproject.toml claims for the libraries the engine leans on
-#: (torch excepted: 2.13.0 is the only CPU wheel reachable here, see ``oldest``)
-OLDEST = ("transformers==5.0.0", "accelerate==1.0.0", "peft==0.17.0", "pydantic==2.7.0")
+#: (torch excepted: 2.13.0 is the only CPU wheel reachable here, see ``oldest``). Measured
+#: 2026-12: transformers 5.0-5.5 load a tokenizer from a folder without tokenizer files (an
+#: evaluator then fails the stage instead of that model); transformers 5.x needs accelerate
+#: >= 1.2 (get_module_size_with_ties; 1.0-1.1 count as missing, so device_map loading, e.g.
+#: frozen_8bit, fails); peft 0.17 imports transformers' HybridCache, gone in 5.x.
+OLDEST = ("transformers==5.6.0", "accelerate==1.2.0", "peft==0.18.0", "pydantic==2.7.0")
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ def oldest(session: nox.Session) -> None:
     wheels bring CUDA), so pyproject.toml's torch floor is claimed, not tested here.
     """
     session.install(TORCH)
-    session.install(*OLDEST, "-e", ".[lora]", *TEST_TOOLS)
+    session.install(*OLDEST, "-e", ".[lora,8bit]", *TEST_TOOLS)
     session.run("pip", "list", "--format=freeze")
     session.run("pytest", *(session.posargs or (
         "tests/test_conformance.py", "tests/test_plugins_adapt.py", "tests/test_merge_plugins.py",
