@@ -203,6 +203,11 @@ class ToyMerge:
             return LayerSelection(context.stage_name, [0], 4, "not a model")
         if flaw == "whole-model loader":
             return _whole_model_merge(context, inputs)
+        if flaw == "reads everything first":  # e.g. for global statistics, kept around
+            from engine.merging.tensorio import ModelReader
+
+            readers = [ModelReader(m.path, m.name) for m in [inputs.base, *inputs.models]]
+            self.held = [r.get(name) for r in readers for name in r.infos]
         lam = 1.0 if flaw == "ignores lambda" else params.lambda_
         weights = resolve_per_model(params.weight, names, "weight")
         if flaw == "override everywhere" and params.overrides:
@@ -289,6 +294,7 @@ def test_toy_merge_without_flaws_conforms(tiny_model_family, tmp_path):
     ("identity", "a model merged with itself is itself", None),
     ("nondeterministic", "deterministic", None),
     ("whole-model loader", "streams", None),
+    ("reads everything first", "streams", "bytes of input tensors at once"),
     ("slice dependent", "sliced equals whole", None),
     ("ignores lambda", "honours every parameter", "lambda=0.5"),
     ("ignores out_dtype", "honours every parameter", "out_dtype"),

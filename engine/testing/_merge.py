@@ -35,6 +35,9 @@ WHOLE_LOADERS = (("safetensors.torch", "load_file"), ("safetensors.torch", "load
                  ("transformers", "AutoModelForCausalLM.from_pretrained"),
                  ("transformers", "PreTrainedModel.from_pretrained"))
 SMALL_CHUNK = 100
+#: input bytes that may be alive at once, in largest tensors per input: one tensor of each
+#: (the tiny model's embedding is a sixth of it, so holding one whole model exceeds this)
+READ_BOUND = 1.25
 
 
 def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
@@ -54,7 +57,9 @@ def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
       give that model back (task vectors are zero; an average of equal models is the model);
     * **deterministic**: the same inputs and params give bitwise the same tensors;
     * **streams**: the merge goes through the engine's streaming executor (its summary
-      counts every tensor) and never calls a whole-model loader;
+      counts every tensor), never calls a whole-model loader, and the tensors read from
+      the inputs (the engine's model readers, instrumented) that are alive at once never
+      exceed 1.25 times the largest tensor of each input (plus a ``prefetch`` budget);
     * **sliced equals whole**: with a tiny slice size (every matrix merged in row slices
       where the method allows it) the output is bitwise the whole-tensor output;
     * **honours every parameter**: each advertised parameter, changed, changes the output:
@@ -133,7 +138,17 @@ class _MergeChecks:
             diff = changed_tensors(out, again)
             assert not diff, f"two runs with the same inputs and params differ in {_names(diff)}"
         with c.prop("streams"):
-            artifact, context = self.merge(self.params, chunk=SMALL_CHUNK, guard=True)
+            with _count_reads() as reads:
+                artifact, context = self.merge(self.params, chunk=SMALL_CHUNK, guard=True)
+            largest = max(v.numel() * v.element_size() for v in base_state.values())
+            ahead = c.impl.Params.model_validate(self.params).__dict__.get("prefetch", 0)
+            ahead = 0 if ahead in (0, "0") else _size(ahead)
+            bound = READ_BOUND * (1 + len(MODELS)) * largest + ahead
+            assert reads.peak <= bound, (
+                f"held {reads.peak} bytes of input tensors at once, more than {READ_BOUND} x the "
+                f"largest tensor ({largest} bytes) of each of the {1 + len(MODELS)} inputs"
+                + (f" plus the prefetch budget ({ahead})" if ahead else "")
+                + ": a streaming merge holds a few tensors, never a model")
             notes = context.stats.notes.get("merge")
             assert isinstance(notes, dict) and notes.get("tensors") == len(base_state), (
                 f"no streaming-merge summary for the {len(base_state)} tensors in the stage notes "
@@ -349,3 +364,53 @@ def _refuse_whole_loaders(active: bool) -> Iterator[None]:
                 delattr(owner, last)
             else:
                 setattr(owner, last, value)
+
+
+def _size(value: Any) -> int:
+    from engine.merging.tensorio import parse_size
+
+    return parse_size(value)
+
+
+class _Reads:
+    """Bytes of tensors handed out by the model readers and still alive (and the peak)."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def track(self, t: Any) -> Any:
+        import weakref
+
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, n)
+        return t
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+
+@contextmanager
+def _count_reads() -> Iterator[_Reads]:
+    """Count what the engine's model readers hand out while a merge runs."""
+    from engine.merging import tensorio
+
+    reads = _Reads()
+    reader = getattr(tensorio, "ModelReader", None)
+    methods = [m for m in ("get", "get_rows") if reader is not None and hasattr(reader, m)]
+    originals = {m: getattr(reader, m) for m in methods}
+
+    def wrap(original: Any) -> Any:
+        def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return reads.track(original(self, *args, **kwargs))
+        return read
+
+    for m in methods:
+        setattr(reader, m, wrap(originals[m]))
+    try:
+        yield reads
+    finally:
+        for m, original in originals.items():
+            setattr(reader, m, original)
