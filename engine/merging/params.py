@@ -95,6 +95,12 @@ def note_read(params: Any, field: str) -> None:
         reads.add(field)
 
 
+def is_tracked(params: Any) -> bool:
+    """Whether reads of ``params`` are recorded (params built by validation are; a copy
+    made by ``model_copy`` or unpickling is not)."""
+    return _ROOT.get(id(params), id(params)) in _READS
+
+
 def fields_read(params: Any) -> set[str]:
     """The method params read so far on ``params`` (or on the params its overrides give)."""
     return set(_READS.get(_ROOT.get(id(params), id(params)), set()))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from engine.errors import MergeError
-from engine.merging.params import _RUN_FIELDS, ExecutionParams, fields_read
+from engine.merging.params import _RUN_FIELDS, ExecutionParams, fields_read, is_tracked
 from engine.merging.streaming import Positionwise, PositionwiseMerge, TensorMerge
 
 __all__ = ["recipe_set_fields", "refuse_unread_params"]
@@ -60,7 +60,7 @@ def refuse_unread_params(plugin: str, params: ExecutionParams, merge: TensorMerg
     """``merge`` wrapped so that, once it has merged a tensor, a param the recipe set and
     the plugin never read raises :class:`MergeError` (see the module docstring)."""
     wanted = recipe_set_fields(params)
-    if not wanted:
+    if not wanted or not is_tracked(params):  # a copy whose reads nobody recorded: no verdict
         return merge
     done = False
 
