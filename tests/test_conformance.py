@@ -607,3 +607,24 @@ def test_fixtures_build_what_conftest_names(lingoforge_tiny_model, tiny_model, l
 
     lingoforge_register(Plugin(), name="kit-selector")
     assert "toy-selector" in implementations()["select-layers"]
+
+
+def test_the_nox_matrix_has_a_session_for_every_builtin_and_its_variants():
+    import importlib.util
+
+    pytest.importorskip("nox")
+    spec = importlib.util.spec_from_file_location(
+        "noxfile_under_test", Path(__file__).resolve().parents[1] / "noxfile.py")
+    noxfile = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = noxfile  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(noxfile)
+    finally:
+        sys.modules.pop(spec.name, None)
+    kinds = {name: kind for kind, impls in implementations().items()
+             for name, reg in impls.items() if reg.plugin.startswith("engine_plugins.")}
+    assert {n: p.kind for n, p in noxfile.PLUGINS.items()} == kinds
+    for name, plugin in noxfile.PLUGINS.items():
+        assert set(plugin.variants) == set(VARIANTS.get(name, {})), name
+        ids = noxfile.plugin_tests(name)
+        assert len(ids) >= 2, f"{name}: no unit tests selected"
