@@ -44,7 +44,7 @@ LLAMA_PROJECTIONS: tuple[str, ...] = (
 )
 #: lingoforge.json ``kind`` of a LoRA adapter output folder
 ADAPTER_KIND = "lora-adapter"
-INSTALL_HINT = "install lingoforge[lora] (pip install 'lingoforge[lora]', i.e. peft>=0.17)"
+INSTALL_HINT = "install lingoforge[lora] (pip install 'lingoforge[lora]', i.e. peft>=0.18)"
 
 
 def peft_available() -> bool:
