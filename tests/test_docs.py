@@ -36,3 +36,31 @@ def test_constraints_pin_every_direct_dependency():
               for line in (ROOT / "constraints.txt").read_text().splitlines()
               if "==" in line and not line.startswith("#")}
     assert wanted - {"torch"} <= pinned, wanted - {"torch"} - pinned
+
+
+def test_api_reference_is_current():
+    from engine.api_reference import markdown
+
+    current = (ROOT / "docs" / "api-reference.md").read_text()
+    assert current == markdown(), "regenerate with: engine schema --api > docs/api-reference.md"
+
+
+def test_api_reference_covers_every_public_name():
+    import importlib
+
+    from engine.api_reference import MODULES
+
+    text = (ROOT / "docs" / "api-reference.md").read_text()
+    for module in MODULES:
+        for name in importlib.import_module(module).__all__:
+            assert f"**`{name}" in text, f"{module}.{name} missing from docs/api-reference.md"
+
+
+def test_plugin_guide_shows_the_example_and_the_stage_kinds_as_they_are():
+    from engine.schema import stage_kinds_table
+
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    example = (ROOT / "docs" / "examples" / "lingoforge_median.py").read_text()
+    assert example.rstrip() in guide, "docs/plugins.md must show docs/examples/lingoforge_median.py verbatim"
+    assert "\n".join(stage_kinds_table()) in guide
+    assert "tests/conftest.py" not in guide  # the test kit is engine.testing, installed
