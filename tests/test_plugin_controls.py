@@ -145,3 +145,40 @@ def test_a_duplicate_does_not_shadow_the_first_registration(tmp_path):
     _distribution(tmp_path, "lf-broken", "lf_broken", BROKEN["duplicate"][0])
     result = _engine(["validate", str(_recipe(tmp_path, "ties"))], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_merge_method_with_a_param_its_arithmetic_never_reads_is_broken_at_registration():
+    """Found when the plugin registers, before any recipe uses it: the merge-method
+    base's probe (docs/merging.md) reports the param, and the plugin is skipped."""
+    from pydantic import Field
+
+    from engine import plugin_manager
+    from engine.api import hookimpl
+    from engine.api.merging import MergeMethod, MergeParams
+
+    class Sloppy(MergeMethod):
+        """Sums task vectors, forgetting its own scale."""
+
+        name = "sloppy-sum"
+
+        class Params(MergeParams):
+            scale: float = Field(1.0, description="Never used.")
+
+        def merge(self, stacked, p, tensor):
+            return (stacked * stacked.new_tensor(p.weight).view(-1, 1, 1)).sum(0)
+
+    class Plugin:
+        @hookimpl
+        def register_merge_methods(self, register):
+            register(Sloppy())
+
+    plugin_manager.pm.register(Plugin(), name="sloppy-plugin")
+    try:
+        impls = plugin_manager.implementations()
+        assert "sloppy-sum" not in impls["merge"] and "ties" in impls["merge"]
+        error = plugin_manager._broken["sloppy-plugin"].error
+        assert "declares params the engine cannot route" in error
+        assert "params.scale" in error and "never reads it" in error
+    finally:
+        plugin_manager.pm.unregister(name="sloppy-plugin")
+        plugin_manager._broken.pop("sloppy-plugin", None)

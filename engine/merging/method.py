@@ -261,6 +261,26 @@ class MergeMethod:
                 "not declare it")
         p.reads.clear()
 
+    def declaration_problems(self) -> list[str]:
+        """What the plugin manager checks when the method is registered, before any recipe
+        uses it: no param takes a name :class:`ResolvedParams` reserves, and, when
+        ``Params`` builds from its defaults, the arithmetic reads every declared param on a
+        probe merge of three models (a method failing this is reported as a broken plugin,
+        naming the param)."""
+        fields = type(self).Params.model_fields
+        reserved = sorted(set(fields) & _RESERVED)
+        if reserved:
+            return [f"params {reserved} take names MergeMethod reserves ({sorted(_RESERVED)})"]
+        try:
+            params = type(self).Params()
+        except ValueError:  # required params: checked by engine validate with the recipe's
+            return []
+        try:
+            self._variants(params, ("model-a", "model-b", "model-c"))
+        except MergeError as exc:
+            return [str(exc)]
+        return []
+
     def check(self, configs: Any, params: ExecutionParams) -> None:
         """``engine validate``'s check: the header pre-flight on the inputs that exist
         (architectures, tensors, shapes, dtypes, tokenizers), per-model params naming
