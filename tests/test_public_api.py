@@ -58,3 +58,15 @@ def test_the_test_itself_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad.write_text("from engine import arch\nfrom engine.api import hookimpl\n"
                    "def f():\n    from engine.batching import pack\n")
     assert [m for _, m in _engine_imports(bad)] == ["engine.arch", "engine.api", "engine.batching"]
+
+
+def test_loading_the_pytest_plugin_imports_no_torch():
+    """pytest loads engine.testing's plugin in every project with lingoforge installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, engine.testing.pytest_plugin, engine.testing as t; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert callable(t.check_plugin) and 'torch' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
