@@ -67,6 +67,6 @@ def test_loading_the_pytest_plugin_imports_no_torch():
 
     code = ("import sys, engine.testing.pytest_plugin, engine.testing as t; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
-            "assert callable(t.check_plugin) and 'torch' in sys.modules")
+            "assert callable(t.check_plugin) and callable(t.build_family)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
