@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import write_choice_task
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 from safetensors.torch import load_file, save_file
 
@@ -87,28 +87,9 @@ def elo_submodel(tmp_path_factory, tiny_model_family):
 @pytest.fixture
 def lm_eval_task(tmp_path):
     pytest.importorskip("lm_eval")
-    data = tmp_path / "items.jsonl"
     rows = [("question what color is the sky answer", [" blue", " cat"], 0),
             ("the cat sits on the", [" mat", " sky"], 0), ("lum vela dora sen", [" kato", " the"], 0)]
-    data.write_text("\n".join(json.dumps({"prompt": p, "choices": c, "label": y}) for p, c, y in rows))
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    (folder / "tiny_mc.yaml").write_text(textwrap.dedent(f"""
-        task: tiny_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{prompt}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        target_delimiter: ""
-        metric_list:
-          - {{metric: acc, aggregation: mean, higher_is_better: true}}
-        """))
-    return folder
+    return write_choice_task(tmp_path, rows, metrics=("acc",))
 
 
 @pytest.mark.parametrize(("kind", "name"), _builtins())

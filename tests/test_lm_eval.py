@@ -8,12 +8,11 @@ split after the context's tokens, ``acc_norm`` dividing by characters).
 
 from __future__ import annotations
 
-import json
 import sys
-import textwrap
 
 import pytest
 import torch
+from helpers import write_choice_task
 
 from engine.api import ModelArtifact, StageInputs
 from engine.errors import EngineError, ModelLoadError
@@ -31,28 +30,7 @@ ITEMS = [
 
 @pytest.fixture
 def task_dir(tmp_path):
-    data = tmp_path / "items.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": p, "choices": c, "label": y})
-                              for p, c, y in ITEMS) + "\n")
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    (folder / "tiny_mc.yaml").write_text(textwrap.dedent(f"""
-        task: tiny_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{prompt}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        target_delimiter: ""
-        metric_list:
-          - {{metric: acc, aggregation: mean, higher_is_better: true}}
-          - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
-        """))
-    return folder
+    return write_choice_task(tmp_path, ITEMS)
 
 
 def harness_reference(model_dir, tokenizer) -> tuple[float, float]:
