@@ -1,6 +1,7 @@
 """The hook specification: the contract between the engine and every plugin.
 
-lingoforge runs recipes made of *stages*. Each stage kind has one hook here, in
+lingoforge runs recipes made of *stages*. Each stage kind has one hook here,
+generated from its entry in the stage kinds table (:data:`engine.stages.STAGE_KINDS`), in
 register style: the engine calls the hook with a ``register`` callable, and a plugin
 calls ``register(implementation)`` once per implementation it provides. An
 implementation is a small object (see :class:`engine.api.StageImplementation`):
