@@ -64,3 +64,12 @@ def test_plugin_guide_shows_the_example_and_the_stage_kinds_as_they_are():
     assert example.rstrip() in guide, "docs/plugins.md must show docs/examples/lingoforge_median.py verbatim"
     assert "\n".join(stage_kinds_table()) in guide
     assert "tests/conftest.py" not in guide  # the test kit is engine.testing, installed
+
+
+def test_every_engine_package_is_installed():
+    """A wheel holds only the packages pyproject.toml lists: every folder of engine/ with
+    an __init__.py must be there (an editable install would hide a missing one)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "engine").rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
