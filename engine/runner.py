@@ -224,7 +224,8 @@ class Runner:
 
     def _import_architectures(self) -> None:
         """Import the input models' modelling code once, before the first stage that runs
-        (not for a run served wholly from the cache), so no stage's time includes it."""
+        and loads models (not for a run served wholly from the cache, nor for merges, which
+        stream tensors), so no stage's time includes it."""
         if self._imported:
             return
         self._imported = True
@@ -266,7 +267,8 @@ class Runner:
         if isinstance(hit, str):
             raise StageFailed(f"stage {name!r} ({stage.spec.plugin}) failed on the main process: {hit}")
         if not hit and stage.spec.stage in TRAINING_KINDS:
-            self._import_architectures()
+            if STAGE_KINDS[stage.spec.stage].loads_models:
+                self._import_architectures()
             threads.apply_threads(stage.runtime.threads)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.rank{self.rank}-", dir=self.workdir))
             context = StageContext(
@@ -300,7 +302,8 @@ class Runner:
             self._remove_checkpoints(name)  # left if a kill came right after the rename
             self._say(f"[cyan]↺[/] {name} [dim]({stage.spec.plugin}) cached[/]")
             return cached
-        self._import_architectures()
+        if STAGE_KINDS[stage.spec.stage].loads_models:
+            self._import_architectures()
 
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

@@ -34,7 +34,8 @@ class StageKind:
     :class:`~engine.artifacts.ModelArtifact`, ``layers``: a
     :class:`~engine.artifacts.LayerSelection`, ``metrics``: a
     :class:`~engine.artifacts.MetricsArtifact`); ``trains``: its stages train (they
-    are seeded, checkpointed and resumable); ``summary``: one line for the docs.
+    are seeded, checkpointed and resumable); ``summary``: one line for the docs;
+    ``loads_models``: its stages load whole models (all but merges, which stream).
     """
 
     name: str
@@ -47,6 +48,10 @@ class StageKind:
     #: what an implementation of this kind promises, beyond inputs and artifact: the
     #: hookspec's docstring is built from it (see :mod:`engine.hookspecs`)
     contract: str = ""
+    #: its stages load models through transformers, so the runner imports the input
+    #: models' modelling code before the first such stage (a merge streams tensors and
+    #: needs none: a merge-only run never pays for it)
+    loads_models: bool = True
 
     @property
     def produces_model(self) -> bool:
@@ -58,11 +63,12 @@ class StageKind:
 
 
 def _kind(name: str, hook: str, required: set[str], optional: set[str], artifact: ArtifactType,
-          trains: bool, summary: str, contract: str = "") -> StageKind:
+          trains: bool, summary: str, contract: str = "", *, loads_models: bool = True
+          ) -> StageKind:
     unknown = (required | optional) - set(INPUT_KEYS)
     assert not unknown, f"stage kind {name}: unknown input keys {unknown}"
     return StageKind(name, hook, frozenset(required), frozenset(optional), artifact, trains,
-                     summary, " ".join(contract.split()))
+                     summary, " ".join(contract.split()), loads_models)
 
 
 ADAPT_LANGUAGE = "adapt-language"
@@ -85,7 +91,8 @@ STAGE_KINDS: dict[str, StageKind] = {k.name: k for k in (
           "combine models (each optionally relative to a base) into one",
           """Methods on task vectors need ``base``. A merge streams tensor by tensor
           (``engine.api.merging``: the merge-method base), so that peak memory stays a few
-          tensors whatever the model size, and honours every param it advertises."""),
+          tensors whatever the model size, and honours every param it advertises.""",
+          loads_models=False),
     _kind(ALIGN, "register_aligners", {"model"}, {"base", "data"}, "model", True,
           "re-integrate separately trained parts into a full model, then fine-tune briefly",
           """ELO's layer alignment: ``model`` is the trained part (an ELO sub-model),

@@ -193,7 +193,7 @@ def _recipe(folder: Path, base: Path, text: Path) -> Path:
             plugin: ct
             model: base
             data: {{path: {text}}}
-            params: {{steps: 48, batch_size: 2, seq_len: 16, checkpoint_every: 2, log_every: 2}}
+            params: {{steps: 96, batch_size: 2, seq_len: 16, checkpoint_every: 2, log_every: 2}}
           - name: merged
             stage: merge
             plugin: ties

@@ -27,6 +27,7 @@ def test_every_consumer_reads_the_table():
                    for row in stage_kinds_table())
     assert model_kinds() == {"adapt-language", "merge", "align"}
     assert training_kinds() == {"adapt-language", "align"}
+    assert {k.name for k in STAGE_KINDS.values() if not k.loads_models} == {"merge"}
 
 
 ONE_ENTRY = textwrap.dedent('''
