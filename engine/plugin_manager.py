@@ -233,8 +233,25 @@ def implementations() -> dict[str, dict[str, Registered]]:
     first, an exception in the hook, params the engine cannot route) mark the plugin at
     fault as broken: none of its implementations is used, it is reported once on
     stderr with its distribution, and the rest keep working.
+
+    The result is kept while the set of registered plugins stays the same (validation
+    asks once per stage, and registering calls every hook and probes every merge method).
     """
+    global _found, _found_for
     load_plugins()
+    # the plugin objects themselves are the key (held, so no id is reused while cached)
+    key = tuple((pm.get_name(p), p) for p in pm.get_plugins())
+    if _found is None or len(key) != len(_found_for) or any(
+            a[0] != b[0] or a[1] is not b[1] for a, b in zip(key, _found_for)):
+        _found, _found_for = _collect(), key
+    return {kind: dict(impls) for kind, impls in _found.items()}
+
+
+_found: dict[str, dict[str, Registered]] | None = None
+_found_for: tuple[tuple[str | None, object], ...] = ()
+
+
+def _collect() -> dict[str, dict[str, Registered]]:
     pending: dict[str, list[tuple[str, StageImplementation]]] = {}
     failed: dict[str, tuple[str, tuple[str, ...]]] = {}
     for kind, entry in STAGE_KINDS.items():
