@@ -32,6 +32,12 @@ class Runtime:
     #: CPU threads for torch: an int, "auto", or None (leave torch's setting alone);
     #: see :mod:`engine.threads`
     threads: int | str | None = "auto"
+    #: attention kernel: "auto", "sdpa", "eager" or "flash_attention_2"
+    attention: str = "auto"
+    #: experiment trackers (accelerate) training logs go to, besides train_log.jsonl
+    log_with: list[str] = field(default_factory=list)
+    #: device memory in GiB that estimates are checked against (None: detected)
+    memory_gb: float | None = None
 
 
 @dataclass

@@ -119,6 +119,18 @@ class RuntimeSpec(_Strict):
         "auto", description="CPU threads torch uses: an integer, or 'auto' (torch's default capped at "
         "the cores this process may use, divided among the engine runs alive on this machine); "
         "null leaves torch's own setting as it is. Recorded per stage in report.json.")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel models load with: 'auto' is flash_attention_2 on a CUDA "
+        "device when the flash-attn package is installed and the dtype is 16-bit, else sdpa (eager only "
+        "where a model has no sdpa path, said in report.json).")
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers (through accelerate) that training "
+        "losses, learning rate and throughput go to, alongside train_log.jsonl; their files are "
+        "written under <workdir>/trackers/. Each needs its package installed.")
+    memory_gb: float | None = Field(
+        None, gt=0, description="Memory of the device a run will use, in GiB (GPU memory for CUDA); "
+        "default: what this machine has. `engine validate` warns when a stage's estimated peak "
+        "exceeds it, so a recipe for an 80 GB GPU can be checked on a laptop.")
 
     @field_validator("threads", mode="before")
     @classmethod

@@ -2,8 +2,8 @@
 
 A stage's *fingerprint* hashes what it computes from: its kind, plugin, params (their
 ``result_key``), the fingerprints of its inputs, its data files (path, format, language,
-weight, field, size and mtime; ``records`` when set) and its runtime (threads excepted:
-they change speed, not results). An input model's fingerprint is its path and the size
+weight, field, size and mtime; ``records`` when set) and its runtime (threads, trackers
+and memory_gb excepted: they change speed or logging, not results). An input model's fingerprint is its path and the size
 and mtime of its top-level files.
 
 A finished stage folder holds :data:`STAGE_FILE`, ``{"fingerprint", "record"}``; a later
@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.inputs import DataSource
     from engine.validate import PlannedStage
+
+#: runtime keys that change speed or logging, not what a stage computes
+_NOT_RESULTS = frozenset({"threads", "log_with", "memory_gb"})
 
 __all__ = [
     "CHECKPOINTS_DIR", "STAGE_FILE", "cached_record", "checkpoint_dir", "data_key",
@@ -74,7 +77,7 @@ def stage_fingerprint(stage: PlannedStage, fingerprints: Mapping[str, str]) -> s
         "inputs": refs,
         "data": [data_key(d) for d in stage.data],
         # thread counts change speed, not what a stage computes: not part of the key
-        "runtime": {k: v for k, v in vars(stage.runtime).items() if k != "threads"},
+        "runtime": {k: v for k, v in vars(stage.runtime).items() if k not in _NOT_RESULTS},
     })
 
 
