@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from engine import modelio, slow_paths
+from engine import levers, modelio, slow_paths
 from engine.artifacts import ModelArtifact
 
 
@@ -189,14 +189,21 @@ class StageContext:
         subject = model.name if isinstance(model, ModelArtifact) else path.name
         if dtype is None and self.runtime.dtype == "auto":
             self.slow_path("dtype", self.runtime.dtype, slow_paths.auto_dtype_path(self.device))
+        dtype = dtype if dtype is not None else self.dtype
         loaded = modelio.load_model(
             path,
-            dtype=dtype if dtype is not None else self.dtype,
+            dtype=dtype,
             device=self.device,
             load_in_8bit=self.runtime.load_in_8bit if load_in_8bit is None else load_in_8bit,
             trust_remote_code=self.runtime.trust_remote_code,
             int8_skip_modules=int8_skip_modules,
+            attention=levers.resolve_attention(
+                self.runtime.attention, self.device,
+                modelio.resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype),
         )
+        # the attention kernel it runs, per model (report notes "attention"; eager is a slow path)
+        impl = getattr(getattr(loaded, "config", None), "_attn_implementation", None)
+        self.note("attention", {**self.stats.notes.get("attention", {}), subject: impl})
         self.slow_path("attention", subject, slow_paths.attention_path(loaded))
         return loaded
 

@@ -152,8 +152,13 @@ def load_model(
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
     int8_skip_modules: Sequence[str] | None = None,
+    attention: str | None = None,
 ) -> torch.nn.Module:
     """Load a causal LM from a folder, safetensors only.
+
+    ``attention`` is the ``attn_implementation`` (``sdpa``, ``eager``,
+    ``flash_attention_2``); None lets transformers choose (SDPA where the model class
+    has it, else eager; :func:`engine.levers.resolve_attention` maps ``runtime.attention``).
 
     ``load_in_8bit`` quantises linear layers with bitsandbytes (LLM.int8); such a
     model is for reading (evaluation, frozen parts), not for training its quantised
@@ -170,7 +175,7 @@ def load_model(
     if is_adapter_folder(path):
         return adapters.load_adapted(path, lambda base: load_model(
             base, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
-            trust_remote_code=trust_remote_code, int8_skip_modules=int8_skip_modules))
+            trust_remote_code=trust_remote_code, int8_skip_modules=int8_skip_modules, attention=attention))
     check_model_folder(path)
     dev = resolve_device(device) if isinstance(device, str) else device
     dt = resolve_dtype(dtype, dev) if isinstance(dtype, str) else dtype
@@ -179,6 +184,8 @@ def load_model(
         "use_safetensors": True,
         "trust_remote_code": trust_remote_code,
     }
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if load_in_8bit:
         try:
             from transformers import BitsAndBytesConfig
@@ -189,8 +196,9 @@ def load_model(
         kwargs["device_map"] = {"": str(dev) if dev.type == "cpu" else dev.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: could not load model: {exc}") from None
+    except (OSError, ValueError, ImportError) as exc:
+        hint = f" (runtime.attention {attention!r})" if attention is not None else ""
+        raise ModelLoadError(f"{path}: could not load model{hint}: {exc}") from None
     if not load_in_8bit:
         model.to(dev)
     return model

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from engine import levers, tracking
 from engine.batching import IGNORE_INDEX, Batch
 from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
@@ -57,8 +58,14 @@ class TrainerParams(TrainingParams):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision via accelerate; `auto` is bf16 on a GPU that supports it, "
         "else off. fp16 needs CUDA.")
-    optimizer: Literal["adamw", "adamw-8bit"] = Field(
-        "adamw", description="`adamw-8bit` keeps optimizer state in 8 bits (bitsandbytes), about 4x smaller.")
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = Field(
+        "adamw", description="`adamw-8bit` keeps optimizer state in 8 bits (bitsandbytes), about 4x smaller; "
+        "`paged-adamw-8bit` also pages it to host memory when the GPU runs short (CUDA only; on the CPU "
+        "it is adamw-8bit, said in report.json).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass instead of "
+        "holding them (non-reentrant activation checkpointing): activation memory drops to about one "
+        "layer's, for roughly one more forward pass of compute per step. Same loss and gradients.")
     log_every: int = Field(
         10, ge=1, json_schema_extra=NOT_IN_RESULT,
         description="Read losses back from the device every this many steps (writes "
@@ -127,6 +134,8 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
                             "use 'bf16' or 'no'")
     if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainingError("mixed_precision 'bf16' is not supported by this GPU; use 'fp16' or 'no'")
+    if setting == "bf16" and device.type == "cpu" and (problem := levers.cpu_autocast_problem()):
+        raise TrainingError(f"mixed_precision 'bf16': {problem}; use 'no'")
     return setting
 
 
@@ -149,13 +158,13 @@ def make_optimizer(params: list[torch.nn.Parameter], hp: TrainerParams) -> torch
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if hp.optimizer == "adamw-8bit":
+    if hp.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
         try:
-            from bitsandbytes.optim import AdamW8bit
+            from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
         except ImportError as exc:
-            raise TrainingError(f"optimizer 'adamw-8bit' needs bitsandbytes ({exc}); "
+            raise TrainingError(f"optimizer {hp.optimizer!r} needs bitsandbytes ({exc}); "
                                 "install lingoforge[8bit] or use 'adamw'") from None
-        return AdamW8bit(groups, lr=hp.lr)
+        return (AdamW8bit if hp.optimizer == "adamw-8bit" else PagedAdamW8bit)(groups, lr=hp.lr)
     return torch.optim.AdamW(groups, lr=hp.lr)
 
 
@@ -262,6 +271,10 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if params.grad_accum > 1 or world > 1:  # one micro-batch on one process: the same either way
         context.slow_path("num_items_in_batch", type(model).__name__, loss_scaling_path(model, device))
+    if params.optimizer == "paged-adamw-8bit":
+        context.slow_path("optimizer", params.optimizer, levers.paged_optimizer_path(device))
+    if params.gradient_checkpointing:
+        levers.enable_checkpointing(model, f"stage {context.stage_name!r}")
     optimizer = make_optimizer(trainable, params)
     log_path = context.output_dir / LOG_FILE
     context.output_dir.mkdir(parents=True, exist_ok=True)
@@ -320,6 +333,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
                     if norm is not None:
                         record["grad_norm"] = norm
                     fh.write(json.dumps(record) + "\n")
+                    trackers.log(record)
         context.add_tokens(window_tokens)
         losses.extend(values)
         state.last_loss = values[-1]
@@ -339,7 +353,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         accelerator.wait_for_everyone()
         last_good.append(state.step)
 
-    with context.progress(params.steps - start, description or f"{context.stage_name}: training") as bar:
+    with (tracking.open_trackers(context, main) as trackers,  # runtime.log_with, closed on exit
+          context.progress(params.steps - start, description or f"{context.stage_name}: training") as bar):
         for step in range(start, params.steps):
             micro = [next(batches) for _ in range(params.grad_accum)]
             counts = [_count(b) for b in micro]
@@ -377,6 +392,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             bar.advance(1, **shown)
 
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if params.gradient_checkpointing:
+        levers.disable_checkpointing(model)
     model.eval()
     accelerator.free_memory()
     return TrainResult(model=model, state=state, losses=losses, seconds=time.perf_counter() - began)

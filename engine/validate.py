@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from engine import levers
 from engine.adapters import is_adapter_folder
 from engine.context import Runtime
 from engine.data import resolve_data
@@ -42,7 +43,7 @@ from engine.recipe import (
     StageSpec,
     format_validation_error,
 )
-from engine.stages import SELECT_LAYERS, model_kinds
+from engine.stages import SELECT_LAYERS, kind_of, model_kinds
 from engine.validate_models import (  # resolve_model_path, MAX_STEPS: re-exported, once here
     MAX_STEPS,
     check_adapter_use,
@@ -172,6 +173,9 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
     with problems.check() as outcome:
         check_adapter_use(spec, adapters, adapter_errors, where)
         check_remote_code(spec, recipe, recipe_dir, runtime, models_ok, where)
+    ok &= outcome.ok
+    with problems.check(f"{where}: ") as outcome:
+        levers.check_runtime(runtime, kind_of(spec.stage).loads_models)
     ok &= outcome.ok
     registered: Registered | None = None
     with problems.check(f"{where}: ") as outcome:

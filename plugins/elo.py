@@ -27,6 +27,7 @@ from engine.api.training import (
     TrainerParams,
     attention_path,
     require_format,
+    resolve_attention,
     train,
     training_batches,
     training_dtype,
@@ -41,9 +42,12 @@ def default_layers(n_layers: int) -> list[int]:
 
 
 def prepare_submodel(source: Path, layers: Sequence[int], *, train_embeddings: bool = False,
-                     dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[int], list[str]]:
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     attention: str | None = None) -> tuple[torch.nn.Module, list[int], list[str]]:
     """Detach source ``layers`` into a sub-model and set what trains.
+
+    ``attention`` is the ``attn_implementation`` it runs (None: transformers' choice,
+    SDPA where the class has it); see ``resolve_attention``.
 
     The detached layers always train; with ``train_embeddings`` the input embedding
     and the output head do too (one tensor when they are tied). Everything else is
@@ -51,6 +55,11 @@ def prepare_submodel(source: Path, layers: Sequence[int], *, train_embeddings: b
     trained tensors (sub-model names, as saved), which ``elo-align`` reinserts.
     """
     model, indices = models.load_submodel(source, layers, dtype=dtype, device=device)
+    if attention is not None and attention != model.config._attn_implementation:
+        try:
+            model.set_attn_implementation(attention)
+        except (ValueError, ImportError) as exc:
+            raise TrainingError(f"{source}: runtime.attention {attention!r}: {exc}") from None
     models.train_only_layers(model, range(len(indices)))
     if train_embeddings:
         models.embeddings(model).requires_grad_(True)
@@ -96,8 +105,11 @@ class ELO:
         chosen = models.choose_layers(params.layers, inputs.layers, n) or default_layers(n)
 
         tokenizer = context.load_tokenizer(source)
-        model, indices, trained = prepare_submodel(source, chosen, train_embeddings=params.train_embeddings,
-                                                   dtype=training_dtype(context), device=context.device)
+        dtype = training_dtype(context)
+        model, indices, trained = prepare_submodel(
+            source, chosen, train_embeddings=params.train_embeddings, dtype=dtype, device=context.device,
+            attention=resolve_attention(context.runtime.attention, context.device, dtype))
+        context.note("attention", {inputs.model.name: model.config._attn_implementation})
         context.slow_path("attention", inputs.model.name, attention_path(model))
         context.note("elo_layers", indices)
         if params.train_embeddings:
