@@ -145,8 +145,15 @@ def _plan(recipe_path: Path, overrides: list[str]) -> Any:
     return plan_recipe(recipe, recipe_path.resolve().parent, str(recipe_path))
 
 
+def _warn(console: Console, plan: Any) -> None:
+    """The plan's warnings, one ``warning:`` line each (they do not stop the command)."""
+    for line in getattr(plan, "warnings", []):
+        console.print(f"[bold yellow]warning:[/] {_escape(line)}", highlight=False, soft_wrap=True)
+
+
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     plan = _plan(args.recipe, args.overrides)
+    _warn(console, plan)
     console.print(f"[green]ok[/] {args.recipe}: {len(plan.stages)} stages in order: "
                   + " -> ".join(s.name for s in plan.stages), highlight=False, soft_wrap=True)
     return 0
@@ -158,6 +165,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from engine.runner import Runner
 
     plan = _plan(args.recipe, args.overrides)
+    _warn(console, plan)
     workdir = args.workdir or Path("runs") / plan.recipe.name
     args.output_dir = workdir  # named by a disk-full message
     console.print(f"[bold]lingoforge[/] running [cyan]{plan.recipe.name}[/] "

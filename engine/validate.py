@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine import levers
+from engine import estimate, levers, tracking
 from engine.adapters import is_adapter_folder
 from engine.context import Runtime
 from engine.data import resolve_data
@@ -82,6 +82,8 @@ class Plan:
     source: str
     recipe_dir: Path
     stages: list[PlannedStage]
+    #: things that will not stop a run but may sink it (a memory estimate over the device's)
+    warnings: list[str] = field(default_factory=list)
 
     def model_spec(self, name: str) -> ModelSpec | None:
         return self.recipe.models.get(name)
@@ -159,7 +161,8 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
         if planned is not None:
             stages.append(planned)
     problems.raise_if_any()
-    return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages)
+    warnings = estimate.memory_warnings(stages, recipe, model_configs, source)
+    return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages, warnings=warnings)
 
 
 def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
@@ -177,6 +180,9 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
     with problems.check(f"{where}: ") as outcome:
         levers.check_runtime(runtime, kind_of(spec.stage).loads_models)
     ok &= outcome.ok
+    if kind_of(spec.stage).loads_models:
+        with problems.check(f"{where}: ") as outcome:
+            tracking.check_log_with(runtime.log_with)
     registered: Registered | None = None
     with problems.check(f"{where}: ") as outcome:
         registered = get_implementation(spec.stage, spec.plugin)
