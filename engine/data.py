@@ -2,7 +2,8 @@
 
 Formats (see :class:`engine.api.DataSource`):
 
-* ``text``: ``.txt`` (one document per non-empty line) or ``.jsonl`` with a text field;
+* ``text``: ``.txt`` (one document per non-empty line), ``.jsonl`` with a text field, a
+  ``.parquet`` file with a text column, or a folder of such shards (:mod:`engine.corpus`);
 * ``instructions``: jsonl with ``prompt`` and ``response``, or chat ``messages``
   (a list of ``{role, content}``; the last assistant turn is the response);
 * ``choice``: jsonl with ``prompt``, ``choices`` (two or more strings), ``label`` (index);
@@ -102,7 +103,12 @@ def _count_records(path: str, size: int, mtime_ns: int) -> int:
 
 
 def count_records(path: Path) -> int:
-    """Non-empty lines of ``path`` (what ``records`` counts); cached per file state."""
+    """Non-empty lines of ``path`` (rows of a parquet file): what ``records`` counts;
+    cached per file state."""
+    if Path(path).suffix == ".parquet":
+        from engine.corpus import parquet_rows
+
+        return parquet_rows(Path(path))
     st = Path(path).stat()
     return _count_records(str(path), st.st_size, st.st_mtime_ns)
 
@@ -121,10 +127,11 @@ def source_bounds(path: Path, records: str | None) -> tuple[int, int] | None:
 def detect_format(path: Path, text_field: str = "text") -> str:
     """Guess a file's format from its extension and first record."""
     path = Path(path)
-    if path.suffix == ".txt":
+    if path.suffix in (".txt", ".parquet"):
         return "text"
     if path.suffix != ".jsonl":
-        raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .txt or .jsonl)")
+        raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .txt, .jsonl or "
+                        ".parquet, or a folder of them)")
     for lineno, record in iter_jsonl(path):
         if "choices" in record:
             return "choice"
@@ -152,21 +159,39 @@ def resolve_data(spec: Any, recipe_dir: Path) -> DataSource:
         path = Path(spec.path).expanduser()
         if not path.is_absolute():
             path = (Path(recipe_dir) / path).resolve()
+        if path.is_dir():
+            from engine.corpus import resolve_folder
+
+            return resolve_folder(spec, path)
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
-    if path.is_file() and path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty")
-    check_utf8_head(path)
-    if path.suffix == ".jsonl" and path.stat().st_size <= JSONL_SCAN_BYTES:
-        for _ in iter_jsonl(path):  # a malformed line is named now, not minutes into a stage
-            pass
+    check_file(path, spec.text_field)
     records = getattr(spec, "records", None)
     source_bounds(path, records)  # a range beyond the file's end is named now
     fmt = spec.format
     if fmt == "auto":
         fmt = detect_format(path, spec.text_field)
+    if path.suffix == ".parquet" and fmt != "text":
+        raise DataError(f"{path}: parquet files hold text (format 'text'), not {fmt!r}")
     return DataSource(path=path, format=fmt, language=spec.language, weight=spec.weight,
                       text_field=spec.text_field, records=records)
+
+
+def check_file(path: Path, text_field: str = "text") -> None:
+    """What ``engine validate`` checks of one data file before any stage reads it: not
+    empty; a parquet file has the ``text_field`` column (its schema, no rows, is read);
+    text is UTF-8 in its first megabyte; a small jsonl file parses throughout."""
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty")
+    if path.suffix == ".parquet":
+        from engine.corpus import check_parquet
+
+        check_parquet(path, text_field)
+        return
+    check_utf8_head(path)
+    if path.suffix == ".jsonl" and path.stat().st_size <= JSONL_SCAN_BYTES:
+        for _ in iter_jsonl(path):  # a malformed line is named now, not minutes into a stage
+            pass
 
 
 def check_utf8_head(path: Path, limit: int = UTF8_SNIFF_BYTES) -> None:
@@ -232,7 +257,13 @@ def iter_jsonl(path: Path, records: str | None = None) -> Iterator[tuple[int, di
 
 
 def iter_texts(source: DataSource) -> Iterator[str]:
-    """The documents of a text source, streamed."""
+    """The documents of a text source (a file or a folder of shards), streamed."""
+    if source.shards or source.path.suffix == ".parquet":
+        from engine.corpus import text_batches
+
+        for batch in text_batches(source):
+            yield from batch
+        return
     if source.path.suffix == ".txt":
         for _, line in iter_records(source.path, source.records):
             yield line

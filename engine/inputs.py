@@ -24,7 +24,9 @@ class DataSource:
     multiple-choice items with ``prompt``, ``choices`` and ``label``) or
     ``generation`` (jsonl items with ``prompt`` and ``answer`` or ``answers``, scored
     by greedy generation and exact match). ``records`` keeps only a range of the
-    file's records (non-empty lines), in file order.
+    file's records (non-empty lines; rows of a parquet file), in file order.
+    ``path`` may also be a ``.parquet`` file (text in the ``text_field`` column) or a
+    folder of shards, listed in ``shards`` (:mod:`engine.corpus`).
     """
 
     path: Path
@@ -35,6 +37,11 @@ class DataSource:
     #: a record range such as ``"0:50%"`` (see :func:`engine.data.parse_record_range`);
     #: ``None`` reads every record
     records: str | None = None
+    #: when ``path`` is a folder: its shard files, in the order they are read
+    #: (:func:`engine.corpus.list_shards`); empty for a single file
+    shards: tuple[Path, ...] = ()
+    #: a broken shard is skipped (warned about, noted in the stage) instead of failing
+    skip_broken_shards: bool = False
 
     @property
     def label(self) -> str:

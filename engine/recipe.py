@@ -77,17 +77,24 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     """A data file a stage reads; a list of them is mixed by ``weight``."""
 
-    path: str | None = Field(None, description="txt or jsonl file (relative to the recipe file).")
+    path: str | None = Field(None, description="A .txt, .jsonl or .parquet file, or a folder of such "
+                             "shards read in sorted name order (relative to the recipe file).")
     builtin: str | None = Field(None, description="Built-in world file, e.g. 'lum/train.txt'.")
     format: Literal["auto", "text", "instructions", "choice", "generation"] = Field(
         "auto", description="What the file holds; 'auto' looks at the extension and first record.")
     language: str | None = Field(None, description="Language label used in metrics and mixing.")
     weight: float = Field(1.0, gt=0, description="Mixing weight relative to the other files.")
-    text_field: str = Field("text", description="Field holding the text in jsonl text files.")
+    text_field: str = Field("text", description="Field (jsonl) or column (parquet) holding the text.")
+    glob: str | None = Field(None, description="For a folder 'path': which shard files to read, a glob "
+                             "on names inside it (e.g. 'train-*.parquet', '**/*.txt'); default: every "
+                             ".txt, .jsonl or .parquet file directly in the folder.")
+    skip_broken_shards: bool = Field(False, description="For a folder 'path': skip a shard that cannot be "
+                                     "read (named in a warning and in the stage's notes) instead of failing.")
     records: str | None = Field(
         None, description="Read only this range of the file's records (non-empty lines, in file "
         "order), as 'start:end' with record indices or percentages of the file: '0:50%' the first "
-        "half, '50%:' the rest, '96:192'. Part of the stage's cache key; unset reads every record.")
+        "half, '50%:' the rest, '96:192'. For parquet a record is a row. Not for folders (select shards "
+        "with 'glob'). Part of the stage's cache key; unset reads every record.")
 
     @field_validator("records", mode="before")
     @classmethod
@@ -131,6 +138,12 @@ class RuntimeSpec(_Strict):
         None, gt=0, description="Memory of the device a run will use, in GiB (GPU memory for CUDA); "
         "default: what this machine has. `engine validate` warns when a stage's estimated peak "
         "exceeds it, so a recipe for an 80 GB GPU can be checked on a laptop.")
+    fsdp: bool = Field(
+        False, description="Under several processes (torchrun/accelerate launch), shard a trained model's "
+        "parameters, gradients and optimizer state across them (torch FSDP2, each decoder layer and the "
+        "root) instead of giving every process a whole copy, for models that do not fit one device; "
+        "the result matches one process. No resumable checkpoints are saved with it; not with lora. "
+        "Ignored by one process.")
 
     @field_validator("threads", mode="before")
     @classmethod

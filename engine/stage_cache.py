@@ -59,9 +59,15 @@ def model_fingerprint(path: Path) -> str:
 
 def data_key(d: DataSource) -> dict[str, Any]:
     """What a data source contributes to a stage's fingerprint. ``records`` joins the key
-    only when set, so fingerprints of recipes that do not slice stay as they were."""
+    only when set, so fingerprints of recipes that do not slice stay as they were; a
+    folder of shards contributes each shard's name, size and mtime."""
     key = {"path": str(d.path), "format": d.format, "language": d.language,
-           "weight": d.weight, "field": d.text_field, "state": _file_state(d.path)}
+           "weight": d.weight, "field": d.text_field}
+    if d.shards:  # a folder: every shard's name and state, in reading order
+        key["shards"] = [[str(p.relative_to(d.path)), *_file_state(p)] for p in d.shards]
+        key["skip_broken_shards"] = d.skip_broken_shards
+    else:
+        key["state"] = _file_state(d.path)
     if d.records is not None:
         key["records"] = d.records
     return key
