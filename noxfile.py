@@ -1,5 +1,5 @@
 """nox sessions: tests, lint, the quickstart, a per-plugin matrix, the example plugin
-package, and the oldest and newest dependency releases.
+package, the oldest and newest dependency releases, and the GPU check.
 
 torch is installed first from the pinned CPU wheel in every session: a looser
 requirement on a machine without torch would pull the newest CUDA build.
@@ -211,3 +211,11 @@ def mergekit_oracle(session: nox.Session) -> None:
     session.run(str(mk / "bin/pip"), "install", TORCH, "mergekit==0.1.5", external=True)
     session.run("pytest", "tests/test_mergekit_oracle.py", "-rs",
                 env={"LINGOFORGE_MERGEKIT": str(mk / "bin/mergekit-yaml")})
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The GPU check (benchmarks/gpu_check.py) on this machine's first CUDA device, at tiny
+    size on the CPU without one; arguments go to the script (``-- --out DIR``)."""
+    _install(session, "8bit")
+    session.run("python", "benchmarks/gpu_check.py", *session.posargs)
