@@ -38,6 +38,8 @@ class Runtime:
     log_with: list[str] = field(default_factory=list)
     #: device memory in GiB that estimates are checked against (None: detected)
     memory_gb: float | None = None
+    #: shard trained models across the launch's processes (FSDP2) instead of replicating them
+    fsdp: bool = False
 
 
 @dataclass

@@ -157,7 +157,8 @@ def test_bf16_autocast_step_on_cpu_close_to_fp32(make_context, tiny_model, tiny_
         model.lm_head.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
         results[mp] = train(ctx, model, _batches(tiny_tokenizer, text_file, params), params)
         head_dtypes[mp] = set(seen)
-    assert head_dtypes == {"no": {torch.float32}, "bf16": {torch.bfloat16}}  # autocast really ran
+    # autocast really ran in the training steps (probes before them run in float32)
+    assert head_dtypes["no"] == {torch.float32} and torch.bfloat16 in head_dtypes["bf16"]
     assert results["bf16"].losses != results["no"].losses
     assert results["bf16"].losses == pytest.approx(results["no"].losses, rel=2e-2)
     assert all(p.dtype == torch.float32 for p in results["bf16"].model.parameters())  # fp32 master weights
