@@ -79,7 +79,7 @@ def resolve_folder(spec: Any, folder: Path) -> DataSource:
     good = []
     for shard in shards:  # a skipped shard stays listed: reading skips it again and notes it
         try:
-            check_file(shard, spec.text_field)
+            check_file(shard, spec.text_field, scan_jsonl=not good)  # parse one jsonl shard whole
         except DataError as exc:
             if not spec.skip_broken_shards:
                 raise

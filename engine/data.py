@@ -177,10 +177,11 @@ def resolve_data(spec: Any, recipe_dir: Path) -> DataSource:
                       text_field=spec.text_field, records=records)
 
 
-def check_file(path: Path, text_field: str = "text") -> None:
+def check_file(path: Path, text_field: str = "text", *, scan_jsonl: bool = True) -> None:
     """What ``engine validate`` checks of one data file before any stage reads it: not
     empty; a parquet file has the ``text_field`` column (its schema, no rows, is read);
-    text is UTF-8 in its first megabyte; a small jsonl file parses throughout."""
+    text is UTF-8 in its first megabyte; a small jsonl file parses throughout (unless
+    not ``scan_jsonl``: a folder's later shards)."""
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
     if path.suffix == ".parquet":
@@ -189,7 +190,7 @@ def check_file(path: Path, text_field: str = "text") -> None:
         check_parquet(path, text_field)
         return
     check_utf8_head(path)
-    if path.suffix == ".jsonl" and path.stat().st_size <= JSONL_SCAN_BYTES:
+    if scan_jsonl and path.suffix == ".jsonl" and path.stat().st_size <= JSONL_SCAN_BYTES:
         for _ in iter_jsonl(path):  # a malformed line is named now, not minutes into a stage
             pass
 

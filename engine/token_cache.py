@@ -29,6 +29,10 @@ build switches it on for its own duration and restores the previous value after 
 Rust side reads the variable on every call). A build's throughput, and whether an entry
 was reused, go to the stage's notes (``token_cache``) and its progress bar to the
 stage's display when a stage context is registered with :func:`reporting_to`.
+
+Long module: the key, the reader and the builder share the per-process state (open
+entries, counters, the key lock) and the entry layout; split, each half would import
+the other's privates.
 """
 
 from __future__ import annotations
@@ -185,7 +189,7 @@ class TokenDocuments:
         dtype = np.dtype(meta["dtype"])
         self.tokens = (np.memmap(folder / "tokens.bin", dtype=dtype, mode="r", shape=(n_tokens,))
                        if n_tokens else np.zeros(0, dtype=dtype))
-        self.offsets = np.fromfile(folder / "offsets.bin", dtype=np.int64)
+        self.offsets = np.memmap(folder / "offsets.bin", dtype=np.int64, mode="r")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -216,8 +220,8 @@ def entry_problem(folder: Path, key: str, parts: dict[str, Any]) -> str | None:
     return None
 
 
-def _say(message: str) -> None:
-    if message in _said:
+def _say(message: str, *, once: bool = True) -> None:
+    if once and message in _said:
         return
     _said.add(message)
     context = _context.get()
@@ -321,6 +325,22 @@ def _encoder(tokenizer: Any) -> Any:
     return lambda texts: [e.ids for e in own.encode_batch_fast(texts, add_special_tokens=True)]
 
 
+def _ahead(batches: Iterator[list[str]], encode: Any) -> Iterator[tuple[list[str], list[list[int]]]]:
+    """(texts, ids) per batch, the next batch encoded in a thread meanwhile (the Rust
+    tokenizer releases the GIL), so reading and writing overlap with encoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="token-cache") as pool:
+        pending = None
+        for texts in batches:
+            job = (texts, pool.submit(encode, texts))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = job
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def _vocab_size(tokenizer: Any) -> int:
     backend = _backend(tokenizer)
     return int(backend.get_vocab_size(with_added_tokens=True)) if backend is not None else len(tokenizer)
@@ -335,7 +355,8 @@ def _build(tokenizer: Any, source: DataSource, policy: DocumentPolicy, key: str,
     dtype = np.dtype(np.uint16 if _vocab_size(tokenizer) <= 1 << 16 else np.uint32)
     encode = _encoder(tokenizer)
     files = source_files(source)
-    total_mb = sum(f.stat().st_size for f in files) / 1e6
+    # the bar counts MB of text; a parquet file's size is compressed, so its bar has no end
+    total_mb = None if any(f.suffix == ".parquet" for f in files) else sum(f.stat().st_size for f in files) / 1e6
     skipped: list[dict[str, str]] = []
     n_docs = n_tokens = 0
     t0 = time.perf_counter()
@@ -349,8 +370,8 @@ def _build(tokenizer: Any, source: DataSource, policy: DocumentPolicy, key: str,
             for shard in files:
                 mark = (tok_fh.tell(), off_fh.tell(), n_docs, n_tokens)
                 try:
-                    for texts in file_batches(source, shard, BATCH_DOCUMENTS):
-                        ids = [policy.apply(x) for x in encode(texts)]
+                    for texts, encoded in _ahead(file_batches(source, shard, BATCH_DOCUMENTS), encode):
+                        ids = [policy.apply(x) for x in encoded]
                         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
                                            count=int(lengths.sum()))
@@ -394,4 +415,6 @@ def _build(tokenizer: Any, source: DataSource, policy: DocumentPolicy, key: str,
             bar_cm.__exit__(None, None, None)
     stats["builds"] += 1
     stats["tokens_built"] += n_tokens
+    _say(f"token cache: {source.path.name}: {n_docs:,} documents, {n_tokens:,} tokens in {seconds:.1f} s "
+         f"({meta['tokens_per_s'] or 0:,} tokens/s), kept in {final}", once=False)
     return TokenDocuments(final, json.loads((final / "meta.json").read_text()))
