@@ -1,7 +1,8 @@
 """Turning data sources into training batches, streamed and deterministic.
 
-Two kinds of batches, both ``{"input_ids", "attention_mask", "labels"}`` tensors on
-the CPU (the training loop moves them):
+Two kinds of batches, ``{"input_ids", "attention_mask", "labels"}`` tensors on the CPU
+(the training loop moves them), or, packed by document (:mod:`engine.packing`, the
+default where the model supports it), ``{"input_ids", "position_ids", "labels"}``:
 
 * **packed text** (:func:`packed_batches`): documents are tokenized, joined with EOS
   and cut into ``seq_len`` blocks, so no compute is spent on padding. Several sources
@@ -30,9 +31,16 @@ from typing import Any, TypeVar
 
 import torch
 
-from engine.data import iter_instructions, iter_texts
+from engine.data import iter_instructions
 from engine.errors import DataError
 from engine.inputs import DataSource
+from engine.packing import (
+    TrainingBatches,
+    check_packing,
+    document_batch,
+    pack_documents,
+    packed_example_batches,
+)
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -42,11 +50,14 @@ _TOKENIZE_CHUNK = 64
 
 
 def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
-                     batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+                     batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                     packing: str = "auto") -> TrainingBatches:
     """Batches for ``sources``, packed text or masked instructions by their format.
 
-    All sources must share one format. ``rank``/``world_size`` deal batches round
-    robin to data-parallel processes. Instruction data is checked whole here
+    All sources must share one format. ``packing`` (:mod:`engine.packing`) says how
+    documents or examples share rows; the training loop settles ``auto`` on the model
+    before the first batch. ``rank``/``world_size`` deal batches round robin to
+    data-parallel processes. Instruction data is checked whole here
     (:func:`check_instructions`), so a prompt that does not fit ``seq_len`` is an
     error when this is called, not when the bad record's batch comes up: trainers
     call it before loading their model.
@@ -59,13 +70,19 @@ def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: 
         raise DataError(f"training data mixes formats; give one kind per stage: {listing}")
     fmt = formats.pop()
     if fmt == "text":
-        batches = packed_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed)
+        def make(packed: bool) -> Iterator[Batch]:
+            return packed_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                  documents=packed)
     elif fmt == "instructions":
+        check_packing(fmt, packing)
         check_instructions(tokenizer, sources, seq_len=seq_len)  # every record, before any step
-        batches = instruction_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed)
+
+        def make(packed: bool) -> Iterator[Batch]:
+            return instruction_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                       packed=packed)
     else:
         raise DataError(f"{sources[0].path}: {fmt!r} data cannot be trained on (use text or instructions)")
-    return itertools.islice(batches, rank, None, world_size) if world_size > 1 else batches
+    return TrainingBatches(fmt, packing, make, rank=rank, world_size=world_size)
 
 
 def require_format(sources: Sequence[DataSource], fmt: str, who: str) -> None:
@@ -149,16 +166,26 @@ def _tokenized_documents(tokenizer: Any, source: DataSource, rng: random.Random,
 
     Documents start with BOS when the tokenizer has a BOS distinct from EOS and did not
     add it itself (as models are pretrained and as the evaluators score text), and end
-    with EOS, which separates documents in the packed stream."""
+    with EOS, which separates documents in the packed stream.
+
+    The documents come from the token cache (:mod:`engine.token_cache`): the source is
+    tokenized once, in file order, and every later pass, stage and run reads the ids
+    from disk. The buffer shuffles document indices with the same draws as it would
+    shuffle the texts, so the order is the one the seed always gave."""
+    from engine import token_cache
+
+    cache = token_cache.documents(tokenizer, source, _document_policy(tokenizer))
+    for i in shuffled(range(len(cache)), rng, buffer_size):
+        yield cache.document(i)
+
+
+def _document_policy(tokenizer: Any) -> Any:
+    """BOS (when the tokenizer has one distinct from EOS) and EOS of a training document."""
+    from engine.token_cache import DocumentPolicy
+
     eos = _eos_id(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
-    start = [bos] if bos is not None and bos != eos else []
-    docs = shuffled(iter_texts(source), rng, buffer_size)
-    for chunk in _chunks(docs, _TOKENIZE_CHUNK):
-        for ids in tokenizer(chunk)["input_ids"]:
-            if start and ids[:1] != start:
-                ids = [*start, *ids]
-            yield ids if ids and ids[-1] == eos else [*ids, eos]
+    return DocumentPolicy(bos=int(bos) if bos is not None and bos != eos else None, eos=eos)
 
 
 def pack(documents: Iterable[list[int]], seq_len: int) -> Iterator[list[int]]:
@@ -171,20 +198,33 @@ def pack(documents: Iterable[list[int]], seq_len: int) -> Iterator[list[int]]:
             buf = buf[seq_len:]
 
 
+def _document_streams(tokenizer: Any, sources: Sequence[DataSource], seed: int,
+                      shuffle_buffer: int) -> list[Iterator[list[int]]]:
+    return [cycle(lambda s=src, r=_source_rng(seed, i): _tokenized_documents(tokenizer, s, r, shuffle_buffer),
+                  str(src.path)) for i, src in enumerate(sources)]
+
+
 def packed_blocks(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int, seed: int = 0,
                   shuffle_buffer: int = 1024) -> Iterator[tuple[int, list[int]]]:
     """Endless ``(source index, block)`` pairs, sources mixed by weight."""
-    streams = []
-    for i, src in enumerate(sources):
-        rng = _source_rng(seed, i)
-        docs = cycle(lambda s=src, r=rng: _tokenized_documents(tokenizer, s, r, shuffle_buffer), str(src.path))
-        streams.append(zip(itertools.repeat(i), pack(docs, seq_len)))
+    streams = [zip(itertools.repeat(i), pack(docs, seq_len))
+               for i, docs in enumerate(_document_streams(tokenizer, sources, seed, shuffle_buffer))]
     return mix(streams, [s.weight for s in sources])
 
 
 def packed_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int, batch_size: int,
-                   seed: int = 0, shuffle_buffer: int = 1024) -> Iterator[Batch]:
-    """Endless batches of packed ``seq_len`` blocks (labels = inputs; the model shifts)."""
+                   seed: int = 0, shuffle_buffer: int = 1024, documents: bool = False) -> Iterator[Batch]:
+    """Endless batches of packed ``seq_len`` blocks (labels = inputs; the model shifts).
+
+    With ``documents`` the same blocks carry ``position_ids`` restarting at each
+    document, no attention mask, and ``-100`` labels at document starts
+    (:mod:`engine.packing`); without, an all-ones attention mask."""
+    if documents:
+        streams = [pack_documents(docs, seq_len)
+                   for docs in _document_streams(tokenizer, sources, seed, shuffle_buffer)]
+        rows_of = mix(streams, [s.weight for s in sources])
+        while True:
+            yield document_batch(list(itertools.islice(rows_of, batch_size)))
     blocks = packed_blocks(tokenizer, sources, seq_len=seq_len, seed=seed, shuffle_buffer=shuffle_buffer)
     while True:
         rows = [block for _, block in itertools.islice(blocks, batch_size)]
@@ -304,8 +344,11 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Bat
 
 
 def instruction_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
-                        batch_size: int, seed: int = 0, shuffle_buffer: int = 1024) -> Iterator[Batch]:
-    """Endless padded batches of instruction examples, sources mixed by weight."""
+                        batch_size: int, seed: int = 0, shuffle_buffer: int = 1024,
+                        packed: bool = False) -> Iterator[Batch]:
+    """Endless batches of instruction examples, sources mixed by weight: padded, one
+    example per row, or with ``packed`` whole examples packed into ``seq_len`` rows
+    without attention across them (:func:`engine.packing.packed_example_batches`)."""
     streams = []
     for i, src in enumerate(sources):
         rng = _source_rng(seed, i)
@@ -313,5 +356,7 @@ def instruction_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_le
             lambda s=src, r=rng: shuffled(_examples(tokenizer, s, seq_len), r, shuffle_buffer), str(src.path)))
     examples = mix(streams, [s.weight for s in sources])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+    if packed:
+        yield from packed_example_batches(examples, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id)
     while True:
         yield collate(list(itertools.islice(examples, batch_size)), pad_id)

@@ -18,6 +18,16 @@ equals the full forward's last. The probe costs two tiny forwards per model obje
 its result is remembered for that object. Whatever the probe could not confirm is
 listed in :attr:`Capabilities.missing`, which the evaluators print once and record in
 report.json, so a slow path is never taken silently.
+
+Training has one more: **document packing** (:func:`packing_probe`). Several documents
+packed in one row with ``position_ids`` restarting at each document and no 2D
+``attention_mask`` must not see each other. transformers builds a block-causal mask from
+such ``position_ids`` for its sdpa, eager and flex masks (``find_packed_sequence_indices``
+in ``masking_utils``, only when ``attention_mask`` and the KV cache are None); its
+flash-attention path reads them only for a single flattened row (batch size 1). Other
+model classes or registered attention functions may ignore them. The probe packs two
+tiny documents and compares each one's logits with its logits alone, first in two rows,
+then flattened into one row.
 """
 
 from __future__ import annotations
@@ -29,12 +39,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_KEYWORDS", "Capabilities", "probe"]
+__all__ = ["CACHE_KEYWORDS", "Capabilities", "packing_probe", "probe"]
 
 #: keywords a causal LM's ``forward`` has taken its KV cache under, newest first
 CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values")
 
 _PROBED: weakref.WeakKeyDictionary[torch.nn.Module, Capabilities] = weakref.WeakKeyDictionary()
+_PACKING: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -149,3 +160,55 @@ def probe(model: torch.nn.Module) -> Capabilities:
     except TypeError:  # pragma: no cover - not weak-referenceable
         pass
     return caps
+
+
+def _packing_rows(model: torch.nn.Module, docs: list[torch.Tensor], rows: list[list[int]]) -> bool:
+    """Whether each document in ``rows`` (document indices packed left to right) gives
+    the logits it gives alone, with reset ``position_ids`` and no attention mask."""
+    alone = [model(input_ids=d[None], use_cache=False).logits[0] for d in docs]
+    ids = torch.stack([torch.cat([docs[i] for i in row]) for row in rows])
+    pos = torch.stack([torch.cat([torch.arange(len(docs[i]), device=ids.device) for i in row])
+                       for row in rows])
+    try:
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            if not _close(logits[r, start:start + len(docs[i])], alone[i]):
+                return False
+            start += len(docs[i])
+    return True
+
+
+def packing_probe(model: torch.nn.Module) -> str | None:
+    """How ``model`` keeps packed documents apart, found by running it (remembered per model).
+
+    ``"rows"``: documents packed in the rows of a batch, with ``position_ids`` restarting
+    at each document and no ``attention_mask``, each give the logits they give alone
+    (transformers' sdpa, eager and flex attention). ``"flat"``: that holds only when the
+    batch is flattened into a single row (flash-attention). None: packed documents
+    attend to each other; packing must fall back to masks or cross-document streams.
+    """
+    try:
+        return _PACKING[model]
+    except (KeyError, TypeError):
+        pass
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 4)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    docs = [(torch.tensor(d, dtype=torch.long) % vocab).to(device)
+            for d in ([3, 5, 7, 11, 13], [17, 19, 23])]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            found = ("rows" if _packing_rows(model, docs, [[0, 1], [1, 0]])
+                     else "flat" if _packing_rows(model, docs, [[0, 1, 1, 0]]) else None)
+    finally:
+        model.train(was_training)
+    try:
+        _PACKING[model] = found
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        pass
+    return found

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from engine import levers, tracking
+from engine import distributed, levers, tracking
 from engine.batching import IGNORE_INDEX, Batch
 from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
+from engine.packing import fit_packing, model_inputs
 from engine.params import NOT_IN_RESULT, TrainingParams
 from engine.slow_paths import auto_precision_path, loss_scaling_path
 
@@ -66,6 +67,10 @@ class TrainerParams(TrainingParams):
         False, description="Recompute each decoder layer's activations in the backward pass instead of "
         "holding them (non-reentrant activation checkpointing): activation memory drops to about one "
         "layer's, for roughly one more forward pass of compute per step. Same loss and gradients.")
+    packing: Literal["auto", "documents", "stream", "padded"] = Field(
+        "auto", description="`documents`: rows packed with position ids restarting at each document, no "
+        "attention across documents; `stream` (text): documents attend to earlier ones in a block; `padded` "
+        "(instructions): one example per row; `auto`: documents where a probe finds the model supports it.")
     log_every: int = Field(
         10, ge=1, json_schema_extra=NOT_IN_RESULT,
         description="Read losses back from the device every this many steps (writes "
@@ -186,7 +191,8 @@ def _accelerator(mixed_precision: str, device: torch.device) -> Any:
 
 def _count(batch: Batch) -> tuple[int, int]:
     """(tokens in the batch, tokens whose next-token prediction is in the loss)."""
-    tokens = int(batch["attention_mask"].sum())
+    mask = batch.get("attention_mask")  # none in document-packed batches: every position is a token
+    tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return tokens, targets
 
@@ -269,6 +275,15 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         context.slow_path("mixed_precision", "auto", auto_precision_path(device))
     accelerator = _accelerator(resolve_mixed_precision(params.mixed_precision, device), device)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    twin = None  # runtime.fsdp: the model is sharded, and gathered whole into its twin at the end
+    if getattr(context.runtime, "fsdp", False) and world > 1:
+        twin = distributed.shard_model(model, f"stage {context.stage_name!r}", accelerator.mixed_precision)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [p for _, p in named]
+        context.note("fsdp_processes", world)
+        if params.checkpoint_every > 0:
+            context.slow_path("checkpoint", "fsdp", "runtime.fsdp: no resumable checkpoints are saved "
+                              "(a killed stage starts over)")
     if params.grad_accum > 1 or world > 1:  # one micro-batch on one process: the same either way
         context.slow_path("num_items_in_batch", type(model).__name__, loss_scaling_path(model, device))
     if params.optimizer == "paged-adamw-8bit":
@@ -276,12 +291,13 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     if params.gradient_checkpointing:
         levers.enable_checkpointing(model, f"stage {context.stage_name!r}")
     optimizer = make_optimizer(trainable, params)
+    flat = fit_packing(batches, model, context)  # probes the model before the first batch
     log_path = context.output_dir / LOG_FILE
     context.output_dir.mkdir(parents=True, exist_ok=True)
 
     ckpt_root = getattr(context, "checkpoint_dir", None)
     checkpoints = (CheckpointDir(ckpt_root, keep=params.keep_checkpoints)
-                   if ckpt_root is not None and params.checkpoint_every > 0 else None)
+                   if ckpt_root is not None and params.checkpoint_every > 0 and twin is None else None)
     resumed = checkpoints.load_latest() if checkpoints is not None else None
     if resumed is not None:
         _restore(resumed, named, optimizer, params)
@@ -297,7 +313,10 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     start = state.step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
         start + i, total=params.steps, warmup=params.warmup_steps, schedule=params.schedule))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if twin is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # sharded already (accelerate would add DDP on top)
+        optimizer = accelerator.prepare(optimizer)
     model.train()
     if resumed is not None:
         restore_rng(resumed.rng, resumed.state.get("python_rng"))
@@ -364,6 +383,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             for k, batch in enumerate(micro):
                 batch = {name: t.to(accelerator.device, non_blocking=True)
                          for name, t in _shard(batch, rank, world).items()}
+                batch = model_inputs(batch, flat)  # document packing: no KV cache, maybe one row
                 sync = k == len(micro) - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
                     # each process divides by its share of the targets: the averaged
@@ -392,6 +412,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             bar.advance(1, **shown)
 
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if twin is not None:
+        model = distributed.gather_model(model, twin)
     if params.gradient_checkpointing:
         levers.disable_checkpointing(model)
     model.eval()
