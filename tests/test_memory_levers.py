@@ -257,3 +257,17 @@ def test_paged_adamw_8bit_trains_a_step_on_cpu(make_context, tiny_model, tiny_to
     after = _trained(result.model)
     assert any(not torch.equal(after[n], before[n]) for n in before)
     assert "optimizer: paged-adamw-8bit" in ctx.stats.notes["slow_paths"]
+
+
+# --- FSDP (the 2-process run is tests/test_distributed.py) ---------------------------------
+
+
+def test_fsdp_refuses_what_it_cannot_shard(make_context, tiny_model):
+    pytest.importorskip("peft")
+    from engine.distributed import shard_model
+    from engine.lora_training import LoraParams, apply_lora
+
+    model = make_context("l").load_model(tiny_model, dtype=torch.float32)
+    lora = apply_lora(model, LoraParams(r=2), seed=0)
+    with pytest.raises(TrainingError, match=r"stage 'x': runtime.fsdp: PeftModel.*runtime.fsdp: false"):
+        shard_model(lora, "stage 'x'")
