@@ -12,6 +12,10 @@ streams too, reports a bad byte or a bad JSON line with its file and line number
 counts records (non-empty lines) the way ``records`` ranges need; the ``datasets``
 text and json readers do neither and return the same text more slowly.
 
+A data spec's ``hf_dataset`` names a dataset already in the local Hugging Face hub cache
+(:func:`resolve_hub_dataset`): the files of its ``split`` are read as a folder's shards;
+nothing is downloaded.
+
 A shard that cannot be read (a damaged parquet file, a non-UTF-8 or malformed line) is
 an error naming it; with ``skip_broken_shards`` the other shards are still read and the
 skipped one is named in a warning on stderr and in the stage's notes (the token cache,
@@ -69,13 +73,17 @@ def resolve_folder(spec: Any, folder: Path) -> DataSource:
     listed and checked (as :func:`engine.data.check_file` checks a file). A broken
     shard fails here, or with ``skip_broken_shards`` is warned about (and skipped when
     read)."""
+    return checked_source(spec, folder, list_shards(folder, getattr(spec, "glob", None)))
+
+
+def checked_source(spec: Any, folder: Path, shards: list[Path]) -> DataSource:
+    """A text :class:`DataSource` over ``shards`` of ``folder``, each checked."""
     from engine.data import check_file, detect_format
 
     if getattr(spec, "records", None) is not None:
         raise DataError(f"{folder}: 'records' selects records of one file and is not supported for a "
                         "folder of shards; choose shards with 'glob' (e.g. 'part-000[0-4]*') or give "
                         "the files as separate data entries")
-    shards = list_shards(folder, getattr(spec, "glob", None))
     good = []
     for shard in shards:  # a skipped shard stays listed: reading skips it again and notes it
         try:
@@ -97,6 +105,46 @@ def resolve_folder(spec: Any, folder: Path) -> DataSource:
     return DataSource(path=folder, format="text", language=spec.language, weight=spec.weight,
                       text_field=spec.text_field, shards=tuple(shards),
                       skip_broken_shards=spec.skip_broken_shards)
+
+
+def resolve_hub_dataset(spec: Any) -> DataSource:
+    """A data spec's ``hf_dataset`` (and ``hf_config``, ``split``) as the shards of that
+    dataset's snapshot in the local Hugging Face hub cache. Nothing is downloaded: a
+    dataset not in the cache is a DataError saying how to fetch it beforehand. The
+    split's files are found as ``datasets`` finds them (``data/train-00000-of-00002.parquet``,
+    ``train/*.jsonl``, ...)."""
+    name = spec.hf_dataset
+    try:
+        from datasets.data_files import get_data_patterns, resolve_pattern
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise DataError(f"hf_dataset {name!r}: needs the 'datasets' package "
+                        "(pip install 'lingoforge[data]')") from None
+    try:
+        folder = Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except Exception as exc:  # not cached (LocalEntryNotFoundError), a bad name, ...
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise DataError(f"hf_dataset {name!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}): "
+                        f"{type(exc).__name__}. Nothing is downloaded while a recipe runs; fetch it "
+                        f"first, e.g. `hf download --repo-type dataset {name}`") from None
+    base = folder / spec.hf_config if spec.hf_config else folder
+    if not base.is_dir():
+        raise DataError(f"hf_dataset {name!r}: no config folder {spec.hf_config!r} in {folder}")
+    try:
+        patterns = get_data_patterns(str(base))
+    except Exception as exc:  # datasets' EmptyDatasetError and kin
+        raise DataError(f"hf_dataset {name!r}: no data files found in {base} ({exc})") from None
+    if spec.split not in patterns:
+        raise DataError(f"hf_dataset {name!r}: no split {spec.split!r}; it has {sorted(patterns)}")
+    files = sorted({Path(f) for pat in patterns[spec.split] for f in resolve_pattern(pat, str(base))})
+    shards = [f for f in files if f.suffix in SHARD_SUFFIXES]
+    if not shards:
+        raise DataError(f"hf_dataset {name!r}: split {spec.split!r} has no .parquet, .jsonl or .txt "
+                        f"files ({[f.name for f in files][:5]})")
+    if len({f.suffix for f in shards}) > 1:
+        raise DataError(f"hf_dataset {name!r}: split {spec.split!r} mixes file types")
+    return checked_source(spec, base, shards)
 
 
 # --- parquet --------------------------------------------------------------------------------

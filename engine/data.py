@@ -151,6 +151,10 @@ def detect_format(path: Path, text_field: str = "text") -> str:
 
 def resolve_data(spec: Any, recipe_dir: Path) -> DataSource:
     """A recipe :class:`~engine.recipe.DataSpec` as a checked :class:`DataSource`."""
+    if getattr(spec, "hf_dataset", None) is not None:
+        from engine.corpus import resolve_hub_dataset
+
+        return resolve_hub_dataset(spec)
     if spec.builtin is not None:
         from engine import world
 

@@ -80,6 +80,11 @@ class DataSpec(_Strict):
     path: str | None = Field(None, description="A .txt, .jsonl or .parquet file, or a folder of such "
                              "shards read in sorted name order (relative to the recipe file).")
     builtin: str | None = Field(None, description="Built-in world file, e.g. 'lum/train.txt'.")
+    hf_dataset: str | None = Field(None, description="A dataset already in the local Hugging Face hub "
+                                   "cache, e.g. 'org/mn-news' (never downloaded while a recipe runs); its "
+                                   "'split' files are read as a folder of shards.")
+    hf_config: str | None = Field(None, description="With hf_dataset: the config (subfolder) to read.")
+    split: str = Field("train", description="With hf_dataset: the split to read.")
     format: Literal["auto", "text", "instructions", "choice", "generation"] = Field(
         "auto", description="What the file holds; 'auto' looks at the extension and first record.")
     language: str | None = Field(None, description="Language label used in metrics and mixing.")
@@ -109,8 +114,8 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if (self.path is None) == (self.builtin is None):
-            raise ValueError("give exactly one of 'path' or 'builtin'")
+        if sum(x is not None for x in (self.path, self.builtin, self.hf_dataset)) != 1:
+            raise ValueError("give exactly one of 'path', 'builtin' or 'hf_dataset'")
         return self
 
 

@@ -194,3 +194,40 @@ def test_stage_fingerprint_changes_when_a_shard_changes(tmp_path, tiny_model, te
     _lines(folder / "c.txt", ["five"])  # a shard added
     assert _cache(recipe, work) == "miss"
     assert _cache(recipe, work) == "hit"
+
+
+# --- a dataset in the local Hugging Face cache ----------------------------------------------------
+
+
+def _hub_dataset(hub: Path, name: str, files: dict[str, list[str]]) -> Path:
+    """A dataset snapshot laid out as the hub cache keeps it (refs/main -> snapshots/<rev>)."""
+    repo = hub / f"datasets--{name.replace('/', '--')}"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    for rel, texts in files.items():
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        _parquet(snap / rel, texts)
+    return snap
+
+
+def test_a_cached_hub_dataset_split_is_read_without_network(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_dataset(hub, "org/mn-news", {
+        "data/train-00000-of-00002.parquet": ["t0", "t1"],
+        "data/train-00001-of-00002.parquet": ["t2"],
+        "data/test-00000-of-00001.parquet": ["x0"],
+    })
+    src = _resolve(tmp_path, hf_dataset="org/mn-news")
+    assert [p.name for p in src.shards] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert list(iter_texts(src)) == ["t0", "t1", "t2"]
+    assert list(iter_texts(_resolve(tmp_path, hf_dataset="org/mn-news", split="test"))) == ["x0"]
+    with pytest.raises(DataError, match=r"no split 'validation'; it has \['test', 'train'\]"):
+        _resolve(tmp_path, hf_dataset="org/mn-news", split="validation")
+    with pytest.raises(DataError, match="'org/other' is not in the local Hugging Face cache.*Nothing is downloaded"):
+        _resolve(tmp_path, hf_dataset="org/other")
