@@ -10,24 +10,29 @@ cannot be taken:
   activation checkpointing, non-reentrant ``torch.utils.checkpoint``: gradients reach
   trained tensors behind frozen embeddings or LoRA without forcing the embedding
   output to require grad).
-* :func:`cpu_autocast_problem`: bf16 autocast on the CPU, tried on a tiny matmul.
+* :func:`resolve_mixed_precision` / :func:`cpu_autocast_problem`: ``mixed_precision``;
+  bf16 autocast on the CPU is tried on a tiny matmul.
 * :func:`resolve_attention` / :func:`attention_problem`: ``runtime.attention``.
-* :func:`paged_optimizer_path`: paged optimizer state needs CUDA (unified memory).
+* :func:`make_optimizer` / :func:`paged_optimizer_path`: ``optimizer`` (AdamW, 8-bit,
+  paged 8-bit; paging needs CUDA unified memory).
 * :func:`check_runtime`: what ``engine validate`` checks of these settings.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.errors import TrainingError
 
+if TYPE_CHECKING:
+    from engine.training import TrainerParams
+
 __all__ = ["ATTENTION_CHOICES", "attention_problem", "cpu_autocast_problem", "disable_checkpointing",
-           "check_runtime", "enable_checkpointing", "flash_attn_available", "paged_optimizer_path",
-           "resolve_attention"]
+           "check_runtime", "enable_checkpointing", "flash_attn_available", "make_optimizer", "paged_optimizer_path",
+           "resolve_attention", "resolve_mixed_precision"]
 
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 
@@ -78,6 +83,37 @@ def disable_checkpointing(model: torch.nn.Module) -> None:
     if getattr(base, "_lingoforge_use_cache", False):
         base.config.use_cache = True
         del base._lingoforge_use_cache
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """accelerate's ``mixed_precision`` value for ``setting`` on ``device``."""
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if setting == "fp16" and device.type != "cuda":
+        raise TrainingError(f"mixed_precision 'fp16' needs a CUDA device (running on {device.type}); "
+                            "use 'bf16' or 'no'")
+    if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("mixed_precision 'bf16' is not supported by this GPU; use 'fp16' or 'no'")
+    if setting == "bf16" and device.type == "cpu" and (problem := cpu_autocast_problem()):
+        raise TrainingError(f"mixed_precision 'bf16': {problem}; use 'no'")
+    return setting
+
+
+def make_optimizer(params: list[torch.nn.Parameter], hp: TrainerParams) -> torch.optim.Optimizer:
+    """AdamW over ``params``; matrices decay, vectors (biases, norms) do not."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if hp.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
+        try:
+            from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
+        except ImportError as exc:
+            raise TrainingError(f"optimizer {hp.optimizer!r} needs bitsandbytes ({exc}); "
+                                "install lingoforge[8bit] or use 'adamw'") from None
+        return (AdamW8bit if hp.optimizer == "adamw-8bit" else PagedAdamW8bit)(groups, lr=hp.lr)
+    return torch.optim.AdamW(groups, lr=hp.lr)
 
 
 def cpu_autocast_problem() -> str | None:

@@ -33,6 +33,7 @@ from engine import distributed, levers, tracking
 from engine.batching import IGNORE_INDEX, Batch
 from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
+from engine.levers import make_optimizer, resolve_mixed_precision
 from engine.packing import fit_packing, model_inputs
 from engine.params import NOT_IN_RESULT, TrainingParams
 from engine.slow_paths import auto_precision_path, loss_scaling_path
@@ -130,20 +131,6 @@ def training_dtype(context: StageContext) -> torch.dtype:
     return torch.float32 if context.runtime.dtype == "auto" else context.dtype
 
 
-def resolve_mixed_precision(setting: str, device: torch.device) -> str:
-    """accelerate's ``mixed_precision`` value for ``setting`` on ``device``."""
-    if setting == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if setting == "fp16" and device.type != "cuda":
-        raise TrainingError(f"mixed_precision 'fp16' needs a CUDA device (running on {device.type}); "
-                            "use 'bf16' or 'no'")
-    if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TrainingError("mixed_precision 'bf16' is not supported by this GPU; use 'fp16' or 'no'")
-    if setting == "bf16" and device.type == "cpu" and (problem := levers.cpu_autocast_problem()):
-        raise TrainingError(f"mixed_precision 'bf16': {problem}; use 'no'")
-    return setting
-
-
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate multiplier for 0-based ``step``: linear warmup, then decay."""
     if step < warmup:
@@ -154,23 +141,6 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(params: list[torch.nn.Parameter], hp: TrainerParams) -> torch.optim.Optimizer:
-    """AdamW over ``params``; matrices decay, vectors (biases, norms) do not."""
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if hp.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
-        try:
-            from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
-        except ImportError as exc:
-            raise TrainingError(f"optimizer {hp.optimizer!r} needs bitsandbytes ({exc}); "
-                                "install lingoforge[8bit] or use 'adamw'") from None
-        return (AdamW8bit if hp.optimizer == "adamw-8bit" else PagedAdamW8bit)(groups, lr=hp.lr)
-    return torch.optim.AdamW(groups, lr=hp.lr)
 
 
 def _accelerator(mixed_precision: str, device: torch.device) -> Any:
