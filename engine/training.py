@@ -65,7 +65,7 @@ class TrainerParams(TrainingParams):
         "`paged-adamw-8bit` also pages it to host memory when the GPU runs short (CUDA only; on the CPU "
         "it is adamw-8bit, said in report.json).")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute each decoder layer's activations in the backward pass instead of "
+        False, json_schema_extra=NOT_IN_RESULT, description="Recompute each decoder layer's activations in the backward pass instead of "
         "holding them (non-reentrant activation checkpointing): activation memory drops to about one "
         "layer's, for roughly one more forward pass of compute per step. Same loss and gradients.")
     packing: Literal["auto", "documents", "stream", "padded"] = Field(

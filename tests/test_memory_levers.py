@@ -99,6 +99,8 @@ def test_checkpointing_full_model_same_loss_and_trains(make_context, tiny_model,
     runs = _train_both(make_context, lambda: ctx.load_model(tiny_model, dtype=torch.float32),
                        tiny_tokenizer, text_file)
     _check_same_and_all_trained(runs)
+    # the same result, so toggling it reuses a cached stage output
+    assert _params(gradient_checkpointing=True).result_key() == _params().result_key()
 
 
 def test_checkpointing_lora_same_loss_and_trains(make_context, tiny_model, tiny_tokenizer, text_file):
