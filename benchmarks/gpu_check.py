@@ -205,11 +205,14 @@ def run_check(out_dir: Path, *, tiny: bool, time_limit: float = 420.0) -> dict[s
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     size = "gpu" if device.type == "cuda" else "tiny"
     names = ["1b", "8b-8l"] if size == "gpu" else ["tiny"]
+    if size == "tiny":  # tiny matmuls on a shared CPU: one thread keeps figures steady
+        torch.set_num_threads(1)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
     result: dict[str, Any] = {
         "size": size, "device": torch.cuda.get_device_name(0) if size == "gpu" else "cpu", "cpu": cpu,
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shapes": {}}
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+        "shapes": {}}
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
         for name in names:
