@@ -136,13 +136,17 @@ class TrainingBatches(Iterator[Batch]):
         :class:`TrainingError` then."""
         from engine.capabilities import packing_probe
 
-        if self._it is not None:
-            raise TrainingError("packing is settled before the first batch is drawn")
-        if self.packing == UNMASKED[self.format]:
+        if not self.packed:  # stream / padded asked for, or settled on already
             return False
         found = packing_probe(model)
         name = type(model).__name__
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if self._it is not None:  # drawn before (a second train() on the same batches)
+            if found is None:
+                raise TrainingError(f"{name} (attention {impl!r}) cannot keep packed documents apart, "
+                                    "and these batches were already drawn document-packed")
+            self.flatten = found == "flat"
+            return True
         if found is None and self.packing == "documents":
             raise TrainingError(
                 f"packing 'documents': {name} (attention {impl!r}) lets packed documents attend to "

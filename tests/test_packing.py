@@ -160,3 +160,13 @@ def test_training_packs_documents_by_default_and_counts_every_token(tiny_model, 
         k.startswith("packing") for k in context.stats.notes["slow_paths"])
     assert result.state.tokens == 3 * 2 * 16  # no padding, no attention mask to count from
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_batches_drawn_packed_are_refused_to_a_model_that_cannot_keep_documents_apart(
+        tiny_model, causal_only_model, tiny_tokenizer, text_file):
+    batches = training_batches(tiny_tokenizer, [DataSource(text_file)], seq_len=16, batch_size=2)
+    assert batches.settle(_load(tiny_model)) is True
+    next(batches)
+    assert batches.settle(_load(tiny_model)) is True  # a second train() on the same stream
+    with pytest.raises(TrainingError, match="already drawn document-packed"):
+        batches.settle(causal_only_model)
