@@ -2,10 +2,15 @@
 a 4-model merge on the GPU against the CPU, and scoring throughput, on random
 Llama-shape models (nothing is downloaded), through the engine's own code paths.
 
-The command to run on one lent GPU (about 5 minutes on an 80 GB card; writes
-``gpu_check.json`` and ``gpu_check.md`` into the folder given)::
+The command to run on one lent GPU (meant to end within 8 minutes: a shape not begun
+after ``--time-limit`` seconds is skipped, and said so; never timed on a GPU yet; writes
+``gpu_check.json`` and ``gpu_check.md`` into the folder given), from the repository
+root, in a Python with a CUDA build of torch and the project's dependencies (the
+``8bit`` extra included); the first part installs the engine itself without network::
 
-    python benchmarks/gpu_check.py --out "$OUT/gpu_check" --time-limit 420
+    python -c "import torch; assert torch.cuda.is_available(), torch.__version__" \
+      && pip install --no-deps --no-build-isolation -e . \
+      && python benchmarks/gpu_check.py --out "$OUT/gpu_check" --time-limit 420
 
 (``nox -s gpu`` runs the same.) On a machine without CUDA, or with ``--tiny``, the
 same code runs at tiny size on the CPU (tests/test_gpu_check.py does, in seconds):
