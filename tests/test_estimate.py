@@ -131,6 +131,9 @@ def test_validate_warns_with_numbers_and_lever(tiny_model, text_file, tmp_path, 
     assert main(["validate", str(path)]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "gradient_checkpointing" in err and "ok" in err
+    assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 0  # a warning, not an error
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "estimated peak memory" in err
     roomy = _recipe(tmp_path, tiny_model, text_file, 1000.0)
     assert plan_recipe(load_recipe(roomy, []), tmp_path, str(roomy)).warnings == []
 
