@@ -52,7 +52,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from engine import modelio, report, stage_cache, threads
+from engine import modelio, report, stage_cache, threads, token_cache
 from engine.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their home was here
     ARTIFACT_TYPES,
     LAYERS_FILE,
@@ -319,7 +319,7 @@ class Runner:
         sampler = MemorySampler()
         t0 = time.perf_counter()
         try:
-            with sampler, progress:
+            with sampler, progress, token_cache.reporting_to(context):
                 artifact = stage.registered.impl.run(context, self._inputs(stage), stage.params)
             _check_artifact(artifact, stage)
             wall = time.perf_counter() - t0

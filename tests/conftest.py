@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,19 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_token_cache(tmp_path_factory):
+    """Token-cache entries the suite builds go to a folder of its own (subprocesses inherit
+    the variable), not into the user's cache; the built-in world's cache stays shared."""
+    before = os.environ.get("LINGOFORGE_TOKEN_CACHE")
+    os.environ["LINGOFORGE_TOKEN_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LINGOFORGE_TOKEN_CACHE", None)
+    else:
+        os.environ["LINGOFORGE_TOKEN_CACHE"] = before
 
 
 # The builders and fixtures live in engine.testing (installed with the engine, its pytest

@@ -137,7 +137,7 @@ def test_training_batches_see_only_the_range(tmp_path, tiny_tokenizer):
     sft = _write_lines(tmp_path / "s.jsonl", [json.dumps({"prompt": f"question {i}", "response": f" {i}"})
                                               for i in range(10)])
     src = DataSource(path=sft, format="instructions", records="0:30%")
-    batches = training_batches(tiny_tokenizer, [src], seq_len=32, batch_size=4, seed=0)
+    batches = training_batches(tiny_tokenizer, [src], seq_len=32, batch_size=4, seed=0, packing="padded")
     seen = set()
     for _ in range(6):
         batch = next(batches)
