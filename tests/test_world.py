@@ -233,7 +233,10 @@ def test_cli_prints_hashes(cache, capsys):
 
 
 @pytest.mark.slow
-def test_full_base_model(cache):
+def test_full_base_model():
+    """The base model users get, from the shared world cache (the quickstart tests build or
+    reuse the same one): building a second world in a private cache only for this check
+    cost a full world build (about 6 minutes) in every fresh CI run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.world.pretrain import perplexity
