@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,29 +138,40 @@ def _finds_kept(model: torch.nn.Module, ids: torch.Tensor, full: torch.Tensor) -
     return kept.shape[1] == 1 and _close(kept[0, -1], full[0, -1])
 
 
-def probe(model: torch.nn.Module) -> Capabilities:
-    """The fast paths ``model`` supports, found by running it (remembered per model)."""
+def _remembered(table: weakref.WeakKeyDictionary, model: torch.nn.Module,
+                find: Callable[[torch.nn.Module], Any]) -> Any:
+    """``find(model)`` run once per model, in eval mode without autograd (the model's
+    training mode is restored), its answer kept in ``table``."""
     try:
-        return _PROBED[model]
+        return table[model]
     except (KeyError, TypeError):
         pass
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            ids = _probe_input(model)
-            full = model(input_ids=ids, use_cache=False).logits
-            found = _find_cache(model, ids, full)
-            caps = Capabilities(cache_argument=found[0] if found else None,
-                                cache_output=found[1] if found else None,
-                                logits_to_keep=_finds_kept(model, ids, full))
+            found = find(model)
     finally:
         model.train(was_training)
     try:
-        _PROBED[model] = caps
+        table[model] = found
     except TypeError:  # pragma: no cover - not weak-referenceable
         pass
-    return caps
+    return found
+
+
+def _find_capabilities(model: torch.nn.Module) -> Capabilities:
+    ids = _probe_input(model)
+    full = model(input_ids=ids, use_cache=False).logits
+    found = _find_cache(model, ids, full)
+    return Capabilities(cache_argument=found[0] if found else None,
+                        cache_output=found[1] if found else None,
+                        logits_to_keep=_finds_kept(model, ids, full))
+
+
+def probe(model: torch.nn.Module) -> Capabilities:
+    """The fast paths ``model`` supports, found by running it (remembered per model)."""
+    return _remembered(_PROBED, model, _find_capabilities)
 
 
 def _packing_rows(model: torch.nn.Module, docs: list[torch.Tensor], rows: list[list[int]]) -> bool:
@@ -191,24 +203,13 @@ def packing_probe(model: torch.nn.Module) -> str | None:
     batch is flattened into a single row (flash-attention). None: packed documents
     attend to each other; packing must fall back to masks or cross-document streams.
     """
-    try:
-        return _PACKING[model]
-    except (KeyError, TypeError):
-        pass
+    return _remembered(_PACKING, model, _find_packing)
+
+
+def _find_packing(model: torch.nn.Module) -> str | None:
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 4)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     docs = [(torch.tensor(d, dtype=torch.long) % vocab).to(device)
             for d in ([3, 5, 7, 11, 13], [17, 19, 23])]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            found = ("rows" if _packing_rows(model, docs, [[0, 1], [1, 0]])
-                     else "flat" if _packing_rows(model, docs, [[0, 1, 1, 0]]) else None)
-    finally:
-        model.train(was_training)
-    try:
-        _PACKING[model] = found
-    except TypeError:  # pragma: no cover - not weak-referenceable
-        pass
-    return found
+    return ("rows" if _packing_rows(model, docs, [[0, 1], [1, 0]])
+            else "flat" if _packing_rows(model, docs, [[0, 1, 1, 0]]) else None)
