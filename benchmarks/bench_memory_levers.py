@@ -40,6 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
+from engine.testing import saved_activation_bytes  # noqa: E402
+
 LAYERS, HIDDEN, VOCAB, INTER = 16, 256, 4096, 1024
 MB = 2 ** 20
 
@@ -63,19 +65,8 @@ def _reset_peak() -> None:
 def saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Bytes autograd holds for backward after one forward (one count per storage; the
     weights, which autograd saves too, are not counted)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    total = sum(seen.values())
-    loss.backward()
+    total, out = saved_activation_bytes(model, **batch)
+    out.loss.backward()
     model.zero_grad(set_to_none=True)
     return total
 

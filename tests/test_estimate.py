@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import estimate
 from engine.estimate import GiB, Shape, TrainSetup
+from engine.testing import saved_activation_bytes
 
 #: the formula counts the big tensors; the rest (rsqrt scalars, int64 ids, rotary tables)
 #: stays under this share of the total
@@ -28,20 +29,9 @@ def _model(h=128, i=352, layers=3, heads=4, kv=2, vocab=512, tied=False) -> Llam
 
 def saved_bytes(model: torch.nn.Module, batch: int, seq: int) -> int:
     """Bytes of the distinct non-parameter tensors a forward pass hands autograd to keep."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(seen.values())
+    return saved_activation_bytes(model, input_ids=ids, labels=ids)[0]
 
 
 @pytest.mark.parametrize("kw", [{}, {"kv": 4}, {"heads": 8, "h": 64, "i": 200}])

@@ -39,6 +39,7 @@ _WHERE: dict[str, str] = {
     "FAMILY_NAMES": "engine.testing.builders",
     "make_stage_context": "engine.testing.builders",
     "run_recipe": "engine.testing.recipes",
+    "saved_activation_bytes": "engine.testing.memory",
     "shared_family": "engine.testing.builders",
     "TINY_TEXT": "engine.testing.builders",
     "write_choice_file": "engine.testing.builders",
@@ -50,7 +51,7 @@ __all__ = [
     "FAMILY_NAMES", "TINY_TEXT", "ConformanceError", "ConformanceReport", "build_family",
     "build_tiny_llama", "build_tokenizer", "check_aligner", "check_evaluator",
     "check_layer_selector", "check_merge_method", "check_params", "check_plugin", "check_trainer",
-    "make_stage_context", "run_recipe", "shared_family", "write_choice_file",
+    "make_stage_context", "run_recipe", "saved_activation_bytes", "shared_family", "write_choice_file",
     "write_instructions_file", "write_text_file",
 ]
 
