@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from engine import __version__, cli_merge, cli_report
+from engine import __version__, cli_merge, cli_ops, cli_report
 from engine.errors import EngineError
 
 EXIT_USER_ERROR = 2
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a recipe value, e.g. stages.ct.params.steps=10 (repeatable)")
     run.add_argument("--no-cache", action="store_true", help="re-run stages even if their output is current")
+    cli_ops.add_run_flags(run)
 
     validate = sub.add_parser("validate", help="check a recipe without loading weights")
     validate.add_argument("recipe", type=Path)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_merge.add_parser(sub)
     cli_report.add_parser(sub)
+    cli_ops.add_parsers(sub)
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema (plugin params included)")
     schema.add_argument("--markdown", action="store_true", help="print the recipe reference instead")
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         return COMMANDS[args.command](args, console)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
+    except KeyboardInterrupt as exc:  # what was kept, and the command that resumes
+        cli_ops.print_interrupted(console, args, getattr(exc, "kept", None))
         return 130
     except EngineError as exc:
         if args.debug:
@@ -167,10 +169,17 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     plan = _plan(args.recipe, args.overrides)
     _warn(console, plan)
     workdir = args.workdir or Path("runs") / plan.recipe.name
-    args.output_dir = workdir  # named by a disk-full message
+    args.output_dir = workdir  # named by a disk-full message and by a Ctrl-C's resume command
+    selection = cli_ops.selection(plan, args)
+    if args.dry_run:
+        return cli_ops.dry_run(plan, args, workdir)
     console.print(f"[bold]lingoforge[/] running [cyan]{plan.recipe.name}[/] "
                   f"({len(plan.stages)} stages) into {workdir}", highlight=False)
-    report = Runner(plan, workdir, console=console, use_cache=not args.no_cache).run()
+    try:
+        report = Runner(plan, workdir, console=console, use_cache=not args.no_cache,
+                        selection=selection).run()
+    except cli_ops.run_status.MissingInputs as exc:
+        raise cli_ops.missing_inputs_error(exc, args, workdir) from None
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: the main process reports
         return 0
     out = Console()
@@ -219,7 +228,8 @@ def cmd_schema(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
-            "merge": cli_merge.cmd_merge, "report": cli_report.cmd_report}
+            "merge": cli_merge.cmd_merge, "report": cli_report.cmd_report,
+            "status": cli_ops.cmd_status, "cache": cli_ops.cmd_cache}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,11 @@
 """Runs a validated plan: stages in dependency order, outputs written atomically.
 
-Each stage writes into a temporary folder inside the workdir, which is renamed to
-``<workdir>/<stage name>/`` only when the stage succeeded, together with a small
-``.lingoforge-stage.json`` holding the stage's fingerprint and report record. A
-later run of the same recipe reuses an output whose fingerprint (plugin, params,
-inputs, data files, runtime) is unchanged: that is the report's cache hit.
+A stage writes into a temporary folder inside the workdir, renamed to the kept version
+``<workdir>/.stages/<stage>/<fingerprint>/`` (with ``.lingoforge-stage.json``: fingerprint,
+its components, record) only on success; ``<workdir>/<stage>`` then links to it
+(:mod:`engine.stage_cache`). A later run reuses any kept version whose fingerprint (plugin,
+params, inputs, data, runtime) matches: a cache hit, whose record keeps its original cost.
+``--only``/``--from`` and Ctrl-C: :mod:`engine.run_status`.
 
 Training checkpoints go to ``<workdir>/.checkpoints/<stage>/<fingerprint>/``, a
 place that survives a killed run, so running the recipe again resumes the stage;
@@ -52,7 +53,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from engine import modelio, report, stage_cache, threads, token_cache
+from engine import modelio, report, run_status, stage_cache, threads, token_cache
 from engine.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their home was here
     ARTIFACT_TYPES,
     LAYERS_FILE,
@@ -93,8 +94,12 @@ class Runner:
     """
 
     def __init__(self, plan: Plan, workdir: Path, console: Console | None = None,
-                 use_cache: bool = True, outputs: Mapping[str, Path] | None = None) -> None:
+                 use_cache: bool = True, outputs: Mapping[str, Path] | None = None,
+                 selection: run_status.Selection | None = None) -> None:
         self.plan = plan
+        self.selection = selection or run_status.Selection(plan)
+        self._needed = self.selection.needed()  # read by --only stages: served from the cache
+        self._active: tuple[str, Path | None, Any] | None = None  # running: for a Ctrl-C
         self.workdir = Path(workdir)
         self.console = console or Console(stderr=True)
         self.use_cache = use_cache
@@ -163,9 +168,15 @@ class Runner:
             init_process_group(self.plan.recipe.runtime.device)
         started = time.perf_counter()
         self._resolve_inputs()
-        for stage in self.plan.stages:
-            self.records.append(self._run_stage(stage))
-            self._write_report(time.perf_counter() - started, finished=False)
+        skip = run_status.prepare(self.plan, self.workdir, self.selection, self.fingerprints,
+                                  use_cache=self.use_cache, adopt=self.main)
+        try:
+            for stage in self.plan.stages:
+                if stage.name not in skip:
+                    self.records.append(self._run_stage(stage))
+                    self._write_report(time.perf_counter() - started, finished=False)
+        except KeyboardInterrupt as exc:
+            raise run_status.RunInterrupted(run_status.kept(self.workdir, self.records, self._active)) from exc
         result = self._write_report(time.perf_counter() - started, finished=True)
         if self.world > 1:  # every process returns the main process's report
             result = share(result if self.main else None)
@@ -177,6 +188,7 @@ class Runner:
     def _write_report(self, wall: float, *, finished: bool) -> dict[str, Any]:
         """Write report.json (main process only; others return the dict unwritten)."""
         result = report.run_report(self.plan, self.records, self.startup, wall, finished=finished)
+        result["reused_wall_time_s"] = run_status.reused_wall_time(self.records)
         if self.main:
             report.write_report(self.workdir, result)
         return result
@@ -289,10 +301,13 @@ class Runner:
     def _lead_stage(self, stage: PlannedStage) -> dict[str, Any]:
         name = stage.name
         final = self._final(name)
-        fingerprint = stage_cache.stage_fingerprint(stage, self.fingerprints)
+        components = stage_cache.stage_components(stage, self.fingerprints)
+        fingerprint = stage_cache.fingerprint_hash(components)
         self.fingerprints[name] = fingerprint
-        cached = (stage_cache.cached_record(final, fingerprint)
-                  if self.use_cache and stage.spec.cache else None)
+        versioned = name not in self.outputs  # a workdir stage: every version kept
+        reuse = name in self._needed or (self.use_cache and stage.spec.cache
+                                         and name not in self.selection.forced)
+        cached = stage_cache.lookup(self.workdir, name, fingerprint, final, versioned) if reuse else None
         if self.world > 1:
             share(cached is not None)
         artifact_type = STAGE_KINDS[stage.spec.stage].artifact
@@ -315,6 +330,7 @@ class Runner:
             checkpoint_dir=self.checkpoint_dir(name, fingerprint) if self._checkpoints else None,
         )
         call_observers("stage_started", context=context, stage=stage.spec)
+        self._active = (name, context.checkpoint_dir, stage.params)
         thread_plan = threads.apply_threads(stage.runtime.threads)
         sampler = MemorySampler()
         t0 = time.perf_counter()
@@ -326,9 +342,10 @@ class Runner:
             record = report.stage_record(stage, context, artifact, wall, sampler, fingerprint)
             record["threads"] = threads_record(thread_plan)
             artifact.save(tmp)
-            stage_cache.write_marker(tmp, fingerprint, record)
-            modelio.replace_dir(tmp, final)
+            stage_cache.write_marker(tmp, fingerprint, record, components, stage.spec.references())
+            stage_cache.commit(tmp, final, self.workdir if versioned else None, fingerprint)
             self._remove_checkpoints(name)
+            self._active = None
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, KeyboardInterrupt):

@@ -6,17 +6,31 @@ weight, field, size and mtime; ``records`` when set) and its runtime (threads, t
 and memory_gb excepted: they change speed or logging, not results). An input model's fingerprint is its path and the size
 and mtime of its top-level files.
 
-A finished stage folder holds :data:`STAGE_FILE`, ``{"fingerprint", "record"}``; a later
-run whose fingerprint for the stage is the same reuses the folder (a cache hit) and its
-saved record. Training checkpoints live in ``<workdir>/.checkpoints/<stage>/<fingerprint>/``
-until the stage's output is in place.
+A finished stage folder holds :data:`STAGE_FILE`, ``{"fingerprint", "components",
+"inputs", "created", "record"}``: the fingerprint, the dict it hashes (so ``engine status``
+can say *why* a stage is stale), the names of the inputs behind the input fingerprints, and
+the stage's report record; a later run whose fingerprint for the stage is the same reuses
+the folder (a cache hit) and its saved record.
+
+Every finished version of a workdir stage is kept, content-addressed:
+``<workdir>/.stages/<stage>/<fingerprint>/`` (:data:`STAGES_DIR`), and ``<workdir>/<stage>``
+is a relative symlink to the current one (``.stages/<stage>/<fingerprint>``), swapped
+atomically (a new link renamed over the old one), so that path stays a plain Hugging Face
+folder for every reader. A version folder is renamed into place complete, then the link is
+switched: a kill between the two leaves the version kept and the link on the previous one,
+and the next run re-links it as a cache hit. A stage folder of the older layout (a real
+folder holding a marker) is adopted into ``.stages`` on the next run. Versions stay until
+``engine cache prune``. Training checkpoints live in
+``<workdir>/.checkpoints/<stage>/<fingerprint>/`` until the stage's output is in place.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,13 +43,16 @@ if TYPE_CHECKING:
 _NOT_RESULTS = frozenset({"threads", "log_with", "memory_gb"})
 
 __all__ = [
-    "CHECKPOINTS_DIR", "STAGE_FILE", "cached_record", "checkpoint_dir", "data_key",
-    "fingerprint_hash", "model_fingerprint", "remove_checkpoints", "remove_stale_temporaries",
-    "stage_fingerprint", "write_marker",
+    "CHECKPOINTS_DIR", "STAGES_DIR", "STAGE_FILE", "Version", "adopt_legacy", "cached_record",
+    "checkpoint_dir", "commit", "current_fingerprint", "data_key", "fingerprint_hash",
+    "lookup", "make_current", "model_fingerprint", "read_marker", "remove_checkpoints",
+    "remove_stale_temporaries", "stage_components", "stage_fingerprint", "version_dir",
+    "versions", "write_marker",
 ]
 
 STAGE_FILE = ".lingoforge-stage.json"
 CHECKPOINTS_DIR = ".checkpoints"
+STAGES_DIR = ".stages"
 
 
 def fingerprint_hash(obj: Any) -> str:
@@ -75,8 +92,13 @@ def data_key(d: DataSource) -> dict[str, Any]:
 
 def stage_fingerprint(stage: PlannedStage, fingerprints: Mapping[str, str]) -> str:
     """The fingerprint of ``stage``, given the fingerprints of everything it references."""
+    return fingerprint_hash(stage_components(stage, fingerprints))
+
+
+def stage_components(stage: PlannedStage, fingerprints: Mapping[str, str]) -> dict[str, Any]:
+    """What :func:`stage_fingerprint` hashes, as a dict (kept in the marker)."""
     refs = {k: [fingerprints[r] for r in v] for k, v in stage.spec.references().items()}
-    return fingerprint_hash({
+    return {
         "stage": stage.spec.stage,
         "plugin": stage.spec.plugin,
         "params": stage.params.result_key(),
@@ -84,30 +106,164 @@ def stage_fingerprint(stage: PlannedStage, fingerprints: Mapping[str, str]) -> s
         "data": [data_key(d) for d in stage.data],
         # thread counts change speed, not what a stage computes: not part of the key
         "runtime": {k: v for k, v in vars(stage.runtime).items() if k not in _NOT_RESULTS},
-    })
+    }
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a finished stage folder; None when absent or unreadable."""
+    marker = Path(folder) / STAGE_FILE
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) and "fingerprint" in saved else None
 
 
 def cached_record(final: Path, fingerprint: str) -> dict[str, Any] | None:
     """The saved record of the finished stage folder ``final`` when its marker holds
     ``fingerprint`` (``output`` set to ``final``); None when absent, unreadable or stale."""
-    marker = Path(final) / STAGE_FILE
-    if not marker.is_file():
-        return None
-    try:
-        saved = json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return None
-    if saved.get("fingerprint") != fingerprint:
+    saved = read_marker(final)
+    if saved is None or saved.get("fingerprint") != fingerprint:
         return None
     record = dict(saved["record"])
     record["output"] = str(final)
     return record
 
 
-def write_marker(folder: Path, fingerprint: str, record: dict[str, Any]) -> None:
-    """Mark a stage folder (still temporary) as the output of ``fingerprint``."""
-    (Path(folder) / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "record": record},
-                                                      indent=2, default=str))
+def write_marker(folder: Path, fingerprint: str, record: dict[str, Any],
+                 components: dict[str, Any] | None = None,
+                 inputs: dict[str, list[str]] | None = None) -> None:
+    """Mark a stage folder (still temporary) as the output of ``fingerprint``; ``components``
+    (what the fingerprint hashes) and ``inputs`` (the referenced names) let ``engine status``
+    explain a later difference."""
+    saved = {"fingerprint": fingerprint, "components": components, "inputs": inputs,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "record": record}
+    (Path(folder) / STAGE_FILE).write_text(json.dumps(saved, indent=2, default=str))
+
+
+# --- kept versions ---------------------------------------------------------------------------
+
+
+class Version:
+    """One kept version of a stage: its folder, marker and whether it is current."""
+
+    def __init__(self, folder: Path, marker: dict[str, Any], current: bool) -> None:
+        self.folder, self.marker, self.current = folder, marker, current
+        self.fingerprint: str = marker["fingerprint"]
+
+    @property
+    def created(self) -> str:
+        return self.marker.get("created") or time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.folder.stat().st_mtime))
+
+    @property
+    def wall_time_s(self) -> float | None:
+        return (self.marker.get("record") or {}).get("wall_time_s")
+
+    def size(self) -> int:
+        """Bytes of the files in the folder (links not followed)."""
+        total = 0
+        for root, _, files in os.walk(self.folder):
+            total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+        return total
+
+
+def version_dir(workdir: Path, name: str, fingerprint: str) -> Path:
+    """Where version ``fingerprint`` of stage ``name`` is kept."""
+    return Path(workdir) / STAGES_DIR / name / fingerprint
+
+
+def _link_target(name: str, fingerprint: str) -> str:
+    return os.path.join(STAGES_DIR, name, fingerprint)
+
+
+def current_fingerprint(workdir: Path, name: str) -> str | None:
+    """The fingerprint ``<workdir>/<name>`` holds now (a link's or an older layout folder's)."""
+    link = Path(workdir) / name
+    if link.is_symlink():
+        target = Path(os.readlink(link))
+        return target.name if (link / STAGE_FILE).is_file() else None
+    saved = read_marker(link) if link.is_dir() else None
+    return saved["fingerprint"] if saved else None
+
+
+def versions(workdir: Path, name: str) -> list[Version]:
+    """Every finished version of stage ``name`` kept in ``workdir``, oldest first (an older
+    layout folder at ``<workdir>/<name>`` counts as the current one)."""
+    found: list[Version] = []
+    current = current_fingerprint(workdir, name)
+    root = Path(workdir) / STAGES_DIR / name
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        saved = read_marker(folder) if not folder.name.startswith(".") else None
+        if saved is not None and saved["fingerprint"] == folder.name:
+            found.append(Version(folder, saved, folder.name == current))
+    legacy = Path(workdir) / name
+    if not legacy.is_symlink() and current is not None and not any(v.current for v in found):
+        found.append(Version(legacy, read_marker(legacy) or {}, True))
+    return sorted(found, key=lambda v: v.created)
+
+
+def make_current(workdir: Path, name: str, fingerprint: str) -> None:
+    """Point ``<workdir>/<name>`` at the kept version ``fingerprint`` (atomic rename of a new
+    link over the old one; a real folder there without a marker is replaced)."""
+    link = Path(workdir) / name
+    target = _link_target(name, fingerprint)
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    tmp = Path(workdir) / f".{name}.tmp-link-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    trash = None
+    if link.is_dir() and not link.is_symlink():  # a folder of no kept version: replaced
+        trash = Path(workdir) / f".{name}.tmp-old-{os.getpid()}"
+        os.replace(link, trash)
+    os.replace(tmp, link)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def commit(tmp: Path, final: Path, workdir: Path | None, fingerprint: str) -> None:
+    """Move the finished temporary folder ``tmp`` into place: with a ``workdir``, kept as
+    version ``fingerprint`` of stage ``final.name`` and made current; without, renamed to
+    ``final`` (a folder of the caller's choosing, ``engine merge --out``)."""
+    from engine.modelio import replace_dir
+
+    if workdir is None:
+        replace_dir(Path(tmp), Path(final))
+        return
+    folder = version_dir(workdir, Path(final).name, fingerprint)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir(Path(tmp), folder)
+    make_current(workdir, Path(final).name, fingerprint)
+
+
+def lookup(workdir: Path, name: str, fingerprint: str, final: Path,
+           versioned: bool) -> dict[str, Any] | None:
+    """The saved record of the kept version ``fingerprint`` of a stage, made current
+    (``versioned``: a workdir stage), or of the folder ``final`` (not versioned); None
+    when there is none."""
+    if not versioned:
+        return cached_record(final, fingerprint)
+    record = cached_record(version_dir(workdir, name, fingerprint), fingerprint)
+    if record is not None:
+        make_current(workdir, name, fingerprint)
+        record["output"] = str(final)
+    return record
+
+
+def adopt_legacy(workdir: Path, name: str) -> None:
+    """Move an older layout's stage folder (a real folder with a marker) into ``.stages``."""
+    folder = Path(workdir) / name
+    saved = read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+    if saved is None:
+        return
+    kept = version_dir(workdir, name, saved["fingerprint"])
+    if kept.is_dir():  # the same version is kept already: the copy goes
+        make_current(workdir, name, saved["fingerprint"])
+        return
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, kept)
+    make_current(workdir, name, saved["fingerprint"])
 
 
 def checkpoint_dir(workdir: Path, name: str, fingerprint: str) -> Path:
@@ -131,5 +287,7 @@ def remove_stale_temporaries(workdir: Path) -> None:
     stage marker), but they take disk space. One run per workdir at a time.
     """
     for item in Path(workdir).glob(".*.tmp-*"):
-        if item.is_dir():
+        if item.is_symlink():  # an unfinished link switch
+            item.unlink(missing_ok=True)
+        elif item.is_dir():
             shutil.rmtree(item, ignore_errors=True)

@@ -430,6 +430,7 @@ def test_a_symlinked_stage_folder_is_replaced_not_followed(tmp_path, tiny_model,
                "--workdir", work).rc == 0
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
     assert (outside / "precious.txt").read_text() == "keep me"
-    assert (work / "copied").is_dir() and not (work / "copied").is_symlink()
+    # the stage folder now links to its kept version inside the workdir, not outside
+    assert (work / "copied").resolve().parent == (work / ".stages" / "copied").resolve()
     assert (work / "copied" / "model.safetensors").is_file()
     assert not [p for p in work.iterdir() if p.name.startswith(".copied.")]

@@ -63,7 +63,10 @@ def test_run_writes_outputs_and_report(recipe, tmp_path):
         assert key in rec
     assert rec["tokens"] == 7 and rec["cache"] == "miss"
     assert report["stages"][2]["metrics"]["base"]["lines"] > 0
-    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+    # nothing hidden but the kept versions; each stage folder links to its current one
+    assert [p.name for p in work.iterdir() if p.name.startswith(".")] == [".stages"]
+    assert (work / "adapted").is_symlink() and (work / "adapted").resolve().parent == \
+        (work / ".stages" / "adapted").resolve()
 
 
 def test_second_run_hits_the_cache_until_something_changes(recipe, tmp_path):
@@ -81,8 +84,8 @@ def test_failed_stage_leaves_no_output_and_names_the_stage(recipe, tmp_path):
     with pytest.raises(StageFailed, match="stage 'adapted' \\(copy-model\\) failed: RuntimeError: asked to fail"):
         run(recipe, work, ["stages.adapted.params.fail=true"])
     assert (work / "picked").is_dir()
-    assert not (work / "adapted").exists()
-    assert not [p for p in work.iterdir() if p.name.startswith(".") and p.is_dir()]
+    assert not (work / "adapted").exists() and not (work / ".stages" / "adapted").exists()
+    assert [p.name for p in work.iterdir() if p.name.startswith(".") and p.is_dir()] == [".stages"]
     report = json.loads((work / "report.json").read_text())
     assert report["finished"] is False and [r["name"] for r in report["stages"]] == ["picked"]
 
