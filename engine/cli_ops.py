@@ -115,7 +115,7 @@ def missing_inputs_error(exc: run_status.MissingInputs, args: argparse.Namespace
                          workdir: Path) -> RecipeError:
     """The ``--only`` refusal, ending with the command that produces the missing inputs."""
     cmd = _base_command(args, workdir)
-    for name in exc.inputs:
+    for name in exc.produce or exc.inputs:
         cmd += ["--only", name]
     return RecipeError(f"{exc}\nproduce it first: {shlex.join(cmd)}")
 

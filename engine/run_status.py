@@ -55,8 +55,10 @@ class RunInterrupted(KeyboardInterrupt):
 class MissingInputs(RecipeError):
     """``--only`` stages read stages that have no kept version for this recipe."""
 
-    def __init__(self, missing: dict[str, list[str]], reasons: dict[str, str]) -> None:
-        self.missing, self.reasons = missing, reasons
+    def __init__(self, missing: dict[str, list[str]], reasons: dict[str, str],
+                 produce: list[str] | None = None) -> None:
+        #: the stages to run (in order) so that every missing input is kept
+        self.missing, self.reasons, self.produce = missing, reasons, produce or []
         lines = [f"--only {stage}: input {inp!r} has no cached version for this recipe"
                  f" ({reasons.get(inp, 'never run')})"
                  for stage, inputs in missing.items() for inp in inputs]
@@ -158,7 +160,8 @@ def plan_status(plan: Plan, workdir: Path, selection: Selection | None = None, *
             missing = [r for v in stage.spec.references().values() for r in v if fps.get(r) is None]
             reasons.append("input " + ", ".join(missing) + " not there yet")
         if selection.only is not None and stage.name not in selection.only:
-            action = "reuse" if stage.name in needed else "skip"
+            action = "skip" if stage.name not in needed else (
+                "reuse" if state in ("up to date", "available") else "missing")
         elif stage.name in selection.forced:
             action, reasons = "run", [*reasons, "forced by --from"]
         elif not use_cache or not stage.spec.cache:
@@ -183,7 +186,13 @@ def check_only_inputs(statuses: list[StageStatus], selection: Selection) -> None
     if missing:
         reasons = {n: f"{by_name[n].state}: {'; '.join(by_name[n].reasons)}" if by_name[n].reasons
                    else by_name[n].state for n in needed}
-        raise MissingInputs(missing, reasons)
+        wanted = {i for v in missing.values() for i in v}
+        for stage in reversed(selection.plan.stages):  # and what they need that is not kept
+            if stage.name in wanted:
+                wanted |= {r for v in stage.spec.references().values() for r in v if r in by_name
+                           and by_name[r].state not in ("up to date", "available")}
+        produce = [s.name for s in selection.plan.stages if s.name in wanted]
+        raise MissingInputs(missing, reasons, produce)
 
 
 # --- why a stage is stale --------------------------------------------------------------------
@@ -264,7 +273,7 @@ def format_status(statuses: list[StageStatus]) -> list[str]:
     lines = []
     for s in statuses:
         why = f": {'; '.join(s.reasons)}" if s.reasons else ""
-        lines.append(f"{s.name:<{width}}  {s.state:<10}  {s.action:<5}  ({s.plugin}){why}")
+        lines.append(f"{s.name:<{width}}  {s.state:<10}  {s.action:<7}  ({s.plugin}){why}")
     run = [s.name for s in statuses if s.action == "run"]
     lines.append("would run: " + (", ".join(run) if run else "nothing (everything is cached)"))
     return lines

@@ -87,7 +87,7 @@ def test_status_never_run_up_to_date_available_and_why_stale(recipe, tmp_path, c
     assert st["by"]["scores"]["reasons"][-1] == "data lum.txt changed (weight 1.0 -> 2.0)"
     assert main(["status", str(recipe), "--workdir", str(work)]) == 0
     text = capsys.readouterr().out
-    assert "ct      stale       run    (ct): params.steps 3 -> 2; data lum.txt changed" in text
+    assert "ct      stale       run      (ct): params.steps 3 -> 2; data lum.txt changed" in text
     assert text.strip().endswith("would run: ct, scores")
 
 
@@ -106,7 +106,7 @@ def test_dry_run_prints_the_status_and_writes_nothing(recipe, tmp_path, capsys):
     rc, out, _ = engine_run(capsys, recipe, work, "--dry-run", "--set", "stages.ct.params.steps=3")
     assert rc == 0 and "params.steps 2 -> 3" in out and "would run: ct, scores" in out
     rc, out, _ = engine_run(capsys, recipe, work, "--dry-run", "--from", "scores")
-    assert "scores  up to date  run    (line-count): forced by --from" in out
+    assert "scores  up to date  run      (line-count): forced by --from" in out
     assert out.strip().endswith("would run: scores")
     assert _tree(work) == before
 
