@@ -163,7 +163,6 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     _quiet_libraries()
-    from engine.report import metrics_table, stages_table
     from engine.runner import Runner
 
     plan = _plan(args.recipe, args.overrides)
@@ -182,12 +181,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         raise cli_ops.missing_inputs_error(exc, args, workdir) from None
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: the main process reports
         return 0
-    out = Console()
-    out.print(stages_table(report))
-    table = metrics_table(report)
-    if table is not None:
-        out.print(table)
-    out.print(f"report: {workdir / 'report.json'}  ({report['wall_time_s']:.1f}s)", highlight=False)
+    cli_report.finish_run(report, workdir, args.recipe, console)  # summary, report.md, charts
     return 0
 
 

@@ -58,9 +58,34 @@ def stage_record(stage: PlannedStage, context: StageContext, artifact: Artifact,
     if isinstance(artifact, LayerSelection):
         record["notes"].setdefault("layers", artifact.indices)
         record["notes"].setdefault("explanation", artifact.explanation)
-    if isinstance(artifact, MetricsArtifact) and artifact.errors:
-        record["errors"] = artifact.errors
+    if isinstance(artifact, MetricsArtifact):
+        if artifact.errors:
+            record["errors"] = artifact.errors
+        # what the summary's intervals rest on (engine.summary): items or tokens per value,
+        # standard errors an evaluator gives, chance accuracy of choice tasks
+        for key in ("counts", "stderr", "chance"):
+            value = getattr(artifact, key, None)
+            if value:
+                record[key] = value
     return record
+
+
+def lineage(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Per stage: its kind, its inputs (models, base, layers) and its data's languages
+    with their weights. The summary groups methods by language and sums a method's cost
+    over its stages with it (it is rebuilt from the plan on every run, so a cached
+    stage's record needs none of it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in plan.stages:
+        spec = s.spec
+        inputs = [x for x in (spec.model, *(spec.models or []), spec.base, spec.layers) if x]
+        languages: dict[str, float] = {}
+        for d in s.data:
+            if d.language:
+                languages[d.language] = languages.get(d.language, 0.0) + float(d.weight)
+        out[s.name] = {"stage": spec.stage, "plugin": spec.plugin, "inputs": inputs,
+                       "languages": languages}
+    return out
 
 
 def run_report(plan: Plan, records: list[dict[str, Any]], startup: dict[str, Any], wall: float,
@@ -81,6 +106,8 @@ def run_report(plan: Plan, records: list[dict[str, Any]], startup: dict[str, Any
         "threads": {"recipe": plan.recipe.runtime.threads,
                     "cpus_available": threads.available_cpus()},
         "startup": startup,
+        "models": sorted(plan.recipe.models),
+        "lineage": lineage(plan),
         "stages": records,
     }
 
@@ -174,25 +201,39 @@ def best_values(rows: dict[str, dict[str, Any]], columns: Iterable[str]) -> dict
     return best
 
 
+def legend(columns: Iterable[str]) -> str:
+    """How to read a metrics table: the arrows, and the reference of retention and delta
+    metrics only when such a column is shown."""
+    parts = ["↓ lower is better, ↑ higher"]
+    kinds = {c.partition("/")[0] for c in columns}
+    if any(k.startswith("retention") for k in kinds):
+        parts.append("retention 1.0 = reference kept")
+    if any(k.startswith("delta") for k in kinds):
+        parts.append("delta 0.0 = reference kept")
+    return "; ".join(parts)
+
+
 def metrics_table(report: dict[str, Any]) -> Table | None:
-    """Models as rows, metrics as columns grouped by language; best per column in bold
-    green with ``*``; each header says which way is better."""
-    rows = collect_metrics(report)
+    """Models as rows, metrics as columns grouped by language; each header says which way
+    is better. A column's best value is bold with ``*`` only when it beats the runner-up
+    outside the noise (:func:`engine.summary.compare`)."""
+    from engine.summary import compare, gather
+
+    evidence = gather(report)
+    rows = evidence.values
     if not rows:
         return None
     columns = order_columns(m for values in rows.values() for m in values)
-    best = best_values(rows, columns)
-    table = Table(title="metrics (best per column: bold *; ↓ lower is better, ↑ higher; "
-                        "retention 1.0 / delta 0.0 = reference kept)", title_justify="left")
+    winners = {c: comp.winner for c in columns if (comp := compare(evidence, c, list(rows)))}
+    table = Table(title=f"metrics (* best outside the noise; {legend(columns)})", title_justify="left")
     table.add_column("model")
     for col in columns:
         table.add_column(f"{col} {direction(col)}", justify="right")
     for model, values in rows.items():
         cells = []
         for col in columns:
-            v = values.get(col)
-            text = format_number(v, 4)
-            if v is not None and col in best and v == best[col]:
+            text = format_number(values.get(col), 4)
+            if winners.get(col) == model:
                 text = f"[bold green]{text}*[/]"
             cells.append(text)
         table.add_row(model, *cells)

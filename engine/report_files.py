@@ -1,45 +1,39 @@
-"""``engine report``: a run folder turned into report.md and PNG charts.
+"""``engine report`` (and the end of ``engine run``): a run folder turned into report.md
+and SVG charts.
 
-A team deciding which model to ship needs, on one page: every model's scores per
-language with the best marked, what each stage cost (wall time, trainable and forward
-parameters), and whether training converged (loss curves). Everything is read back
-from the run folder (report.json, each evaluate stage's metrics.json, each training
-stage's train_log.jsonl), so a report can be made for any finished or interrupted run,
-on another machine, without loading a model.
+A team deciding which model to ship needs, on one page: what the run found in words
+(:mod:`engine.summary`: cost per method, deltas against the base with their intervals,
+winners only outside the noise), every model's scores per language, what each stage
+cost (wall time, trainable and forward parameters), and whether training converged
+(loss curves against steps, tokens and seconds). Everything is read back from the run
+folder (report.json, each evaluate stage's metrics.json, each training stage's
+train_log.jsonl), so a report can be made for any finished or interrupted run, on
+another machine, without loading a model.
 
-Charts need matplotlib (the ``lingoforge[report]`` extra) and use the Agg backend (no
-display). Without it, report.md is still written, without images, and
-:data:`ChartsUnavailable` says why.
+Charts are SVG written by :mod:`engine.svg_charts` (nothing to install). Every report
+replaces the previous one whole: report.md atomically, the ``report/`` chart folder by
+a freshly written one, so no chart of an earlier run is left behind.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import svg_charts
 from engine.errors import EngineError
-from engine.report import (
-    best_values,
-    direction,
-    format_number,
-    format_params,
-    lower_is_better,
-    metric_language,
-    order_columns,
-)
+from engine.report import direction, format_number, format_params, legend, order_columns
+from engine.summary import Evidence, compare, gather, summarize
 
 REPORT_MD = "report.md"
 CHART_DIR = "report"
 LOG_FILE = "train_log.jsonl"
-#: perplexity-like values spanning more than this factor get a log axis
-LOG_SCALE_RATIO = 20.0
-
-
-class ChartsUnavailable(RuntimeError):
-    """matplotlib is not installed: report.md is written without charts."""
+CHARTS = ("metrics", "cost", "loss")
 
 
 @dataclass
@@ -63,6 +57,11 @@ class RunData:
             for model, values in per_model.items():
                 rows.setdefault(model, {}).update(values)
         return rows
+
+    @property
+    def evidence(self) -> Evidence:
+        """Values, counts, standard errors and chance levels (:func:`engine.summary.gather`)."""
+        return gather(self.report, self.folder)
 
 
 def load_run(folder: Path) -> RunData:
@@ -90,7 +89,11 @@ def load_run(folder: Path) -> RunData:
             run.errors[name] = data.get("_errors", {})
         log = out / LOG_FILE
         if log.is_file():
-            run.logs[name] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            try:
+                run.logs[name] = [json.loads(line) for line in log.read_text().splitlines()
+                                  if line.strip()]
+            except json.JSONDecodeError as exc:
+                raise EngineError(f"{log}: not valid JSON lines ({exc})") from None
     return run
 
 
@@ -114,20 +117,25 @@ def _table(header: list[str], rows: list[list[str]], align: list[str]) -> list[s
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def metrics_markdown(metrics: dict[str, dict[str, float]], counts: dict[str, dict[str, int]]) -> list[str]:
-    """Models as rows, metrics grouped by language; best per column in bold."""
+def metrics_markdown(metrics: dict[str, dict[str, float]], counts: dict[str, dict[str, int]],
+                     evidence: Evidence | None = None) -> list[str]:
+    """Models as rows, metrics grouped by language; a column's best in bold only when it
+    beats the runner-up outside the noise (``evidence`` gives the intervals)."""
     columns = order_columns(m for v in metrics.values() for m in v)
-    best = best_values(metrics, columns)
+    ev = evidence or Evidence(values=metrics, counts=counts)
+    winners = {c: comp.winner for c in columns if (comp := compare(ev, c, list(metrics)))}
     rows = []
     for model, values in metrics.items():
         cells = [model]
         for col in columns:
-            v = values.get(col)
-            text = _format4(v)
-            cells.append(f"**{text}**" if v is not None and best.get(col) == v else text)
+            text = _format4(values.get(col))
+            cells.append(f"**{text}**" if winners.get(col) == model else text)
         rows.append(cells)
     lines = _table(["model", *(f"{c} {direction(c)}" for c in columns)], rows,
                    ["l", *["r"] * len(columns)])
+    chance = {c: ev.chance[c] for c in columns if c in ev.chance}
+    if chance:
+        lines += ["", "Chance level: " + ", ".join(f"{c} {v:g}" for c, v in chance.items()) + "."]
     n = {c: sorted({cnt.get(c) for cnt in counts.values() if cnt.get(c) is not None}) for c in columns}
     based = ", ".join(f"{c}: {'/'.join(_format4(x) for x in v)}" for c, v in n.items() if v)
     if based:
@@ -135,8 +143,9 @@ def metrics_markdown(metrics: dict[str, dict[str, float]], counts: dict[str, dic
     return lines
 
 
-def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = None) -> Path:
-    """Write ``<run>/report.md``; chart paths are linked relative to the run folder."""
+def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = None,
+                   recipe: str | None = None) -> Path:
+    """Write ``<run>/report.md`` atomically; chart paths are linked relative to the run folder."""
     r = run.report
     lines = [f"# Run report: {r.get('recipe', run.folder.name)}", "",
              f"- run folder: `{run.folder}`",
@@ -145,21 +154,24 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
              f"torch {r.get('torch', '-')}", ""]
     if note:
         lines += [f"> {note}", ""]
+    lines += [summarize(r, run.folder, recipe=recipe or r.get("source")).markdown(), ""]
+    evidence = run.evidence
+    columns = order_columns(m for v in run.all_metrics.values() for m in v)
     lines += ["## Scores", "",
-              "↓ lower is better (ppl, bpb), ↑ higher is better (acc, acc_norm, and retention: "
-              "`retention_*` = reference / model, 1.0 = kept; `delta_*` = model - reference, "
-              "0.0 = kept). Best per column in bold.", ""]
+              f"{legend(columns)}. A column's best is bold only when it beats the runner-up "
+              "outside the noise (95% interval of the difference excludes zero).", ""]
     if not run.metrics:
         lines += ["No evaluate stage in this run.", ""]
     for stage, metrics in run.metrics.items():
-        lines += [f"### {stage}", ""] + metrics_markdown(metrics, run.counts.get(stage, {})) + [""]
+        lines += [f"### {stage}", ""] + metrics_markdown(metrics, run.counts.get(stage, {}), evidence) + [""]
         for model, why in run.errors.get(stage, {}).items():
             lines.append(f"- **{model} not scored**: {why}")
         if run.errors.get(stage):
             lines.append("")
     if "metrics" in charts:
-        lines += [f"![metrics per model and language]({_rel(charts['metrics'], run.folder)})", ""]
-    lines += ["## Cost per stage", ""]
+        lines += [f"![scores per model and language]({_rel(charts['metrics'], run.folder)})", ""]
+    lines += ["## Cost per stage", "",
+              "A cached stage's time is that of the run that made the output it reuses.", ""]
     rows = [[s["name"], s.get("plugin", "-"), _format4(s.get("wall_time_s")), _format4(s.get("tokens")),
              _format4(s.get("tokens_per_s")), format_params(s.get("trainable_params")),
              format_params(s.get("forward_params")), _format4(s.get("peak_rss_mb")), s.get("cache", "-")]
@@ -167,7 +179,7 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
     lines += _table(["stage", "plugin", "time s", "tokens", "tokens/s", "trainable", "forward",
                      "peak MB", "cache"], rows, ["l", "l", "r", "r", "r", "r", "r", "r", "l"]) + [""]
     if "cost" in charts:
-        lines += [f"![training cost per stage]({_rel(charts['cost'], run.folder)})", ""]
+        lines += [f"![cost per stage]({_rel(charts['cost'], run.folder)})", ""]
     if run.logs:
         lines += ["## Training", ""]
         rows = []
@@ -178,10 +190,30 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
         lines += _table(["stage", "steps", "first loss", "last loss", "min loss"], rows,
                         ["l", "r", "r", "r", "r"]) + [""]
         if "loss" in charts:
-            lines += [f"![training loss curves]({_rel(charts['loss'], run.folder)})", ""]
+            lines += [f"![training loss against steps, tokens and seconds]"
+                      f"({_rel(charts['loss'], run.folder)})", ""]
     out = run.folder / REPORT_MD
-    out.write_text("\n".join(lines))
+    _replace_file(out, "\n".join(lines))
     return out
+
+
+def _replace_file(path: Path, content: str) -> None:
+    """Write ``path`` through a temporary file renamed over it (never half a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(content)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _rel(path: Path, folder: Path) -> str:
@@ -194,148 +226,65 @@ def _rel(path: Path, folder: Path) -> str:
 # --- charts -----------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ChartsUnavailable("matplotlib is not installed; charts skipped "
-                                "(pip install 'lingoforge[report]')") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_charts(run: RunData, out_dir: Path) -> dict[str, Path]:
-    """PNG charts into ``out_dir``: ``metrics``, ``cost`` and ``loss`` (each when it has data)."""
-    plt = _pyplot()
+    """SVG charts into ``out_dir``: ``metrics``, ``cost`` and ``loss`` (each when it has data)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     charts: dict[str, Path] = {}
-    rows = run.all_metrics
-    if rows:
-        charts["metrics"] = _metrics_chart(plt, rows, out_dir / "metrics.png")
+    evidence = run.evidence
+    if evidence.values:
+        columns = order_columns(m for v in evidence.values.values() for m in v)
+        winners = {c: comp.winner for c in columns
+                   if (comp := compare(evidence, c, list(evidence.values)))}
+        charts["metrics"] = svg_charts.metrics_svg(evidence, out_dir / "metrics.svg", winners)
     if run.report.get("stages"):
-        charts["cost"] = _cost_chart(plt, run.report["stages"], out_dir / "cost.png")
+        charts["cost"] = svg_charts.cost_svg(run.report["stages"], out_dir / "cost.svg")
     if any(run.logs.values()):
-        charts["loss"] = _loss_chart(plt, run.logs, out_dir / "loss.png")
+        charts["loss"] = svg_charts.loss_svg(run.logs, out_dir / "loss.svg")
     return charts
 
 
-def _metrics_chart(plt: Any, rows: dict[str, dict[str, float]], path: Path) -> Path:
-    """One panel per metric kind; languages on x, one bar per model; best bar outlined."""
-    kinds = sorted({m.partition("/")[0] for v in rows.values() for m in v})
-    models = list(rows)
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(7.0, 1.2 * len(models) + 4), 3.2 * len(kinds)),
-                             squeeze=False)
-    colors = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
-    for ax, kind in zip(axes[:, 0], kinds, strict=True):
-        cols = order_columns(m for v in rows.values() for m in v if m.partition("/")[0] == kind)
-        langs = [metric_language(c) or kind for c in cols]
-        best = best_values(rows, cols)
-        width = 0.8 / len(models)
-        values = [v for m in models for c in cols if isinstance(v := rows[m].get(c), (int, float))
-                  and math.isfinite(v)]
-        for k, model in enumerate(models):
-            xs, ys, edges = [], [], []
-            for j, col in enumerate(cols):
-                v = rows[model].get(col)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    xs.append(j - 0.4 + width * (k + 0.5))
-                    ys.append(v)
-                    edges.append("black" if v == best.get(col) else "none")
-            bars = ax.bar(xs, ys, width=width * 0.95, color=colors(k), label=model,
-                          edgecolor=edges, linewidth=1.5)
-            if len(models) * len(cols) <= 24:
-                ax.bar_label(bars, labels=[f"{y:.3g}" if abs(y) < 1e3 else f"{y:,.0f}" for y in ys],
-                             fontsize=7, padding=1)
-        positive = [v for v in values if v > 0]
-        if lower_is_better(kind) and positive and max(positive) / min(positive) > LOG_SCALE_RATIO:
-            ax.set_yscale("log")
-        elif values and min(values) >= 0:  # scores and rates: the axis starts at 0
-            ax.set_ylim(bottom=0, top=None if max(values) > 0 else 1)
-        if kind.startswith("retention"):
-            ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-        if kind.startswith("delta"):
-            ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
-        ax.set_xticks(range(len(cols)), langs)
-        better = "lower is better" if lower_is_better(kind) else "higher is better"
-        ax.set_title(f"{kind} ({better}; best outlined)", fontsize=11)
-        ax.set_ylabel(kind)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="model")
-    fig.suptitle("Scores per model and language", fontsize=13)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _chart_dir(run: RunData) -> Path:
+    target = run.folder / CHART_DIR
+    if any(s.get("name") == CHART_DIR for s in run.report.get("stages", [])):
+        raise EngineError(f"{target}: a stage of this run is named {CHART_DIR!r}; its output "
+                          "folder is where the report's charts go: rename the stage")
+    return target
 
 
-def _cost_chart(plt: Any, stages: list[dict[str, Any]], path: Path) -> Path:
-    """Wall time per stage, and trainable vs forward parameters per training stage."""
-    names = [s["name"] for s in stages]
-    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2))
-    times = [float(s.get("wall_time_s") or 0) for s in stages]
-    bars = ax_t.barh(names, times, color=["tab:gray" if s.get("cache") == "hit" else "tab:blue"
-                                         for s in stages])
-    ax_t.bar_label(bars, labels=[f"{t:.1f}s" for t in times], fontsize=8, padding=2)
-    ax_t.margins(x=0.12)
-    ax_t.invert_yaxis()
-    ax_t.set_xlabel("wall time (s); gray = cached")
-    ax_t.set_title("wall time per stage")
-    ax_t.grid(axis="x", alpha=0.3)
-    trained = [s for s in stages if s.get("forward_params")]
-    y = range(len(trained))
-    fwd = [s["forward_params"] / 1e6 for s in trained]
-    trn = [(s.get("trainable_params") or 0) / 1e6 for s in trained]
-    for shift, vals, label, color in ((-0.2, fwd, "forward", "tab:orange"),
-                                      (0.2, trn, "trainable", "tab:green")):
-        bars = ax_p.barh([i + shift for i in y], vals, height=0.4, label=label, color=color)
-        ax_p.bar_label(bars, labels=[format_params(int(v * 1e6)) for v in vals], fontsize=7, padding=2)
-    ax_p.margins(x=0.15)
-    ax_p.set_yticks(list(y), [s["name"] for s in trained])
-    ax_p.invert_yaxis()
-    ax_p.set_xlabel("parameters (millions)")
-    ax_p.set_title("parameters per stage (trainable 0 = merge)")
-    ax_p.legend(fontsize=9)
-    ax_p.grid(axis="x", alpha=0.3)
-    fig.suptitle("Cost per stage", fontsize=13)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _swap_dir(new: Path, target: Path) -> None:
+    """Put the folder ``new`` in place of ``target`` (removed whole, with stale charts)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def _loss_chart(plt: Any, logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Training loss against step, one line per training stage."""
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for stage, log in logs.items():
-        pts = [(x["step"], x["loss"]) for x in log
-               if isinstance(x.get("loss"), (int, float)) and math.isfinite(x["loss"])]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=f"{stage} ({len(pts)} steps)", linewidth=1.5,
-                    marker="." if len(pts) < 50 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("Training loss per stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def make_report(folder: Path, *, charts: bool = True,
+                recipe: str | None = None) -> tuple[Path, dict[str, Path], str | None]:
+    """Rebuild report.md and (unless ``charts`` is false) the charts of a run folder.
 
-
-def make_report(folder: Path, *, charts: bool = True) -> tuple[Path, dict[str, Path], str | None]:
-    """report.md (and charts unless ``charts`` is false) for a run folder.
-
-    Returns (report.md path, {chart name: png path}, a note when charts were skipped).
+    The previous report is replaced whole: the chart folder is written beside it and
+    swapped in; without charts it is removed, so report.md never sits next to charts of
+    another run. Returns (report.md path, {chart name: svg path}, a note or None).
     """
     run = load_run(folder)
+    target = _chart_dir(run)
     made: dict[str, Path] = {}
     note = None
     if charts:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{CHART_DIR}.tmp-", dir=run.folder))
         try:
-            made = write_charts(run, run.folder / CHART_DIR)
-        except ChartsUnavailable as exc:
-            note = str(exc)
-    return write_markdown(run, made, note), made, note
+            drawn = write_charts(run, tmp)
+            os.chmod(tmp, 0o777 & ~_umask())
+            _swap_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        made = {name: target / path.name for name, path in drawn.items()}
+    elif target.is_dir():
+        shutil.rmtree(target)
+        note = "charts skipped (--no-charts)"
+    return write_markdown(run, made, note, recipe), made, note
