@@ -111,30 +111,44 @@ class MetricsArtifact:
     """Scores per model: ``{model name: {metric name: value}}``.
 
     ``counts`` holds, per model and metric, the number of tokens or examples behind
-    the value, so that a reader knows how much to trust it.
+    the value, so that a reader knows how much to trust it. ``stderr`` holds, per model
+    and metric, the value's standard error (binomial for accuracies; for perplexity the
+    delta-method error from per-document log-losses, docs/evaluation.md), and ``chance``
+    per multiple-choice metric the accuracy of guessing (the mean over items of
+    1 / number of choices). Either may be empty (an evaluator that does not give them).
     """
 
     name: str
     metrics: dict[str, dict[str, float]]
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
+    stderr: dict[str, dict[str, float]] = field(default_factory=dict)
 
     kind: ClassVar[str] = "metrics"
 
     def to_json(self) -> dict[str, Any]:
         """The metrics.json layout: ``{model: {metric: value}}`` plus reserved keys
-        ``_counts`` (same shape, the counts) and ``_errors`` (model -> message)."""
+        ``_counts`` (same shape, the counts), ``_errors`` (model -> message), ``_stderr``
+        (same shape, standard errors) and ``_chance`` (metric -> chance level); the last
+        three only when not empty."""
         out: dict[str, Any] = {name: dict(values) for name, values in self.metrics.items()}
         out["_counts"] = self.counts
         if self.errors:
             out["_errors"] = self.errors
+        if any(self.stderr.values()):
+            out["_stderr"] = self.stderr
+        if self.chance:
+            out["_chance"] = self.chance
         return out
 
     @classmethod
     def from_json(cls, name: str, data: dict[str, Any]) -> MetricsArtifact:
-        """The inverse of :meth:`to_json`: keys starting with ``_`` are reserved."""
+        """The inverse of :meth:`to_json`: keys starting with ``_`` are reserved; a
+        metrics.json written before ``_stderr`` and ``_chance`` existed loads with both empty."""
         metrics = {k: v for k, v in data.items() if not k.startswith("_")}
-        return cls(name, metrics, data.get("_counts", {}), data.get("_errors", {}))
+        return cls(name, metrics, data.get("_counts", {}), data.get("_errors", {}),
+                   data.get("_chance", {}), data.get("_stderr", {}))
 
     def save(self, folder: Path) -> None:
         _write_json(Path(folder) / METRICS_FILE, self.to_json())

@@ -101,6 +101,7 @@ class StageContext:
         console: Console | None = None,
         progress: Progress | None = None,
         checkpoint_dir: Path | None = None,
+        use_cache: bool = False,
     ) -> None:
         self.run_name = run_name
         self.stage_name = stage_name
@@ -115,6 +116,8 @@ class StageContext:
         #: a stable folder for resumable training checkpoints (survives a killed run,
         #: unlike ``output_dir``); None when the stage runs outside the runner
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        #: reuse saved results (the evaluation cache); off outside the runner and with --no-cache
+        self.use_cache = use_cache
 
     # -- where things run ------------------------------------------------------------
 

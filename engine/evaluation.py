@@ -15,14 +15,16 @@ here, the documented place plugins import from.
 from __future__ import annotations
 
 import gc
+import math
+import time
 import weakref
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine import modelio
+from engine import eval_cache, modelio
 from engine.artifacts import MetricsArtifact, ModelArtifact
 from engine.capabilities import Capabilities, probe
 from engine.errors import DataError, EngineError, ModelLoadError
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
     from engine.context import StageContext
 
 __all__ = [
-    "DEFAULT_MAX_LENGTH", "Batch", "EvalPlan", "Generation", "GenerationPlan", "Plan", "Span",
+    "DEFAULT_MAX_LENGTH", "PROPORTIONS", "Batch", "EvalPlan", "Generation", "GenerationPlan",
+    "ModelScores", "Plan", "Span", "as_scores", "binomial_stderr",
     "SpanScore", "StopRule", "TokenTotals", "batch_order", "context_length",
     "continuation_span", "document_spans", "encode_document", "encode_pair",
     "evaluate_models", "generate_greedy", "num_batches", "plan_batches", "score_spans",
@@ -86,30 +89,77 @@ def select_sources(context: StageContext, data: Sequence[DataSource],
 
 Result = tuple[dict[str, float], dict[str, int]]
 
+#: metric kinds that are a share of items (right or wrong each): their standard error is
+#: binomial, ``sqrt(p (1 - p) / n)``, when the plan does not give one
+PROPORTIONS = ("acc", "acc_norm", "exact_match")
+
+
+@dataclass
+class ModelScores:
+    """One model's results from a plan: metrics, counts, and for a reader of the numbers
+    ``stderr`` (``{metric: standard error}``) and ``chance`` (``{metric: the accuracy of
+    guessing}``, multiple-choice metrics only). Unpacks as ``metrics, counts``, so a
+    ``summarize`` may return either this or that pair."""
+
+    metrics: dict[str, float]
+    counts: dict[str, int]
+    stderr: dict[str, float] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.metrics, self.counts))
+
+    def update(self, other: ModelScores) -> None:
+        for mine, theirs in ((self.metrics, other.metrics), (self.counts, other.counts),
+                             (self.stderr, other.stderr), (self.chance, other.chance)):
+            mine.update(theirs)
+
+
+def as_scores(result: ModelScores | Result) -> ModelScores:
+    """A plan's result as :class:`ModelScores`, binomial standard errors filled in for
+    the :data:`PROPORTIONS` metrics that have none."""
+    scores = (result if isinstance(result, ModelScores)
+              else ModelScores(dict(result[0]), dict(result[1])))
+    for name, value in scores.metrics.items():
+        n = scores.counts.get(name, 0)
+        if name not in scores.stderr and name.split("/", 1)[0] in PROPORTIONS and n > 0:
+            scores.stderr[name] = binomial_stderr(value, n)
+    return scores
+
+
+def binomial_stderr(p: float, n: int) -> float:
+    """``sqrt(p (1 - p) / n)``: the standard error of a share ``p`` of ``n`` items."""
+    return math.sqrt(max(0.0, p * (1.0 - p)) / n) if n > 0 else float("nan")
+
 
 @dataclass
 class EvalPlan:
     """Spans to score for one tokenizer and window, and how to turn scores into metrics.
 
     ``summarize(scores)`` receives one :class:`SpanScore` per span, in order, and
-    returns ``(metrics, counts)`` for one model.
+    returns :class:`ModelScores` or ``(metrics, counts)`` for one model.
     """
 
     spans: list[Span]
-    summarize: Callable[[list[SpanScore]], Result]
+    summarize: Callable[[list[SpanScore]], ModelScores | Result]
+
+    def num_steps(self) -> int:
+        """Progress units :meth:`run` reports: one per span, whichever path scores it."""
+        return len(self.spans)
 
     def num_batches(self, batch_size: int, share_prefix: bool = True) -> int:
-        """Progress steps :meth:`run` takes (one per batch, shared-prefix ones included)."""
+        """Batches :meth:`run` takes for a model with a KV cache (shared-prefix ones
+        included); a model without one runs every span in plain batches."""
         return len(plan_batches(self.spans, batch_size, share_prefix=share_prefix))
 
     def run(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int,
             device: torch.device | str, share_prefix: bool = True,
-            on_batch: Callable[[int], None] | None = None) -> Result:
-        """Score every span with one loaded model and summarise; ``on_batch(fed)``
-        after each batch with the positions it fed the model."""
+            on_batch: Callable[[int, int], None] | None = None) -> ModelScores | Result:
+        """Score every span with one loaded model and summarise; ``on_batch(fed, n)``
+        after each batch with the positions it fed the model and the spans it scored."""
         def advance(batch: Batch, scores: list[SpanScore]) -> None:
             if on_batch is not None:
-                on_batch(batch.fed_tokens)
+                on_batch(batch.fed_tokens, len(batch.indices))
 
         scores = score_spans(model, self.spans, batch_size=batch_size, device=device,
                              pad_id=tokenizer.pad_token_id, share_prefix=share_prefix,
@@ -130,6 +180,18 @@ def _parts(plan: Plan | Sequence[Plan]) -> tuple[Plan, ...]:
     return (plan,) if isinstance(plan, (EvalPlan, GenerationPlan)) else tuple(plan)
 
 
+@dataclass
+class _Todo:
+    artifact: ModelArtifact
+    tokenizer: Any
+    parts: tuple[Plan, ...]
+    key: dict[str, Any] | None  # its evaluation cache entry's key
+
+    @property
+    def steps(self) -> int:
+        return sum(p.num_steps() for p in self.parts)
+
+
 def evaluate_models(
     context: StageContext,
     models: Sequence[ModelArtifact],
@@ -138,6 +200,8 @@ def evaluate_models(
     batch_size: int,
     max_length: int | None = None,
     share_prefix: bool = True,
+    params: Any = None,
+    data: Sequence[DataSource] | None = None,
 ) -> MetricsArtifact:
     """Run each model on the plan ``build_plan(tokenizer, max_length)`` returns.
 
@@ -146,9 +210,16 @@ def evaluate_models(
       them: each part runs on the loaded model in turn and their metrics and counts
       are merged (so a stage with multiple-choice and generation data loads each
       model once). Parts must not produce the same metric name.
+    * ``params`` (the plugin's params) and ``data`` (the stage's data sources) key the
+      evaluation cache (:mod:`engine.eval_cache`): a model whose content and evaluation
+      are unchanged since a saved result is not loaded, its result is reused. Without
+      them nothing is cached. The stage notes ``eval_cache`` say which models were scored
+      and which reused, and the reused ones' saved cost.
     * Tokenizers are loaded first, and a plan is built once per distinct tokenizer and
       window (:func:`tokenizer_fingerprint`), so that the progress bar knows its total
-      (models x batches) before the first (slow) model load.
+      before the first (slow) model load: one step per span and per prompt of every model
+      to score, whichever path (shared prefix or plain) scores it; it shows the model,
+      the fed tokens per second and (the runner's bar) the time remaining.
     * ``max_length`` ``None`` means each model's own context (:func:`context_length`).
     * A model or tokenizer that fails to load or run, or whose plan cannot be built
       (an error other than :class:`DataError`), is logged and reported in ``errors``;
@@ -160,19 +231,34 @@ def evaluate_models(
     """
     if not models:
         raise EngineError(f"evaluate stage {context.stage_name!r}: no models to evaluate")
+    stage_key = eval_cache.evaluation_key(context, params, data, batch_size=batch_size,
+                                          share_prefix=share_prefix)
+    cache = eval_cache.EvalCache(context.workdir) if stage_key is not None else None
     errors: dict[str, str] = {}
     load_failures: set[str] = set()
+    results: dict[str, ModelScores] = {}
+    reused: dict[str, dict[str, float]] = {}
     plans: dict[tuple[str, int], tuple[Plan, ...]] = {}
-    todo: list[tuple[ModelArtifact, Any, tuple[Plan, ...]]] = []
+    todo: list[_Todo] = []
     for artifact in models:
         try:
             config = modelio.read_config(artifact.path)
             tokenizer = context.load_tokenizer(artifact)
             length = max_length or context_length(config, tokenizer)
-            key = (tokenizer_fingerprint(artifact.path), length)
-            if key not in plans:
-                plans[key] = _parts(build_plan(tokenizer, length))
-            todo.append((artifact, tokenizer, plans[key]))
+            key = None
+            if cache is not None and stage_key is not None:
+                key = {**stage_key, "max_length": length,
+                       "model": eval_cache.model_content(artifact.path)}
+                hit = cache.get(key)
+                if hit is not None:
+                    results[artifact.name] = ModelScores(hit.metrics, hit.counts, hit.stderr,
+                                                         hit.chance)
+                    reused[artifact.name] = hit.cost
+                    continue
+            plan_key = (tokenizer_fingerprint(artifact.path), length)
+            if plan_key not in plans:
+                plans[plan_key] = _parts(build_plan(tokenizer, length))
+            todo.append(_Todo(artifact, tokenizer, plans[plan_key], key))
         except DataError:
             raise
         except Exception as exc:
@@ -180,54 +266,96 @@ def evaluate_models(
             load_failures.add(artifact.name)
             context.log(f"[red]model {artifact.name!r} skipped:[/] {errors[artifact.name]}")
 
-    metrics: dict[str, dict[str, float]] = {}
-    counts: dict[str, dict[str, int]] = {}
-    n_batches = {id(parts): sum(p.num_batches(batch_size, share_prefix) for p in parts)
-                 for _, _, parts in todo}
-    total = sum(n_batches[id(parts)] for _, _, parts in todo)
+    total = sum(t.steps for t in todo)
     with context.progress(total, f"{context.stage_name}: {context.plugin}") as bar:
-        for artifact, tokenizer, parts in todo:
-            done = 0
+        for k, item in enumerate(todo, 1):
+            scores = _score_one(context, item, bar, f"{item.artifact.name} {k}/{len(todo)}",
+                                batch_size=batch_size, share_prefix=share_prefix,
+                                errors=errors, load_failures=load_failures)
+            if scores is None:
+                continue
+            results[item.artifact.name] = scores[0]
+            if cache is not None and item.key is not None:
+                cache.put(item.key, eval_cache.CachedResult(
+                    scores[0].metrics, scores[0].counts, scores[0].stderr, scores[0].chance,
+                    scores[1]))
 
-            def advance(fed: int, name: str = artifact.name) -> None:
-                nonlocal done
-                done += 1
-                context.add_tokens(fed)
-                bar.advance(1, model=name)
-
-            model = None
-            alive: Callable[[], Any] = _nothing
-            try:
-                model = context.load_model(artifact)
-                alive = weakref.ref(model)
-                _report_capabilities(context, artifact.name, probe(model))
-                values: dict[str, float] = {}
-                numbers: dict[str, int] = {}
-                for part in parts:
-                    m, c = part.run(model, tokenizer, batch_size=batch_size,
-                                    device=context.device, share_prefix=share_prefix,
-                                    on_batch=advance)
-                    values.update(m)
-                    numbers.update(c)
-                metrics[artifact.name], counts[artifact.name] = values, numbers
-                bar.advance(max(0, n_batches[id(parts)] - done))  # a model without a KV cache
-            except DataError:
-                raise
-            except Exception as exc:
-                errors[artifact.name] = _message(exc)
-                if model is None:
-                    load_failures.add(artifact.name)
-                context.log(f"[red]model {artifact.name!r} not scored:[/] {errors[artifact.name]}")
-                bar.advance(max(0, n_batches[id(parts)] - done))
-            finally:
-                del model
-                _free_memory(alive)
-
-    if not metrics:
+    if cache is not None:
+        _note_cache(context, cache, [t.artifact.name for t in todo if t.artifact.name in results],
+                    reused)
+    if not results:
         detail = "; ".join(f"{name}: {msg}" for name, msg in errors.items())
         cls = ModelLoadError if load_failures == set(errors) else EngineError
         raise cls(f"evaluate stage {context.stage_name!r}: no model could be scored ({detail})")
-    return MetricsArtifact(name=context.stage_name, metrics=metrics, counts=counts, errors=errors)
+    order = [m.name for m in models if m.name in results]
+    chance: dict[str, float] = {}
+    for name in order:
+        chance.update(results[name].chance)
+    return MetricsArtifact(name=context.stage_name,
+                           metrics={n: results[n].metrics for n in order},
+                           counts={n: results[n].counts for n in order}, errors=errors,
+                           chance=chance, stderr={n: results[n].stderr for n in order})
+
+
+def _score_one(context: StageContext, item: _Todo, bar: Any, label: str, *, batch_size: int,
+               share_prefix: bool, errors: dict[str, str], load_failures: set[str],
+               ) -> tuple[ModelScores, dict[str, float]] | None:
+    """Load and score one model: its scores and cost, or None (its error recorded). The
+    bar advances by exactly the model's steps, whether it is scored or fails."""
+    name = item.artifact.name
+    done = fed_total = 0
+    t0 = time.perf_counter()
+
+    def advance(fed: int, n: int) -> None:
+        nonlocal done, fed_total
+        n = min(n, item.steps - done)  # never past this model's share of the total
+        done += n
+        fed_total += fed
+        context.add_tokens(fed)
+        rate = fed_total / max(time.perf_counter() - t0, 1e-9)
+        bar.advance(n, model=label, tok_s=f"{rate:,.0f}")
+
+    model = None
+    alive: Callable[[], Any] = _nothing
+    try:
+        model = context.load_model(item.artifact)
+        alive = weakref.ref(model)
+        _report_capabilities(context, name, probe(model))
+        scores = ModelScores({}, {})
+        for part in item.parts:
+            scores.update(as_scores(part.run(model, item.tokenizer, batch_size=batch_size,
+                                             device=context.device, share_prefix=share_prefix,
+                                             on_batch=advance)))
+        return scores, {"wall_s": round(time.perf_counter() - t0, 3), "tokens": fed_total}
+    except DataError:
+        raise
+    except Exception as exc:
+        errors[name] = _message(exc)
+        if model is None:
+            load_failures.add(name)
+        context.log(f"[red]model {name!r} not scored:[/] {errors[name]}")
+        return None
+    finally:
+        if done < item.steps:  # a failed model: its remaining share, so the bar completes
+            bar.advance(item.steps - done)
+        del model
+        _free_memory(alive)
+
+
+def _note_cache(context: StageContext, cache: eval_cache.EvalCache, scored: list[str],
+                reused: dict[str, dict[str, float]]) -> None:
+    """``notes.eval_cache``: models scored, models reused and what reusing them saved."""
+    note: dict[str, Any] = {
+        "scored": scored, "reused": list(reused), "saved": reused,
+        "saved_wall_s": round(sum(c.get("wall_s", 0.0) for c in reused.values()), 3),
+        "saved_tokens": int(sum(c.get("tokens", 0) for c in reused.values())),
+    }
+    if cache.rejected:
+        note["rejected_entries"] = list(cache.rejected)
+    context.note("eval_cache", note)
+    if reused:
+        context.log(f"evaluation cache: reused {len(reused)} model(s) "
+                    f"({', '.join(reused)}), scored {len(scored)}")
 
 
 def _report_capabilities(context: StageContext, name: str, caps: Capabilities) -> None:

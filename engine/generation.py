@@ -238,16 +238,29 @@ class GenerationPlan:
 
     prompts: list[tuple[int, ...]]
     rule: StopRule
-    summarize: Callable[[list[Generation]], Result]
+    summarize: Callable[[list[Generation]], Any]  # ModelScores or (metrics, counts)
+
+    def num_steps(self) -> int:
+        """Progress units :meth:`run` reports: one per prompt."""
+        return len(self.prompts)
 
     def num_batches(self, batch_size: int, share_prefix: bool = True) -> int:
-        """Progress steps :meth:`run` takes (one per batch of prompts)."""
+        """Batches of prompts :meth:`run` generates."""
         return -(-len(self.prompts) // batch_size)
 
     def run(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int,
             device: torch.device | str, share_prefix: bool = True,
-            on_batch: Callable[[int], None] | None = None) -> Result:
-        """Generate for every prompt with one loaded model and summarise."""
+            on_batch: Callable[[int, int], None] | None = None) -> Any:
+        """Generate for every prompt with one loaded model and summarise; ``on_batch(fed,
+        n)`` after each batch with the positions it fed and the prompts it completed."""
+        left = [len(self.prompts)]
+
+        def advance(fed: int) -> None:
+            n = min(batch_size, left[0])
+            left[0] -= n
+            if on_batch is not None:
+                on_batch(fed, n)
+
         gens = generate_greedy(model, tokenizer, self.prompts, self.rule, batch_size=batch_size,
-                               device=device, on_batch=on_batch)
+                               device=device, on_batch=advance)
         return self.summarize(gens)

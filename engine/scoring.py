@@ -41,10 +41,12 @@ import torch
 from engine.capabilities import Capabilities, probe
 from engine.spans import Span, SpanScore
 
-__all__ = ["MIN_SAVED_TOKENS", "Batch", "batch_order", "num_batches", "plan_batches", "score_spans"]
+__all__ = ["MIN_SAVED_FRACTION", "MIN_SAVED_TOKENS", "Batch", "batch_order", "num_batches", "plan_batches", "score_spans"]
 
 #: fewest fed positions a shared-prefix group must save to be worth its second forward
 MIN_SAVED_TOKENS = 16
+#: least share of a group's plain fed positions that sharing its context must save
+MIN_SAVED_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -79,16 +81,28 @@ def plan_batches(spans: Sequence[Span], batch_size: int, *, share_prefix: bool =
     more spans share (when ``share_prefix``), plain batches for the rest.
 
     A group is shared only when it saves at least ``min_saved_tokens`` fed positions
-    (``(spans - 1) * context length``): a shared batch costs two forwards instead of
-    one, which does not pay for, say, documents that share nothing but BOS."""
+    (``(spans - 1) * context length``) *and* at least :data:`MIN_SAVED_FRACTION` of what
+    its spans would feed alone: a shared batch costs two forwards and a copy of the
+    context's KV cache per continuation row, which does not pay for, say, many documents
+    that share nothing but BOS (their saving grows with their number, their cost faster).
+    A group of more than ``batch_size`` spans (2 at least) is cut into groups that size (each
+    runs its context once), so no batch holds more than ``batch_size`` continuations
+    per context and progress advances evenly."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     by_context: dict[tuple[int, ...], list[int]] = {}
     if share_prefix:
         for i, span in enumerate(spans):
             by_context.setdefault(span.context, []).append(i)
-    groups = [g for g in by_context.values()
-              if len(g) > 1 and (len(g) - 1) * spans[g[0]].n_context >= min_saved_tokens]
+    groups = []
+    for members in by_context.values():
+        size = max(2, batch_size)
+        for k in range(0, len(members), size):
+            g = members[k:k + size]
+            saved = (len(g) - 1) * spans[g[0]].n_context
+            alone = sum(spans[i].n_inputs for i in g)
+            if len(g) > 1 and saved >= min_saved_tokens and saved >= MIN_SAVED_FRACTION * alone:
+                groups.append(g)
     grouped = {i for g in groups for i in g}
     plain = [i for i in range(len(spans)) if i not in grouped]
 

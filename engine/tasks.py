@@ -17,6 +17,7 @@ BOS itself when the model wants one, so none is added.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from itertools import islice
@@ -28,9 +29,11 @@ from engine.data import iter_choices, iter_texts
 from engine.errors import DataError, EngineError
 from engine.evaluation import (
     EvalPlan,
+    ModelScores,
     Span,
     SpanScore,
     TokenTotals,
+    binomial_stderr,
     continuation_span,
     document_spans,
     encode_document,
@@ -45,7 +48,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ChoiceItem", "FewShot", "ItemPrediction", "chat_messages", "choice_plan", "choose",
     "encode_prompt", "fewshot_indices", "load_items", "plan_choices", "plan_perplexity", "predict",
-    "read_documents", "render_prompt", "summarize_choices", "use_chat_template",
+    "ratio_stderr", "read_documents", "render_prompt", "summarize_choices",
+    "use_chat_template",
 ]
 #: generation names that lived here before engine.answers; still importable, with a warning
 _MOVED = ("AnswerItem", "AnswerMatch", "generate_answers", "generation_plan", "load_answer_items",
@@ -65,40 +69,72 @@ def read_documents(sources: list[DataSource], max_documents: int | None,
     return texts
 
 
+def ratio_stderr(numerators: list[float], denominators: list[int | float]) -> float | None:
+    """Standard error of ``sum(numerators) / sum(denominators)`` with the documents as
+    the independent units (the linearised ratio estimator:
+    ``sqrt(n / (n - 1) * sum((x_i - R y_i)^2)) / sum(y_i)``); None for fewer than two."""
+    n = len(numerators)
+    total = float(sum(denominators))
+    if n < 2 or total <= 0:
+        return None
+    ratio = sum(numerators) / total
+    resid = sum((x - ratio * y) ** 2 for x, y in zip(numerators, denominators, strict=True))
+    return math.sqrt(n / (n - 1) * resid) / total
+
+
 def plan_perplexity(tokenizer: Any, sources: list[DataSource], texts: dict[str, list[str]],
                     max_length: int, stride: int, *, bits_per_byte: bool = False) -> EvalPlan:
     """Spans for every document of every source, and the per-source aggregation.
+
+    Standard errors treat documents as the sampled units: the per-document log-loss
+    ratio estimator's error (:func:`ratio_stderr`) of the token-weighted mean NLL ``L``,
+    mapped to perplexity by the delta method (``se(ppl) = ppl * se(L)``); ``bpb``'s the
+    same with bytes as the weights, divided by ``ln 2``.
 
     A stride that does not fit the window raises :class:`ValueError`, which the
     driver reports against the model whose window it is.
     """
     spans: list[Span] = []
-    owner: list[str] = []
+    owner: list[tuple[str, int]] = []  # per span: its source and document
     nbytes: dict[str, int] = {}
+    doc_bytes: dict[str, list[int]] = {}
     for source in sources:
         label = source.label
         nbytes[label] = 0
+        doc_bytes[label] = []
         for text in texts[label]:
             doc_spans = document_spans(encode_document(tokenizer, text), max_length, stride)
             if doc_spans:  # a one-token document predicts nothing and adds no bytes
                 nbytes[label] += len(text.encode("utf-8"))
+                doc_bytes[label].append(len(text.encode("utf-8")))
             spans.extend(doc_spans)
-            owner.extend([label] * len(doc_spans))
+            owner.extend([(label, len(doc_bytes[label]) - 1)] * len(doc_spans))
         if not nbytes[label]:
             raise DataError(f"{source.path}: no document is two tokens or longer, "
                             "so there is nothing to predict")
 
-    def summarize(scores: list[SpanScore]) -> tuple[dict[str, float], dict[str, int]]:
+    def summarize(scores: list[SpanScore]) -> ModelScores:
         totals = {s.label: TokenTotals(nbytes=nbytes[s.label]) for s in sources}
-        for label, score in zip(owner, scores, strict=True):
+        docs = {label: [[0.0, 0] for _ in sizes] for label, sizes in doc_bytes.items()}
+        for (label, doc), score in zip(owner, scores, strict=True):
             totals[label].add(score)
-        metrics: dict[str, float] = {}
-        counts: dict[str, int] = {}
+            docs[label][doc][0] -= score.logprob
+            docs[label][doc][1] += score.n_targets
+        out = ModelScores({}, {})
         for label, t in totals.items():
-            metrics[f"ppl/{label}"], counts[f"ppl/{label}"] = t.perplexity, t.tokens
+            nll = [d[0] for d in docs[label]]
+            key = f"ppl/{label}"
+            out.metrics[key], out.counts[key] = t.perplexity, t.tokens
+            se = ratio_stderr(nll, [d[1] for d in docs[label]])
+            if se is not None:  # delta method: d exp(L) = exp(L) dL
+                out.stderr[key] = t.perplexity * se
             if bits_per_byte:
-                metrics[f"bpb/{label}"], counts[f"bpb/{label}"] = t.bits_per_byte, t.nbytes
-        return metrics, counts
+                key = f"bpb/{label}"
+                out.metrics[key], out.counts[key] = t.bits_per_byte, t.nbytes
+                se = ratio_stderr(nll, doc_bytes[label])
+                if se is not None:
+                    out.stderr[key] = se / math.log(2)
+        return out
 
     return EvalPlan(spans, summarize)
 
@@ -289,21 +325,24 @@ def choose(items: list[ChoiceItem], owners: list[tuple[int, int]],
     return preds
 
 
-def summarize_choices(items: list[ChoiceItem],
-              preds: list[ItemPrediction]) -> tuple[dict[str, float], dict[str, int]]:
-    """``acc/<label>`` and ``acc_norm/<label>`` per source, counts = items."""
-    hits: dict[str, list[int]] = {}
+def summarize_choices(items: list[ChoiceItem], preds: list[ItemPrediction]) -> ModelScores:
+    """``acc/<label>`` and ``acc_norm/<label>`` per source, counts = items; binomial
+    standard errors; chance = the mean over items of 1 / number of choices."""
+    hits: dict[str, list[float]] = {}
     for item, p in zip(items, preds, strict=True):
-        h = hits.setdefault(item.source, [0, 0, 0])
+        h = hits.setdefault(item.source, [0, 0, 0, 0.0])
         h[0] += p.pred == item.label
         h[1] += p.pred_norm == item.label
         h[2] += 1
-    metrics: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for label, (acc, acc_norm, n) in hits.items():
-        metrics[f"acc/{label}"], counts[f"acc/{label}"] = acc / n, n
-        metrics[f"acc_norm/{label}"], counts[f"acc_norm/{label}"] = acc_norm / n, n
-    return metrics, counts
+        h[3] += 1 / len(item.choices)
+    out = ModelScores({}, {})
+    for label, (acc, acc_norm, n, guess) in hits.items():
+        for kind, value in (("acc", acc), ("acc_norm", acc_norm)):
+            key = f"{kind}/{label}"
+            out.metrics[key], out.counts[key] = value / n, int(n)
+            out.stderr[key] = binomial_stderr(value / n, int(n))
+            out.chance[key] = guess / n
+    return out
 
 
 def predict(model: torch.nn.Module, tokenizer: Any, items: list[ChoiceItem], *,

@@ -86,7 +86,8 @@ class Perplexity:
                                    bits_per_byte=params.bits_per_byte)
 
         return evaluate_models(context, inputs.models, build_plan,
-                               batch_size=params.batch_size, max_length=params.max_length)
+                               batch_size=params.batch_size, max_length=params.max_length,
+                               params=params, data=inputs.data)
 
 
 @hookimpl

@@ -15,7 +15,8 @@ each model's change against the reference, so "English preserved" is one number:
 
 Higher is better for every retention metric. The reference itself gets 1.0 / 0.0. Counts
 are those of the underlying metric (tokens, items); the underlying values of every model
-go to the stage's ``notes.underlying`` in report.json.
+go to the stage's ``notes.underlying`` in report.json, their standard errors to
+``notes.underlying_stderr``.
 
 Perplexity ratios need a shared tokenizer: a model whose vocabulary or merges differ
 from the reference's (:func:`same_tokenization`) gets no ``retention_ppl`` (a warning says so); ask for ``bpb``, which
@@ -41,7 +42,9 @@ from engine.api import (
 from engine.api.errors import DataError, EngineError, RecipeError
 from engine.api.evaluation import (
     EvalPlan,
+    ModelScores,
     SpanScore,
+    as_scores,
     choice_plan,
     evaluate_models,
     load_items,
@@ -95,7 +98,8 @@ class Retention:
                               f"{params.reference!r} is not among its models ({', '.join(names)})")
         build_plan = _plan_builder(context, inputs, params)
         raw = evaluate_models(context, inputs.models, build_plan, batch_size=params.batch_size,
-                              max_length=params.max_length, share_prefix=params.share_prefix)
+                              max_length=params.max_length, share_prefix=params.share_prefix,
+                              params=params, data=inputs.data)
         if params.reference not in raw.metrics:
             why = raw.errors.get(params.reference, "not scored")
             raise EngineError(f"evaluate stage {context.stage_name!r}: the reference model "
@@ -111,6 +115,7 @@ class Retention:
                             "no retention_ppl (use bpb)[/]")
         context.note("reference", params.reference)
         context.note("underlying", raw.metrics)
+        context.note("underlying_stderr", raw.stderr)
         return MetricsArtifact(context.stage_name, metrics, counts, errors=raw.errors)
 
 
@@ -170,14 +175,14 @@ def _concat(parts: list[EvalPlan], keep: set[str]) -> EvalPlan:
         bounds.append((len(spans), len(spans) + len(part.spans)))
         spans.extend(part.spans)
 
-    def summarize(scores: list[SpanScore]) -> tuple[dict[str, float], dict[str, int]]:
-        metrics: dict[str, float] = {}
-        counts: dict[str, int] = {}
+    def summarize(scores: list[SpanScore]) -> ModelScores:
+        out = ModelScores({}, {})
         for part, (lo, hi) in zip(parts, bounds, strict=True):
-            m, c = part.summarize(scores[lo:hi])
-            metrics.update({k: v for k, v in m.items() if k.split("/", 1)[0] in keep})
-            counts.update({k: v for k, v in c.items() if k.split("/", 1)[0] in keep})
-        return metrics, counts
+            got = as_scores(part.summarize(scores[lo:hi]))
+            for mine, theirs in ((out.metrics, got.metrics), (out.counts, got.counts),
+                                 (out.stderr, got.stderr), (out.chance, got.chance)):
+                mine.update({k: v for k, v in theirs.items() if k.split("/", 1)[0] in keep})
+        return out
 
     return EvalPlan(spans, summarize)
 

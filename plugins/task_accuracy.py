@@ -147,7 +147,8 @@ class TaskAccuracy:
             return parts
 
         art = evaluate_models(context, inputs.models, build_plan, batch_size=params.batch_size,
-                              max_length=params.max_length, share_prefix=params.share_prefix)
+                              max_length=params.max_length, share_prefix=params.share_prefix,
+                              params=params, data=inputs.data)
         context.note("chat_template", {
             m.name: (params.chat_template if params.chat_template is not None
                      else use_chat_template(context.load_tokenizer(m), None))

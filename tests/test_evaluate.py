@@ -244,8 +244,10 @@ def test_perplexity_failed_model_reported_others_scored(tiny_model, tmp_path, do
         run_plugin(Perplexity(), make_context, {"broken": broken}, [DataSource(docs_file, "text")])
 
 
-def test_perplexity_progress_counts_models_times_batches(tiny_model, tmp_path, docs_file):
-    """A model whose weights are missing fails after planning; the bar still completes."""
+def test_perplexity_progress_counts_models_times_spans(tiny_model, tiny_tokenizer, tmp_path,
+                                                      docs_file):
+    """The bar counts one step per span of every model (whatever batching scores it); a
+    model whose weights are missing fails after planning and the bar still completes."""
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     for f in tiny_model.iterdir():
@@ -261,7 +263,8 @@ def test_perplexity_progress_counts_models_times_batches(tiny_model, tmp_path, d
     art = Perplexity().run(context, inputs, Perplexity.Params(batch_size=2))
     assert set(art.metrics) == {"a", "b"} and "no model.safetensors" in art.errors["x"]
     (task,) = progress.tasks
-    assert task.total == task.completed == 3 * math.ceil(len(DOCS) / 2)
+    n_spans = sum(len(document_spans(encode_document(tiny_tokenizer, d), 256, 128)) for d in DOCS)
+    assert task.total == task.completed == 3 * n_spans
     assert context.stats.tokens == 2 * art.counts["a"]["ppl/docs"]
 
 

@@ -13,8 +13,11 @@ from engine.answers import (
 from engine.evaluation import (
     EvalPlan,
     GenerationPlan,
+    ModelScores,
     SpanScore,
     StopRule,
+    as_scores,
+    binomial_stderr,
     context_length,
     evaluate_models,
     select_sources,
@@ -38,7 +41,8 @@ from engine.tasks import (
 
 __all__ = [
     "AnswerItem", "AnswerMatch", "ChoiceItem", "EvalPlan", "GenerationPlan", "ItemPrediction",
-    "SpanScore", "StopRule", "choice_plan", "choose", "context_length", "evaluate_models",
+    "ModelScores", "SpanScore", "StopRule", "as_scores", "binomial_stderr", "choice_plan", "choose",
+    "context_length", "evaluate_models",
     "fewshot_indices", "generate_answers", "generation_plan", "load_answer_items", "load_items",
     "plan_choices", "plan_generation", "plan_perplexity", "predict", "read_documents",
     "render_prompt", "select_sources", "summarize_choices", "summarize_exact_match",
