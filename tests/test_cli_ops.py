@@ -221,3 +221,39 @@ def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path, t
     ct = report["stages"][1]
     assert report["stages"][0]["cache"] == "hit" and ct["cache"] == "miss"
     assert ct["notes"]["resumed_from_step"] == step
+
+
+def _doc_blocks(text: str, lang: str) -> list[str]:
+    parts = text.split(f"```{lang}\n")[1:]
+    return [p.split("```", 1)[0] for p in parts]
+
+
+def test_the_operations_guide_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/operations.md's example: its recipe and commands, with their printed status lines."""
+    doc = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    (tmp_path / "ops-demo.yaml").write_text(_doc_blocks(doc, "yaml")[0])
+    monkeypatch.chdir(tmp_path)
+    session = _doc_blocks(doc, "console")[0].splitlines()
+    commands = [(i, line[2:].split("#")[0].strip()) for i, line in enumerate(session)
+                if line.startswith("$ ")]
+    for n, (i, command) in enumerate(commands):
+        end = commands[n + 1][0] if n + 1 < len(commands) else len(session)
+        shown = session[i + 1:end]
+        assert main(shlex.split(command)[1:]) == 0, command
+        out = capsys.readouterr().out.splitlines()
+        if not shown:  # engine run: its tables are not shown
+            continue
+        if "..." not in shown:
+            assert out == shown, command
+        else:  # fingerprints, dates and sizes vary by machine: the lines' shape
+            assert len(out) >= len(shown) - 1, command
+            assert out[0].split()[:2] == shown[0].split()[:2], command
+            if shown[-1] != "...":
+                assert out[-1].split()[0] == shown[-1].split()[0], command
+    assert out[-1].startswith("freed ") and int(out[-1].split()[1]) > 0
+    assert "6 kept version(s)" in "\n".join(session)
+    # the --only refusal, as the guide shows it
+    only = next(b for b in _doc_blocks(doc, "console") if "--only scores" in b).strip().splitlines()
+    assert main(shlex.split(only[0].lstrip("$ "))[1:]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [line.strip() for line in only[1:]]
