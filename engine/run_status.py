@@ -91,6 +91,11 @@ class Selection:
                 forced.add(stage.name)
         return cls(plan, set(only) or None, forced)
 
+    def reuses(self, name: str, cache_on: bool) -> bool:
+        """Whether stage ``name`` may be served from a kept version (``cache_on``: the cache
+        is on for it): an input of ``--only`` stages always, a forced stage never."""
+        return name in self.needed() or (cache_on and name not in self.forced)
+
     def needed(self) -> set[str]:
         """Stages read by the ``--only`` stages but not selected themselves."""
         if self.only is None:

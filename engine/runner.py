@@ -1,11 +1,9 @@
 """Runs a validated plan: stages in dependency order, outputs written atomically.
 
-A stage writes into a temporary folder inside the workdir, renamed to the kept version
-``<workdir>/.stages/<stage>/<fingerprint>/`` (with ``.lingoforge-stage.json``: fingerprint,
-its components, record) only on success; ``<workdir>/<stage>`` then links to it
-(:mod:`engine.stage_cache`). A later run reuses any kept version whose fingerprint (plugin,
-params, inputs, data, runtime) matches: a cache hit, whose record keeps its original cost.
-``--only``/``--from`` and Ctrl-C: :mod:`engine.run_status`.
+A stage writes into a temporary folder in the workdir, renamed on success to the kept version
+``.stages/<stage>/<fingerprint>/`` (with ``.lingoforge-stage.json``) that ``<workdir>/<stage>``
+then links to (:mod:`engine.stage_cache`). A run reuses any kept version whose fingerprint
+matches: a cache hit. ``--only``/``--from`` and Ctrl-C: :mod:`engine.run_status`.
 
 Training checkpoints go to ``<workdir>/.checkpoints/<stage>/<fingerprint>/``, a
 place that survives a killed run, so running the recipe again resumes the stage;
@@ -98,7 +96,6 @@ class Runner:
                  selection: run_status.Selection | None = None) -> None:
         self.plan = plan
         self.selection = selection or run_status.Selection(plan)
-        self._needed = self.selection.needed()  # read by --only stages: served from the cache
         self._active: tuple[str, Path | None, Any] | None = None  # running: for a Ctrl-C
         self.workdir = Path(workdir)
         self.console = console or Console(stderr=True)
@@ -305,8 +302,7 @@ class Runner:
         fingerprint = stage_cache.fingerprint_hash(components)
         self.fingerprints[name] = fingerprint
         versioned = name not in self.outputs  # a workdir stage: every version kept
-        reuse = name in self._needed or (self.use_cache and stage.spec.cache
-                                         and name not in self.selection.forced)
+        reuse = self.selection.reuses(name, self.use_cache and stage.spec.cache)
         cached = stage_cache.lookup(self.workdir, name, fingerprint, final, versioned) if reuse else None
         if self.world > 1:
             share(cached is not None)
@@ -328,6 +324,7 @@ class Runner:
             plugin=stage.spec.plugin, workdir=self.workdir, output_dir=tmp,
             runtime=stage.runtime, console=self.console, progress=progress,
             checkpoint_dir=self.checkpoint_dir(name, fingerprint) if self._checkpoints else None,
+            use_cache=reuse,
         )
         call_observers("stage_started", context=context, stage=stage.spec)
         self._active = (name, context.checkpoint_dir, stage.params)
