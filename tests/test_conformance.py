@@ -49,12 +49,25 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "dare-ties": {"params": {"density": 0.5}, "variations": {"seed": 1}},
     "breadcrumbs": {"params": {"density": 0.5}, "variations": {"gamma": 0.05}},
     "breadcrumbs-ties": {"params": {"density": 0.5}, "variations": {"gamma": 0.05}},
+    "della": {"params": {"density": 0.5}, "variations": {"epsilon": 0.05, "seed": 1}},
+    "della-linear": {"params": {"density": 0.5}, "variations": {"epsilon": 0.05, "seed": 1}},
+    "model-stock": {"variations": {"filter_wise": True}},
+    "slerp": {"params": {"t": 0.3}, "variations": {"t": 0.7}},
+    "passthrough": {"params": {"slices": [{"model": "a", "layers": [0, 2]},
+                                          {"model": "b", "layers": [2, 3]},
+                                          {"model": "c", "layers": [3, 4]}]},
+                    "variations": {"slices": [{"model": "c", "layers": [0, 1]},
+                                              {"model": "b", "layers": [1, 2]},
+                                              {"model": "a", "layers": [2, 4]}]}},
     "indices": {"params": {"indices": [0, -1]}},
     "layer-importance": {"params": {"batches": 1, "batch_size": 2, "seq_len": 16}},
     "retention": {"params": {"reference": "base"}},
 }
 #: built-ins that do not pass yet: name -> reason (xfail, strict)
-KNOWN_FAILURES: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {
+    "slerp": "the suite merges three models (a, b, c); slerp interpolates exactly two "
+             "(its properties are tested in tests/test_merge_methods_more.py)",
+}
 
 
 def _builtins() -> list[Any]:

@@ -14,6 +14,8 @@ The public helpers a merge plugin uses (built-in or third-party):
 * :mod:`engine.merging.execute` -- the streaming loop; :func:`run_merge`, the older
   entry point for a plugin's own merge function (deprecated);
 * :mod:`engine.merging.preflight` -- header-only input checks;
+* :mod:`engine.merging.passthrough` -- layer stacking: a model made of layer ranges of
+  other models (a different number of layers), streamed tensor by tensor;
 * :mod:`engine.merging.lora` -- PEFT LoRA adapter folders as merge inputs (the delta
   ``scaling · B·A`` on the base);
 * :mod:`engine.merging.tensorio` -- safetensors readers and the streaming shard writer.
@@ -29,6 +31,7 @@ from engine.merging.arithmetic import (
     linear,
     magnitude_trim,
     random_drop,
+    seed_for,
     slack_ties,
     slack_ties_combine,
     slack_ties_delta,
@@ -62,6 +65,7 @@ from engine.merging.params import (
     check_weight_sum,
     resolve_per_model,
 )
+from engine.merging.passthrough import StackPlan, plan_layer_stack, run_layer_stack, stack_layers
 from engine.merging.preflight import MergePlan, check_configs, check_merge_inputs
 from engine.merging.trims import BandSelector, MagnitudeBand, magnitude_band
 
@@ -69,12 +73,13 @@ __all__ = [
     "BandSelector", "ExecutionParams", "MagnitudeBand", "MergeMethod", "PerModel",
     "ResolvedParams", "TensorSlice", "magnitude_band",
     "LoraAdapter", "MagnitudeThreshold", "MergeParams", "MergePlan", "MergeSummary", "PerModelDensity",
-    "PerModelFloat", "Positionwise", "PositionwiseMerge", "SlackTiesResult", "TaskVectorParams",
+    "PerModelFloat", "Positionwise", "PositionwiseMerge", "SlackTiesResult", "StackPlan", "TaskVectorParams",
     "TensorMerge", "TensorOverride", "TiesParams", "check_configs", "check_merge_inputs",
     "check_static", "check_weight_sum", "dare_ties", "dare_ties_delta", "for_tensor",
     "is_adapter_folder", "linear",
-    "magnitude_trim", "merge_folders", "per_tensor", "random_drop", "read_adapter",
+    "magnitude_trim", "merge_folders", "per_tensor", "plan_layer_stack", "random_drop", "read_adapter",
     "resolve_per_model",
-    "run_merge", "slack_ties", "slack_ties_combine", "slack_ties_delta", "stack_deltas",
-    "task_arithmetic", "task_arithmetic_delta", "ties", "ties_combine", "ties_delta",
+    "run_layer_stack", "run_merge", "seed_for", "slack_ties", "slack_ties_combine", "slack_ties_delta", "stack_deltas",
+    "stack_layers", "task_arithmetic", "task_arithmetic_delta", "ties", "ties_combine",
+    "ties_delta",
 ]
