@@ -18,7 +18,7 @@ MERGEKIT = os.environ.get("LINGOFORGE_MERGEKIT")
 
 @pytest.mark.skipif(not MERGEKIT, reason="set LINGOFORGE_MERGEKIT to a mergekit-yaml executable "
                                          "(mergekit in its own venv) to run the oracle")
-def test_linear_task_arithmetic_ties_dare_breadcrumbs_agree_with_mergekit(tmp_path, capsys):
+def test_every_merge_method_agrees_with_mergekit(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
         import mergekit_oracle
@@ -27,4 +27,4 @@ def test_linear_task_arithmetic_ties_dare_breadcrumbs_agree_with_mergekit(tmp_pa
     rc = mergekit_oracle.main(["--mergekit", MERGEKIT, "--workdir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert printed.count("OK ") == 7  # 6 exact cases + DARE statistics
+    assert printed.count("OK ") == 14  # 11 exact cases + DARE, DELLA, DELLA-linear statistics
