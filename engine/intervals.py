@@ -90,28 +90,35 @@ class Score:
     #: a proportion of ``n`` items (binomial)
     accuracy: bool = False
 
-    def _se(self) -> float | None:
-        if self.stderr is not None:
-            return self.stderr
+    def _binomial_se(self) -> float | None:
         if self.accuracy and self.n:
             p = min(max(self.value, 0.0), 1.0)
             return math.sqrt(p * (1 - p) / self.n)
         return None
 
+    def _se(self) -> float | None:
+        return self.stderr if self.stderr is not None else self._binomial_se()
+
+    @property
+    def binomial(self) -> bool:
+        """A proportion of ``n`` items whose standard error, if given, is just the binomial
+        one ``sqrt(p (1 - p) / n)``: the score intervals are used, which hold at 0 and 1."""
+        b = self._binomial_se()
+        return b is not None and (self.stderr is None or math.isclose(self.stderr, b, rel_tol=1e-3,
+                                                                       abs_tol=1e-9))
+
     def interval(self) -> Interval | None:
         """The 95% interval of the value, or None when nothing supports one."""
+        if self.binomial:
+            return wilson(self.value, self.n or 0)
         if self.stderr is not None:
             return normal(self.value, self.stderr)
-        if self.accuracy and self.n:
-            return wilson(self.value, self.n)
         return None
 
     def minus(self, other: Score) -> Interval | None:
         """The 95% interval of ``self.value - other.value``, or None."""
-        if self.stderr is None and other.stderr is None:
-            if self.accuracy and other.accuracy and self.n and other.n:
-                return newcombe(self.value, self.n, other.value, other.n)
-            return None
+        if self.binomial and other.binomial:
+            return newcombe(self.value, self.n or 0, other.value, other.n or 0)
         a, b = self._se(), other._se()
         if a is None or b is None:
             return None

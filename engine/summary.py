@@ -37,6 +37,9 @@ from engine.report import (
     order_columns,
 )
 from engine.summary_render import Block, Bullets, Heading, Note, Table, markdown, text
+from engine.summary_render import interval_text as _ival
+from engine.summary_render import number as _num
+from engine.summary_render import signed as _signed
 
 __all__ = ["Comparison", "Evidence", "Summary", "gather", "summarize"]
 TRAINING_KINDS = ("adapt-language", "align")
@@ -200,24 +203,6 @@ def compare(ev: Evidence, metric: str, models: list[str]) -> Comparison | None:
     return Comparison(metric, best, second, a.value - b.value, a.minus(b))
 
 
-def _num(v: float, metric: str) -> str:
-    if is_accuracy(metric):
-        return f"{v:.3f}"
-    return f"{v:.2f}" if abs(v) < 1000 else format_number(float(v))
-
-
-def _signed(v: float, metric: str) -> str:
-    return f"{v:+.2f}" if is_accuracy(metric) or abs(v) < 1000 else f"{v:+,.0f}"
-
-
-def _ival(iv: Interval | None, metric: str) -> str:
-    if iv is None:
-        return "no interval"
-    if is_accuracy(metric):
-        return f"[{iv.low:+.3f}, {iv.high:+.3f}]"
-    return f"[{_signed(iv.low, metric)}, {_signed(iv.high, metric)}]"
-
-
 def _better(metric: str, d: float) -> bool:
     return d < 0 if lower_is_better(metric) else d > 0
 
@@ -317,9 +302,11 @@ def _metric_words(ev: Evidence, metric: str, models: list[str], base: str | None
             iv = ev.score(m, metric).minus(ev.score(base, metric))
             if iv is not None and iv.excludes(0.0):
                 (up if _better(metric, iv.center) else down).append(m)
-        if any(ev.score(m, metric).minus(ev.score(base, metric)) for m in models if m != base):
+        others = [m for m in models if m != base and metric in ev.values.get(m, {})]
+        if any(ev.score(m, metric).minus(ev.score(base, metric)) for m in others):
+            rest = "; the rest within noise" if len(up) + len(down) < len(others) else ""
             words.append(f"Against {base}: better beyond noise: {', '.join(up) or 'none'}; "
-                         f"worse: {', '.join(down) or 'none'}; the rest within noise.")
+                         f"worse: {', '.join(down) or 'none'}{rest}.")
     if metric in ev.chance:
         above = [m for m in models if (iv := ev.score(m, metric).interval()) is not None
                  and iv.low > ev.chance[metric]]

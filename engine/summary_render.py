@@ -9,6 +9,9 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass, field
 
+from engine.intervals import Interval, is_accuracy
+from engine.report import format_number
+
 WIDTH = 100
 
 
@@ -104,3 +107,27 @@ def markdown(blocks: list[Block], top: int = 2) -> str:
                       "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |",
                       *("| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.rows), ""]
     return "\n".join(lines)
+
+
+# --- numbers in words ------------------------------------------------------------------------
+
+
+def number(v: float, metric: str) -> str:
+    """An accuracy with 3 decimals, a perplexity with 2 (thousands separated when large)."""
+    if is_accuracy(metric):
+        return f"{v:.3f}"
+    return f"{v:.2f}" if abs(v) < 1000 else format_number(float(v))
+
+
+def signed(v: float, metric: str) -> str:
+    """A difference with its sign."""
+    return f"{v:+.2f}" if is_accuracy(metric) or abs(v) < 1000 else f"{v:+,.0f}"
+
+
+def interval_text(iv: Interval | None, metric: str) -> str:
+    """``[low, high]`` of a difference, or ``no interval``."""
+    if iv is None:
+        return "no interval"
+    if is_accuracy(metric):
+        return f"[{iv.low:+.3f}, {iv.high:+.3f}]"
+    return f"[{signed(iv.low, metric)}, {signed(iv.high, metric)}]"
