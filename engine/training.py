@@ -19,15 +19,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field, model_validator
 
 from engine import distributed, levers, tracking
 from engine.batching import IGNORE_INDEX, Batch
@@ -35,65 +36,17 @@ from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
 from engine.levers import make_optimizer, resolve_mixed_precision
 from engine.packing import fit_packing, model_inputs
-from engine.params import NOT_IN_RESULT, TrainingParams
 from engine.slow_paths import auto_precision_path, loss_scaling_path
+from engine.trainer_params import TrainerParams
 
 if TYPE_CHECKING:
     from engine.context import StageContext
 
 LOG_FILE = "train_log.jsonl"
+#: ``<workdir>/logs/<stage>/train_log.jsonl``: the live log of a running stage
+LOGS_DIR = "logs"
 #: fault injection for tests of resume: the process SIGKILLs itself after this step
 KILL_ENV = "LINGOFORGE_KILL_AT_STEP"
-
-
-class TrainerParams(TrainingParams):
-    """Parameters of the shared loop; every trainer's ``Params`` extends this."""
-
-    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warmup from ~0 to `lr`.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate decay after warmup, down to 0 at the last step (or flat).")
-    grad_accum: int = Field(
-        1, ge=1, description="Micro-batches per optimizer step; `batch_size` must be divisible by it. "
-        "Raises it to save memory without changing the effective batch.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables clipping.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="Autocast precision via accelerate; `auto` is bf16 on a GPU that supports it, "
-        "else off. fp16 needs CUDA.")
-    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = Field(
-        "adamw", description="`adamw-8bit` keeps optimizer state in 8 bits (bitsandbytes), about 4x smaller; "
-        "`paged-adamw-8bit` also pages it to host memory when the GPU runs short (CUDA only; on the CPU "
-        "it is adamw-8bit, said in report.json).")
-    gradient_checkpointing: bool = Field(
-        False, json_schema_extra=NOT_IN_RESULT, description="Recompute each decoder layer's activations in the backward pass instead of "
-        "holding them (non-reentrant activation checkpointing): activation memory drops to about one "
-        "layer's, for roughly one more forward pass of compute per step. Same loss and gradients.")
-    packing: Literal["auto", "documents", "stream", "padded"] = Field(
-        "auto", description="`documents`: rows packed with position ids restarting at each document, no "
-        "attention across documents; `stream` (text): documents attend to earlier ones in a block; `padded` "
-        "(instructions): one example per row; `auto`: documents where a probe finds the model supports it.")
-    log_every: int = Field(
-        10, ge=1, json_schema_extra=NOT_IN_RESULT,
-        description="Read losses back from the device every this many steps (writes "
-        "train_log.jsonl lines and checks for NaN/inf).")
-    checkpoint_every: int = Field(
-        100, ge=0, json_schema_extra=NOT_IN_RESULT,
-        description="Save a resumable checkpoint every this many steps (0: never). A "
-        "killed stage resumes from its last checkpoint when the recipe runs again; checkpoints are "
-        "deleted when the stage succeeds.")
-    keep_checkpoints: int = Field(1, ge=1, json_schema_extra=NOT_IN_RESULT,
-                                  description="How many of the newest checkpoints to keep.")
-
-    @model_validator(mode="after")
-    def _batch_divisible(self) -> TrainerParams:
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        return self
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Sequences per forward pass."""
-        return self.batch_size // self.grad_accum
 
 
 @dataclass
@@ -201,6 +154,16 @@ def _restore(checkpoint: Checkpoint, named: list[tuple[str, torch.nn.Parameter]]
         group.pop("initial_lr", None)
 
 
+def live_log_path(context: StageContext) -> Path:
+    """Where a running stage's train_log.jsonl is written as it trains:
+    ``<workdir>/logs/<stage>/train_log.jsonl`` for a stage the runner runs (it has a
+    checkpoint folder); the stage output folder otherwise. The finished stage's output
+    gets a copy either way."""
+    if getattr(context, "checkpoint_dir", None) is None:
+        return Path(context.output_dir) / LOG_FILE
+    return Path(context.workdir) / LOGS_DIR / context.stage_name / LOG_FILE
+
+
 def _kill_step() -> int | None:
     value = os.environ.get(KILL_ENV)
     return int(value) if value else None
@@ -222,7 +185,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     so the result matches one process with the same ``batch_size``; only the main
     process writes the log and checkpoints.
 
-    With ``context.checkpoint_dir`` set and ``params.checkpoint_every`` > 0, a
+    With ``context.checkpoint_dir`` set and ``params.checkpoint_interval`` > 0, a
     checkpoint is saved every that many steps and a run finding one resumes from it
     (weights, optimizer, schedule, data position, RNG): the result is the same as an
     uninterrupted run's. ``state`` continues a run from ``state.step``.
@@ -251,7 +214,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         trainable = [p for _, p in named]
         context.note("fsdp_processes", world)
-        if params.checkpoint_every > 0:
+        if params.checkpoint_interval > 0:
             context.slow_path("checkpoint", "fsdp", "runtime.fsdp: no resumable checkpoints are saved "
                               "(a killed stage starts over)")
     if params.grad_accum > 1 or world > 1:  # one micro-batch on one process: the same either way
@@ -262,17 +225,22 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         levers.enable_checkpointing(model, f"stage {context.stage_name!r}")
     optimizer = make_optimizer(trainable, params)
     flat = fit_packing(batches, model, context)  # probes the model before the first batch
-    log_path = context.output_dir / LOG_FILE
+    log_path = live_log_path(context)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     context.output_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        log_path.write_bytes(b"")  # a fresh run starts a fresh live log
 
     ckpt_root = getattr(context, "checkpoint_dir", None)
     checkpoints = (CheckpointDir(ckpt_root, keep=params.keep_checkpoints)
-                   if ckpt_root is not None and params.checkpoint_every > 0 and twin is None else None)
+                   if ckpt_root is not None and params.checkpoint_interval > 0 and twin is None else None)
     resumed = checkpoints.load_latest() if checkpoints is not None else None
     if resumed is not None:
         _restore(resumed, named, optimizer, params)
         state = TrainState(step=resumed.step, tokens=int(resumed.state["tokens"]),
                            last_loss=resumed.state.get("last_loss"))
+        context.add_tokens(state.tokens)  # the record counts the whole stage's tokens
+        earlier_s = float(resumed.state.get("train_seconds", 0.0))
         for _ in range(int(resumed.state["micro_batches"])):  # the data position
             next(batches)
         if main and (resumed.path / LOG_FILE).is_file():
@@ -280,6 +248,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         context.note("resumed_from_step", resumed.step)
         context.log(f"resuming from checkpoint step {resumed.step} ({resumed.path})")
 
+    else:
+        earlier_s = 0.0
     start = state.step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
         start + i, total=params.steps, warmup=params.warmup_steps, schedule=params.schedule))
@@ -292,7 +262,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         restore_rng(resumed.rng, resumed.state.get("python_rng"))
 
     losses: list[float] = []
-    pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
+    # (step, loss, grad norm, lr, tokens so far, seconds of the whole stage so far)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float, int, float]] = []
     window_tokens, window_start, began = 0, time.perf_counter(), time.perf_counter()
     shown: dict[str, Any] = {}
     last_good: list[int] = [resumed.step] if resumed is not None else []
@@ -300,14 +271,14 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
 
     def flush() -> None:
         nonlocal window_tokens, window_start
-        stacked = torch.stack([loss for _, loss, _, _ in pending])
+        stacked = torch.stack([p[1] for p in pending])
         if world > 1:
             stacked = accelerator.reduce(stacked, reduction="mean")
         values = stacked.tolist()  # the one sync
-        norms = [None if n is None else float(n) for _, _, n, _ in pending]
+        norms = [None if p[2] is None else float(p[2]) for p in pending]
         now = time.perf_counter()
         tok_s = window_tokens / max(now - window_start, 1e-9)
-        for (step, _, _, lr), value in zip(pending, values):
+        for (step, _, _, lr, _, _), value in zip(pending, values):
             if not math.isfinite(value):
                 kept = (f"; the last good checkpoint (step {last_good[-1]}) is kept in "
                         f"{checkpoints.path(last_good[-1])}" if last_good and checkpoints else "")
@@ -316,9 +287,9 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
                     f"(lr {lr:.3g}); lower lr, enable max_grad_norm, or check the data{kept}")
         if main:
             with open(log_path, "a", encoding="utf-8") as fh:
-                for (step, _, _, lr), value, norm in zip(pending, values, norms):
-                    record = {"step": step + 1, "loss": value, "lr": lr, "tokens": state.tokens,
-                              "tok_s": tok_s}
+                for (step, _, _, lr, tokens, elapsed), value, norm in zip(pending, values, norms):
+                    record = {"step": step + 1, "loss": value, "lr": lr, "tokens": tokens,
+                              "tok_s": tok_s, "elapsed_s": round(elapsed, 3)}
                     if norm is not None:
                         record["grad_norm"] = norm
                     fh.write(json.dumps(record) + "\n")
@@ -338,12 +309,15 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
                              optimizer=optimizer.state_dict(), log_file=log_path,
                              state={"tokens": state.tokens, "last_loss": state.last_loss,
                                     "micro_batches": state.step * params.grad_accum,
+                                    "train_seconds": earlier_s + time.perf_counter() - began,
                                     "world_size": world})
         accelerator.wait_for_everyone()
         last_good.append(state.step)
 
     with (tracking.open_trackers(context, main) as trackers,  # runtime.log_with, closed on exit
-          context.progress(params.steps - start, description or f"{context.stage_name}: training") as bar):
+          context.progress(params.steps, description or f"{context.stage_name}: training") as bar):
+        if start:
+            bar.advance(start)  # a resumed stage's bar starts at its step, out of the whole stage's
         for step in range(start, params.steps):
             micro = [next(batches) for _ in range(params.grad_accum)]
             counts = [_count(b) for b in micro]
@@ -371,16 +345,22 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             state.step = step + 1
             state.tokens += step_tokens
             window_tokens += step_tokens
-            pending.append((step, step_loss, None if norm is None else norm.detach(), lr))
+            pending.append((step, step_loss, None if norm is None else norm.detach(), lr, state.tokens,
+                            earlier_s + time.perf_counter() - began))
             if state.step % params.log_every == 0 or state.step == params.steps:
                 flush()
-            if (checkpoints is not None and state.step % params.checkpoint_every == 0
+            if (checkpoints is not None and state.step % params.checkpoint_interval == 0
                     and state.step < params.steps):
                 save_checkpoint()
             if kill_at == state.step:
                 os.kill(os.getpid(), signal.SIGKILL)
             bar.advance(1, **shown)
 
+    this_run = time.perf_counter() - began
+    if main and log_path != context.output_dir / LOG_FILE:
+        shutil.copyfile(log_path, context.output_dir / LOG_FILE)  # the stage output's copy
+    context.note("training_seconds", {"whole_stage": round(earlier_s + this_run, 3),
+                                      "this_run": round(this_run, 3)})
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if twin is not None:
         model = distributed.gather_model(model, twin)
@@ -388,4 +368,4 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         levers.disable_checkpointing(model)
     model.eval()
     accelerator.free_memory()
-    return TrainResult(model=model, state=state, losses=losses, seconds=time.perf_counter() - began)
+    return TrainResult(model=model, state=state, losses=losses, seconds=this_run)

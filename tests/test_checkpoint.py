@@ -197,3 +197,35 @@ def test_a_save_clears_unfinished_saves_of_killed_runs(tmp_path):
             optimizer=torch.optim.SGD([p], lr=0.1).state_dict())
     assert not stale.exists() and ck.steps() == [6]
     assert not [q for q in (tmp_path / "c").iterdir() if q.name.startswith(".tmp-")]
+
+
+def test_auto_cadence_checkpoints_an_80_step_stage():
+    assert TrainerParams(steps=80).checkpoint_interval == 20  # steps 20, 40, 60
+    assert TrainerParams(steps=160).checkpoint_interval == 40
+    assert TrainerParams(steps=12).checkpoint_interval == 10  # never more often than every 10
+    assert TrainerParams(steps=100_000).checkpoint_interval == 500
+    assert TrainerParams(steps=80, checkpoint_every=0).checkpoint_interval == 0
+
+
+def test_resumed_stage_counts_whole_stage_and_logs_live(tmp_path, tiny_model, text_file):
+    """Killed at step 5 and run again: the record counts all 8 steps' tokens, the log
+    rows carry cumulative tokens and elapsed seconds, and the live log sits in
+    <workdir>/logs/<stage>/ beside the output's copy."""
+    recipe = _recipe(tmp_path, tiny_model, text_file)
+    killed = tmp_path / "killed"
+    env = {**os.environ, KILL_ENV: "5", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "engine", "run", str(recipe), "--workdir", str(killed)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    live = killed / "logs" / "trained" / LOG_FILE
+    assert [json.loads(x)["step"] for x in live.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    report = _run(recipe, killed)
+    stage = report["stages"][0]
+    assert stage["notes"]["resumed_from_step"] == 4
+    assert stage["tokens"] == 8 * 4 * 16  # the whole stage's, not the resumed half
+    seconds = stage["notes"]["training_seconds"]
+    assert 0 < seconds["this_run"] < seconds["whole_stage"]
+    log = [json.loads(x) for x in (killed / "trained" / LOG_FILE).read_text().splitlines()]
+    assert [r["tokens"] for r in log] == [4 * 16 * s for s in range(1, 9)]
+    assert all(b["elapsed_s"] >= a["elapsed_s"] for a, b in zip(log, log[1:]))
+    assert live.read_text() == (killed / "trained" / LOG_FILE).read_text()
