@@ -111,3 +111,18 @@ def test_schema_includes_plugin_params(test_plugin, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "engine", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("lingoforge ")
+
+
+def test_cache_commands_need_a_workdir_and_name_it(tmp_path, capsys):
+    assert main(["cache", "ls"]) == 2
+    assert "engine cache ls: name a RECIPE or --workdir" in capsys.readouterr().err
+    assert main(["cache", "prune", "--workdir", str(tmp_path / "nope")]) == 2
+    assert f"workdir {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+def test_run_refuses_an_unknown_stage_for_only_and_from(recipe, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(["run", str(recipe), "--workdir", str(work), "--only", "scoers"]) == 2
+    err = capsys.readouterr().err
+    assert "--only 'scoers': no stage of that name" in err and "stages: adapted, scores" in err
+    assert not work.exists()
