@@ -200,7 +200,7 @@ def versions(workdir: Path, name: str) -> list[Version]:
     legacy = Path(workdir) / name
     if not legacy.is_symlink() and current is not None and not any(v.current for v in found):
         found.append(Version(legacy, read_marker(legacy) or {}, True))
-    return sorted(found, key=lambda v: v.created)
+    return sorted(found, key=lambda v: (v.created, v.folder.stat().st_mtime_ns))  # oldest first
 
 
 def make_current(workdir: Path, name: str, fingerprint: str) -> None:
