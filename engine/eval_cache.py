@@ -7,7 +7,7 @@ a model whose *content fingerprint* and *evaluation key* are both unchanged reus
 saved metrics, counts, standard errors and chance levels without being loaded.
 
 * **Content fingerprint** (:func:`model_content`): the fingerprint in the folder's stage
-  marker (``.lingoforge-stage.json``) for a stage output, else
+  marker (``.lingoforge-stage.json``) for a stage output of the run's workdir, else
   :func:`engine.stage_cache.model_fingerprint` (path, size and mtime of its files) for
   an input model folder; plus the hash of its tokenizer files.
 * **Evaluation key** (:func:`evaluation_key`): the scoring version
@@ -96,23 +96,28 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, (int, float)) and (math.isfinite(value) or math.isnan(value))
 
 
-def model_content(path: Path) -> str:
-    """What a model folder holds, as a fingerprint: its stage marker's fingerprint when it
-    is a stage output, else :func:`~engine.stage_cache.model_fingerprint`; plus its
-    tokenizer files' hash."""
+def model_content(path: Path, workdir: Path | None = None) -> str:
+    """What a model folder holds, as a fingerprint, plus its tokenizer files' hash.
+
+    A stage output of this run's ``workdir`` (its folder resolves inside it) is named by
+    its stage marker's fingerprint, which the runner writes with the folder; any other
+    folder (an input model, even one copied from a stage output with its marker) by
+    :func:`~engine.stage_cache.model_fingerprint`: path, size and mtime of its files.
+    """
     from engine.spans import tokenizer_fingerprint
 
     path = Path(path)
-    marker = path / stage_cache.STAGE_FILE
     fingerprint = None
-    try:
-        saved = json.loads(marker.read_text())
-        if isinstance(saved, dict) and isinstance(saved.get("fingerprint"), str):
-            fingerprint = "stage:" + saved["fingerprint"]
-    except (OSError, ValueError):
-        pass
+    resolved = path.resolve()
+    if workdir is not None and resolved.is_relative_to(Path(workdir).resolve()):
+        try:
+            saved = json.loads((path / stage_cache.STAGE_FILE).read_text())
+            if isinstance(saved, dict) and isinstance(saved.get("fingerprint"), str):
+                fingerprint = "stage:" + saved["fingerprint"]
+        except (OSError, ValueError):
+            pass
     if fingerprint is None:
-        fingerprint = "folder:" + stage_cache.model_fingerprint(path.resolve())
+        fingerprint = "folder:" + stage_cache.model_fingerprint(resolved)
     return f"{fingerprint}/{tokenizer_fingerprint(path)[:16]}"
 
 

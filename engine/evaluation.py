@@ -248,7 +248,7 @@ def evaluate_models(
             key = None
             if cache is not None and stage_key is not None:
                 key = {**stage_key, "max_length": length,
-                       "model": eval_cache.model_content(artifact.path)}
+                       "model": eval_cache.model_content(artifact.path, context.workdir)}
                 hit = cache.get(key)
                 if hit is not None:
                     results[artifact.name] = ModelScores(hit.metrics, hit.counts, hit.stderr,

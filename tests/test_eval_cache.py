@@ -119,7 +119,7 @@ def test_no_cache_and_corrupt_entries_are_never_trusted(world, tmp_path):
     spec = recipe(world)
     spec["stages"] = spec["stages"][:1]
     first = stages(run_recipe(spec, work))["ppl"]
-    owner = {model_content(world[n]): n for n in NAMES}
+    owner = {model_content(world[n], work): n for n in NAMES}
     by_model = {owner[json.loads(e.read_text())["key"]["model"]]: e
                 for e in (work / CACHE_DIR).glob("*.json")}
     entries = [by_model[n] for n in ("m1", "m2", "m3")]
@@ -233,3 +233,32 @@ def test_evaluation_bar_counts_what_advances(world, tmp_path):
     assert len(progress.seen) >= plain + 2 * -(-len(GEN) // 2)
     assert all("tok_s=" in info for _, _, info in progress.seen)
     assert "model=slow 2/2" in progress.seen[-1][2]
+
+
+def test_stage_outputs_are_known_by_their_marker_inputs_by_their_files(world, tmp_path):
+    """A merged model re-made with other params is re-scored (its marker's fingerprint
+    changed); a copy of a stage output used as an input model is known by its files, so
+    new weights under its copied marker are re-scored too, never served the old result."""
+    work = tmp_path / "run"
+    copy = tmp_path / "copy"
+    spec = recipe(world)
+    spec["stages"] = [
+        {"name": "merged", "stage": "merge", "plugin": "task-arithmetic", "base": "m0",
+         "models": ["m1", "m2"], "params": {"lambda": 1.0}},
+        {**spec["stages"][0], "models": ["m0", "m1", "merged"]},
+    ]
+    run_recipe(spec, work)
+    import shutil
+
+    shutil.copytree(work / "merged", copy)  # with its .lingoforge-stage.json
+    spec["models"]["copy"] = {"path": str(copy)}
+    spec["stages"][1]["models"].append("copy")
+    first = stages(run_recipe(spec, work))["ppl"]["notes"]["eval_cache"]
+    assert first["scored"] == ["copy"] and sorted(first["reused"]) == ["m0", "m1", "merged"]
+
+    second = stages(run_recipe(spec, work, overrides=["stages.merged.params.lambda=0.5"]))
+    assert second["ppl"]["notes"]["eval_cache"]["scored"] == ["merged"]
+
+    change_weights(copy, seed=7)  # the copied marker still names the old merge
+    third = stages(run_recipe(spec, work, overrides=["stages.merged.params.lambda=0.5"]))
+    assert third["ppl"]["notes"]["eval_cache"]["scored"] == ["copy"]
