@@ -373,6 +373,8 @@ def summarize(report: dict[str, Any], folder: Path | None = None, *,
         for c in cols:
             if (comp := compare(ev, c, shown)) is not None:
                 comps[c] = comp
+        blocks.append(Note("metrics: " + (f"value, difference from {base} ± its 95% interval"
+                                          if base in shown else "value")))
         blocks.append(_metrics_table(ev, cols, shown, base, comps))
         words = ([] if len(found) < 2 else _head_to_head(ev, found, cols))
         words += [_metric_words(ev, c, shown, base, comps.get(c)) for c in cols]
