@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("--workdir", type=Path, help="output folder (default: runs/<recipe name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a recipe value, e.g. stages.ct.params.steps=10 (repeatable)")
+                     help="override a recipe value, e.g. stages.ct-lum.params.steps=10 (repeatable)")
     run.add_argument("--no-cache", action="store_true", help="re-run stages even if their output is current")
     cli_ops.add_run_flags(run)
 

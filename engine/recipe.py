@@ -24,7 +24,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 #: a stage's name is a folder name inside the workdir: one path component, short enough
 #: for every file system, and never one of the files the engine writes beside stages
 MAX_NAME_LENGTH = 100
-RESERVED_NAMES = frozenset({"report.json", "report.md", "metrics.png", "cost.png", "loss.png"})
+RESERVED_NAMES = frozenset({"report.json", "report.md", "report", "run.log", "logs"})
 #: a recipe is a small hand-written file: larger inputs, or YAML whose aliases expand to
 #: more nodes than this (a "billion laughs" file), are refused before they are built
 MAX_RECIPE_BYTES = 4 << 20
