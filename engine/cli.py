@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from engine import __version__, cli_merge, cli_ops, cli_report
+from engine.console import make_console
 from engine.errors import EngineError
 
 EXIT_USER_ERROR = 2
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = make_console()
     try:
         return COMMANDS[args.command](args, console)
     except KeyboardInterrupt as exc:  # what was kept, and the command that resumes
@@ -205,7 +206,7 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
         elif row.get("skipped"):
             regs = f"[yellow]not loaded: {_escape(row['skipped'])}[/]"
         table.add_row(row["name"], row["distribution"], row["version"], regs)
-    Console().print(table)
+    make_console(stderr=False).print(table)
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from engine.console import make_console
 from engine.errors import EngineError, RecipeError
 
 __all__ = ["add_parser", "build_recipe", "cmd_merge"]
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(["merge", *(sys.argv[1:] if argv is None else argv)])
-    console = Console(stderr=True)
+    console = make_console()
     _quiet_libraries()
     try:
         return cmd_merge(args, console)

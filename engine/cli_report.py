@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from engine.console import make_console
 from engine.errors import EngineError
 
 
@@ -48,7 +49,7 @@ def finish_run(report: dict[str, Any], workdir: Path, recipe: Path, console: Con
     from engine.report_files import make_report
     from engine.summary import summarize
 
-    out = Console(soft_wrap=True)
+    out = make_console(stderr=False)
     out.print(stages_table(report))
     out.file.flush()
     sys.stdout.write("\n" + summarize(report, workdir, recipe=str(recipe)).text())

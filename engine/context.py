@@ -7,6 +7,7 @@ recipe's safety settings, and the counters that end up in report.json.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,10 +16,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from engine import levers, modelio, slow_paths
 from engine.artifacts import ModelArtifact
+from engine.console import make_console
 
 
 @dataclass
@@ -110,7 +113,7 @@ class StageContext:
         self.workdir = Path(workdir)
         self.output_dir = Path(output_dir)
         self.runtime = runtime or Runtime()
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console()
         self.stats = StageStats()
         self._progress = progress
         #: a stable folder for resumable training checkpoints (survives a killed run,
@@ -132,19 +135,26 @@ class StageContext:
     # -- feedback --------------------------------------------------------------------
 
     @contextmanager
-    def progress(self, total: float | None, description: str | None = None) -> Iterator[ProgressTracker]:
-        """A progress bar for long work: ``with ctx.progress(steps) as bar: bar.advance()``."""
+    def progress(self, total: float | None, description: str | None = None, *,
+                 unit: str = "it") -> Iterator[ProgressTracker]:
+        """A progress bar for long work: ``with ctx.progress(steps, unit="steps") as bar:
+        bar.advance()``. It shows the count, the rate in ``unit``/s and a live ETA, never
+        passes ``total``, and off a terminal is a plain line every tenth or 30 s
+        (:mod:`engine.console`)."""
         if self._progress is None:
             yield ProgressTracker(None, None)
             return
-        task = self._progress.add_task(description or self.stage_name, total=total, info="")
+        task = self._progress.add_task(description or self.stage_name, total=total, info="",
+                                       unit=unit)
         try:
             yield ProgressTracker(self._progress, task)
         finally:
             self._progress.update(task, visible=False)
 
     def log(self, message: str) -> None:
-        self.console.log(f"[dim]{self.stage_name}:[/] {message}")
+        """``HH:MM:SS stage: message`` on the console (rich markup allowed; no source location)."""
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')} {escape(self.stage_name)}:[/] {message}",
+                           highlight=False, soft_wrap=True)
 
     # -- report counters ---------------------------------------------------------------
 

@@ -41,15 +41,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from engine import modelio, report, run_status, stage_cache, threads, token_cache
 from engine.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their home was here
@@ -61,6 +52,7 @@ from engine.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their 
     ModelArtifact,
     load_artifact,
 )
+from engine.console import make_console, make_progress, run_log
 from engine.context import StageContext
 from engine.distributed import Ranks, init_process_group, share
 from engine.errors import EngineError
@@ -98,7 +90,7 @@ class Runner:
         self.selection = selection or run_status.Selection(plan)
         self._active: tuple[str, Path | None, Any] | None = None  # running: for a Ctrl-C
         self.workdir = Path(workdir)
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console()
         self.use_cache = use_cache
         self.outputs = {name: Path(path) for name, path in (outputs or {}).items()}
         #: print a line per stage (✓ ran, ↺ cached); off for callers that report themselves
@@ -123,7 +115,8 @@ class Runner:
         if lock is not None:
             lock.acquire()  # before anything is written or cleaned up
         try:
-            with self._session():
+            with self._session(), run_log(self.console, self.workdir, recipe=self.plan.recipe.name,
+                                          enabled=self.main):
                 return self._run()
         finally:
             if lock is not None:
@@ -318,7 +311,7 @@ class Runner:
 
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        progress = _progress(self.console)
+        progress = make_progress(self.console)
         context = StageContext(
             run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
             plugin=stage.spec.plugin, workdir=self.workdir, output_dir=tmp,
@@ -381,14 +374,6 @@ def run_stage(plan: Plan, out: Path, *, console: Console | None = None, use_cach
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-        console=console, transient=True,
-    )
 
 
 def _check_artifact(artifact: Any, stage: PlannedStage) -> None:
