@@ -7,8 +7,8 @@ plain, line-oriented one otherwise (CI, ``| tee``, a log file): no width truncat
 :func:`make_progress` gives the progress display every long piece of work shares: on a
 terminal a rich bar with count, rate (``it/s``, ``tokens/s``, ... as the task's ``unit``
 field says), elapsed time and a live ETA; off a terminal no live display, but a plain
-line every tenth of the total or every 30 s (``ct-lum: 80/160 steps, 3.1 steps/s,
-eta 26 s``) and one when the task ends. A bar never goes past its total.
+line every tenth of the total (at most one per 2 s) or every 30 s (``ct-lum: 80/160 steps,
+3.1 steps/s, eta 26 s``) and one when the task ends. A bar never goes past its total.
 
 :func:`run_log` copies, while active, every line a console prints (as plain text, with
 progress as periodic lines even on a terminal) into a log file, written as it goes.
@@ -47,6 +47,8 @@ __all__ = ["EngineConsole", "EngineProgress", "current", "eta_seconds", "format_
 
 #: off a terminal, a progress line at least every this many seconds (and every tenth)
 PLAIN_INTERVAL_S = 30.0
+#: ... but a tenth is said only this long after the previous line (a 0.1 s merge gets one line)
+PLAIN_MIN_GAP_S = 2.0
 #: width of a plain console: wide enough that rich never cuts or wraps a line itself
 _PLAIN_WIDTH = 100_000
 
@@ -259,7 +261,7 @@ class EngineProgress(Progress):
             line = progress_line(task, done=task.finished)
         else:
             t = int(10 * task.completed / task.total) if task.total else 0
-            if t > tenths or now - said_at >= PLAIN_INTERVAL_S:
+            if (t > tenths and now - said_at >= PLAIN_MIN_GAP_S) or now - said_at >= PLAIN_INTERVAL_S:
                 self._marks[task_id] = (max(t, tenths), now)
                 line = progress_line(task)
             else:
@@ -270,14 +272,14 @@ class EngineProgress(Progress):
             self.console.to_sinks(line)  # type: ignore[attr-defined]
 
 
-def make_progress(console: Console, *, transient: bool = True) -> EngineProgress:
+def make_progress(console: Console, *, transient: bool = True, **kwargs: Any) -> EngineProgress:
     """The progress display for ``console`` (see the module docstring). Give each task a
     ``unit`` field (``steps``, ``tokens``, ``items``...) and an ``info`` one for live values."""
     plain = bool(getattr(console, "plain", False)) or not console.is_terminal
     return EngineProgress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         RateColumn(), TimeElapsedColumn(), EtaColumn(), TextColumn("{task.fields[info]}"),
-        console=console, plain=plain, transient=transient,
+        console=console, plain=plain, transient=transient, **kwargs,
     )
 
 

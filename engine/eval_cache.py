@@ -32,13 +32,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import stage_cache
+from engine import outputs, stage_cache
 
 if TYPE_CHECKING:
     from engine.context import StageContext
@@ -183,18 +182,13 @@ class EvalCache:
         path = self._path(key)
         text = json.dumps({"key": key, "result": result.to_json()}, indent=1, sort_keys=True,
                           default=str)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.folder)
+        fd, tmp = outputs.temp_file(f".{path.stem}.", ".tmp", self.folder)
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
-            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -267,7 +267,7 @@ def evaluate_models(
             context.log(f"[red]model {artifact.name!r} skipped:[/] {errors[artifact.name]}")
 
     total = sum(t.steps for t in todo)
-    with context.progress(total, f"{context.stage_name}: {context.plugin}") as bar:
+    with context.progress(total, f"{context.stage_name}: {context.plugin}", unit="items") as bar:
         for k, item in enumerate(todo, 1):
             scores = _score_one(context, item, bar, f"{item.artifact.name} {k}/{len(todo)}",
                                 batch_size=batch_size, share_prefix=share_prefix,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from engine import adapters
+from engine import adapters, outputs
 from engine.adapters import (  # re-exported: their home was this module
     ADAPTER_BASE_KEY,
     ADAPTER_CONFIG,
@@ -261,7 +260,7 @@ def atomic_dir(final: Path, *, overwrite: bool = True) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists (pass overwrite to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(outputs.temp_dir(f".{final.name}.tmp-", final.parent))
     try:
         yield tmp
     except BaseException:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import svg_charts
+from engine import outputs, svg_charts
 from engine.errors import EngineError
 from engine.report import direction, format_number, format_params, legend, order_columns
 from engine.summary import Evidence, compare, gather, summarize
@@ -199,21 +198,14 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
 
 def _replace_file(path: Path, content: str) -> None:
     """Write ``path`` through a temporary file renamed over it (never half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = outputs.temp_file(f".{path.name}.", ".tmp", path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(content)
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _rel(path: Path, folder: Path) -> str:
@@ -275,10 +267,9 @@ def make_report(folder: Path, *, charts: bool = True,
     made: dict[str, Path] = {}
     note = None
     if charts:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{CHART_DIR}.tmp-", dir=run.folder))
+        tmp = Path(outputs.temp_dir(f".{CHART_DIR}.tmp-", run.folder))
         try:
             drawn = write_charts(run, tmp)
-            os.chmod(tmp, 0o777 & ~_umask())
             _swap_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,6 @@ report.json in :mod:`engine.report`, and each artifact saves and loads itself
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from engine import modelio, report, run_status, stage_cache, threads, token_cache
+from engine import modelio, outputs, report, run_status, stage_cache, threads, token_cache
 from engine.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their home was here
     ARTIFACT_TYPES,
     LAYERS_FILE,
@@ -272,7 +271,7 @@ class Runner:
             if STAGE_KINDS[stage.spec.stage].loads_models:
                 self._import_architectures()
             threads.apply_threads(stage.runtime.threads)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.rank{self.rank}-", dir=self.workdir))
+            tmp = Path(outputs.temp_dir(f".{name}.rank{self.rank}-", self.workdir))
             context = StageContext(
                 run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
                 plugin=stage.spec.plugin, workdir=self.workdir, output_dir=tmp, runtime=stage.runtime,
@@ -310,7 +309,7 @@ class Runner:
             self._import_architectures()
 
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp = Path(outputs.temp_dir(f".{final.name}.tmp-", final.parent))
         progress = make_progress(self.console)
         context = StageContext(
             run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
@@ -333,6 +332,7 @@ class Runner:
             record["threads"] = threads_record(thread_plan)
             artifact.save(tmp)
             stage_cache.write_marker(tmp, fingerprint, record, components, stage.spec.references())
+            outputs.settle_modes(tmp)  # copied inputs keep their modes; plugins' files alike
             stage_cache.commit(tmp, final, self.workdir if versioned else None, fingerprint)
             self._remove_checkpoints(name)
             self._active = None

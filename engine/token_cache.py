@@ -44,7 +44,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Iterator
@@ -55,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import outputs
 from engine.corpus import file_batches, shard_reason, source_files, warn_skipped
 from engine.errors import DataError
 from engine.inputs import DataSource
@@ -351,7 +351,7 @@ def _build(tokenizer: Any, source: DataSource, policy: DocumentPolicy, key: str,
     root = final.parent
     for stale in root.glob(f".{key}.tmp-*"):  # we hold the key's lock: these are from killed builds
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+    tmp = Path(outputs.temp_dir(f".{key}.tmp-", root))
     dtype = np.dtype(np.uint16 if _vocab_size(tokenizer) <= 1 << 16 else np.uint32)
     encode = _encoder(tokenizer)
     files = source_files(source)
@@ -361,7 +361,7 @@ def _build(tokenizer: Any, source: DataSource, policy: DocumentPolicy, key: str,
     n_docs = n_tokens = 0
     t0 = time.perf_counter()
     context = _context.get()
-    bar_cm = context.progress(total_mb, f"tokenizing {source.path.name} (MB)") if context else None
+    bar_cm = context.progress(total_mb, f"tokenizing {source.path.name}", unit="MB") if context else None
     bar = bar_cm.__enter__() if bar_cm else None
     try:
         with open(tmp / "tokens.bin", "wb") as tok_fh, open(tmp / "offsets.bin", "wb") as off_fh, \
@@ -400,7 +400,6 @@ def _build(tokenizer: Any, source: DataSource, policy: DocumentPolicy, key: str,
                 "tokens_per_s": round(n_tokens / seconds) if seconds > 0 else None,
                 "built_by_pid": os.getpid()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.chmod(tmp, 0o755)
         if final.exists() and replace:
             shutil.rmtree(final)
         if final.exists():  # cannot happen under the lock, but never clobber a finished entry

@@ -315,7 +315,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         last_good.append(state.step)
 
     with (tracking.open_trackers(context, main) as trackers,  # runtime.log_with, closed on exit
-          context.progress(params.steps, description or f"{context.stage_name}: training") as bar):
+          context.progress(params.steps, description or f"{context.stage_name}: training", unit="steps") as bar):
         if start:
             bar.advance(start)  # a resumed stage's bar starts at its step, out of the whole stage's
         for step in range(start, params.steps):

@@ -83,7 +83,7 @@ class LmEval:
         counts: dict[str, dict[str, int]] = {}
         stderr: dict[str, dict[str, float]] = {}
         errors: dict[str, str] = {}
-        with context.progress(len(inputs.models), f"{context.stage_name}: lm-eval") as bar:
+        with context.progress(len(inputs.models), f"{context.stage_name}: lm-eval", unit="models") as bar:
             for artifact in inputs.models:
                 try:
                     results = _evaluate(context, artifact, params, manager)

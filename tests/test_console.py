@@ -27,17 +27,29 @@ def test_off_a_terminal_lines_are_whole_plain_and_carry_no_source_location():
 def test_off_a_terminal_progress_is_periodic_lines_with_rate_and_eta_and_never_overshoots():
     buf = io.StringIO()
     console = make_console(file=buf)
-    with make_progress(console) as progress:
+    clock = [0.0]
+    with make_progress(console, get_time=lambda: clock[0]) as progress:
         task = progress.add_task("ct-lum", total=20, unit="steps")
-        for _ in range(25):  # five more advances than the total
+        for _ in range(25):  # five more advances than the total, 3 s apart
+            clock[0] += 3.0
             progress.advance(task)
         assert progress.tasks[0].completed == 20
     lines = [line for line in buf.getvalue().splitlines() if line.startswith("ct-lum:")]
-    assert 3 <= len(lines) <= 12, lines  # a line per tenth (and one at the end), not per step
+    assert 10 <= len(lines) <= 12, lines  # a line per tenth (and one at the end), not per step
     assert re.search(r"ct-lum: 20/20 steps, [\d.,]+ steps/s, done in", lines[-1]), lines[-1]
     assert any("eta" in line for line in lines[:-1])
     assert not any(re.search(r"(\d+)/20", line) and int(re.search(r"(\d+)/20", line)[1]) > 20
                    for line in lines)
+
+
+def test_quick_work_off_a_terminal_says_one_line():
+    buf = io.StringIO()
+    with make_progress(make_console(file=buf)) as progress:
+        task = progress.add_task("merged: ties", total=39, unit="tensors")
+        for _ in range(39):
+            progress.advance(task)
+    assert [line for line in buf.getvalue().splitlines() if line.startswith("merged")] == [
+        line for line in buf.getvalue().splitlines() if "done in" in line]
 
 
 def test_on_a_terminal_the_rich_bar_is_used():

@@ -235,7 +235,7 @@ def execute_merge(context: StageContext, inputs: StageInputs, params: ExecutionP
     device = modelio.resolve_device(params.device or context.runtime.device)
     context.log(f"merging {', '.join(plan.names)}"
                 + (f" onto {plan.base.name}" if plan.base else "") + f" on {device}")
-    with context.progress(len(plan.reference.tensors), f"{context.stage_name}: merge") as bar:
+    with context.progress(len(plan.reference.tensors), f"{context.stage_name}: merge", unit="tensors") as bar:
         summary = merge_folders(
             plan, merge, context.output_dir, task_vectors=task_vectors,
             compute_dtype=params.compute_dtype,

@@ -280,7 +280,7 @@ def run_layer_stack(context: Any, inputs: Any, params: Any,
     paths = {m.name: Path(m.path) for m in [*([inputs.base] if inputs.base else []), *inputs.models]}
     context.log(f"stacking {len(plan.sources)} layers from {', '.join(sorted({s['model'] for s in slices}))}")
     odtype = _resolve_dtype(params.out_dtype) if params.out_dtype is not None else None
-    with context.progress(len(plan.tensors), f"{context.stage_name}: passthrough") as bar:
+    with context.progress(len(plan.tensors), f"{context.stage_name}: passthrough", unit="tensors") as bar:
         summary = stack_layers(plan, paths, context.output_dir, out_dtype=odtype,
                                compute_dtype=_resolve_dtype(params.compute_dtype),
                                max_shard_bytes=params.shard_size,

@@ -20,10 +20,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from engine import outputs
 
 #: bump when the generated data, tokenizer or model would change, so old caches are ignored
 WORLD_VERSION = 4
@@ -161,9 +162,8 @@ def ensure_built(final: Path, build: Callable[[Path], None], *, message: str | N
             print(f"built-in world cache: {old.name} is from an older world version and is not "
                   f"used (delete it to free the space); building world-v{WORLD_VERSION}",
                   file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp = Path(outputs.temp_dir(f".{final.name}.tmp-", final.parent))
         try:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable like any
             build(tmp)
             write_manifest(tmp)
         except BaseException:

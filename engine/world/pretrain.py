@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engine.console import current, make_progress
 from engine.world import corpus
 from engine.world.tokenizer import VOCAB_SIZE, train_tokenizer
 
@@ -118,21 +119,16 @@ def build_base_model(folder: Path, *, steps: int = PRETRAIN_STEPS, batch_size: i
             opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                                      {"params": no_decay, "weight_decay": 0.0}],
                                     lr=lr, betas=(0.9, 0.95), eps=1e-8)
-            for step in range(steps):
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, steps, lr)
-                batch = data[step * batch_size:(step + 1) * batch_size]
-                loss = model(input_ids=batch, labels=batch).loss
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"pretraining diverged at step {step} (loss {loss.item()})")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                if verbose and (step % 10 == 0 or step == steps - 1):
-                    print(f"  step {step:3d}/{steps} loss {losses[-1]:.3f} "
-                          f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+            progress = make_progress(current())
+            bar = progress.add_task("building the built-in world: pretraining tiny-base",
+                                    total=steps, unit="steps")
+            with progress:
+                for step in range(steps):
+                    _pretrain_step(model, opt, data, step, steps, batch_size, lr, losses)
+                    progress.update(bar, advance=1, info=f"loss {losses[-1]:.3f}")
+                    if verbose and (step % 10 == 0 or step == steps - 1):
+                        print(f"  step {step:3d}/{steps} loss {losses[-1]:.3f} "
+                              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
     model.eval()
@@ -168,3 +164,19 @@ def perplexity(model: Any, tokenizer: Any, lines: list[str], batch_size: int = 1
         total_nll += nll.item()
         total_tokens += int(keep.sum())
     return math.exp(total_nll / max(1, total_tokens))
+
+
+def _pretrain_step(model: Any, opt: torch.optim.Optimizer, data: torch.Tensor, step: int,
+                   steps: int, batch_size: int, lr: float, losses: list[float]) -> None:
+    """One optimizer step of the base model's pretraining (its loss appended to ``losses``)."""
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, steps, lr)
+    batch = data[step * batch_size:(step + 1) * batch_size]
+    loss = model(input_ids=batch, labels=batch).loss
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"pretraining diverged at step {step} (loss {loss.item()})")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
