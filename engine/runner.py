@@ -240,6 +240,14 @@ class Runner:
         if self._checkpoints:
             stage_cache.remove_checkpoints(self.workdir, name)
 
+    def _card(self, folder: Path, stage: PlannedStage, record: dict[str, Any]) -> None:
+        from engine import __version__, model_card
+
+        inputs = {n: (str(getattr(self.artifacts.get(n), "path", "-")), self.fingerprints.get(n, "-"))
+                  for names in stage.spec.references().values() for n in names}
+        model_card.write_card(folder, recipe=self.plan.recipe.name, stage=stage, record=record,
+                              inputs=inputs, version=__version__)
+
     def _say(self, text: str) -> None:
         if self.announce:
             self.console.print(text)
@@ -331,6 +339,8 @@ class Runner:
             record = report.stage_record(stage, context, artifact, wall, sampler, fingerprint)
             record["threads"] = threads_record(thread_plan)
             artifact.save(tmp)
+            if isinstance(artifact, ModelArtifact):
+                self._card(tmp, stage, record)
             stage_cache.write_marker(tmp, fingerprint, record, components, stage.spec.references())
             outputs.settle_modes(tmp)  # copied inputs keep their modes; plugins' files alike
             stage_cache.commit(tmp, final, self.workdir if versioned else None, fingerprint)
