@@ -29,9 +29,6 @@ BUILTIN_DATA: tuple[str, ...] = data_names()
 #: every name :func:`model_path` accepts
 BUILTIN_MODELS: tuple[str, ...] = ("tiny-base",)
 
-#: what the first-use message promises (measured on 2 CPU cores, see docs/world.md)
-BUILD_SECONDS = 180
-
 
 def data_dir(*, rebuild: bool = False) -> Path:
     """The folder holding every built-in data file (generated in well under a second
@@ -71,14 +68,14 @@ def _build_model(folder: Path) -> None:
 
 def model_path(name: str, *, rebuild: bool = False) -> Path:
     """A Hugging Face folder of a built-in model, built (tokenizer + pretraining, about
-    three minutes on 2 CPU cores) and cached on first use; later calls return at once."""
+    see docs/benchmarks.md for a measured time) and cached on first use; later calls return at once."""
     _check_model_name(name)
     final = world_dir() / "models" / name
     complete = (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     data_dir()
     return ensure_built(
         final, _build_model, force=rebuild or (final.is_dir() and not complete),
-        message=f"building the built-in tiny world (first use, ~{BUILD_SECONDS // 60} min on 2 cores)...",
+        message="building the built-in tiny world (first use; its time on one machine is in docs/benchmarks.md)...",
     )
 
 
