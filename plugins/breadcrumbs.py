@@ -11,33 +11,21 @@ formulas and where they differ from mergekit.
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from engine.api import hookimpl
 from engine.api.merging import (
     MagnitudeBand,
     MergeMethod,
-    PerModel,
     PerModelDensity,
     TaskVectorParams,
+    per_model_range,
     task_arithmetic_delta,
     ties_combine,
 )
 
-
-def _check_gamma(value):
-    items = value.items() if isinstance(value, dict) else [(None, value)]
-    for model, g in items:
-        if not 0 <= g <= 1:
-            where = f" for model {model!r}" if model is not None else ""
-            raise ValueError(f"gamma must be in [0, 1] (the fraction of largest magnitudes "
-                             f"removed), got {g}{where}")
-    return value
-
-
-PerModelGamma = Annotated[float | dict[str, float], AfterValidator(_check_gamma), PerModel()]
+#: the fraction of largest magnitudes removed, in [0, 1]
+PerModelGamma = per_model_range("gamma", 0, 1, meaning="the fraction of largest magnitudes removed")
 
 
 class BreadcrumbsParams(TaskVectorParams):

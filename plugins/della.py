@@ -13,18 +13,16 @@ where they differ from mergekit.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from engine.api import hookimpl
 from engine.api.errors import MergeError
 from engine.api.merging import (
     MergeMethod,
-    PerModel,
     PerModelDensity,
     TaskVectorParams,
+    per_model_range,
     seed_for,
     task_arithmetic_delta,
     ties_combine,
@@ -67,17 +65,9 @@ def _arange_like(order: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=order.device).reshape(shape).expand_as(order).contiguous()
 
 
-def _check_epsilon(value):
-    items = value.items() if isinstance(value, dict) else [(None, value)]
-    for model, e in items:
-        if not 0 <= e < 0.5:
-            where = f" for model {model!r}" if model is not None else ""
-            raise ValueError(f"epsilon must be in [0, 0.5) (half the spread of keep "
-                             f"probabilities), got {e}{where}")
-    return value
-
-
-PerModelEpsilon = Annotated[float | dict[str, float], AfterValidator(_check_epsilon), PerModel()]
+#: half the spread of the keep probabilities, in [0, 0.5)
+PerModelEpsilon = per_model_range("epsilon", 0, 0.5, high_open=True,
+                                  meaning="half the spread of keep probabilities")
 
 
 class DellaParams(TaskVectorParams):

@@ -63,6 +63,7 @@ from engine.merging.params import (
     TiesParams,
     check_static,
     check_weight_sum,
+    per_model_range,
     resolve_per_model,
 )
 from engine.merging.passthrough import StackPlan, plan_layer_stack, run_layer_stack, stack_layers
@@ -77,7 +78,7 @@ __all__ = [
     "TensorMerge", "TensorOverride", "TiesParams", "check_configs", "check_merge_inputs",
     "check_static", "check_weight_sum", "dare_ties", "dare_ties_delta", "for_tensor",
     "is_adapter_folder", "linear",
-    "magnitude_trim", "merge_folders", "per_tensor", "plan_layer_stack", "random_drop", "read_adapter",
+    "magnitude_trim", "merge_folders", "per_model_range", "per_tensor", "plan_layer_stack", "random_drop", "read_adapter",
     "resolve_per_model",
     "run_layer_stack", "run_merge", "seed_for", "slack_ties", "slack_ties_combine", "slack_ties_delta", "stack_deltas",
     "stack_layers", "task_arithmetic", "task_arithmetic_delta", "ties", "ties_combine",

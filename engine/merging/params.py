@@ -22,7 +22,8 @@ from engine.params import NOT_IN_RESULT, PluginParams
 
 __all__ = [
     "ExecutionParams", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
-    "TaskVectorParams", "TiesParams", "check_weight_sum", "per_model_fields", "resolve_per_model",
+    "TaskVectorParams", "TiesParams", "check_weight_sum", "per_model_fields", "per_model_range",
+    "resolve_per_model",
 ]
 
 
@@ -33,20 +34,32 @@ class PerModel:
     :class:`~engine.merging.method.MergeMethod` hands the arithmetic one value per model,
     in model order (models a dict does not name get the field's default)."""
 
-def _check_density(value: float | dict[str, float]) -> float | dict[str, float]:
-    """One readable error for a density out of (0, 1], naming the model when per-model."""
-    items = value.items() if isinstance(value, dict) else [(None, value)]
-    for model, d in items:
-        if not 0 < d <= 1:
-            where = f" for model {model!r}" if model is not None else ""
-            raise ValueError(f"density must be in (0, 1] (the kept fraction), got {d}{where}")
-    return value
+def per_model_range(field: str, low: float, high: float, *, low_open: bool = False,
+                    high_open: bool = False, meaning: str = "") -> Any:
+    """A per-model number type checked to lie in a range, for a merge method's ``Params``:
+    ``density: per_model_range("density", 0, 1, low_open=True, meaning="the kept
+    fraction")`` accepts ``0.5`` or ``{model name: 0.5}`` and rejects a value outside
+    ``(0, 1]`` with one error naming the field, the range, the value and the model."""
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    why = f" ({meaning})" if meaning else ""
+
+    def check(value: float | dict[str, float]) -> float | dict[str, float]:
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for model, v in items:
+            above = v > low if low_open else v >= low
+            below = v < high if high_open else v <= high
+            if not (above and below):
+                where = f" for model {model!r}" if model is not None else ""
+                raise ValueError(f"{field} must be in {bounds}{why}, got {v}{where}")
+        return value
+
+    return Annotated[float | dict[str, float], AfterValidator(check), PerModel()]
 
 
 #: a number for all models or ``{model name: number}``
 PerModelFloat = Annotated[float | dict[str, float], PerModel()]
 #: a kept fraction in (0, 1], for all models or ``{model name: fraction}``
-PerModelDensity = Annotated[float | dict[str, float], AfterValidator(_check_density), PerModel()]
+PerModelDensity = per_model_range("density", 0, 1, low_open=True, meaning="the kept fraction")
 
 
 def per_model_fields(params_type: type[PluginParams]) -> list[str]:
