@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from engine.console import make_console
+from engine.console import RUN_LOG, make_console
 from engine.errors import EngineError
 
 
@@ -52,8 +52,13 @@ def finish_run(report: dict[str, Any], workdir: Path, recipe: Path, console: Con
     out = make_console(stderr=False)
     out.print(stages_table(report))
     out.file.flush()
-    sys.stdout.write("\n" + summarize(report, workdir, recipe=str(recipe)).text())
+    summary = summarize(report, workdir, recipe=str(recipe)).text()
+    sys.stdout.write("\n" + summary)
     sys.stdout.flush()
+    log = workdir / RUN_LOG
+    if log.is_file():  # the run log ends with what the run's reader saw last
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(summary)
     try:
         md, charts, _ = make_report(workdir, recipe=str(recipe))
     except (EngineError, OSError) as exc:

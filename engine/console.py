@@ -43,7 +43,7 @@ from rich.progress import (
 from rich.text import Text
 
 __all__ = ["EngineConsole", "EngineProgress", "current", "eta_seconds", "format_seconds",
-           "make_console", "make_progress", "rate", "run_log"]
+           "make_console", "make_progress", "rate", "run_log", "RUN_LOG"]
 
 #: off a terminal, a progress line at least every this many seconds (and every tenth)
 PLAIN_INTERVAL_S = 30.0
@@ -285,10 +285,13 @@ def make_progress(console: Console, *, transient: bool = True, **kwargs: Any) ->
 
 # --- the run log -----------------------------------------------------------------------------
 
+#: ``<workdir>/run.log``: what the run printed, as plain lines, ending with its summary
+RUN_LOG = "run.log"
+
 
 @contextmanager
 def run_log(console: Console, workdir: Path, *, recipe: str, enabled: bool = True,
-            name: str = "run.log") -> Iterator[Path | None]:
+            name: str = RUN_LOG) -> Iterator[Path | None]:
     """Append every line ``console`` prints to ``<workdir>/<name>`` (after a header line:
     time, recipe, command), flushed line by line; a failure is its last line. ``console``
     is also :func:`current` meanwhile. Disabled (a non-main process): only the latter."""

@@ -62,6 +62,16 @@ def _text_table(t: Table, indent: str) -> list[str]:
     return [line(t.header), *(line(r) for r in t.rows)]
 
 
+def _code_lines(item: str, indent: str) -> list[str]:
+    """A command and what it does (``"cmd    what"``) on one line, or, when that passes
+    :data:`WIDTH` (long paths), the command alone with its description below it."""
+    line = f"{indent}  {item}"
+    command, _, what = item.partition("    ")
+    if len(line) <= WIDTH or not what.strip():
+        return [line]
+    return [f"{indent}  {command.strip()}", *_wrap(what.strip(), indent + "    ", indent + "    ")]
+
+
 def text(blocks: list[Block]) -> str:
     """The blocks as plain text."""
     lines: list[str] = []
@@ -76,7 +86,7 @@ def text(blocks: list[Block]) -> str:
             lines += _wrap(b.text, indent, indent)
         elif isinstance(b, Bullets):
             for item in b.items:
-                lines += ([f"{indent}  {item}"] if b.code else _wrap(item, indent + "  ", indent + "- "))
+                lines += (_code_lines(item, indent) if b.code else _wrap(item, indent + "  ", indent + "- "))
         else:
             lines += _text_table(b, indent)
     return "\n".join(lines) + "\n"

@@ -50,6 +50,9 @@ def test_run_prints_tables_and_writes_report(recipe, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stages" in out and "metrics" in out and "copy-model" in out
     assert json.loads((work / "report.json").read_text())["finished"]
+    log = (work / "run.log").read_text()
+    assert log.startswith("=== ") and "\nNext\n" in log  # the run log ends with the summary
+    assert f"engine report {work}" in log.rsplit("\nNext\n", 1)[1]
 
 
 @pytest.mark.parametrize(("body", "message"), [

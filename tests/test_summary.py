@@ -158,3 +158,11 @@ def test_gather_reads_metrics_json_for_what_a_cached_record_lacks(tmp_path):
     ev = gather(report, tmp_path)
     assert ev.counts == {"a": {"acc/xx": 64}} and ev.chance == {"acc/xx": 0.25}
     assert ev.score("a", "acc/xx").stderr == 0.06
+
+
+def test_a_next_command_too_long_for_a_line_puts_its_description_below(tmp_path):
+    folder = tmp_path / ("w" * 90)
+    text = summarize(_report({"base": {"acc/xx": 0.4}, "ct-xx": {"acc/xx": 0.5}}), folder).text()
+    tail = [line.strip() for line in text.split("\nNext\n")[1].splitlines()]
+    at = tail.index(f"engine report {folder}")  # the command alone, whole, copyable
+    assert tail[at + 1] == "rebuild report.md and the charts"
