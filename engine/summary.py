@@ -6,7 +6,8 @@ Read from report.json (and each evaluate stage's metrics.json), per language:
   data is mostly that language, with the ``align`` stages built on it: ELO's two
   stages are one method) against the most expensive one: wall time, tokens and
   trainable parameters. A cached stage's ``wall_time_s`` is the time the reused work
-  took when it ran, so a re-run reports the same costs.
+  took when it ran, so a re-run reports the same costs. The merges built on a method
+  are listed with what producing them took from the base (:mod:`engine.summary_cost`).
 - **scores** against the base model (the recipe model named ``base``, else the input
   model of the adapt stages), with a 95% interval on every difference
   (:mod:`engine.intervals`), the chance level of choice tasks, and for each metric the
@@ -29,20 +30,21 @@ from pathlib import Path
 from typing import Any
 
 from engine.intervals import Interval, Score, is_accuracy
-from engine.report import (
-    format_number,
-    format_params,
-    lower_is_better,
-    metric_language,
-    order_columns,
+from engine.report import format_number, lower_is_better, metric_language, order_columns
+from engine.summary_cost import (
+    Method,
+    cost_blocks,
+    merges_built_on,
+    methods,
+    stage_languages,
 )
+from engine.summary_cost import lineage_of as _lineage
 from engine.summary_render import Block, Bullets, Heading, Note, Table, markdown, text
 from engine.summary_render import interval_text as _ival
 from engine.summary_render import number as _num
 from engine.summary_render import signed as _signed
 
 __all__ = ["Comparison", "Evidence", "Summary", "gather", "summarize"]
-TRAINING_KINDS = ("adapt-language", "align")
 
 
 @dataclass
@@ -97,10 +99,6 @@ def gather(report: dict[str, Any], folder: Path | None = None) -> Evidence:
 # --- the run's shape: which stage adapted which language, from which base ------------------
 
 
-def _lineage(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return report.get("lineage") or {}
-
-
 def base_model(report: dict[str, Any], evaluated: set[str]) -> str | None:
     """The recipe model named ``base``, else the recipe model most adapt stages start from;
     None when that model was not scored (no deltas then)."""
@@ -112,65 +110,6 @@ def base_model(report: dict[str, Any], evaluated: set[str]) -> str | None:
                          for i in info.get("inputs", [])[:1] if i in recipe_models)
         name = starts.most_common(1)[0][0] if starts else None
     return name if name in evaluated else None
-
-
-def stage_languages(report: dict[str, Any]) -> dict[str, str]:
-    """Training stage -> the language it adapts: an adapt stage's data language with the
-    most weight, else (and for align stages) the language of the stage it starts from."""
-    lineage, out = _lineage(report), {}
-    for name, info in lineage.items():
-        if info.get("stage") not in TRAINING_KINDS:
-            continue
-        weights = info.get("languages") or {}
-        lang = max(weights, key=weights.get) if weights and info["stage"] == "adapt-language" else None
-        inputs = info.get("inputs") or []
-        lang = lang or (out.get(inputs[0]) if inputs else None)
-        if lang:
-            out[name] = lang
-    return out
-
-
-def ancestry(report: dict[str, Any], stage: str) -> list[str]:
-    """``stage`` and every stage it was built from, in run order."""
-    lineage, seen, todo = _lineage(report), set(), [stage]
-    while todo:
-        s = todo.pop()
-        if s in lineage and s not in seen:
-            seen.add(s)
-            todo.extend(lineage[s].get("inputs") or [])
-    return [s for s in lineage if s in seen]
-
-
-@dataclass
-class Method:
-    """One way the run adapted a language: its last stage and what it cost."""
-
-    name: str
-    stages: list[str]
-    plugins: list[str]
-    wall_time_s: float
-    tokens: int
-    trainable: list[int]
-
-
-def methods(report: dict[str, Any], language: str) -> list[Method]:
-    """The methods that adapted ``language``: the last training stage of each chain."""
-    langs = stage_languages(report)
-    lineage = _lineage(report)
-    records = {r["name"]: r for r in report.get("stages", [])}
-    mine = [s for s, lang in langs.items() if lang == language]
-    used = {i for s in mine for i in lineage[s].get("inputs", [])}
-    found = []
-    for last in (s for s in mine if s not in used and s in records):
-        chain = [s for s in ancestry(report, last) if s in records
-                 and lineage[s].get("stage") in TRAINING_KINDS + ("select-layers",)]
-        trained = [s for s in chain if lineage[s].get("stage") in TRAINING_KINDS]
-        found.append(Method(
-            last, chain, [records[s]["plugin"] for s in trained],
-            sum(float(records[s].get("wall_time_s") or 0) for s in chain),
-            sum(int(records[s].get("tokens") or 0) for s in chain),
-            [int(records[s].get("trainable_params") or 0) for s in trained]))
-    return found
 
 
 # --- comparisons ------------------------------------------------------------------------------
@@ -220,31 +159,6 @@ class Summary:
 
     def markdown(self) -> str:
         return markdown(self.blocks)
-
-
-def _cost_blocks(found: list[Method]) -> list[Block]:
-    top = max(found, key=lambda m: m.wall_time_s)
-
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}×" if b else "-"
-
-    rows = [[m.name, " + ".join(m.plugins), f"{m.wall_time_s:.1f}", ratio(m.wall_time_s, top.wall_time_s),
-             format_number(m.tokens), ratio(m.tokens, top.tokens),
-             "→".join(format_params(t) for t in m.trainable),
-             ratio(m.trainable[0], top.trainable[0]) if m.trainable and top.trainable else "-"]
-            for m in found]
-    blocks: list[Block] = [
-        Table(["method", "plugins", "time s", "×", "tokens", "×", "trainable", "×"], rows,
-              "llrrrrrr"),
-        Note(f"× is relative to the most expensive method, {top.name}; trainable lists each "
-             "training stage's count (× compares the first)."),
-    ]
-    words = [f"{m.name} ({' + '.join(m.plugins)}) took {ratio(m.wall_time_s, top.wall_time_s)} the "
-             f"wall time of {top.name} ({m.wall_time_s:.1f} s vs {top.wall_time_s:.1f} s), "
-             f"{ratio(m.tokens, top.tokens)} the tokens, and trained "
-             f"{ratio(m.trainable[0], top.trainable[0]) if m.trainable and top.trainable else '-'} "
-             "the parameters." for m in found if m is not top]
-    return blocks + ([Bullets(words)] if words else [])
 
 
 def _head_to_head(ev: Evidence, found: list[Method], metrics: list[str]) -> list[str]:
@@ -366,7 +280,7 @@ def summarize(report: dict[str, Any], folder: Path | None = None, *,
             f"adapted by {', '.join(m.name for m in found)}" if found else "not adapted in this run")
         blocks.append(Heading(title, level=2))
         if found:
-            blocks += _cost_blocks(found)
+            blocks += cost_blocks(found, merges_built_on(report, found))
         cols = by_lang[lang]
         shown = [m for m in models if any(c in ev.values[m] for c in cols)]
         shown = sorted(shown, key=lambda m: (m != base, m not in {f.name for f in found}))

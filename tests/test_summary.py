@@ -166,3 +166,20 @@ def test_a_next_command_too_long_for_a_line_puts_its_description_below(tmp_path)
     tail = [line.strip() for line in text.split("\nNext\n")[1].splitlines()]
     at = tail.index(f"engine report {folder}")  # the command alone, whole, copyable
     assert tail[at + 1] == "rebuild report.md and the charts"
+
+
+def test_the_cost_table_lists_merges_with_every_training_stage_they_are_built_from():
+    report = _report({"base": {"acc/xx": 0.4}, "ct-xx": {"acc/xx": 0.5}, "merge-ties": {"acc/xx": 0.6}})
+    report["stages"][2:2] = [
+        {"name": "sft-en", "stage": "adapt-language", "plugin": "sft", "wall_time_s": 10.0,
+         "tokens": 500, "trainable_params": 2000, "cache": "miss"},
+        {"name": "merge-ties", "stage": "merge", "plugin": "ties", "wall_time_s": 1.5, "cache": "miss"}]
+    report["lineage"]["sft-en"] = {"stage": "adapt-language", "inputs": ["base"], "languages": {"en": 1.0}}
+    report["lineage"]["merge-ties"] = {"stage": "merge", "inputs": ["base", "ct-xx", "sft-en"],
+                                       "languages": {}}
+    text = summarize(report).text()
+    row = next(line for line in text.splitlines() if line.strip().startswith("merge-ties  "))
+    # ct-xx 32 s + sft-en 10 s + the merge 1.5 s, against the most expensive method (ct-xx)
+    assert "ct + sft + ties" in row and "43.5" in row and "1.36×" in row and "1,500" in row, row
+    assert "A merge's cost is every training stage it is built from" in flat(text)
+    assert not any(m.name == "merge-ties" for m in methods(report, "xx"))  # a merge is no method
