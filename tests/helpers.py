@@ -42,3 +42,36 @@ def write_choice_task(root: Path, rows: list[tuple[str, list[str], int]],
         metric_list:
         """) + metric_list + "\n")
     return folder
+
+
+# --- small recipes ------------------------------------------------------------------------
+
+
+def write_recipe(path: Path, name: str, models: dict[str, Path | str], stages: list[dict]) -> Path:
+    """A recipe file written from plain data: ``models`` maps names to folders."""
+    import yaml
+
+    body = {"name": name, "models": {k: {"path": str(v)} for k, v in models.items()},
+            "stages": stages}
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def ct_stage(data: Path | str, *, name: str = "ct", model: str = "base", **params) -> dict:
+    """A two-step ``ct`` stage on ``data`` (batch 2, 16 tokens); ``params`` add or override."""
+    return {"name": name, "stage": "adapt-language", "plugin": "ct", "model": model,
+            "data": {"path": str(data)}, "params": {"steps": 2, "batch_size": 2, "seq_len": 16, **params}}
+
+
+def line_count_stage(data: Path | str, models: list[str], *, name: str = "scores") -> dict:
+    """An evaluate stage of the test plugin's ``line-count`` evaluator (no weights read)."""
+    return {"name": name, "stage": "evaluate", "plugin": "line-count", "models": list(models),
+            "data": {"path": str(data)}}
+
+
+def ties_recipe(path: Path, family: dict[str, Path], name: str, **params) -> Path:
+    """One ``ties`` merge of the tiny family's model ``a`` onto its ``base``, as stage ``merged``."""
+    stage = {"name": "merged", "stage": "merge", "plugin": "ties", "base": "base", "models": ["a"]}
+    if params:
+        stage["params"] = params
+    return write_recipe(path, name, {"base": family["base"], "a": family["a"]}, [stage])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ct_stage, line_count_stage, write_recipe
 
 from engine.cli import main
 
@@ -26,25 +27,8 @@ def wide_terminal(monkeypatch):
 def recipe(tmp_path, tiny_model, text_file, test_plugin) -> Path:
     data = tmp_path / "lum.txt"
     data.write_text(text_file.read_text())
-    f = tmp_path / "ops.yaml"
-    f.write_text(textwrap.dedent(f"""
-        name: ops
-        models:
-          base: {{path: {tiny_model}}}
-        stages:
-          - name: ct
-            stage: adapt-language
-            plugin: ct
-            model: base
-            data: {{path: lum.txt}}
-            params: {{steps: 2, batch_size: 2, seq_len: 16}}
-          - name: scores
-            stage: evaluate
-            plugin: line-count
-            models: [base, ct]
-            data: {{path: lum.txt}}
-        """))
-    return f
+    return write_recipe(tmp_path / "ops.yaml", "ops", {"base": tiny_model},
+                        [ct_stage("lum.txt"), line_count_stage("lum.txt", ["base", "ct"])])
 
 
 def status(capsys, recipe: Path, work: Path, *sets: str) -> dict:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import textwrap
+
+from helpers import ties_recipe
 
 from engine.cli import main
 from engine.model_card import write_card
@@ -11,15 +12,7 @@ from engine.model_card import write_card
 
 def test_a_merged_model_gets_a_card_naming_its_recipe_inputs_params_and_cost(tmp_path, tiny_model_family):
     fam = tiny_model_family
-    recipe = tmp_path / "merge.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        name: cards
-        models:
-          base: {{path: {fam['base']}}}
-          a: {{path: {fam['a']}}}
-        stages:
-          - {{name: merged, stage: merge, plugin: ties, base: base, models: [a], params: {{density: 0.3}}}}
-        """))
+    recipe = ties_recipe(tmp_path / "merge.yaml", fam, "cards", density=0.3)
     work = tmp_path / "work"
     assert main(["run", str(recipe), "--workdir", str(work)]) == 0
     card = (work / "merged" / "README.md").read_text()

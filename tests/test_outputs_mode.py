@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
-import textwrap
 
 import pytest
+from helpers import ties_recipe
 
 from engine.cli import main
 
@@ -15,15 +15,7 @@ from engine.cli import main
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_a_run_creates_folders_and_files_with_the_umask_modes(tmp_path, tiny_model_family, mask):
     fam = tiny_model_family
-    recipe = tmp_path / "merge.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        name: modes
-        models:
-          base: {{path: {fam['base']}}}
-          a: {{path: {fam['a']}}}
-        stages:
-          - {{name: merged, stage: merge, plugin: ties, base: base, models: [a]}}
-        """))
+    recipe = ties_recipe(tmp_path / "merge.yaml", fam, "modes")
     work = tmp_path / "work"
     before = os.umask(mask)
     try:

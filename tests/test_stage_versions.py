@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import ct_stage, line_count_stage, write_recipe
 
 from engine import stage_cache
 from engine.recipe import load_recipe
@@ -21,25 +21,8 @@ from engine.validate import plan_recipe
 
 @pytest.fixture
 def ct_recipe(tmp_path, tiny_model, text_file, test_plugin) -> Path:
-    f = tmp_path / "ct.yaml"
-    f.write_text(textwrap.dedent(f"""
-        name: versions
-        models:
-          base: {{path: {tiny_model}}}
-        stages:
-          - name: ct
-            stage: adapt-language
-            plugin: ct
-            model: base
-            data: {{path: {text_file}}}
-            params: {{steps: 2, batch_size: 2, seq_len: 16}}
-          - name: scores
-            stage: evaluate
-            plugin: line-count
-            models: [base, ct]
-            data: {{path: {text_file}}}
-        """))
-    return f
+    return write_recipe(tmp_path / "ct.yaml", "versions", {"base": tiny_model},
+                        [ct_stage(text_file), line_count_stage(text_file, ["base", "ct"])])
 
 
 def run(recipe: Path, workdir: Path, overrides=(), only=(), from_stages=(), use_cache=True):
