@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from engine import __version__, cli_merge, cli_ops, cli_report
+from engine import __version__, cli_coverage, cli_merge, cli_ops, cli_report
 from engine.console import make_console
 from engine.errors import EngineError
 
@@ -53,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a recipe value, e.g. stages.ct-lum.params.steps=10 (repeatable)")
     run.add_argument("--no-cache", action="store_true", help="re-run stages even if their output is current")
     cli_ops.add_run_flags(run)
+    cli_coverage.add_skip_flag(run)
 
     validate = sub.add_parser("validate", help="check a recipe without loading weights")
     validate.add_argument("recipe", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    cli_coverage.add_skip_flag(validate)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_merge.add_parser(sub)
     cli_report.add_parser(sub)
     cli_ops.add_parsers(sub)
+    cli_coverage.add_parsers(sub)
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema (plugin params included)")
     schema.add_argument("--markdown", action="store_true", help="print the recipe reference instead")
@@ -140,12 +143,17 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def _plan(recipe_path: Path, overrides: list[str]) -> Any:
+def _plan(recipe_path: Path, overrides: list[str], coverage: bool = False) -> Any:
     from engine.recipe import load_recipe
     from engine.validate import plan_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    return plan_recipe(recipe, recipe_path.resolve().parent, str(recipe_path))
+    plan = plan_recipe(recipe, recipe_path.resolve().parent, str(recipe_path))
+    if coverage:  # reads tokenizer files and a bounded sample of the data, no weights
+        from engine.coverage import coverage_warnings
+
+        plan.warnings += coverage_warnings(plan)
+    return plan
 
 
 def _warn(console: Console, plan: Any) -> None:
@@ -155,7 +163,7 @@ def _warn(console: Console, plan: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    plan = _plan(args.recipe, args.overrides)
+    plan = _plan(args.recipe, args.overrides, coverage=not getattr(args, "no_coverage", False))
     _warn(console, plan)
     console.print(f"[green]ok[/] {args.recipe}: {len(plan.stages)} stages in order: "
                   + " -> ".join(s.name for s in plan.stages), highlight=False, soft_wrap=True)
@@ -166,7 +174,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     _quiet_libraries()
     from engine.runner import Runner
 
-    plan = _plan(args.recipe, args.overrides)
+    plan = _plan(args.recipe, args.overrides, coverage=not getattr(args, "no_coverage", False))
     _warn(console, plan)
     workdir = args.workdir or Path("runs") / plan.recipe.name
     args.output_dir = workdir  # named by a disk-full message and by a Ctrl-C's resume command
@@ -225,6 +233,7 @@ def cmd_schema(args: argparse.Namespace, console: Console) -> int:
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
             "merge": cli_merge.cmd_merge, "report": cli_report.cmd_report,
             "status": cli_ops.cmd_status, "cache": cli_ops.cmd_cache}
+COMMANDS.update(cli_coverage.COMMANDS)
 
 
 if __name__ == "__main__":  # pragma: no cover
