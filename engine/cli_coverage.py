@@ -131,9 +131,12 @@ def cmd_coverage(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
     from engine import coverage
+    from engine.cli import _quiet_libraries
     from engine.data import detect_format
     from engine.inputs import DataSource
     from engine.tokenizer_extend import extend_tokenizer
+
+    _quiet_libraries()
 
     if args.tokens < 1:
         raise RecipeError(f"engine extend-tokenizer: --tokens must be at least 1, not {args.tokens}")
