@@ -39,7 +39,7 @@ def commands(doc: str) -> list[list[str]]:
     for lang, text in blocks(doc):
         if lang != "bash":
             continue
-        for line in text.splitlines():
+        for line in text.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
             if line.startswith(("python ", "engine ")):
                 out.append(shlex.split(line))
