@@ -33,6 +33,7 @@ import torch
 
 from engine.data import iter_instructions
 from engine.errors import DataError
+from engine.heldout import HeldOut, HeldOutBatches
 from engine.inputs import DataSource
 from engine.packing import (
     TrainingBatches,
@@ -44,6 +45,8 @@ from engine.packing import (
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
+#: the held-out item indices of source i (:meth:`engine.heldout.HeldOut.held`), or None
+Held = Callable[[int], frozenset[int]] | None
 
 IGNORE_INDEX = -100
 _TOKENIZE_CHUNK = 64
@@ -51,7 +54,7 @@ _TOKENIZE_CHUNK = 64
 
 def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
                      batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                     packing: str = "auto") -> TrainingBatches:
+                     packing: str = "auto", eval_fraction: float = 0.0) -> TrainingBatches:
     """Batches for ``sources``, packed text or masked instructions by their format.
 
     All sources must share one format. ``packing`` (:mod:`engine.packing`) says how
@@ -61,6 +64,10 @@ def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: 
     (:func:`check_instructions`), so a prompt that does not fit ``seq_len`` is an
     error when this is called, not when the bad record's batch comes up: trainers
     call it before loading their model.
+
+    With ``eval_fraction`` > 0 that fraction of each source's documents (examples) is
+    held out before packing (:mod:`engine.heldout`): the batches never contain them and
+    carry the split (``.heldout``), which :func:`engine.training.train` evaluates.
     """
     if not sources:
         raise DataError("no training data given")
@@ -69,19 +76,24 @@ def training_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: 
         listing = ", ".join(f"{s.path} ({s.format})" for s in sources)
         raise DataError(f"training data mixes formats; give one kind per stage: {listing}")
     fmt = formats.pop()
+    split = (HeldOut(tokenizer, sources, fmt=fmt, seq_len=seq_len, batch_size=batch_size, fraction=eval_fraction,
+                     seed=seed) if eval_fraction > 0 else None)
+    held = split.held if split is not None else None
     if fmt == "text":
         def make(packed: bool) -> Iterator[Batch]:
             return packed_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                  documents=packed)
+                                  documents=packed, held=held)
     elif fmt == "instructions":
         check_packing(fmt, packing)
         check_instructions(tokenizer, sources, seq_len=seq_len)  # every record, before any step
 
         def make(packed: bool) -> Iterator[Batch]:
             return instruction_batches(tokenizer, sources, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                       packed=packed)
+                                       packed=packed, held=held)
     else:
         raise DataError(f"{sources[0].path}: {fmt!r} data cannot be trained on (use text or instructions)")
+    if split is not None:
+        return HeldOutBatches(fmt, packing, make, rank=rank, world_size=world_size, heldout=split)
     return TrainingBatches(fmt, packing, make, rank=rank, world_size=world_size)
 
 
@@ -161,7 +173,7 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def _tokenized_documents(tokenizer: Any, source: DataSource, rng: random.Random,
-                         buffer_size: int) -> Iterator[list[int]]:
+                         buffer_size: int, skip: frozenset[int] | None = None) -> Iterator[list[int]]:
     """Token ids per document, ``BOS text EOS``, shuffled through a buffer.
 
     Documents start with BOS when the tokenizer has a BOS distinct from EOS and did not
@@ -171,11 +183,13 @@ def _tokenized_documents(tokenizer: Any, source: DataSource, rng: random.Random,
     The documents come from the token cache (:mod:`engine.token_cache`): the source is
     tokenized once, in file order, and every later pass, stage and run reads the ids
     from disk. The buffer shuffles document indices with the same draws as it would
-    shuffle the texts, so the order is the one the seed always gave."""
+    shuffle the texts, so the order is the one the seed always gave. Indices in
+    ``skip`` (held out) are left out before the shuffle."""
     from engine import token_cache
 
     cache = token_cache.documents(tokenizer, source, _document_policy(tokenizer))
-    for i in shuffled(range(len(cache)), rng, buffer_size):
+    order = range(len(cache)) if not skip else [i for i in range(len(cache)) if i not in skip]
+    for i in shuffled(order, rng, buffer_size):
         yield cache.document(i)
 
 
@@ -198,34 +212,36 @@ def pack(documents: Iterable[list[int]], seq_len: int) -> Iterator[list[int]]:
             buf = buf[seq_len:]
 
 
-def _document_streams(tokenizer: Any, sources: Sequence[DataSource], seed: int,
-                      shuffle_buffer: int) -> list[Iterator[list[int]]]:
-    return [cycle(lambda s=src, r=_source_rng(seed, i): _tokenized_documents(tokenizer, s, r, shuffle_buffer),
-                  str(src.path)) for i, src in enumerate(sources)]
+def _document_streams(tokenizer: Any, sources: Sequence[DataSource], seed: int, shuffle_buffer: int,
+                      held: Held = None) -> list[Iterator[list[int]]]:
+    return [cycle(lambda s=src, r=_source_rng(seed, i), i=i: _tokenized_documents(
+        tokenizer, s, r, shuffle_buffer, held(i) if held else None), str(src.path)) for i, src in enumerate(sources)]
 
 
 def packed_blocks(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int, seed: int = 0,
-                  shuffle_buffer: int = 1024) -> Iterator[tuple[int, list[int]]]:
+                  shuffle_buffer: int = 1024, held: Held = None) -> Iterator[tuple[int, list[int]]]:
     """Endless ``(source index, block)`` pairs, sources mixed by weight."""
     streams = [zip(itertools.repeat(i), pack(docs, seq_len))
-               for i, docs in enumerate(_document_streams(tokenizer, sources, seed, shuffle_buffer))]
+               for i, docs in enumerate(_document_streams(tokenizer, sources, seed, shuffle_buffer, held))]
     return mix(streams, [s.weight for s in sources])
 
 
 def packed_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int, batch_size: int,
-                   seed: int = 0, shuffle_buffer: int = 1024, documents: bool = False) -> Iterator[Batch]:
+                   seed: int = 0, shuffle_buffer: int = 1024, documents: bool = False,
+                   held: Held = None) -> Iterator[Batch]:
     """Endless batches of packed ``seq_len`` blocks (labels = inputs; the model shifts).
 
     With ``documents`` the same blocks carry ``position_ids`` restarting at each
     document, no attention mask, and ``-100`` labels at document starts
-    (:mod:`engine.packing`); without, an all-ones attention mask."""
+    (:mod:`engine.packing`); without, an all-ones attention mask. ``held(i)``: the
+    held-out document indices of source ``i``, never trained on."""
     if documents:
         streams = [pack_documents(docs, seq_len)
-                   for docs in _document_streams(tokenizer, sources, seed, shuffle_buffer)]
+                   for docs in _document_streams(tokenizer, sources, seed, shuffle_buffer, held)]
         rows_of = mix(streams, [s.weight for s in sources])
         while True:
             yield document_batch(list(itertools.islice(rows_of, batch_size)))
-    blocks = packed_blocks(tokenizer, sources, seq_len=seq_len, seed=seed, shuffle_buffer=shuffle_buffer)
+    blocks = packed_blocks(tokenizer, sources, seq_len=seq_len, seed=seed, shuffle_buffer=shuffle_buffer, held=held)
     while True:
         rows = [block for _, block in itertools.islice(blocks, batch_size)]
         ids = torch.tensor(rows, dtype=torch.long)
@@ -318,9 +334,13 @@ def check_instructions(tokenizer: Any, sources: Sequence[DataSource], *, seq_len
     return checked
 
 
-def _examples(tokenizer: Any, source: DataSource, seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
-    """(input ids, labels) per record, prompt masked, cut to ``seq_len``."""
-    for lineno, record in iter_instructions(source):
+def _examples(tokenizer: Any, source: DataSource, seq_len: int,
+              skip: frozenset[int] | None = None) -> Iterator[tuple[list[int], list[int]]]:
+    """(input ids, labels) per record, prompt masked, cut to ``seq_len``; records whose
+    index is in ``skip`` (held out) are left out."""
+    for index, (lineno, record) in enumerate(iter_instructions(source)):
+        if skip and index in skip:
+            continue
         prompt, response = encode_instruction(tokenizer, record)
         problem = _record_problem(prompt, response, seq_len)
         if problem is not None:  # checked up front by training_batches; kept for direct callers
@@ -345,7 +365,7 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Bat
 
 def instruction_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
                         batch_size: int, seed: int = 0, shuffle_buffer: int = 1024,
-                        packed: bool = False) -> Iterator[Batch]:
+                        packed: bool = False, held: Held = None) -> Iterator[Batch]:
     """Endless batches of instruction examples, sources mixed by weight: padded, one
     example per row, or with ``packed`` whole examples packed into ``seq_len`` rows
     without attention across them (:func:`engine.packing.packed_example_batches`)."""
@@ -353,7 +373,8 @@ def instruction_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_le
     for i, src in enumerate(sources):
         rng = _source_rng(seed, i)
         streams.append(cycle(
-            lambda s=src, r=rng: shuffled(_examples(tokenizer, s, seq_len), r, shuffle_buffer), str(src.path)))
+            lambda s=src, r=rng, i=i: shuffled(_examples(tokenizer, s, seq_len, held(i) if held else None), r,
+                                               shuffle_buffer), str(src.path)))
     examples = mix(streams, [s.weight for s in sources])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
     if packed:

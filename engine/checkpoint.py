@@ -15,7 +15,10 @@ A checkpoint is a folder ``step-<n>/`` holding only formats that cannot execute 
   tensors flattened by key and everything else as JSON (AdamW and 8-bit AdamW alike);
 * ``rng.safetensors``: the torch CPU (and CUDA) generator states;
 * ``state.json``: step, tokens, micro-batches consumed, Python RNG state;
-* ``train_log.jsonl``: the log so far, so that the finished stage's log is whole.
+* ``train_log.jsonl``: the log so far, so that the finished stage's log is whole;
+* ``best.safetensors`` (``keep_best`` only): the trainable tensors at the step with the
+  lowest held-out loss so far (:mod:`engine.heldout`), whose step and loss are in
+  ``state.json``.
 
 The learning-rate schedule is a pure function of the step and the data a pure
 function of the seed, so neither needs more than the step count: the loop rebuilds
@@ -42,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from engine.errors import TrainingError
 
 STATE_FILE = "state.json"
+BEST_FILE = "best.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -54,6 +58,7 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None = None
 
     @property
     def step(self) -> int:
@@ -149,7 +154,8 @@ class CheckpointDir:
         return self.root / f"step-{step}"
 
     def save(self, *, step: int, state: dict[str, Any], trainable: dict[str, torch.Tensor],
-             optimizer: dict[str, Any], log_file: Path | None = None) -> Path:
+             optimizer: dict[str, Any], log_file: Path | None = None,
+             best: dict[str, torch.Tensor] | None = None) -> Path:
         """Write checkpoint ``step`` atomically and drop all but the newest ``keep``."""
         self.root.mkdir(parents=True, exist_ok=True)
         # unfinished saves of killed runs (any pid: one run holds a workdir at a time); what
@@ -166,6 +172,8 @@ class CheckpointDir:
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(skeleton))
         save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+        if best is not None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in best.items()}, str(tmp / BEST_FILE))
         if log_file is not None and log_file.is_file():
             shutil.copyfile(log_file, tmp / "train_log.jsonl")
         py_version, py_internal, py_gauss = random.getstate()
@@ -188,8 +196,9 @@ class CheckpointDir:
             state = json.loads((path / STATE_FILE).read_text())
             skeleton = json.loads((path / "optimizer.json").read_text())
             optimizer = _unflatten(skeleton, load_file(str(path / "optimizer.safetensors")))
+            best = load_file(str(path / BEST_FILE)) if (path / BEST_FILE).is_file() else None
             return Checkpoint(path=path, state=state, trainable=load_file(str(path / "trainable.safetensors")),
-                              optimizer=optimizer, rng=load_file(str(path / "rng.safetensors")))
+                              optimizer=optimizer, rng=load_file(str(path / "rng.safetensors")), best=best)
         except (OSError, ValueError, KeyError) as exc:
             raise TrainingError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
 

@@ -4,7 +4,8 @@ Every line :func:`engine.training.train` writes to ``train_log.jsonl`` also goes
 the trackers the recipe names, built from accelerate's tracker classes
 (:mod:`accelerate.tracking`), so tensorboard, wandb, mlflow and trackio get what
 peers' trainers send them: ``train/loss``, ``train/lr``, ``train/tok_s``,
-``train/grad_norm`` and ``train/tokens`` at each optimizer step.
+``train/grad_norm`` and ``train/tokens`` at each optimizer step, and ``eval/loss`` (the
+held-out loss, ``eval_loss`` in the log) at the steps that evaluate it.
 
 Names and places: the project (experiment) is the recipe's ``name``, the run is the
 stage's name; local files go under ``<workdir>/trackers/<tracker>/``
@@ -94,6 +95,8 @@ class StageTrackers:
         if not self.trackers:
             return
         values = {f"train/{k}": float(record[k]) for k in LOGGED if record.get(k) is not None}
+        if record.get("eval_loss") is not None:
+            values["eval/loss"] = float(record["eval_loss"])
         for tracker in self.trackers:
             tracker.log(values, step=int(record["step"]))
 

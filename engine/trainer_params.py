@@ -52,11 +52,27 @@ class TrainerParams(TrainingParams):
         "checkpoint when the recipe runs again; checkpoints are deleted when the stage succeeds.")
     keep_checkpoints: int = Field(1, ge=1, json_schema_extra=NOT_IN_RESULT,
                                   description="How many of the newest checkpoints to keep.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Hold out this fraction of each data source's documents (text) or "
+        "examples (instructions), chosen by `seed` before packing, and never train on them; their mean token "
+        "loss is logged as `eval_loss` every `eval_every` steps and at the last step. 0: off.")
+    eval_every: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Steps between held-out evaluations (and always the last step). `auto`: the "
+        "checkpoint cadence (`checkpoint_every`), or its `auto` value when checkpoints are off.")
+    eval_batches: int = Field(
+        0, ge=0, description="Evaluate at most this many held-out micro-batches (the same ones each time); "
+        "0: the whole held-out set.")
+    keep_best: bool = Field(
+        False, description="Save the weights of the evaluated step with the lowest `eval_loss` instead of the "
+        "last step's (needs `eval_fraction` > 0). The notes in report.json say which step was saved.")
 
     @model_validator(mode="after")
     def _batch_divisible(self) -> TrainerParams:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.keep_best and self.eval_fraction <= 0:
+            raise ValueError("keep_best needs eval_fraction > 0: the best step is chosen by the loss on held-out "
+                             "data (set e.g. eval_fraction: 0.05, or remove keep_best)")
         return self
 
     @property
@@ -71,3 +87,10 @@ class TrainerParams(TrainingParams):
         if self.checkpoint_every == "auto":
             return min(AUTO_CHECKPOINT_MAX, max(AUTO_CHECKPOINT_MIN, math.ceil(self.steps / 4)))
         return int(self.checkpoint_every)
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between held-out evaluations: ``eval_every`` with ``auto`` resolved."""
+        if self.eval_every != "auto":
+            return int(self.eval_every)
+        return self.checkpoint_interval or min(AUTO_CHECKPOINT_MAX, max(AUTO_CHECKPOINT_MIN, math.ceil(self.steps / 4)))

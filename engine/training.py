@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from engine import distributed, levers, tracking
 from engine.batching import IGNORE_INDEX, Batch
 from engine.checkpoint import Checkpoint, CheckpointDir, restore_rng
 from engine.errors import TrainingError
+from engine.heldout import Evaluator
 from engine.levers import make_optimizer, resolve_mixed_precision
 from engine.packing import fit_packing, model_inputs
 from engine.slow_paths import auto_precision_path, loss_scaling_path
@@ -173,7 +174,8 @@ def _kill_step() -> int | None:
 
 
 def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch], params: TrainerParams,
-          *, state: TrainState | None = None, description: str | None = None) -> TrainResult:
+          *, state: TrainState | None = None, description: str | None = None,
+          eval_batches: Iterable[Batch] | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad for ``params.steps`` steps.
 
     ``batches`` yields micro-batches of ``params.micro_batch_size`` rows (CPU tensors
@@ -189,6 +191,9 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     checkpoint is saved every that many steps and a run finding one resumes from it
     (weights, optimizer, schedule, data position, RNG): the result is the same as an
     uninterrupted run's. ``state`` continues a run from ``state.step``.
+    With ``params.eval_fraction`` (batches from ``training_batches(..., eval_fraction=)``)
+    or explicit ``eval_batches`` (a finite held-out set), the held-out loss is logged as
+    ``eval_loss`` every ``params.eval_every`` steps and at the last (:mod:`engine.heldout`).
     Raises :class:`TrainingError` on a non-finite loss; checkpoints saved before it
     (all verified finite) are kept.
     """
@@ -225,6 +230,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         levers.enable_checkpointing(model, f"stage {context.stage_name!r}")
     optimizer = make_optimizer(trainable, params)
     flat = fit_packing(batches, model, context)  # probes the model before the first batch
+    evaluator = Evaluator.build(context, params, batches, eval_batches, flat, sharded=twin is not None)
     log_path = live_log_path(context)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     context.output_dir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +251,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             next(batches)
         if main and (resumed.path / LOG_FILE).is_file():
             log_path.write_bytes((resumed.path / LOG_FILE).read_bytes())
+        if evaluator is not None:
+            evaluator.restore(resumed.state.get("eval"), resumed.best)
         context.note("resumed_from_step", resumed.step)
         context.log(f"resuming from checkpoint step {resumed.step} ({resumed.path})")
 
@@ -292,6 +300,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
                               "tok_s": tok_s, "elapsed_s": round(elapsed, 3)}
                     if norm is not None:
                         record["grad_norm"] = norm
+                    if evaluator is not None and step + 1 in evaluator.rows:
+                        record["eval_loss"] = evaluator.rows[step + 1]
                     fh.write(json.dumps(record) + "\n")
                     trackers.log(record)
         context.add_tokens(window_tokens)
@@ -310,7 +320,9 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
                              state={"tokens": state.tokens, "last_loss": state.last_loss,
                                     "micro_batches": state.step * params.grad_accum,
                                     "train_seconds": earlier_s + time.perf_counter() - began,
-                                    "world_size": world})
+                                    "world_size": world,
+                                    **({"eval": evaluator.state_dict()} if evaluator is not None else {})},
+                             best=evaluator.best if evaluator is not None else None)
         accelerator.wait_for_everyone()
         last_good.append(state.step)
 
@@ -347,6 +359,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
             window_tokens += step_tokens
             pending.append((step, step_loss, None if norm is None else norm.detach(), lr, state.tokens,
                             earlier_s + time.perf_counter() - began))
+            if evaluator is not None and evaluator.due(state.step):
+                evaluator.evaluate(model, state.step, accelerator.device, named)
             if state.step % params.log_every == 0 or state.step == params.steps:
                 flush()
             if (checkpoints is not None and state.step % params.checkpoint_interval == 0
@@ -361,6 +375,8 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         shutil.copyfile(log_path, context.output_dir / LOG_FILE)  # the stage output's copy
     context.note("training_seconds", {"whole_stage": round(earlier_s + this_run, 3),
                                       "this_run": round(this_run, 3)})
+    if evaluator is not None:  # keep_best: the best step's trainable tensors go back in
+        evaluator.finish(context, named, state.step)
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if twin is not None:
         model = distributed.gather_model(model, twin)

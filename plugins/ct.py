@@ -115,7 +115,8 @@ class CT:
 
         tokenizer = context.load_tokenizer(source)
         batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
-                                   batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing)
+                                   batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing,
+                                   eval_fraction=params.eval_fraction)
         meta: dict[str, Any] = {"kind": "ct", "source_model": str(source)}
         if chosen is not None:
             meta["trained_layers"] = chosen

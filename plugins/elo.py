@@ -116,7 +116,8 @@ class ELO:
             context.note("elo_trained_embeddings", [t for t in trained if models.layer_of_key(t) is None])
 
         batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
-                                   batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing)
+                                   batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing,
+                                   eval_fraction=params.eval_fraction)
         what = f"ELO layers {indices}" + (" + embeddings/head" if params.train_embeddings else "")
         result = train(context, model, batches, params, description=f"{context.stage_name}: {what}")
         meta = {

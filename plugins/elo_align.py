@@ -105,7 +105,8 @@ class ELOAlign:
         if params.steps > 0 and inputs.data:
             model.requires_grad_(True)
             batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
-                                       batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing)
+                                       batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing,
+                                       eval_fraction=params.eval_fraction)
             model = train(context, model, batches, params, description=f"{context.stage_name}: alignment").model
         else:
             context.set_param_counts(trainable=0, forward=sum(p.numel() for p in model.parameters()))

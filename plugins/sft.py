@@ -47,7 +47,8 @@ class SFT:
         tokenizer = context.load_tokenizer(source)
         # checks every record's prompt length up front, before the (slow) model load
         batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
-                                   batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing)
+                                   batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing,
+                                   eval_fraction=params.eval_fraction)
         model = context.load_model(source, load_in_8bit=False, dtype=training_dtype(context))
         if params.lora is not None:
             model = apply_lora(model, params.lora, seed=params.seed)
