@@ -309,11 +309,18 @@ def loss_axes(log: list[dict[str, Any]]) -> dict[str, list[float | None]]:
     return {"step": steps, "tokens": tokens, "seconds": seconds}
 
 
+def _points(xs: list[Any], ys: list[Any]) -> list[tuple[float, float]]:
+    return [(x, y) for x, y in zip(xs, ys, strict=True)
+            if x is not None and isinstance(y, (int, float)) and math.isfinite(y)]
+
+
 def loss_svg(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Training loss per stage against steps, tokens and seconds (three panels)."""
+    """Training loss per stage against steps, tokens and seconds (three panels); a stage
+    that evaluated held-out data also gets its ``eval_loss`` as a dashed line."""
     names = [s for s, log in logs.items() if log]
-    curves = {s: (loss_axes(logs[s]), [r.get("loss") for r in logs[s]]) for s in names}
-    losses = [v for _, ys in curves.values() for v in ys if isinstance(v, (int, float)) and math.isfinite(v)]
+    curves = {s: (loss_axes(logs[s]), [r.get("loss") for r in logs[s]], [r.get("eval_loss") for r in logs[s]])
+              for s in names}
+    losses = [v for _, ys, es in curves.values() for v in ys + es if isinstance(v, (int, float)) and math.isfinite(v)]
     left, top, pw, ph = 70.0, 60.0, 300.0, 260.0
     svg = Svg(left + 3 * (pw + 40) + 170, top + ph + 70, "Training loss per stage")
     labels = {"step": "optimizer step", "tokens": "tokens seen", "seconds": "training seconds"}
@@ -322,8 +329,8 @@ def loss_svg(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     ya = Axis(min(positive) if log else min(losses + [0.0]), max(losses + [1.0]), top + ph, top, log=log)
     for p, key in enumerate(labels):
         x0 = left + p * (pw + 40)
-        pts = {s: [(x, y) for x, y in zip(ax[key], ys, strict=True) if x is not None
-                   and isinstance(y, (int, float)) and math.isfinite(y)] for s, (ax, ys) in curves.items()}
+        pts = {s: _points(ax[key], ys) for s, (ax, ys, _) in curves.items()}
+        held = {s: _points(ax[key], es) for s, (ax, _, es) in curves.items()}
         xs = [x for ps in pts.values() for x, _ in ps]
         axis = Axis(0.0, max(xs + [1.0]), x0, x0 + pw)
         _y_axis(svg, ya, x0, x0 + pw, "loss (nats/token)" + (" (log)" if log else "") if p == 0 else "")
@@ -334,11 +341,14 @@ def loss_svg(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         if not xs:
             svg.text(x0 + pw / 2, top + ph / 2, f"no {key} in train_log.jsonl", size=11)
         for k, s in enumerate(names):
-            if pts[s]:
-                d = " ".join(f"{axis(x):.1f},{ya(y):.1f}" for x, y in pts[s])
-                svg.add(f'<polyline class="curve" points="{d}" fill="none" stroke-width="1.5" '
-                        f'stroke="{PALETTE[k % len(PALETTE)]}"><title>{escape(s)}</title></polyline>')
-    _legend(svg, [f"{s} ({len(logs[s])} steps)" for s in names], left + 3 * (pw + 40) - 20, top + 10)
+            for ps, dash, title in ((pts[s], "", s), (held[s], ' stroke-dasharray="5 3"', f"{s} eval_loss")):
+                if ps:
+                    d = " ".join(f"{axis(x):.1f},{ya(y):.1f}" for x, y in ps)
+                    svg.add(f'<polyline class="curve" points="{d}" fill="none" stroke-width="1.5"{dash} '
+                            f'stroke="{PALETTE[k % len(PALETTE)]}"><title>{escape(title)}</title></polyline>')
+    dashed = [" (dashed: eval_loss)" if any(v is not None for v in curves[s][2]) else "" for s in names]
+    _legend(svg, [f"{s} ({len(logs[s])} steps){e}" for s, e in zip(names, dashed)], left + 3 * (pw + 40) - 20,
+            top + 10)
     path.write_text(svg.render(), encoding="utf-8")
     return path
 

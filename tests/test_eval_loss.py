@@ -269,3 +269,21 @@ def test_trackers_get_eval_loss(tiny_model, marked_text, tmp_path, lingoforge_ru
     evals = {r["step"]: r["eval_loss"] for r in _rows(tmp_path / "tb" / "ct") if "eval_loss" in r}
     assert sorted(evals) == [2, 4, 5]
     assert scalars["eval/loss"] == pytest.approx(evals)
+
+
+def test_loss_chart_draws_eval_loss_dashed(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from engine.svg_charts import loss_svg
+
+    svg = "{http://www.w3.org/2000/svg}"
+    log = [{"step": i, "loss": 3.0 - 0.1 * i, "tokens": 64 * i, "elapsed_s": 0.5 * i,
+            **({"eval_loss": 3.1 - 0.05 * i} if i % 2 == 0 else {})} for i in range(1, 7)]
+    root = ET.parse(loss_svg({"ct": log, "plain": [{k: v for k, v in r.items() if k != "eval_loss"} for r in log]},
+                             tmp_path / "loss.svg")).getroot()
+    curves = [e for e in root.iter(f"{svg}polyline") if e.get("class") == "curve"]
+    dashed = [e for e in curves if e.get("stroke-dasharray")]
+    assert len(curves) == 9 and len(dashed) == 3  # 2 stages x 3 panels, and ct's eval_loss in each
+    assert {e.find(f"{svg}title").text for e in dashed} == {"ct eval_loss"}
+    assert all(len(e.get("points").split()) == 3 for e in dashed)  # steps 2, 4, 6
+    assert "ct (6 steps) (dashed: eval_loss)" in ET.tostring(root, encoding="unicode")
