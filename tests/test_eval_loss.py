@@ -287,3 +287,42 @@ def test_loss_chart_draws_eval_loss_dashed(tmp_path):
     assert {e.find(f"{svg}title").text for e in dashed} == {"ct eval_loss"}
     assert all(len(e.get("points").split()) == 3 for e in dashed)  # steps 2, 4, 6
     assert "ct (6 steps) (dashed: eval_loss)" in ET.tostring(root, encoding="unicode")
+
+
+def test_eval_loss_under_bf16_autocast(make_context, tiny_model, tiny_tokenizer, marked_text):
+    from engine.levers import cpu_autocast_problem
+
+    if cpu_autocast_problem():
+        pytest.skip(cpu_autocast_problem())
+    hp = _params(eval_fraction=0.25, eval_every=3, steps=3, log_every=1, mixed_precision="bf16")
+    ctx, batches, result = _train(make_context, tiny_model, tiny_tokenizer, marked_text, hp, "bf16")
+    [row] = [r for r in _rows(ctx.output_dir) if "eval_loss" in r]
+    held = batches.heldout.batches(batches.packed, "x")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward the loop ran
+        assert row["eval_loss"] == pytest.approx(_recomputed(result.model, held, batches.flatten), abs=1e-6)
+    assert row["eval_loss"] == pytest.approx(_recomputed(result.model, held, batches.flatten), rel=2e-2)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_without_deadlock_and_match_one(tiny_model, marked_text, tmp_path,
+                                                               lingoforge_run_recipe):
+    """Every rank evaluates the whole held-out set: two CPU processes (gloo) finish, log
+    the eval loss once, and keep the same best step as one process."""
+    import shutil
+
+    if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
+        pytest.skip("torchrun not installed")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps(_recipe(tiny_model, marked_text, keep_best=True, batch_size=8, grad_accum=2,
+                                         checkpoint_every=0)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "engine", "run", str(recipe), "--workdir", str(tmp_path / "multi")],
+                          env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multi = json.loads((tmp_path / "multi" / "report.json").read_text())["stages"][0]["notes"]["eval"]
+    single = lingoforge_run_recipe(recipe, tmp_path / "single")["stages"][0]["notes"]["eval"]
+    rows = [r for r in _rows(tmp_path / "multi" / "ct") if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert multi["best_step"] == single["best_step"] and multi["saved_step"] == single["saved_step"]
+    assert multi["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
