@@ -326,3 +326,19 @@ def test_two_processes_evaluate_without_deadlock_and_match_one(tiny_model, marke
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert multi["best_step"] == single["best_step"] and multi["saved_step"] == single["saved_step"]
     assert multi["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
+
+
+def test_keep_best_with_lora_saves_the_best_steps_adapter(tiny_model, marked_text, tmp_path, lingoforge_run_recipe):
+    """LoRA (dropout on, so eval mode matters): the saved adapter is the best step's."""
+    pytest.importorskip("peft")
+    # lr 3, no clipping: on these documents the adapter's held-out loss is lowest at step 2 of 5
+    lora = {"lr": 3.0, "max_grad_norm": 0, "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "save": "adapter"}}
+    report = lingoforge_run_recipe(_recipe(tiny_model, marked_text, keep_best=True, **lora), tmp_path / "best")
+    note = report["stages"][0]["notes"]["eval"]
+    assert note["saved_step"] == note["best_step"] < 5
+    lingoforge_run_recipe(_recipe(tiny_model, marked_text, steps=note["best_step"], **lora), tmp_path / "short")
+    lingoforge_run_recipe(_recipe(tiny_model, marked_text, **lora), tmp_path / "last")
+    best, short, last = (load_file(str(tmp_path / w / "ct" / "adapter_model.safetensors"))
+                         for w in ("best", "short", "last"))
+    assert best.keys() == short.keys() and all(torch.equal(best[k], short[k]) for k in best)
+    assert any(not torch.equal(best[k], last[k]) for k in best)
