@@ -33,7 +33,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from engine.errors import EngineError, ModelLoadError
 
 __all__ = ["LONG_WORD_TOKENS", "MAX_BYTES", "MAX_DOCUMENTS", "SKIP_ENV", "THRESHOLDS", "Coverage",
            "coverage_warnings", "load_backend", "measure", "measure_file", "poor_coverage"]
@@ -262,7 +262,7 @@ def coverage_warnings(plan: Any) -> list[str]:
                 stat = (folder / "tokenizer.json").stat().st_mtime_ns if (folder / "tokenizer.json").is_file() else 0
                 cov = _cached(str(folder), str(source.path), source.records, source.text_field,
                               (stat, source.path.stat().st_mtime_ns))
-            except Exception:  # noqa: BLE001 - a warning must never stop validation
+            except (EngineError, OSError):  # unreadable here: the stage itself reports it
                 continue
             measured.append((stage, source, folder, cov))
     lines = []
