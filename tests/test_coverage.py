@@ -129,3 +129,25 @@ def test_coverage_command(tmp_path, capsys):
     assert "mine.txt" in captured.out and "single bytes" in captured.err
     assert main(["coverage", "--tokenizer", "builtin:tiny-base", "--data", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt does not exist" in capsys.readouterr().err
+
+
+def test_run_warns_before_anything_runs(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    assert main(["run", str(recipe), "--workdir", str(tmp_path / "w"), "--dry-run"]) == 0
+    assert "stage 'ct-mine'" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--workdir", str(tmp_path / "w"), "--dry-run", "--no-coverage"]) == 0
+    assert "covers" not in capsys.readouterr().err
+
+
+def test_extend_tokenizer_command_names_bad_input(tmp_path, capsys):
+    out = str(tmp_path / "ext")
+    assert main(["extend-tokenizer", "builtin:tiny-base", "--data", str(tmp_path / "nope.txt"),
+                 "--output", out]) == 2
+    assert "nope.txt does not exist" in capsys.readouterr().err
+    assert main(["extend-tokenizer", str(tmp_path / "no-model"), "--data", str(tmp_path / "x.txt"),
+                 "--output", out]) == 2
+    assert "no-model: no such model folder" in capsys.readouterr().err
+    assert main(["extend-tokenizer", "builtin:tiny-base", "--data", str(world.data_path("en/test.txt")),
+                 "--tokens", "0", "--output", out]) == 2
+    assert "--tokens must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "ext").exists()
