@@ -22,6 +22,8 @@ from rich.progress import Progress
 from engine import levers, modelio, slow_paths
 from engine.artifacts import ModelArtifact
 from engine.console import make_console
+from engine.errors import TrainingError
+from engine.quantization import Quantization
 
 
 @dataclass
@@ -191,16 +193,22 @@ class StageContext:
 
     def load_model(self, model: ModelArtifact | Path, *, load_in_8bit: bool | None = None,
                    dtype: torch.dtype | str | None = None,
-                   int8_skip_modules: Sequence[str] | None = None) -> torch.nn.Module:
+                   int8_skip_modules: Sequence[str] | None = None,
+                   quantize: Quantization | None = None) -> torch.nn.Module:
         """Load a model folder with the stage's device, dtype and safety settings.
 
         ``load_in_8bit`` defaults to the runtime setting; trainers pass ``False``
         for the weights they train, or ``True`` with ``int8_skip_modules`` (module
         name prefixes, e.g. ``model.layers.0``) to keep the trained part in ``dtype``
         while the frozen rest is held in 8 bits. A LoRA adapter folder loads as its
-        base model with the adapter merged in.
+        base model with the adapter merged in. ``quantize`` holds a frozen base in 4 or 8
+        bits for LoRA (QLoRA, :mod:`engine.quantization`); not with ``runtime.fsdp``.
         """
         path = model.path if isinstance(model, ModelArtifact) else Path(model)
+        if quantize is not None and self.runtime.fsdp:
+            raise TrainingError(f"stage {self.stage_name!r}: {quantize.field} holds the base in "
+                                f"{quantize.bits} bits, which runtime.fsdp cannot shard; set runtime.fsdp: "
+                                f"false or {quantize.field}: none")
         subject = model.name if isinstance(model, ModelArtifact) else path.name
         if dtype is None and self.runtime.dtype == "auto":
             self.slow_path("dtype", self.runtime.dtype, slow_paths.auto_dtype_path(self.device))
@@ -212,6 +220,7 @@ class StageContext:
             load_in_8bit=self.runtime.load_in_8bit if load_in_8bit is None else load_in_8bit,
             trust_remote_code=self.runtime.trust_remote_code,
             int8_skip_modules=int8_skip_modules,
+            quantize=quantize,
             attention=levers.resolve_attention(
                 self.runtime.attention, self.device,
                 modelio.resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype),

@@ -18,12 +18,28 @@ The result is written one of two ways (``save``):
   naming the base model folder (:data:`engine.modelio.ADAPTER_BASE_KEY`). Loading
   such a folder (:func:`engine.modelio.load_model`) applies the adapter to that base.
 
+**QLoRA** (``quantize: 4bit``, or ``8bit``): the frozen base is loaded with its decoder
+linear layers in 4-bit NF4/FP4 (bitsandbytes ``Linear4bit``, dequantised to the training
+dtype for each matmul; :mod:`engine.quantization`) and the adapters train on top in the
+training dtype. ``prepare_model_for_kbit_training`` is not called: it would turn on
+reentrant gradient checkpointing regardless of ``params.gradient_checkpointing`` (the
+loop does non-reentrant checkpointing when asked), and the float32 upcast it does to
+non-quantised parameters is what loading in the training dtype (float32 unless
+``runtime.dtype`` says otherwise) already gives. A ``merged`` result is never folded
+into the quantised weights: the base is re-read in full precision (the training dtype,
+on the CPU), the trained adapter tensors are loaded into the same LoRA layout on it and
+merged, so the output is ``W + scaling * B @ A`` with ``W`` the input's weights. An
+``adapter`` result records the full-precision input folder as its base, and the
+quantisation in ``lingoforge.json`` (``quantized_base``).
+
 peft is an optional dependency (``lingoforge[lora]``); :class:`LoraParams` refuses
-to validate without it, so ``engine validate`` reports the missing install.
+to validate without it, so ``engine validate`` reports the missing install; with
+``quantize`` it also needs bitsandbytes (``lingoforge[8bit]``).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,9 +47,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine import modelio
+from engine import modelio, quantization
 from engine.artifacts import ModelArtifact
 from engine.errors import TrainingError
+from engine.quantization import Quantization
 
 if TYPE_CHECKING:
     from engine.context import StageContext
@@ -74,6 +91,16 @@ class LoraParams(BaseModel):
         "folder; 'adapter': save a standard PEFT adapter folder (adapter_config.json + "
         "adapter_model.safetensors) that records its base model.")
 
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Hold the frozen base in 4 bits (QLoRA: bitsandbytes NF4/FP4, computing in the "
+        "training dtype) or 8 bits (LLM.int8) while the adapters train; a merged result is merged into "
+        "the full-precision input weights. Needs lingoforge[8bit]; not with runtime.fsdp.")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="With quantize 4bit: the 4-bit data type (nf4: NormalFloat4, fp4: 4-bit float).")
+    double_quant: bool = Field(
+        True, description="With quantize 4bit: quantise the per-block scales too (about 0.4 bits per "
+        "weight saved).")
+
     @field_validator("target_modules")
     @classmethod
     def _some_targets(cls, value: list[str] | str) -> list[str] | str:
@@ -85,7 +112,22 @@ class LoraParams(BaseModel):
     def _peft_installed(self) -> LoraParams:
         if not peft_available():
             raise ValueError(f"lora needs peft, which is not installed: {INSTALL_HINT}")
+        if self.quantize != "none" and not quantization.bitsandbytes_available():
+            raise ValueError(f"lora.quantize: {self.quantize} needs bitsandbytes, which is not installed: "
+                             f"{quantization.BNB_INSTALL_HINT}")
+        set_4bit = sorted({"quant_type", "double_quant"} & self.model_fields_set)
+        if set_4bit and self.quantize != "4bit":
+            raise ValueError(f"lora.{' and lora.'.join(set_4bit)} only apply with lora.quantize: 4bit "
+                             f"(it is {self.quantize!r})")
         return self
+
+    @property
+    def base_quantization(self) -> Quantization | None:
+        """How the frozen base is held (None: in the training dtype, as loaded)."""
+        if self.quantize == "none":
+            return None
+        return Quantization(bits=4 if self.quantize == "4bit" else 8, quant_type=self.quant_type,
+                            double_quant=self.double_quant)
 
     @property
     def scaling(self) -> float:
@@ -139,8 +181,11 @@ def save_lora_result(context: StageContext, model: torch.nn.Module, tokenizer: A
     ``base`` is the folder the adapter was trained on (recorded for ``adapter``).
     """
     meta = {**meta, "lora": lora.summary()}
+    quant = lora.base_quantization
+    if quant is not None:
+        meta["quantized_base"] = _record_quantized(context, model, quant)
     if lora.save == "merged":
-        merged = model.merge_and_unload()
+        merged = model.merge_and_unload() if quant is None else _merge_full_precision(context, model, base)
         return context.save_model(merged, tokenizer, meta=meta)
     base = Path(base).resolve()
     out = Path(context.output_dir)
@@ -154,3 +199,45 @@ def save_lora_result(context: StageContext, model: torch.nn.Module, tokenizer: A
     modelio.write_meta(out, meta)
     modelio.check_adapter_folder(out)
     return ModelArtifact(name=context.stage_name, path=out, meta=meta)
+
+
+def _record_quantized(context: StageContext, model: torch.nn.Module, quant: Quantization) -> dict[str, Any]:
+    """Note how the base was held (report ``notes.quantized_base``, lingoforge.json) and
+    count the 4-bit weights by their unpacked size in ``forward_params``."""
+    modules = quantization.quantized_modules(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    forward = quantization.parameter_count(model)
+    full = forward * torch.empty((), dtype=dtype).element_size() + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    record = {"bits": quant.bits, "quant_type": quant.quant_type if quant.bits == 4 else None,
+              "double_quant": quant.double_quant if quant.bits == 4 else None,
+              "compute_dtype": str(dtype).removeprefix("torch."), "quantized_modules": len(modules),
+              "model_mb": round(quantization.held_bytes(model) / 2 ** 20, 3),
+              "full_precision_model_mb": round(full / 2 ** 20, 3)}
+    if context.stats.trainable_params is not None:
+        context.set_param_counts(trainable=context.stats.trainable_params, forward=forward)
+    context.note("quantized_base", record)
+    return {k: record[k] for k in ("bits", "quant_type", "double_quant", "compute_dtype")}
+
+
+def _merge_full_precision(context: StageContext, model: torch.nn.Module, base: Path) -> torch.nn.Module:
+    """The trained adapter of ``model`` (whose base is quantised) merged into ``base``
+    re-read in full precision: ``W + scaling * B @ A`` with the input's ``W``, never a
+    dequantised copy. The base is read on the CPU in the training dtype."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from engine.training import training_dtype
+
+    adapter = {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(model).items()}
+    config = copy.deepcopy(model.peft_config["default"])
+    config.init_lora_weights = False  # every adapter tensor is overwritten below
+    full = modelio.load_model(base, dtype=training_dtype(context), device="cpu",
+                              trust_remote_code=context.runtime.trust_remote_code)
+    wrapped = get_peft_model(full, config)
+    result = set_peft_model_state_dict(wrapped, adapter)
+    loaded = {k for k in get_peft_model_state_dict(wrapped)}
+    if result.unexpected_keys or loaded != set(adapter):
+        raise TrainingError(f"stage {context.stage_name!r}: the trained adapter does not fit the full-precision "
+                            f"base {base} (unexpected {sorted(result.unexpected_keys)[:4]}, missing "
+                            f"{sorted(loaded - set(adapter))[:4]})")
+    return wrapped.merge_and_unload()

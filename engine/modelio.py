@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from engine import adapters, outputs
+from engine import adapters, outputs, quantization
 from engine.adapters import (  # re-exported: their home was this module
     ADAPTER_BASE_KEY,
     ADAPTER_CONFIG,
@@ -37,6 +37,7 @@ from engine.adapters import (  # re-exported: their home was this module
 )
 from engine.errors import ModelLoadError
 from engine.meta import META_FILE, read_meta, write_meta
+from engine.quantization import Quantization
 from engine.safety import check_remote_code, check_safetensors_file
 
 __all__ = [
@@ -152,6 +153,7 @@ def load_model(
     trust_remote_code: bool = False,
     int8_skip_modules: Sequence[str] | None = None,
     attention: str | None = None,
+    quantize: Quantization | None = None,
 ) -> torch.nn.Module:
     """Load a causal LM from a folder, safetensors only.
 
@@ -163,6 +165,9 @@ def load_model(
     model is for reading (evaluation, frozen parts), not for training its quantised
     weights. ``int8_skip_modules`` (module name prefixes such as ``model.layers.3``)
     stay unquantised in ``dtype``, so they can train; the output head always does.
+    ``quantize`` holds the decoder's linear layers in 4 bits (NF4/FP4, computing in
+    ``dtype``) or 8 bits for a frozen base that LoRA trains on (QLoRA,
+    :mod:`engine.quantization`); embeddings, norms and ``lm_head`` stay in ``dtype``.
     A LoRA adapter folder loads as its base with the adapter merged in. A folder
     whose config names custom code (``auto_map``) is refused unless
     ``trust_remote_code`` is on (:func:`engine.safety.check_remote_code`).
@@ -172,6 +177,10 @@ def load_model(
     path = Path(path)
     check_remote_code(path, trust_remote_code)
     if is_adapter_folder(path):
+        if quantize is not None:
+            raise ModelLoadError(f"{path}: a LoRA adapter folder cannot be loaded with {quantize.field} "
+                                 "(its adapter would be merged into quantised weights); give a model "
+                                 "folder with full weights (train the earlier stage with lora.save: merged)")
         return adapters.load_adapted(path, lambda base: load_model(
             base, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
             trust_remote_code=trust_remote_code, int8_skip_modules=int8_skip_modules, attention=attention))
@@ -185,20 +194,25 @@ def load_model(
     }
     if attention is not None:
         kwargs["attn_implementation"] = attention
-    if load_in_8bit:
+    if quantize is not None:
+        if not quantization.bitsandbytes_available():
+            raise ModelLoadError(f"{quantize.field} needs bitsandbytes: {quantization.BNB_INSTALL_HINT}")
+        kwargs["quantization_config"] = quantization.bnb_config(quantize, dt, tuple(int8_skip_modules or ()))
+    elif load_in_8bit:
         try:
             from transformers import BitsAndBytesConfig
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ModelLoadError(f"load_in_8bit needs bitsandbytes: {exc}") from None
         skip = None if int8_skip_modules is None else sorted({"lm_head", *int8_skip_modules})
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if "quantization_config" in kwargs:
         kwargs["device_map"] = {"": str(dev) if dev.type == "cpu" else dev.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         hint = f" (runtime.attention {attention!r})" if attention is not None else ""
         raise ModelLoadError(f"{path}: could not load model{hint}: {exc}") from None
-    if not load_in_8bit:
+    if "quantization_config" not in kwargs:
         model.to(dev)
     return model
 

@@ -126,7 +126,8 @@ class CT:
             assert chosen is not None
             return self._run_frozen_8bit(context, source, tokenizer, batches, params, chosen, meta)
 
-        model = context.load_model(source, load_in_8bit=False, dtype=training_dtype(context))
+        model = context.load_model(source, load_in_8bit=False, dtype=training_dtype(context),
+                                   quantize=params.lora.base_quantization if params.lora else None)
         if params.lora is not None:
             model = apply_lora(model, params.lora, layers=chosen, seed=params.seed)
         elif chosen is not None:

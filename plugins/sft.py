@@ -49,7 +49,8 @@ class SFT:
         batches = training_batches(tokenizer, inputs.data, seq_len=params.seq_len,
                                    batch_size=params.micro_batch_size, seed=params.seed, packing=params.packing,
                                    eval_fraction=params.eval_fraction)
-        model = context.load_model(source, load_in_8bit=False, dtype=training_dtype(context))
+        model = context.load_model(source, load_in_8bit=False, dtype=training_dtype(context),
+                                   quantize=params.lora.base_quantization if params.lora else None)
         if params.lora is not None:
             model = apply_lora(model, params.lora, seed=params.seed)
         result = train(context, model, batches, params)
