@@ -66,8 +66,9 @@ class CT:
         lora: LoraParams | None = Field(
             None, description="Train LoRA adapters (peft) instead of the weights: "
             "{r: 16, alpha: 32, dropout: 0.0, target_modules: [q_proj, ..., down_proj] or 'all-linear', "
-            "use_rslora: false, save: merged|adapter}. With a layer selection only those layers get "
-            "adapters. Needs lingoforge[lora].")
+            "use_rslora: false, save: merged|adapter, quantize: none|4bit|8bit (QLoRA: the frozen base "
+            "held in 4 or 8 bits, needs lingoforge[8bit]), quant_type: nf4|fp4, double_quant: true}. "
+            "With a layer selection only those layers get adapters. Needs lingoforge[lora].")
         frozen_8bit: bool = Field(
             False, description="With a layer selection: hold the frozen layers in 8 bits (bitsandbytes "
             "LLM.int8) while the chosen layers train in full precision; the output's frozen tensors are "

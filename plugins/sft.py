@@ -37,7 +37,9 @@ class SFT:
         lora: LoraParams | None = Field(
             None, description="Train LoRA adapters (peft) instead of the weights: "
             "{r: 16, alpha: 32, dropout: 0.0, target_modules: [q_proj, ..., down_proj] or 'all-linear', "
-            "use_rslora: false, save: merged|adapter}. Needs lingoforge[lora].")
+            "use_rslora: false, save: merged|adapter, quantize: none|4bit|8bit (QLoRA: the frozen base "
+            "held in 4 or 8 bits, needs lingoforge[8bit]), quant_type: nf4|fp4, double_quant: true}. "
+            "Needs lingoforge[lora].")
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> ModelArtifact:
         if inputs.model is None:
