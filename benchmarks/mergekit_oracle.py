@@ -7,7 +7,8 @@ are compared tensor by tensor:
 * linear, task arithmetic, TIES (per-model weights and densities), TIES with a
   per-tensor density override (mergekit: a ``filter`` condition), Model Breadcrumbs
   (per-model weights, densities and gammas) and Breadcrumbs-TIES: allclose in fp32;
-* SLERP (also with a per-tensor ``t``), Model Stock (per tensor and ``filter_wise``) and
+* SLERP (also with a per-tensor ``t``, and with layer gradients of ``t`` per filter), TIES
+  with per-model weight and density gradients, Model Stock (per tensor and ``filter_wise``) and
   passthrough layer stacking (slices of three models, one scaled, a different layer
   count): allclose in fp32, and the same ``num_hidden_layers``;
 * DELLA and DELLA-linear, random in both tools: in each tool, the kept fraction of the
@@ -192,6 +193,19 @@ def exact_cases(base: Path, models: list[Path]
           "out_dtype": "float32", "parameters": {"t": [{"filter": "self_attn", "value": 0.8},
                                                        {"value": 0.3}]},
           "models": [{"model": str(m)} for m in models[:2]]}, None, models[:2]),
+        ("slerp layer gradients", "slerp",
+         {"t": 0.5, "overrides": [{"match": "self_attn", "t": [0, 0.5, 0.3, 0.7, 1]},
+                                  {"match": "mlp", "t": [1, 0.5, 0.7, 0.3, 0]}]},
+         {"merge_method": "slerp", "base_model": str(models[0]), "dtype": "float32",
+          "out_dtype": "float32", "parameters": {"t": [
+              {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+              {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+          "models": [{"model": str(m)} for m in models[:2]]}, None, models[:2]),
+        ("ties weight gradient", "ties",
+         {"density": [0.2, 0.9], "weight": {names[0]: [1.0, 0.2], names[1]: [0.3, 1.0]}},
+         {"merge_method": "ties", **mk_base, "models": _mk_models(models[:2], [
+             {"weight": [1.0, 0.2], "density": [0.2, 0.9]},
+             {"weight": [0.3, 1.0], "density": [0.2, 0.9]}])}, base, models[:2]),
         ("model-stock", "model-stock", {},
          {"merge_method": "model_stock", **mk_base, "models": [{"model": str(m)} for m in models]},
          base, None),
@@ -289,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lf-oracle-") as tmp:
         root = args.workdir or Path(tmp)
-        cfg = llama_config(hidden=128, layers=2, vocab=256, intermediate=320)
+        cfg = llama_config(hidden=128, layers=4, vocab=256, intermediate=320)  # 4: gradients interpolate
         base, *models = build_family(root / "models", cfg, 3)
         results: list[dict[str, Any]] = []
         for label, method, params, mk, b, lf_models in exact_cases(base, models):

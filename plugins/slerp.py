@@ -18,12 +18,14 @@ from pydantic import Field
 
 from engine.api import hookimpl
 from engine.api.errors import MergeError
-from engine.api.merging import ExecutionParams, MergeMethod
+from engine.api.merging import ExecutionParams, MergeMethod, layered_range
 
 #: above this |cos θ| the two tensors count as parallel and are interpolated linearly
 DOT_THRESHOLD = 0.9995
 #: a norm at or below this counts as zero (the tensor is used unnormalised)
 NORM_EPS = 1e-8
+#: slerp's ``t``: a number in [0, 1], or a layer gradient of them
+Interpolation = layered_range("t", 0, 1, meaning="0 is the first model, 1 the second")
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -54,9 +56,11 @@ class Slerp(MergeMethod):
         ``base_model``). A ``base``, if the recipe gives one, only supplies config and
         tokenizer."""
 
-        t: float = Field(..., ge=0, le=1,
-                         description="Interpolation factor in [0, 1]: 0 gives the first model, "
-                                     "1 the second; per tensor through overrides.")
+        t: Interpolation = Field(
+            ..., description="Interpolation factor in [0, 1]: 0 gives the first model, 1 the "
+                             "second; per tensor through overrides, and a list of numbers is a "
+                             "gradient over the layers (mergekit's: [0, 0.5, 1] runs from the "
+                             "first model at layer 0 to the second at the last layer).")
 
     def check_params(self, p):
         if len(p.names) != 2:

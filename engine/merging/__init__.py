@@ -9,6 +9,8 @@ The public helpers a merge plugin uses (built-in or third-party):
 * :mod:`engine.merging.method` -- :class:`MergeMethod`, the base class of a merge
   method: it declares ``name`` and ``Params`` and writes the arithmetic on one tensor;
   the engine resolves and checks every param, trims and streams;
+* :mod:`engine.merging.gradients` -- layer gradients: a param written as a list of
+  numbers, interpolated across the decoder layers (mergekit's convention);
 * :mod:`engine.merging.trims` -- magnitude trims: top-``density`` and magnitude bands,
   exact whole or in row slices;
 * :mod:`engine.merging.execute` -- the streaming loop; :func:`run_merge`, the older
@@ -50,11 +52,13 @@ from engine.merging.execute import (
     merge_folders,
     run_merge,
 )
+from engine.merging.gradients import Gradient, layer_index, layer_position, value_at
 from engine.merging.lora import LoraAdapter, is_adapter_folder, read_adapter
 from engine.merging.method import MergeMethod, ResolvedParams, TensorSlice
 from engine.merging.overrides import TensorOverride, for_tensor, per_tensor
 from engine.merging.params import (
     ExecutionParams,
+    Layered,
     MergeParams,
     PerModel,
     PerModelDensity,
@@ -63,6 +67,7 @@ from engine.merging.params import (
     TiesParams,
     check_static,
     check_weight_sum,
+    layered_range,
     per_model_range,
     resolve_per_model,
 )
@@ -71,16 +76,16 @@ from engine.merging.preflight import MergePlan, check_configs, check_merge_input
 from engine.merging.trims import BandSelector, MagnitudeBand, magnitude_band
 
 __all__ = [
-    "BandSelector", "ExecutionParams", "MagnitudeBand", "MergeMethod", "PerModel",
+    "BandSelector", "ExecutionParams", "Gradient", "Layered", "MagnitudeBand", "MergeMethod", "PerModel",
     "ResolvedParams", "TensorSlice", "magnitude_band",
     "LoraAdapter", "MagnitudeThreshold", "MergeParams", "MergePlan", "MergeSummary", "PerModelDensity",
     "PerModelFloat", "Positionwise", "PositionwiseMerge", "SlackTiesResult", "StackPlan", "TaskVectorParams",
     "TensorMerge", "TensorOverride", "TiesParams", "check_configs", "check_merge_inputs",
     "check_static", "check_weight_sum", "dare_ties", "dare_ties_delta", "for_tensor",
-    "is_adapter_folder", "linear",
+    "is_adapter_folder", "layer_index", "layer_position", "layered_range", "linear",
     "magnitude_trim", "merge_folders", "per_model_range", "per_tensor", "plan_layer_stack", "random_drop", "read_adapter",
     "resolve_per_model",
     "run_layer_stack", "run_merge", "seed_for", "slack_ties", "slack_ties_combine", "slack_ties_delta", "stack_deltas",
     "stack_layers", "task_arithmetic", "task_arithmetic_delta", "ties", "ties_combine",
-    "ties_delta",
+    "ties_delta", "value_at",
 ]

@@ -8,7 +8,8 @@ A method subclasses :class:`MergeMethod`, declares ``name`` and ``Params`` and w
   :class:`~engine.merging.params.PerModel`) from one number or ``{model: number}``
   into one value per model, in model order;
 * picks each tensor's params (the first ``overrides`` entry whose ``match`` finds the
-  tensor name; those params are what the arithmetic sees for that tensor);
+  tensor name; those params are what the arithmetic sees for that tensor), and
+  evaluates layer gradients (:mod:`engine.merging.gradients`) at the tensor's layer;
 * checks weight sums when ``normalize`` divides by them;
 * trims each task vector to the magnitude band :meth:`MergeMethod.bands` asks for;
 * streams large tensors in row slices when the method is ``positionwise``;
@@ -22,10 +23,12 @@ docs/merging.md ("Writing a merge method") states the contract of ``merge``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -35,6 +38,13 @@ from engine.context import StageContext
 from engine.errors import MergeError
 from engine.inputs import StageInputs
 from engine.merging.execute import execute_merge
+from engine.merging.gradients import (
+    gradient_fields,
+    gradient_positions,
+    layer_count,
+    layer_index,
+    value_at,
+)
 from engine.merging.overrides import EXECUTION_FIELDS, resolve_overrides
 from engine.merging.params import (
     ExecutionParams,
@@ -113,8 +123,15 @@ class ResolvedParams:
 _RESERVED = frozenset({"names", "where", "fields", "reads", "peek"})
 
 
-def _resolve(params: ExecutionParams, names: Sequence[str], where: str) -> ResolvedParams:
+#: a family of resolved params: None for tensors outside the layers, else a layer index
+Family = dict[int | None, "ResolvedParams"]
+
+
+def _resolve(params: ExecutionParams, names: Sequence[str], where: str, x: float = 0.0
+             ) -> ResolvedParams:
+    """``params`` resolved per model, its layer gradients evaluated at position ``x``."""
     per_model = set(per_model_fields(type(params)))
+    layered = set(gradient_fields(type(params)))
     values: dict[str, Any] = {}
     prefix = "" if where == "params" else f"{where}: "
     for field, info in type(params).model_fields.items():
@@ -124,6 +141,8 @@ def _resolve(params: ExecutionParams, names: Sequence[str], where: str) -> Resol
             raise MergeError(f"{type(params).__qualname__} declares a param named {field!r}, "
                              f"which MergeMethod reserves ({sorted(_RESERVED)}); rename it")
         value = params.__dict__[field]
+        if field in layered:
+            value = value_at(value, x)
         if field in per_model:
             default = info.default if isinstance(info.default, int | float) else 1.0
             try:
@@ -132,6 +151,28 @@ def _resolve(params: ExecutionParams, names: Sequence[str], where: str) -> Resol
                 raise MergeError(f"{prefix}{exc}") from None
         values[field] = value
     return ResolvedParams(values, names, where)
+
+
+def _family(params: ExecutionParams, names: Sequence[str], where: str, n_layers: int | None) -> Family:
+    """``params`` resolved for tensors outside the layers (key None: a gradient's first
+    anchor) and, when a param is a layer gradient, for each layer (at each anchor's
+    position, under negative keys no tensor has, when the layer count is unknown)."""
+    family: Family = {None: _resolve(params, names, where)}
+    values = {f: params.__dict__[f] for f in gradient_fields(type(params))}
+    for i, x in enumerate(gradient_positions(values, n_layers)):
+        key, at = (i, f"layer {i}") if n_layers is not None else (-1 - i, f"gradient position {x:g}")
+        family[key] = _resolve(params, names, f"{where} at {at}", x)
+    return family
+
+
+def _input_layers(inputs: StageInputs) -> int | None:
+    """The number of decoder layers of the merge's inputs (config.json), if any says."""
+    configs = []
+    for m in [*([inputs.base] if inputs.base else []), *inputs.models]:
+        path = Path(m.path) / "config.json"
+        if path.is_file():
+            configs.append(json.loads(path.read_text()))
+    return layer_count(configs)
 
 
 class _MethodStep(Positionwise):
@@ -202,16 +243,18 @@ class MergeMethod:
 
     # --- what the engine does -----------------------------------------------------------
 
-    def _variants(self, params: ExecutionParams, names: Sequence[str]
-                  ) -> list[tuple[re.Pattern[str] | None, ResolvedParams]]:
-        """Plain params and each override, resolved, checked and probed."""
-        out: list[tuple[re.Pattern[str] | None, ResolvedParams]] = [
-            (None, _resolve(params, names, "params"))]
+    def _variants(self, params: ExecutionParams, names: Sequence[str], n_layers: int | None = None
+                  ) -> list[tuple[re.Pattern[str] | None, Family]]:
+        """Plain params and each override, resolved (per layer where a param is a layer
+        gradient; at each anchor when ``n_layers`` is unknown), checked and probed."""
+        out: list[tuple[re.Pattern[str] | None, Family]] = [
+            (None, _family(params, names, "params", n_layers))]
         for i, (pattern, p) in enumerate(resolve_overrides(params)):
             where = f"overrides[{i}] (match {params.overrides[i].match!r})"
-            out.append((pattern, _resolve(p, names, where)))
-        for _, p in out:
-            self._check_resolved(p)
+            out.append((pattern, _family(p, names, where, n_layers)))
+        for _, family in out:
+            for p in family.values():
+                self._check_resolved(p)
         return out
 
     def _check_resolved(self, p: ResolvedParams) -> None:
@@ -288,7 +331,8 @@ class MergeMethod:
         reads every declared param, for the plain params and each override."""
         names = check_static(configs, params)
         if names:
-            self._variants(params, names)
+            every = [*configs.get("base", []), *configs.get("models", [])]
+            self._variants(params, names, layer_count(every))
 
     def run(self, context: StageContext, inputs: StageInputs, params: ExecutionParams
             ) -> ModelArtifact:
@@ -296,15 +340,16 @@ class MergeMethod:
         names = [m.name for m in inputs.models]
         if not names:
             raise MergeError(f"{self.name} needs at least one model (recipe key 'models')")
-        variants = self._variants(params, names)
+        variants = self._variants(params, names, _input_layers(inputs))
         tally: Counter = Counter()
-        steps = [(pattern, _MethodStep(self, p, self._bands(p), tally)) for pattern, p in variants]
+        steps = [(pattern, {k: _MethodStep(self, p, self._bands(p), tally) for k, p in family.items()})
+                 for pattern, family in variants]
 
         def select(name: str) -> _MethodStep:
-            for pattern, step in steps[1:]:
-                if pattern is not None and pattern.search(name):
-                    return step
-            return steps[0][1]
+            family = next((f for pattern, f in steps[1:] if pattern is not None and pattern.search(name)),
+                          steps[0][1])
+            return family[layer_index(name)] if len(family) > 1 and layer_index(name) in family \
+                else family[None]
 
         merge: Callable[[str, torch.Tensor], torch.Tensor]
         if self.positionwise:

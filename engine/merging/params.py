@@ -16,14 +16,15 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import MergeError
+from engine.merging.gradients import Gradient, gradient_positions, refuse_gradient, value_at
 from engine.merging.overrides import TensorOverride, resolve_overrides
 from engine.merging.tensorio import parse_size
 from engine.params import NOT_IN_RESULT, PluginParams
 
 __all__ = [
     "ExecutionParams", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
-    "TaskVectorParams", "TiesParams", "check_weight_sum", "per_model_fields", "per_model_range",
-    "resolve_per_model",
+    "Layered", "TaskVectorParams", "TiesParams", "check_weight_sum", "layered_range", "per_model_fields",
+    "per_model_range", "resolve_per_model",
 ]
 
 
@@ -34,30 +35,60 @@ class PerModel:
     :class:`~engine.merging.method.MergeMethod` hands the arithmetic one value per model,
     in model order (models a dict does not name get the field's default)."""
 
+#: a number, or a layer gradient: a list of numbers spread over the decoder layers
+Layered = float | list[float]
+
+
+def _range_check(field: str, low: float | None, high: float | None, low_open: bool,
+                 high_open: bool, meaning: str) -> Any:
+    if low is None or high is None:
+        bounds = ""
+    else:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    why = f" ({meaning})" if meaning else ""
+
+    def check(value: Any) -> Any:
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for model, v in items:
+            where = f" for model {model!r}" if model is not None else ""
+            if isinstance(v, list) and not v:
+                raise ValueError(f"{field}: an empty list{where}; a layer gradient needs at "
+                                 "least one number")
+            for x in (v if isinstance(v, list) else [v]):
+                if not bounds:
+                    continue
+                above = x > low if low_open else x >= low
+                below = x < high if high_open else x <= high
+                if not (above and below):
+                    raise ValueError(f"{field} must be in {bounds}{why}, got {x}{where}")
+        return value
+
+    return check
+
+
 def per_model_range(field: str, low: float, high: float, *, low_open: bool = False,
                     high_open: bool = False, meaning: str = "") -> Any:
     """A per-model number type checked to lie in a range, for a merge method's ``Params``:
     ``density: per_model_range("density", 0, 1, low_open=True, meaning="the kept
-    fraction")`` accepts ``0.5`` or ``{model name: 0.5}`` and rejects a value outside
+    fraction")`` accepts ``0.5``, ``{model name: 0.5}`` or a layer gradient in either
+    place (``[0.2, 0.8]``, :mod:`engine.merging.gradients`), and rejects a value outside
     ``(0, 1]`` with one error naming the field, the range, the value and the model."""
-    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    why = f" ({meaning})" if meaning else ""
-
-    def check(value: float | dict[str, float]) -> float | dict[str, float]:
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for model, v in items:
-            above = v > low if low_open else v >= low
-            below = v < high if high_open else v <= high
-            if not (above and below):
-                where = f" for model {model!r}" if model is not None else ""
-                raise ValueError(f"{field} must be in {bounds}{why}, got {v}{where}")
-        return value
-
-    return Annotated[float | dict[str, float], AfterValidator(check), PerModel()]
+    check = _range_check(field, low, high, low_open, high_open, meaning)
+    return Annotated[Layered | dict[str, Layered], AfterValidator(check), PerModel(), Gradient()]
 
 
-#: a number for all models or ``{model name: number}``
-PerModelFloat = Annotated[float | dict[str, float], PerModel()]
+def layered_range(field: str, low: float, high: float, *, low_open: bool = False,
+                  high_open: bool = False, meaning: str = "") -> Any:
+    """One number (the same for every model) in a range, or a layer gradient of such
+    numbers: slerp's ``t`` is ``layered_range("t", 0, 1)``."""
+    check = _range_check(field, low, high, low_open, high_open, meaning)
+    return Annotated[Layered, AfterValidator(check), Gradient()]
+
+
+#: a number for all models or ``{model name: number}``, either of them a layer gradient
+PerModelFloat = Annotated[Layered | dict[str, Layered],
+                          AfterValidator(_range_check("weight", None, None, False, False, "")),
+                          PerModel(), Gradient()]
 #: a kept fraction in (0, 1], for all models or ``{model name: fraction}``
 PerModelDensity = per_model_range("density", 0, 1, low_open=True, meaning="the kept fraction")
 
@@ -195,7 +226,8 @@ class MergeParams(ExecutionParams):
 
     weight: PerModelFloat = Field(
         1.0, description="Weight of each model: one number for all, or {model name: weight} "
-                         "(models not named get 1.0).")
+                         "(models not named get 1.0); a list of numbers is a gradient over "
+                         "the layers.")
 
 
 class TaskVectorParams(MergeParams):
@@ -213,7 +245,8 @@ class TiesParams(TaskVectorParams):
 
     density: PerModelDensity = Field(
         1.0, description="Fraction of each task vector kept, per tensor, in (0, 1]: one number "
-                         "or {model name: density} (models not named get 1.0).")
+                         "or {model name: density} (models not named get 1.0); a list of "
+                         "numbers is a gradient over the layers.")
     normalize: bool = Field(
         True, description="Divide each position's merged delta by the sum of the weights of "
                           "the models that agree with the elected sign (mergekit's default).")
@@ -226,6 +259,7 @@ def resolve_per_model(value: float | dict[str, float], names: Sequence[str], fie
     A dict must only name models of this merge (a typo would otherwise silently fall
     back to the default); models it does not name get ``default``.
     """
+    refuse_gradient(value, field)
     if not isinstance(value, dict):
         return [float(value)] * len(names)
     unknown = sorted(set(value) - set(names))
@@ -275,8 +309,10 @@ def check_static(configs: Mapping[str, Any], params: ExecutionParams) -> list[st
     if not names:
         return names
     for p in [params, *(p for _, p in resolve_overrides(params))]:
-        weights = resolve_per_model(peek(p, "weight", 1.0), names, "weight")
-        if "density" in type(p).model_fields:
-            resolve_per_model(peek(p, "density"), names, "density")
-        check_weight_sum(weights, names, normalize=bool(peek(p, "normalize", False)))
+        found = {f: peek(p, f) for f in ("weight", "density") if f in type(p).model_fields}
+        for x in gradient_positions(found, None) or [0.0]:  # every anchor of a gradient
+            weights = resolve_per_model(value_at(peek(p, "weight", 1.0), x), names, "weight")
+            if "density" in found:
+                resolve_per_model(value_at(found["density"], x), names, "density")
+            check_weight_sum(weights, names, normalize=bool(peek(p, "normalize", False)))
     return names
