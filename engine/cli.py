@@ -195,7 +195,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
-    from engine.plugin_manager import plugins_info
+    """Each plugin and what it registers, one line per implementation with its description;
+    an implementation whose optional dependency is missing says which extra installs it
+    (``--json``: the same fields, :func:`engine.plugin_info.plugins_info`)."""
+    from engine.plugin_info import plugins_info
 
     info = plugins_info()
     if args.json:
@@ -204,16 +207,24 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     table = Table(title="plugins")
-    for col in ("plugin", "distribution", "version", "registers"):
+    for col in ("plugin", "distribution", "registers"):
         table.add_column(col, overflow="fold")
     for row in info:
-        regs = "; ".join(f"{kind}: {', '.join(i['name'] for i in items)}"
-                         for kind, items in row["registers"].items())
+        lines = []
+        for kind, items in row["registers"].items():
+            for item in items:
+                line = f"{kind} [bold]{_escape(item['name'])}[/]"
+                if item.get("description"):
+                    line += f": {_escape(item['description'])}"
+                if item.get("needs"):
+                    line += f"\n  [yellow]{_escape(item['needs'])}[/]"
+                lines.append(line)
+        regs = "\n".join(lines)
         if row.get("broken"):
             regs = f"[red]broken: {_escape(row['broken'])}[/]"
         elif row.get("skipped"):
             regs = f"[yellow]not loaded: {_escape(row['skipped'])}[/]"
-        table.add_row(row["name"], row["distribution"], row["version"], regs)
+        table.add_row(row["name"], f"{row['distribution']} {row['version']}", regs)
     make_console(stderr=False).print(table)
     return 0
 

@@ -35,9 +35,10 @@ import pluggy
 
 from engine import __version__, hookspecs
 from engine.errors import PluginError
-from engine.implementation import StageImplementation, describe
+from engine.implementation import StageImplementation
 from engine.params import PluginParams
 from engine.stages import STAGE_KINDS
+from engine.suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "engine.plugins"
 
@@ -340,7 +341,8 @@ def get_implementation(stage: str, name: str) -> Registered:
     """The implementation a recipe names, or an error that lists the alternatives and
     names the broken or unloaded plugin that would have provided it."""
     if stage not in STAGE_KINDS:
-        raise PluginError(f"unknown stage kind {stage!r}; known: {', '.join(STAGE_KINDS)}")
+        raise PluginError(f"unknown stage kind {stage!r}; known: {', '.join(STAGE_KINDS)}"
+                          f"{did_you_mean(stage, STAGE_KINDS)}")
     impls = implementations()[stage]
     if name in impls:
         return impls[name]
@@ -349,7 +351,8 @@ def get_implementation(stage: str, name: str) -> Registered:
             raise PluginError(
                 f"{stage} plugin {name!r} is provided by plugin {b.name!r} (distribution "
                 f"{b.distribution} {plugin_version(b.name)}), which is broken: {b.error}")
-    msg = f"no {stage} plugin named {name!r}; available: {', '.join(sorted(impls)) or 'none'}"
+    msg = (f"no {stage} plugin named {name!r}; available: {', '.join(sorted(impls)) or 'none'}"
+           f"{did_you_mean(name, impls)}")
     if _broken:
         listed = ", ".join(f"{b.name} ({b.distribution})" for b in sorted(_broken.values(),
                                                                          key=lambda b: b.name))
@@ -358,31 +361,6 @@ def get_implementation(stage: str, name: str) -> Registered:
         listed = ", ".join(f"{n} ({why})" for n, why in sorted(_skipped.items()))
         msg += f" (not loaded: {listed})"
     raise PluginError(msg)
-
-
-def _row(name: str) -> dict[str, Any]:
-    return {"name": name, "distribution": plugin_distribution(name), "version": plugin_version(name),
-            "registers": {}, "broken": None, "skipped": None}
-
-
-def plugins_info() -> list[dict[str, Any]]:
-    """What ``engine plugins`` shows: each plugin, its distribution and version, what it
-    registers, and whether it is broken or kept out by the allow/block lists."""
-    impls = implementations()
-    rows: dict[str, dict[str, Any]] = {}
-    for name in (pm.get_name(p) for p in pm.get_plugins()):
-        if name is not None:
-            rows[name] = _row(name)
-    for kind, by_name in impls.items():
-        for reg in by_name.values():
-            rows.setdefault(reg.plugin, _row(reg.plugin))["registers"].setdefault(kind, []).append(
-                {"name": reg.name, "description": describe(reg.impl)})
-    for b in _broken.values():
-        rows.setdefault(b.name, _row(b.name))["broken"] = b.error
-        rows[b.name]["registers"] = {}
-    for name, why in _skipped.items():
-        rows.setdefault(name, _row(name))["skipped"] = why
-    return sorted(rows.values(), key=lambda r: r["name"])
 
 
 def call_observers(hook_name: str, **kwargs: Any) -> None:
@@ -397,3 +375,7 @@ def call_observers(hook_name: str, **kwargs: Any) -> None:
         except Exception as exc:
             name = pm.get_name(hookimpl.plugin)
             print(f"warning: plugin {name!r} failed in {hook_name}: {exc}", file=sys.stderr)
+
+
+# what ``engine plugins`` shows lives in engine.plugin_info (it reads this module's state)
+from engine.plugin_info import plugins_info as plugins_info  # noqa: E402  (re-exported)

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from engine.data import parse_record_range
 from engine.errors import RecipeError
 from engine.runtime_spec import RuntimeSpec, _Strict
 from engine.stages import STAGE_KINDS
+from engine.suggest import did_you_mean, keys_at
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 #: a stage's name is a folder name inside the workdir: one path component, short enough
@@ -316,7 +317,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source, data)) from None
+        raise RecipeError(format_validation_error(exc, source, data, model=Recipe)) from None
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
@@ -326,11 +327,14 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def format_validation_error(exc: ValidationError, source: str, data: Any = None,
-                            prefix: str = "") -> str:
-    """pydantic errors as ``file: stage 'x' field.path: message`` lines."""
+                            prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """pydantic errors as ``file: stage 'x' field.path: message`` lines; an unknown key
+    or choice gets "did you mean" the closest known one (``model``: the validated class,
+    whose keys at the error's location are the known ones)."""
     lines = []
     for err in exc.errors():
         loc = list(err["loc"])
+        hint = _suggestion(err, model)
         where = prefix
         if data is not None and len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
             stages = data.get("stages") if isinstance(data, dict) else None
@@ -352,5 +356,17 @@ def format_validation_error(exc: ValidationError, source: str, data: Any = None,
                     "no '/', no leading '.')")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        msg += hint
         lines.append(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
     return "\n".join(dict.fromkeys(lines))
+
+
+def _suggestion(err: Any, model: type[BaseModel] | None) -> str:
+    """``; did you mean 'x'?`` for an unknown key (its siblings in ``model``) or a value
+    outside a fixed set of choices (a stage kind), else ``""``."""
+    loc = list(err["loc"])
+    if err["type"] == "extra_forbidden" and loc:
+        return did_you_mean(loc[-1], keys_at(model, loc[:-1]))
+    if err["type"] == "literal_error":
+        return did_you_mean(err.get("input"), re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
+    return ""

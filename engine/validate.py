@@ -34,6 +34,7 @@ from engine.errors import EngineError, RecipeError
 from engine.implementation import data_format_error
 from engine.inputs import DataSource
 from engine.params import PluginParams
+from engine.plugin_info import requirement_hint
 from engine.plugin_manager import Registered, get_implementation
 from engine.recipe import (
     INPUT_RULES,
@@ -44,6 +45,7 @@ from engine.recipe import (
     format_validation_error,
 )
 from engine.stages import SELECT_LAYERS, kind_of, model_kinds
+from engine.suggest import did_you_mean
 from engine.validate_models import (  # resolve_model_path, MAX_STEPS: re-exported, once here
     MAX_STEPS,
     check_adapter_use,
@@ -162,6 +164,8 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
             stages.append(planned)
     problems.raise_if_any()
     warnings = estimate.memory_warnings(stages, recipe, model_configs, source)
+    warnings += [f"{source}: stage {s.name!r}: plugin {s.spec.plugin!r} {hint}" for s in stages
+                 if (hint := requirement_hint(s.registered.impl, s.registered.distribution))]
     return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages, warnings=warnings)
 
 
@@ -189,7 +193,7 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
     params: PluginParams | None = None
     if registered is not None:
         with problems.check() as outcome:
-            params = _validate_params(registered, spec, source)
+            params = _validate_params(registered, spec, source, recipe_dir)
     data: list[DataSource] = []
     data_ok = True
     for spec_data in spec.data_list():
@@ -259,7 +263,8 @@ def _check_inputs(spec: StageSpec, recipe: Recipe, kinds: dict[str, str], source
                 continue
             if ref not in kinds:
                 known = sorted(set(recipe.models) | set(kinds))
-                raise RecipeError(f"{where}: {key}: unknown reference {ref!r} (known: {', '.join(known)})")
+                raise RecipeError(f"{where}: {key}: unknown reference {ref!r} (known: {', '.join(known)})"
+                                  f"{did_you_mean(ref, known)}")
             if key == "layers" and kinds[ref] != SELECT_LAYERS:
                 raise RecipeError(f"{where}: layers: {ref!r} is a {kinds[ref]} stage, not select-layers")
             if key != "layers" and kinds[ref] not in MODEL_STAGES:
@@ -286,9 +291,13 @@ def _topological_order(recipe: Recipe, source: str) -> list[StageSpec]:
     return done
 
 
-def _validate_params(registered: Registered, spec: StageSpec, source: str) -> PluginParams:
+def _validate_params(registered: Registered, spec: StageSpec, source: str,
+                     recipe_dir: Path | None = None) -> PluginParams:
+    """The stage's params; validators get ``{"recipe_dir": Path}`` as pydantic context, so
+    that a path param can be made relative to the recipe file (lm-eval's include_path)."""
     try:
-        return registered.impl.Params.model_validate(spec.params)
+        return registered.impl.Params.model_validate(spec.params, context={"recipe_dir": recipe_dir})
     except ValidationError as exc:
-        msg = format_validation_error(exc, source, prefix=f"stage {spec.name!r} params.")
+        msg = format_validation_error(exc, source, prefix=f"stage {spec.name!r} params.",
+                                      model=registered.impl.Params)
         raise RecipeError(msg) from None

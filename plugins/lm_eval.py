@@ -5,7 +5,7 @@ lets a recipe score its models on any of them *that are available locally*: noth
 is downloaded at run time (the CLI runs with ``HF_HUB_OFFLINE=1``), so use tasks whose
 data sit on disk, e.g. a custom task YAML with ``dataset_path: json`` and
 ``dataset_kwargs: {data_files: {test: /path/items.jsonl}}`` in a folder given as
-``include_path``, or hub tasks whose datasets are already in the local HF cache.
+``include_path`` (relative to the recipe file), or hub tasks whose datasets are already in the local HF cache.
 
 Each model is loaded with the stage's runtime (device, dtype, ``load_in_8bit``)
 through :meth:`StageContext.load_model` and handed to the harness as an ``HFLM``, so
@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from engine.api import MetricsArtifact, PluginParams, StageContext, StageInputs, hookimpl
 from engine.api.errors import EngineError, ModelLoadError
@@ -46,18 +46,26 @@ class LmEval:
     """lm-evaluation-harness tasks (local data only) on every model of the stage."""
 
     name = "lm-eval"
+    requires = ("lm_eval",)  # engine plugins says "needs extra lingoforge[lm-eval]" without it
+    extra = "lm-eval"
 
     class Params(PluginParams):
         tasks: list[str] = Field(..., min_length=1, description="Harness task (or group) names.")
         include_path: str | None = Field(
-            None, description="Folder of custom task YAML files (relative to the working "
-                              "directory); lets tasks read local jsonl/csv files.")
+            None, description="Folder of custom task YAML files (relative paths are relative "
+                              "to the recipe file); lets tasks read local jsonl/csv files.")
         num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; default: "
                                                                 "the task's own setting.")
         limit: int | None = Field(None, ge=1, description="Score only the first N examples "
                                                           "of each task.")
         batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
         seed: int = Field(0, description="Seed of the harness's few-shot sampling.")
+
+        @field_validator("include_path")
+        @classmethod
+        def _recipe_relative(cls, value: str | None, info: ValidationInfo) -> str | None:
+            # validation passes the recipe's folder as context (engine validate / run)
+            return resolve_include_path(value, (info.context or {}).get("recipe_dir"))
 
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> MetricsArtifact:
         if not lm_eval_available():
@@ -67,7 +75,7 @@ class LmEval:
             raise EngineError(f"evaluate stage {context.stage_name!r}: no models to evaluate")
         from lm_eval.tasks import TaskManager
 
-        include = str(Path(params.include_path).resolve()) if params.include_path else None
+        include = resolve_include_path(params.include_path, None)
         if include is not None and not Path(include).is_dir():
             raise EngineError(f"lm-eval: include_path {include} is not a folder")
         # indexing the harness's own ~thousands of task files takes seconds: skip it when
@@ -100,6 +108,22 @@ class LmEval:
                                  f"scored ({detail})")
         context.note("stderr", stderr)
         return MetricsArtifact(context.stage_name, metrics, counts, errors)
+
+
+def resolve_include_path(path: str | None, recipe_dir: str | Path | None) -> str | None:
+    """``include_path`` as an absolute folder: a relative one is relative to the recipe's
+    folder (``recipe_dir``; the working directory when there is no recipe), as every other
+    path of a recipe is; ``~`` is expanded. A missing folder is an error when the recipe
+    is known (``engine validate`` names it before anything runs)."""
+    if path is None:
+        return None
+    given = Path(path).expanduser()
+    base = Path(recipe_dir) if recipe_dir is not None else Path.cwd()
+    resolved = given if given.is_absolute() else (base / given).resolve()
+    if recipe_dir is not None and not resolved.is_dir():
+        raise ValueError(f"{path!r} is not a folder ({resolved}; a relative include_path is "
+                         f"relative to the recipe file's folder)")
+    return str(resolved)
 
 
 def _evaluate(context: StageContext, artifact: Any, params: LmEval.Params, manager: Any) -> dict:

@@ -16,7 +16,12 @@ from helpers import write_choice_task
 
 from engine.api import ModelArtifact, StageInputs
 from engine.errors import EngineError, ModelLoadError
-from engine_plugins.lm_eval import LmEval, flatten_results, register_evaluators
+from engine_plugins.lm_eval import (
+    LmEval,
+    flatten_results,
+    register_evaluators,
+    resolve_include_path,
+)
 
 ITEMS = [
     ("question what color is the sky answer", [" blue", " cat", " mat"], 0),
@@ -106,3 +111,59 @@ def test_lm_eval_no_loadable_model(tmp_path, task_dir, make_context):
     with pytest.raises(ModelLoadError, match="no model could be scored"):
         run(make_context, {"gone": tmp_path / "nope"}, tasks=["tiny_mc"],
             include_path=str(task_dir))
+
+
+# --- include_path is relative to the recipe file, like every other recipe path ----------------
+
+
+def _recipe(folder, model, include_path):
+    path = folder / "eval.yaml"
+    path.write_text(f"name: harness-rel\nmodels:\n  tiny: {{path: {model}}}\nstages:\n"
+                    f"  - name: harness\n    stage: evaluate\n    plugin: lm-eval\n"
+                    f"    models: [tiny]\n    data: [{{path: items.jsonl}}]\n    params: {{tasks: [tiny_mc], include_path: {include_path}}}\n")
+    return path
+
+
+def test_lm_eval_include_path_is_relative_to_the_recipe_not_the_cwd(tiny_model, tmp_path, monkeypatch,
+                                                                    make_context):
+    from engine.cli import _plan
+
+    project = tmp_path / "project"
+    project.mkdir()
+    write_choice_task(project, ITEMS)  # project/tasks/tiny_mc.yaml
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    stage = _plan(_recipe(project, tiny_model, "tasks"), []).stages[0]
+    assert stage.params.include_path == str(project / "tasks")
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    context = make_context("harness", stage_kind="evaluate", plugin="lm-eval")
+    art = LmEval().run(context, StageInputs(models=[ModelArtifact("tiny", tiny_model)]), stage.params)
+    assert set(art.metrics["tiny"]) == {"acc/tiny_mc", "acc_norm/tiny_mc"}
+
+
+def test_lm_eval_missing_include_path_is_a_validation_error_naming_the_field(tiny_model, tmp_path,
+                                                                             monkeypatch):
+    from engine.cli import _plan
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks").mkdir()  # a folder of that name in the cwd must not be picked up
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "items.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(EngineError, match=r"stage 'harness' params\.include_path: 'tasks' is not a "
+                                          r"folder \(.*project/tasks; .*relative to the recipe"):
+        _plan(_recipe(project, tiny_model, "tasks"), [])
+
+
+def test_lm_eval_resolve_include_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    assert resolve_include_path(None, tmp_path) is None
+    assert resolve_include_path(str(tmp_path / "a"), "/nonexistent") == str(tmp_path / "a")  # absolute
+    assert resolve_include_path("a", tmp_path) == str(tmp_path / "a")
+    assert resolve_include_path("x", None) == str(tmp_path / "x")  # no recipe: the cwd, unchecked
+    assert LmEval.Params(tasks=["t"], include_path="a").include_path == str(tmp_path / "a")
