@@ -99,3 +99,17 @@ def test_a_gradient_merge_is_reproducible_and_a_constant_gradient_equals_the_num
     flat, _ = _merge(tmp_path, "ties", {"density": 0.5}, fam["base"], models, stage="flat")
     same, _ = _merge(tmp_path, "ties", {"density": [0.5, 0.5, 0.5]}, fam["base"], models, stage="same")
     assert all(torch.equal(v, state(same.path)[k]) for k, v in state(flat.path).items())
+
+
+def test_engine_validate_checks_a_gradient_at_the_layers_config_json_declares():
+    from engine.api import InputConfigs
+
+    ties = _impl("ties")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 8,
+           "hidden_size": 32, "vocab_size": 64}
+    configs = InputConfigs({"base": [cfg], "models": [cfg, cfg]}, names={"models": ["a", "b"]})
+    # 1 - 7x reaches 0 at x = 1/7: layer 1 of 8; [1, 0, 2] is 0 only at x = 0.5, between layers
+    bad = ties.Params.model_validate({"weight": {"a": [1.0, -6.0], "b": 0.0}})
+    with pytest.raises(MergeError, match=r"at layer 1: params.weight sum to zero"):
+        ties.check(configs, bad)
+    ties.check(configs, ties.Params.model_validate({"weight": {"a": [1.0, 0.0, 2.0], "b": 0.0}}))

@@ -16,7 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import MergeError
-from engine.merging.gradients import Gradient, gradient_positions, refuse_gradient, value_at
+from engine.merging.gradients import (
+    Gradient,
+    gradient_positions,
+    layer_count,
+    refuse_gradient,
+    value_at,
+)
 from engine.merging.overrides import TensorOverride, resolve_overrides
 from engine.merging.tensorio import parse_size
 from engine.params import NOT_IN_RESULT, PluginParams
@@ -308,11 +314,19 @@ def check_static(configs: Mapping[str, Any], params: ExecutionParams) -> list[st
     names = list(getattr(configs, "names", {}).get("models", []))
     if not names:
         return names
+    n_layers = layer_count([*configs.get("base", []), *configs.get("models", [])])
     for p in [params, *(p for _, p in resolve_overrides(params))]:
         found = {f: peek(p, f) for f in ("weight", "density") if f in type(p).model_fields}
-        for x in gradient_positions(found, None) or [0.0]:  # every anchor of a gradient
-            weights = resolve_per_model(value_at(peek(p, "weight", 1.0), x), names, "weight")
-            if "density" in found:
-                resolve_per_model(value_at(found["density"], x), names, "density")
-            check_weight_sum(weights, names, normalize=bool(peek(p, "normalize", False)))
+        # a gradient: at every layer (every anchor when the layer count is unknown)
+        for i, x in enumerate(gradient_positions(found, n_layers) or [0.0]):
+            try:
+                weights = resolve_per_model(value_at(peek(p, "weight", 1.0), x), names, "weight")
+                if "density" in found:
+                    resolve_per_model(value_at(found["density"], x), names, "density")
+                check_weight_sum(weights, names, normalize=bool(peek(p, "normalize", False)))
+            except MergeError as exc:
+                if not gradient_positions(found, n_layers):
+                    raise
+                at = f"layer {i}" if n_layers is not None else f"gradient position {x:g}"
+                raise MergeError(f"at {at}: {exc}") from None
     return names
