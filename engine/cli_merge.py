@@ -30,7 +30,7 @@ from rich.console import Console
 from engine.console import make_console
 from engine.errors import EngineError, RecipeError
 
-__all__ = ["add_parser", "build_recipe", "cmd_merge"]
+__all__ = ["add_parser", "build_recipe", "cmd_merge", "speak"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -82,6 +82,18 @@ def _params(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _check_folder(flag: str, arg: str) -> None:
+    """``--base``/``--model`` must name an existing folder (said in the command's terms)."""
+    _, sep, raw = arg.partition("=")
+    raw = raw if sep and "/" not in arg.partition("=")[0] else arg
+    path = Path(raw).expanduser().resolve()
+    where = f"{flag} {raw}" + (f" ({path})" if str(path) != raw else "")
+    if not path.exists():
+        raise RecipeError(f"{where}: no such folder")
+    if not path.is_dir():
+        raise RecipeError(f"{where}: is a file, not a model folder")
+
+
 def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe mapping ``engine merge`` runs (stage name ``merged``)."""
     taken: set[str] = {"merged"}
@@ -109,16 +121,25 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out).expanduser().resolve()
     if out.exists() and not args.overwrite:
         raise EngineError(f"--out {out} exists; pass --overwrite to replace it")
-    recipe = parse_recipe(build_recipe(args), "engine merge")
-    plan = plan_recipe(recipe, Path.cwd(), "engine merge")
-    stage = plan.stages[0]
-    started = time.perf_counter()
+    flags = _flags(args)
     try:
-        record = run_stage(plan, out, console=console, use_cache=not getattr(args, "no_cache", False),
-                           announce=False)
-    except StageFailed as exc:  # the error as the merge raised it: there is no stage to name
-        cause = exc.__cause__ if exc.__cause__ is not None else exc
-        raise cause from cause.__cause__
+        if args.base:
+            _check_folder("--base", args.base)
+        for arg in args.models:
+            _check_folder("--model", arg)
+        recipe = parse_recipe(build_recipe(args), "engine merge")
+        plan = plan_recipe(recipe, Path.cwd(), "engine merge")
+        stage = plan.stages[0]
+        started = time.perf_counter()
+        try:
+            record = run_stage(plan, out, console=console,
+                               use_cache=not getattr(args, "no_cache", False), announce=False)
+        except StageFailed as exc:  # the error as the merge raised it: there is no stage to name
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise cause from cause.__cause__
+    except EngineError as exc:  # in the command's terms: no recipe keys, no stage 'merged'
+        exc.args = (speak(str(exc), flags), *exc.args[1:])
+        raise
     count = len(stage.spec.models or [])
     if record.get("cache") == "hit":
         console.print(f"[cyan]cached[/] {out} already holds this merge of {count} model(s) with "
@@ -130,6 +151,52 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
                   f"{out}: {notes.get('tensors', '?')} tensors, {notes.get('shards', '?')} shard(s), "
                   f"{time.perf_counter() - started:.1f}s", highlight=False)
     return 0
+
+
+def _flags(args: argparse.Namespace) -> dict[str, str]:
+    """Recipe model name -> how the command line gave it (``--base NAME``, ``--model NAME``)."""
+    taken: set[str] = {"merged"}
+    flags = {}
+    if args.base:
+        flags[_named(args.base, taken)[0]] = "--base"
+    for arg in args.models:
+        flags[_named(arg, taken)[0]] = "--model"
+    return flags
+
+
+#: recipe words of a synthesized merge recipe -> the command's own (applied in order)
+_WORDS = [
+    (re.compile(r"\(recipe key 'base'(, engine merge --base)?\)"), "(--base)"),
+    (re.compile(r"recipe key 'base'(, engine merge --base)?"), "--base"),
+    (re.compile(r"\(recipe key 'models'\)"), "(--model)"),
+    (re.compile(r"recipe key 'models'"), "--model"),
+    (re.compile(r"no merge plugin named '([^']+)'"), r"--method \1: no merge method of that name"),
+    (re.compile(r"stage 'merged' \(merge\): "), ""),
+    (re.compile(r"stage 'merged' params\.([A-Za-z0-9_-]+)"), r"-p \1"),
+    (re.compile(r"stage 'merged' runtime\.device"), "--device"),
+    (re.compile(r"stage 'merged': "), ""),
+    (re.compile(r"stage 'merged'"), "the merge"),
+    (re.compile(r"(?<![\w.-])params\.([A-Za-z0-9_-]+)"), r"-p \1"),
+    (re.compile(r"\bstage's models\b"), "--model folders"),
+]
+
+
+def speak(message: str, flags: dict[str, str]) -> str:
+    """An error about the synthesized recipe, in ``engine merge``'s terms: ``--base``,
+    ``--model NAME``, ``-p KEY`` and ``--device`` instead of recipe keys, model entries and
+    the stage ``merged`` the user never wrote."""
+    for pattern, repl in _WORDS:
+        message = pattern.sub(repl, message)
+
+    def model(match: re.Match[str]) -> str:
+        name = match.group(2)
+        flag = flags.get(name)
+        return f"{flag} {name}" if flag else match.group(0)
+
+    message = re.sub(r"models\.([A-Za-z0-9._-]+):",
+                     lambda m: f"{flags[m.group(1)]} {m.group(1)}:" if m.group(1) in flags else m.group(0),
+                     message)
+    return re.sub(r"\b(base|model) '([^']+)'", model, message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,3 +145,61 @@ def test_cli_merge_fingerprint_is_the_recipe_stage_fingerprint(tiny_model_family
     merged_by_cli = json.loads((out / STAGE_FILE).read_text())["fingerprint"]
     assert report["stages"][0]["fingerprint"] == merged_by_cli
     assert_same_state(tmp_path / "run" / "merged", state(out))
+
+
+# --- errors speak in the command's terms (--base, --model, -p, --method), not recipe keys ------
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "recipe key" not in err and "'merged'" not in err and "models." not in err, err
+    return err.strip()
+
+
+def test_cli_merge_missing_or_invalid_base_names_the_flag(tiny_model_family, tmp_path, capsys):
+    fam = tiny_model_family
+    out = ["--model", str(fam["a"]), "--out", str(tmp_path / "o")]
+    gone = tmp_path / "nope"
+    assert _error(capsys, ["--method", "ties", "--base", str(gone), *out]) == \
+        f"error: --base {gone}: no such folder"
+    config = fam["a"] / "config.json"
+    assert _error(capsys, ["--method", "ties", "--base", str(config), *out]) == \
+        f"error: --base {config}: is a file, not a model folder"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _error(capsys, ["--method", "ties", "--base", str(empty), *out]).startswith(
+        "error: engine merge: --base empty: ")
+    assert _error(capsys, ["--method", "ties", "--base", str(fam["base"]), "--model",
+                           f"x={gone}", "--out", str(tmp_path / "o")]) == \
+        f"error: --model {gone}: no such folder"
+    assert "needs a base model (--base)" in _error(capsys, ["--method", "ties", *out])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_merge_invalid_method_param_names_the_p_flag(tiny_model_family, tmp_path, capsys):
+    base = args(tiny_model_family, tmp_path / "o")[:-4]
+    assert _error(capsys, [*base, "-p", "density=2"]) == \
+        "error: engine merge: -p density: density must be in (0, 1] (the kept fraction), got 2.0"
+    assert _error(capsys, [*base, "-p", "densty=0.2"]) == \
+        "error: engine merge: -p densty: unknown key; did you mean 'density'?"
+    assert _error(capsys, [*base, "-p", "weight={zz: 1}"]).startswith(
+        "error: engine merge: -p weight names model(s) ['zz'] that are not merged here")
+    method = _error(capsys, ["--method", "tis", *base[2:]])
+    assert method.startswith("error: engine merge: --method tis: no merge method of that name; "
+                             "available: ") and method.endswith("did you mean 'ties'?")
+
+
+def test_cli_merge_mismatched_shapes_name_the_models_as_given(tiny_model_family, tmp_path, capsys):
+    from engine.testing.builders import build_tiny_llama
+
+    big = build_tiny_llama(tmp_path / "big", hidden=64)
+    fam = tiny_model_family
+    assert _error(capsys, ["--method", "ties", "--base", str(fam["base"]), "--model", str(big),
+                           "--out", str(tmp_path / "o")]) == (
+        "error: engine merge: tensor 'lm_head.weight' has shape [320, 64] in --model big but "
+        "[320, 32] in --base base")
+    assert "in --model wide but [320, 32] in first --model a" in _error(
+        capsys, ["--method", "linear", "--model", str(fam["a"]), "--model", f"wide={big}",
+                 "--out", str(tmp_path / "o")])
