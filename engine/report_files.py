@@ -231,7 +231,10 @@ def write_charts(run: RunData, out_dir: Path) -> dict[str, Path]:
     if run.report.get("stages"):
         charts["cost"] = svg_charts.cost_svg(run.report["stages"], out_dir / "cost.svg")
     if any(run.logs.values()):
-        charts["loss"] = svg_charts.loss_svg(run.logs, out_dir / "loss.svg")
+        lineage = run.report.get("lineage") or {}
+        after = {s: info["inputs"][0] for s, info in lineage.items()  # align continues its input
+                 if info.get("stage") == "align" and info.get("inputs")}
+        charts["loss"] = svg_charts.loss_svg(run.logs, out_dir / "loss.svg", after)
     return charts
 
 

@@ -314,11 +314,38 @@ def _points(xs: list[Any], ys: list[Any]) -> list[tuple[float, float]]:
             if x is not None and isinstance(y, (int, float)) and math.isfinite(y)]
 
 
-def loss_svg(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def continued_axes(logs: dict[str, list[dict[str, Any]]], after: dict[str, str]
+                   ) -> dict[str, dict[str, list[float | None]]]:
+    """:func:`loss_axes` of each stage, a stage named in ``after`` (stage -> the stage it
+    continues: an align stage after its ELO stage) shifted to start where that one ended,
+    so one method's stages make one curve of its whole cost."""
+    axes: dict[str, dict[str, list[float | None]]] = {}
+
+    def of(s: str, seen: tuple[str, ...] = ()) -> dict[str, list[float | None]]:
+        if s not in axes:
+            ax = loss_axes(logs[s])
+            prev = after.get(s)
+            if prev in logs and logs[prev] and prev not in seen:
+                ends = {k: next((v for v in reversed(vs) if v is not None), 0.0)
+                        for k, vs in of(prev, (*seen, s)).items()}
+                ax = {k: [None if v is None else v + ends[k] for v in vs] for k, vs in ax.items()}
+            axes[s] = ax
+        return axes[s]
+
+    for s in logs:
+        of(s)
+    return axes
+
+
+def loss_svg(logs: dict[str, list[dict[str, Any]]], path: Path, after: dict[str, str] | None = None
+             ) -> Path:
     """Training loss per stage against steps, tokens and seconds (three panels); a stage
-    that evaluated held-out data also gets its ``eval_loss`` as a dashed line."""
+    that evaluated held-out data also gets its ``eval_loss`` as a dashed line. A stage
+    named in ``after`` continues the curve of the stage it builds on
+    (:func:`continued_axes`)."""
     names = [s for s, log in logs.items() if log]
-    curves = {s: (loss_axes(logs[s]), [r.get("loss") for r in logs[s]], [r.get("eval_loss") for r in logs[s]])
+    axes = continued_axes({s: logs[s] for s in names}, after or {})
+    curves = {s: (axes[s], [r.get("loss") for r in logs[s]], [r.get("eval_loss") for r in logs[s]])
               for s in names}
     losses = [v for _, ys, es in curves.values() for v in ys + es if isinstance(v, (int, float)) and math.isfinite(v)]
     left, top, pw, ph = 70.0, 60.0, 300.0, 260.0
@@ -347,11 +374,12 @@ def loss_svg(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
                     svg.add(f'<polyline class="curve" points="{d}" fill="none" stroke-width="1.5"{dash} '
                             f'stroke="{PALETTE[k % len(PALETTE)]}"><title>{escape(title)}</title></polyline>')
     dashed = [" (dashed: eval_loss)" if any(v is not None for v in curves[s][2]) else "" for s in names]
-    _legend(svg, [f"{s} ({len(logs[s])} steps){e}" for s, e in zip(names, dashed)], left + 3 * (pw + 40) - 20,
-            top + 10)
+    cont = {s: f", after {after[s]}" if after and after.get(s) in names else "" for s in names}
+    _legend(svg, [f"{s} ({len(logs[s])} steps{cont[s]}){e}" for s, e in zip(names, dashed)],
+            left + 3 * (pw + 40) - 20, top + 10)
     path.write_text(svg.render(), encoding="utf-8")
     return path
 
 
-__all__ = ["Axis", "cost_svg", "linear_ticks", "log_ticks", "loss_axes", "loss_svg", "metrics_svg",
-           "spread"]
+__all__ = ["Axis", "continued_axes", "cost_svg", "linear_ticks", "log_ticks", "loss_axes", "loss_svg",
+           "metrics_svg", "spread"]

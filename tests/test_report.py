@@ -221,3 +221,14 @@ def test_metrics_table_stars_only_outside_the_noise():
     assert table(50).columns[1]._cells == ["0.5", "0.6"]  # ±0.19 at 50 items
     assert table(5000).columns[1]._cells == ["0.5", "[bold green]0.6*[/]"]
     assert "retention" not in table(50).title
+
+
+def test_an_align_stage_continues_its_elo_stage_on_every_loss_axis():
+    from engine.svg_charts import continued_axes
+
+    elo = [{"step": 1, "loss": 3.0, "tokens": 100, "elapsed_s": 1.0},
+           {"step": 2, "loss": 2.5, "tokens": 200, "elapsed_s": 2.0}]
+    align = [{"step": 1, "loss": 2.4, "tokens": 50, "elapsed_s": 4.0}]
+    axes = continued_axes({"elo": elo, "aligned": align, "ct": elo}, {"aligned": "elo"})
+    assert axes["aligned"] == {"step": [3.0], "tokens": [250.0], "seconds": [6.0]}
+    assert axes["elo"] == axes["ct"] == loss_axes(elo)  # stages not continuing are unchanged
