@@ -221,6 +221,21 @@ def test_qlora_8bit_base_trains_and_merges(make_context, tiny_model, text_file):
     assert modelio.read_meta(art.path)["quantized_base"]["bits"] == 8
 
 
+def test_sft_qlora_adapter_loads_as_model(make_context, tiny_model, instructions_file):
+    ctx = make_context("sft-q")
+    art = SFT().run(ctx, StageInputs(model=ModelArtifact("base", tiny_model),
+                                     data=[DataSource(instructions_file, "instructions")]),
+                    SFT.Params(steps=3, batch_size=2, seq_len=48, lr=1e-2, lora={**QLORA, "save": "adapter"}))
+    assert modelio.is_adapter_folder(art.path)
+    assert modelio.read_meta(art.path)["quantized_base"]["bits"] == 4
+    assert ctx.stats.notes["quantized_base"]["quantized_modules"] == 28
+    adapter = load_file(str(art.path / "adapter_model.safetensors"))
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if ".lora_B." in k)
+    loaded = modelio.load_model(art.path, device="cpu")  # full-precision base + adapter, merged
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules())
+
+
 # --- checkpoint and resume -----------------------------------------------------------------------
 
 
