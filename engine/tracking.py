@@ -43,7 +43,7 @@ PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "trackio": (("trackio",), "pip install trackio"),
 }
 #: the train_log.jsonl fields sent to trackers (prefixed "train/")
-LOGGED = ("loss", "lr", "tok_s", "grad_norm", "tokens")
+LOGGED = ("loss", "lr", "tok_s", "grad_norm", "tokens", "elapsed_s")
 
 
 def _installed(module: str) -> bool:

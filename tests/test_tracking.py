@@ -54,8 +54,9 @@ def test_tensorboard_scalars_match_train_log(tiny_model, text_file, tmp_path, li
     lines = [json.loads(x) for x in (work / "ct" / LOG_FILE).read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 7))
     scalars = read_scalars(work / "trackers" / "tensorboard" / "ct")
-    assert set(scalars) == {f"train/{k}" for k in ("loss", "lr", "tok_s", "grad_norm", "tokens")}
-    for key in ("loss", "lr", "tok_s", "grad_norm", "tokens"):
+    keys = ("loss", "lr", "tok_s", "grad_norm", "tokens", "elapsed_s")
+    assert set(scalars) == {f"train/{k}" for k in keys}
+    for key in keys:
         logged = scalars[f"train/{key}"]
         assert sorted(logged) == [x["step"] for x in lines], key
         for line in lines:  # event files store float32
