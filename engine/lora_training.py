@@ -115,7 +115,9 @@ class LoraParams(BaseModel):
         if self.quantize != "none" and not quantization.bitsandbytes_available():
             raise ValueError(f"lora.quantize: {self.quantize} needs bitsandbytes, which is not installed: "
                              f"{quantization.BNB_INSTALL_HINT}")
-        set_4bit = sorted({"quant_type", "double_quant"} & self.model_fields_set)
+        # a non-default 4-bit setting without 4 bits (defaults pass: params round-trip whole)
+        set_4bit = sorted(f for f in {"quant_type", "double_quant"} & self.model_fields_set
+                          if getattr(self, f) != type(self).model_fields[f].default)
         if set_4bit and self.quantize != "4bit":
             raise ValueError(f"lora.{' and lora.'.join(set_4bit)} only apply with lora.quantize: 4bit "
                              f"(it is {self.quantize!r})")

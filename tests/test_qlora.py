@@ -69,6 +69,8 @@ def test_qlora_params_and_errors(monkeypatch):
         LoraParams(quantize="2bit")
     with pytest.raises(ValidationError, match=r"lora.quant_type only apply with lora.quantize: 4bit"):
         LoraParams(quant_type="fp4")
+    # a whole dump (defaults included) validates again: params round-trip
+    assert LoraParams.model_validate(LoraParams().model_dump()) == LoraParams()
     with pytest.raises(ValidationError, match=r"lora.double_quant only apply.*'8bit'"):
         LoraParams(quantize="8bit", double_quant=False)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if bitsandbytes were not installed

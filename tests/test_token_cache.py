@@ -42,9 +42,11 @@ def _corpus(path: Path, n: int = 300, seed: int = 0) -> Path:
     return path
 
 
-def _old_documents(tokenizer, source, rng, buffer_size):
+def _old_documents(tokenizer, source, rng, buffer_size, skip=None):
     """The tokenization path training used before the cache, kept here as the reference:
-    texts shuffled through the buffer, tokenized 64 at a time, ``BOS text EOS``."""
+    texts shuffled through the buffer, tokenized 64 at a time, ``BOS text EOS`` (nothing
+    held out)."""
+    assert not skip
     eos = tokenizer.eos_token_id
     bos = getattr(tokenizer, "bos_token_id", None)
     start = [bos] if bos is not None and bos != eos else []
