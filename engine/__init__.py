@@ -5,4 +5,4 @@ pluggy plugins; see :mod:`engine.hookspecs` for the contract and :mod:`engine.ap
 for what plugins import.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
