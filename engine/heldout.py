@@ -128,22 +128,9 @@ def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 def _text_rows(docs: Iterable[list[int]], seq_len: int) -> list[tuple[list[int], list[int]]]:
     """``(ids, position_ids)`` rows as :func:`engine.packing.pack_documents` cuts them,
     plus the last partial row (held-out tokens are not dropped)."""
-    rows: list[tuple[list[int], list[int]]] = []
-    ids: list[int] = []
-    pos: list[int] = []
-    for doc in docs:
-        i = 0
-        while i < len(doc):
-            take = min(len(doc) - i, seq_len - len(ids))
-            ids.extend(doc[i:i + take])
-            pos.extend(range(take))
-            i += take
-            if len(ids) == seq_len:
-                rows.append((ids, pos))
-                ids, pos = [], []
-    if len(ids) > 1:
-        rows.append((ids, pos))
-    return rows
+    from engine.packing import pack_documents
+
+    return list(pack_documents(docs, seq_len, keep_partial=True))
 
 
 def _chunked(rows: list[tuple[list[int], list[int]]], size: int) -> list[list[tuple[list[int], list[int]]]]:

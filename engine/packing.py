@@ -43,11 +43,14 @@ IGNORE_INDEX = -100
 UNMASKED = {"text": "stream", "instructions": "padded"}
 
 
-def pack_documents(documents: Iterable[list[int]], seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
+def pack_documents(documents: Iterable[list[int]], seq_len: int, *, keep_partial: bool = False
+                   ) -> Iterator[tuple[list[int], list[int]]]:
     """``(ids, position_ids)`` blocks of exactly ``seq_len`` tokens.
 
     The ids are those of :func:`engine.batching.pack` (the same stream, cut at the same
-    places); positions restart at 0 at each document and at each block.
+    places); positions restart at 0 at each document and at each block. With
+    ``keep_partial`` the last, shorter block comes too (when it has a next-token target:
+    two tokens or more), so that no token of a finite set is dropped.
     """
     ids: list[int] = []
     pos: list[int] = []
@@ -61,6 +64,8 @@ def pack_documents(documents: Iterable[list[int]], seq_len: int) -> Iterator[tup
             if len(ids) == seq_len:
                 yield ids, pos
                 ids, pos = [], []
+    if keep_partial and len(ids) > 1:
+        yield ids, pos
 
 
 def document_batch(rows: list[tuple[list[int], list[int]]], labels: list[list[int]] | None = None) -> Batch:
