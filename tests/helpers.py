@@ -75,3 +75,26 @@ def ties_recipe(path: Path, family: dict[str, Path], name: str, **params) -> Pat
     if params:
         stage["params"] = params
     return write_recipe(path, name, {"base": family["base"], "a": family["a"]}, [stage])
+
+
+# --- merges --------------------------------------------------------------------------------
+
+
+def merge_impl(name: str):
+    """The registered merge method ``name``."""
+    from engine.plugin_manager import implementations
+
+    return implementations()["merge"][name].impl
+
+
+def run_merge_method(tmp_path: Path, name: str, params: dict, base: Path | None,
+                     models: dict[str, Path], stage: str = "out"):
+    """Run merge method ``name`` as a stage (quiet context): ``(artifact, context)``."""
+    from engine.api import ModelArtifact, StageInputs
+    from engine.testing.conformance import quiet_context
+
+    impl = merge_impl(name)
+    context = quiet_context(tmp_path, stage, "merge", name)
+    inputs = StageInputs(base=ModelArtifact("base", base) if base is not None else None,
+                         models=[ModelArtifact(n, p) for n, p in models.items()])
+    return impl.run(context, inputs, impl.Params.model_validate(params)), context

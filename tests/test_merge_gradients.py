@@ -5,29 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import state
+from helpers import merge_impl, run_merge_method, state
 
-from engine.api import ModelArtifact, StageInputs
 from engine.errors import MergeError
 from engine.merging.gradients import interpolate, layer_index, layer_position, value_at
 from engine.merging.params import resolve_per_model
-from engine.plugin_manager import implementations
-from engine.testing.conformance import quiet_context
 from engine_plugins.slerp import slerp
 
 LAYERS = 4  # the tiny family's decoder layers
 
 
-def _impl(name):
-    return implementations()["merge"][name].impl
-
-
-def _merge(tmp_path, name, params, base, models, stage="out"):
-    impl = _impl(name)
-    context = quiet_context(tmp_path, stage, "merge", name)
-    inputs = StageInputs(base=ModelArtifact("base", base) if base is not None else None,
-                         models=[ModelArtifact(n, p) for n, p in models.items()])
-    return impl.run(context, inputs, impl.Params.model_validate(params)), context
+_impl, _merge = merge_impl, run_merge_method
 
 
 def test_anchors_are_spread_evenly_and_interpolated_as_mergekit_does():

@@ -9,27 +9,14 @@ import math
 
 import pytest
 import torch
-from helpers import state
+from helpers import merge_impl, run_merge_method, state
 
-from engine.api import ModelArtifact, StageInputs
 from engine.errors import MergeError
-from engine.plugin_manager import implementations
-from engine.testing.conformance import quiet_context
 from engine_plugins.della import magprune_
 from engine_plugins.model_stock import model_stock_ratio
 from engine_plugins.slerp import slerp
 
-
-def _impl(name):
-    return implementations()["merge"][name].impl
-
-
-def _merge(tmp_path, name, params, base, models, stage="out"):
-    impl = _impl(name)
-    context = quiet_context(tmp_path, stage, "merge", name)
-    inputs = StageInputs(base=ModelArtifact("base", base) if base is not None else None,
-                         models=[ModelArtifact(n, p) for n, p in models.items()])
-    return impl.run(context, inputs, impl.Params.model_validate(params)), context
+_impl, _merge = merge_impl, run_merge_method
 
 
 # --- slerp ------------------------------------------------------------------------------------
