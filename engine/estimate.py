@@ -135,6 +135,8 @@ class TrainSetup:
     train_embeddings: bool = True
     lora_r: int | None = None
     frozen_8bit: bool = False
+    #: bytes per layer weight of a quantised LoRA base (``lora.quantize``), None: weight_bytes
+    base_bytes: float | None = None
     weight_bytes: int = 4
     mixed_precision: bool = False
     optimizer: str = "adamw"
@@ -176,6 +178,8 @@ def estimate_training(shape: Shape, setup: TrainSetup, stage: str = "") -> Estim
     if setup.frozen_8bit:
         weights = (weight - frozen_layers * shape.layer_params) * setup.weight_bytes \
             + frozen_layers * shape.layer_params * 1
+    elif setup.base_bytes is not None:  # QLoRA: the layers quantised, embeddings and head not
+        weights = layers * shape.layer_params * setup.base_bytes + shape.embed_params * setup.weight_bytes
     else:
         weights = weight * setup.weight_bytes
     if setup.lora_r is not None:
@@ -246,7 +250,9 @@ def training_setup(plugin: str, params: Any, runtime: Any, shape: Shape,
     notes: list[str] = []
     explicit = getattr(params, "layers", None)
     lora = getattr(params, "lora", None)
-    base = dict(micro_batch=params.batch_size // getattr(params, "grad_accum", 1), seq_len=params.seq_len,
+    quant = getattr(lora, "base_quantization", None)  # 4 bits: 0.5 byte + block scales
+    qbytes = None if quant is None else (1.0 if quant.bits == 8 else 0.5 + (0.016 if quant.double_quant else 0.0625))
+    base = dict(base_bytes=qbytes,micro_batch=params.batch_size // getattr(params, "grad_accum", 1), seq_len=params.seq_len,
                 weight_bytes=_weight_bytes(runtime, True), mixed_precision=_mixed(params, runtime),
                 optimizer=getattr(params, "optimizer", "adamw"),
                 checkpointing=bool(getattr(params, "gradient_checkpointing", False)))

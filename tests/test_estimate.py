@@ -147,3 +147,25 @@ def test_scaling_doc_is_what_the_estimate_computes():
     assert current == scaling_doc.markdown(), "regenerate: python benchmarks/scaling_doc.py > docs/scaling.md"
     full = estimate.estimate_training(scaling_doc.LLAMA_8B, scaling_doc.ROWS[0].setup)
     assert f"| {full.total / GiB:.1f} | no |" in current  # the default full CT does not fit 80 GB
+
+
+def test_a_qlora_base_is_counted_at_its_quantised_size():
+    from engine.plugin_manager import implementations
+
+    shape = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
+    ct = implementations()["adapt-language"]["ct"].impl
+
+    def weights(**lora):
+        params = ct.Params(steps=10, batch_size=1, seq_len=2048, lora={"r": 16, **lora})
+        setup, _ = estimate.training_setup("ct", params, None, shape)
+        return estimate.estimate_training(shape, setup).parts["weights"], setup
+
+    plain, _ = weights()
+    q4, setup = weights(quantize="4bit")
+    adapters = 32 * shape.lora_layer_params(16) * 4
+    # the decoder layers at 0.5 byte + double-quantised block scales; embeddings and head as loaded
+    assert setup.base_bytes == pytest.approx(0.516)
+    assert q4 == pytest.approx(32 * shape.layer_params * 0.516 + shape.embed_params * 4 + adapters)
+    assert weights(quantize="8bit")[0] == pytest.approx(32 * shape.layer_params + shape.embed_params * 4
+                                                        + adapters)
+    assert plain / q4 > 4  # 32.3 GB against 8.0 GB of weights for an 8B model in float32
