@@ -14,7 +14,6 @@ import torch
 from pydantic import Field
 
 from engine.api import hookimpl
-from engine.api.errors import MergeError
 from engine.api.merging import ExecutionParams, MergeMethod
 
 #: norms products below this are clamped to it in the cosine
@@ -51,6 +50,7 @@ class ModelStock(MergeMethod):
 
     name = "model-stock"
     positionwise = False  # cosines over whole tensors (or rows)
+    min_models = 2  # the ratio comes from the angles between their task vectors
 
     class Params(ExecutionParams):
         """Model Stock's parameters (mergekit's ``filter_wise``, default off). Needs a base
@@ -59,13 +59,6 @@ class ModelStock(MergeMethod):
         filter_wise: bool = Field(
             False, description="One ratio per row (cosines over the last dimension) instead of "
                                "one per tensor; 1-D tensors keep one ratio.")
-
-    def check_params(self, p):
-        if len(p.names) < 2:
-            raise MergeError(
-                f"model-stock needs at least two models besides the base (recipe key 'models'), "
-                f"got {len(p.names)}: {list(p.names)}; the ratio comes from the angles between "
-                "their task vectors")
 
     def merge(self, deltas, p, tensor):
         t = model_stock_ratio(deltas, p.filter_wise)

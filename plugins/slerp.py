@@ -17,7 +17,6 @@ import torch
 from pydantic import Field
 
 from engine.api import hookimpl
-from engine.api.errors import MergeError
 from engine.api.merging import ExecutionParams, MergeMethod, layered_range
 
 #: above this |cos θ| the two tensors count as parallel and are interpolated linearly
@@ -50,6 +49,7 @@ class Slerp(MergeMethod):
     name = "slerp"
     task_vectors = False  # interpolates the models themselves
     positionwise = False  # the angle is one number per whole tensor
+    min_models = max_models = 2  # t = 0 is the first (mergekit's base_model), t = 1 the second
 
     class Params(ExecutionParams):
         """SLERP's parameters (mergekit's name ``t``; the first model is mergekit's
@@ -61,13 +61,6 @@ class Slerp(MergeMethod):
                              "second; per tensor through overrides, and a list of numbers is a "
                              "gradient over the layers (mergekit's: [0, 0.5, 1] runs from the "
                              "first model at layer 0 to the second at the last layer).")
-
-    def check_params(self, p):
-        if len(p.names) != 2:
-            raise MergeError(
-                f"slerp interpolates exactly two models (recipe key 'models'), got "
-                f"{len(p.names)}: {list(p.names)}; t = 0 is the first, t = 1 the second "
-                "(mergekit's base_model is the first of the two)")
 
     def merge(self, stacked, p, tensor):
         return slerp(p.t, stacked[0], stacked[1])

@@ -57,7 +57,7 @@ from engine.merging.params import (
 from engine.merging.streaming import Positionwise, PositionwiseMerge
 from engine.merging.trims import MagnitudeBand, band_trim_
 
-__all__ = ["MergeMethod", "ResolvedParams", "TensorSlice"]
+__all__ = ["MergeMethod", "ResolvedParams", "TensorSlice", "model_count", "probe_count"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,32 @@ def _input_layers(inputs: StageInputs) -> int | None:
     return layer_count(configs)
 
 
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _number(n: int) -> str:
+    return _NUMBERS[n] if 0 <= n < len(_NUMBERS) else str(n)
+
+
+def model_count(method: Any) -> tuple[int, int | None]:
+    """``(min_models, max_models)`` a merge implementation declares (a plain object
+    without them: ``(1, None)``); ValueError for a range that is not one."""
+    low, high = getattr(method, "min_models", 1), getattr(method, "max_models", None)
+    name = getattr(method, "name", type(method).__name__)
+    if not isinstance(low, int) or isinstance(low, bool) or low < 1:
+        raise ValueError(f"merge method {name!r}: min_models must be an integer >= 1, got {low!r}")
+    if high is not None and (not isinstance(high, int) or isinstance(high, bool) or high < low):
+        raise ValueError(f"merge method {name!r}: max_models must be None or an integer >= "
+                         f"min_models ({low}), got {high!r}")
+    return low, high
+
+
+def probe_count(method: Any, wanted: int = 3) -> int:
+    """The number of models nearest ``wanted`` that ``method`` merges."""
+    low, high = model_count(method)
+    return max(low, wanted) if high is None else min(max(low, wanted), high)
+
+
 class _MethodStep(Positionwise):
     """A :class:`MergeMethod`'s step for one set of params, as the engine runs it."""
 
@@ -195,16 +221,9 @@ class _MethodStep(Positionwise):
 class MergeMethod:
     """Base class of a merge method: declare ``name`` and ``Params``, write :meth:`merge`.
 
-    Class attributes:
-
-    * ``name``: the recipe's ``plugin:`` value; ``Params``: a subclass of
-      :class:`~engine.merging.params.MergeParams` (or ``ExecutionParams`` for a method
-      without model weights) whose fields are the recipe keys;
-    * ``task_vectors`` (default True): :meth:`merge` gets task vectors ``model - base``
-      and returns a delta; False: it gets the models and returns the merged tensor;
-    * ``positionwise`` (default True): each output entry depends only on the same entry
-      of the inputs (after the engine's trim), so the engine may call :meth:`merge` on
-      row slices of large tensors; False: always on whole tensors.
+    Class attributes, each documented where it is declared (and in docs/api-reference.md,
+    with its default): ``name``, ``Params``, ``task_vectors``, ``positionwise``,
+    ``min_models``, ``max_models``.
 
     Optional hooks: :meth:`bands` (the engine's magnitude trim), :meth:`check_params`
     (extra checks of resolved params), :meth:`report` (what goes to lingoforge.json).
@@ -212,9 +231,28 @@ class MergeMethod:
     """
 
     name: ClassVar[str]
+    """The recipe's ``plugin:`` value (required)."""
     Params: ClassVar[type[ExecutionParams]] = MergeParams
+    """The recipe keys under ``params:``: a subclass of ``MergeParams`` (``weight`` and the
+    execution params), or of ``ExecutionParams`` for a method without model weights."""
     task_vectors: ClassVar[bool] = True
+    """True: :meth:`merge` gets task vectors ``model - base`` (a base is required) and
+    returns a delta, which the engine adds to the base. False: it gets the models' own
+    tensors and returns the merged tensor, written as is; the base is optional and, if
+    given, supplies tensor names, config, tokenizer and output dtypes, never values.
+    Either way :meth:`merge` never sees the base tensor."""
     positionwise: ClassVar[bool] = True
+    """True: each output entry depends only on the same entry of the inputs (after the
+    engine's trim), so the engine may call :meth:`merge` on row slices of large tensors
+    (``tensor.start:tensor.stop``). False: :meth:`merge` always gets whole tensors (an
+    angle, a norm or a random mask over the whole tensor)."""
+    min_models: ClassVar[int] = 1
+    """The fewest models (recipe key ``models``, the base not counted) the method merges;
+    ``engine validate`` and the run refuse fewer, naming the method. Model Stock: 2."""
+    max_models: ClassVar[int | None] = None
+    """The most models it merges (None: no limit); ``engine validate`` and the run refuse
+    more. slerp: ``min_models = max_models = 2``. The conformance suite merges as many
+    models as the method takes (three when it can, else the nearest count it allows)."""
 
     # --- what a method writes -----------------------------------------------------------
 
@@ -247,6 +285,7 @@ class MergeMethod:
                   ) -> list[tuple[re.Pattern[str] | None, Family]]:
         """Plain params and each override, resolved (per layer where a param is a layer
         gradient; at each anchor when ``n_layers`` is unknown), checked and probed."""
+        self._check_count(names)
         out: list[tuple[re.Pattern[str] | None, Family]] = [
             (None, _family(params, names, "params", n_layers))]
         for i, (pattern, p) in enumerate(resolve_overrides(params)):
@@ -256,6 +295,20 @@ class MergeMethod:
             for p in family.values():
                 self._check_resolved(p)
         return out
+
+    def _check_count(self, names: Sequence[str]) -> None:
+        """Refuse a number of models outside ``[min_models, max_models]``."""
+        low, high = model_count(self)
+        if low <= len(names) and (high is None or len(names) <= high):
+            return
+        if high == low:
+            wanted = f"merges exactly {_number(low)} model{'s' if low != 1 else ''}"
+        elif high is None:
+            wanted = f"needs at least {_number(low)} model{'s' if low != 1 else ''}"
+        else:
+            wanted = f"merges {_number(low)} to {_number(high)} models"
+        raise MergeError(f"{self.name} {wanted} (recipe key 'models'), got {len(names)}: "
+                         f"{list(names)}")
 
     def _check_resolved(self, p: ResolvedParams) -> None:
         prefix = "" if p.where == "params" else f"{p.where}: "
@@ -306,10 +359,15 @@ class MergeMethod:
 
     def declaration_problems(self) -> list[str]:
         """What the plugin manager checks when the method is registered, before any recipe
-        uses it: no param takes a name :class:`ResolvedParams` reserves, and, when
-        ``Params`` builds from its defaults, the arithmetic reads every declared param on a
-        probe merge of three models (a method failing this is reported as a broken plugin,
-        naming the param)."""
+        uses it: ``min_models``/``max_models`` are a valid range, no param takes a name
+        :class:`ResolvedParams` reserves, and, when ``Params`` builds from its defaults,
+        the arithmetic reads every declared param on a probe merge of three models (or the
+        nearest count the method takes; a method failing this is reported as a broken
+        plugin, naming the param)."""
+        try:
+            count = probe_count(self)
+        except ValueError as exc:
+            return [str(exc)]
         fields = type(self).Params.model_fields
         reserved = sorted(set(fields) & _RESERVED)
         if reserved:
@@ -319,7 +377,7 @@ class MergeMethod:
         except ValueError:  # required params: checked by engine validate with the recipe's
             return []
         try:
-            self._variants(params, ("model-a", "model-b", "model-c"))
+            self._variants(params, [f"model-{chr(ord('a') + i)}" for i in range(count)])
         except MergeError as exc:
             return [str(exc)]
         return []
