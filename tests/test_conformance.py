@@ -64,10 +64,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "retention": {"params": {"reference": "base"}},
 }
 #: built-ins that do not pass yet: name -> reason (xfail, strict)
-KNOWN_FAILURES: dict[str, str] = {
-    "slerp": "the suite merges three models (a, b, c); slerp interpolates exactly two "
-             "(its properties are tested in tests/test_merge_methods_more.py)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _builtins() -> list[Any]:

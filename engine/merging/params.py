@@ -8,6 +8,7 @@ recipe either as one number for every model or as ``{model name: number}``.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ def _range_check(field: str, low: float | None, high: float | None, low_open: bo
                 raise ValueError(f"{field}: an empty list{where}; a layer gradient needs at "
                                  "least one number")
             for x in (v if isinstance(v, list) else [v]):
+                if not math.isfinite(x):  # NaN fails every comparison; inf passes open bounds
+                    within = f" in the layer gradient {v}" if isinstance(v, list) else ""
+                    raise ValueError(f"{field} must be a finite number, got {x}{within}{where}")
                 if not bounds:
                     continue
                 above = x > low if low_open else x >= low
@@ -86,7 +90,11 @@ def per_model_range(field: str, low: float, high: float, *, low_open: bool = Fal
 def layered_range(field: str, low: float, high: float, *, low_open: bool = False,
                   high_open: bool = False, meaning: str = "") -> Any:
     """One number (the same for every model) in a range, or a layer gradient of such
-    numbers: slerp's ``t`` is ``layered_range("t", 0, 1)``."""
+    numbers, for a merge method's ``Params``: ``t: layered_range("t", 0, 1, meaning="0 is
+    the first model") = Field(0.5, description="Interpolation factor.")`` accepts ``0.3``
+    or ``[0, 0.5, 1]`` (a gradient over the decoder layers) and rejects ``1.5`` with an
+    error naming the field, the range and the value; ``Field(..., description=...)`` makes
+    it required (slerp's ``t``). ``p.t`` in ``merge`` is the number at the tensor's layer."""
     check = _range_check(field, low, high, low_open, high_open, meaning)
     return Annotated[Layered, AfterValidator(check), Gradient()]
 
@@ -160,6 +168,24 @@ def peek(params: Any, field: str, default: Any = None) -> Any:
     """A field's value read by the engine itself (not counted as the plugin reading it)."""
     return params.__dict__.get(field, default)
 
+def _refuse_non_finite(value: Any, path: str) -> None:
+    """ValueError naming ``path`` (``lambda``, ``slices[0].scale['o_proj']``) when ``value``
+    is, or holds, a NaN or infinite number."""
+    from pydantic import BaseModel
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} must be a finite number, got {value}")
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _refuse_non_finite(v, f"{path}[{i}]")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _refuse_non_finite(v, f"{path}[{k!r}]")
+    elif isinstance(value, BaseModel):
+        for k in type(value).model_fields:
+            _refuse_non_finite(value.__dict__.get(k), f"{path}.{k}")
+
+
 DtypeName = Literal["float32", "bfloat16", "float16"]
 ComputeDtypeName = Literal["float32", "float64", "bfloat16", "float16"]
 
@@ -205,6 +231,15 @@ class ExecutionParams(PluginParams):
         if v not in (0, "0"):
             parse_size(v)
         return v
+
+    @model_validator(mode="after")
+    def _finite_numbers(self) -> ExecutionParams:
+        # NaN or inf in any number (lambda, slack, a slice's scale, a plugin's own float)
+        # would reach the arithmetic and surface as a "not finite" output tensor
+        for name, info in type(self).model_fields.items():
+            if name != "overrides":
+                _refuse_non_finite(self.__dict__.get(name), info.alias or name)  # not a plugin read
+        return self
 
     @model_validator(mode="after")
     def _valid_overrides(self) -> ExecutionParams:

@@ -31,12 +31,14 @@ _WHERE: dict[str, str] = {
     "check_evaluator": "engine.testing.conformance",
     "check_layer_selector": "engine.testing.conformance",
     "check_merge_method": "engine.testing.conformance",
+    "check_options": "engine.testing.conformance",
     "check_params": "engine.testing.conformance",
     "check_plugin": "engine.testing.conformance",
     "check_trainer": "engine.testing.conformance",
     "ConformanceError": "engine.testing.conformance",
     "ConformanceReport": "engine.testing.conformance",
     "FAMILY_NAMES": "engine.testing.builders",
+    "family_names": "engine.testing.builders",
     "make_stage_context": "engine.testing.builders",
     "run_recipe": "engine.testing.recipes",
     "saved_activation_bytes": "engine.testing.memory",
@@ -50,8 +52,8 @@ _WHERE: dict[str, str] = {
 __all__ = [
     "FAMILY_NAMES", "TINY_TEXT", "ConformanceError", "ConformanceReport", "build_family",
     "build_tiny_llama", "build_tokenizer", "check_aligner", "check_evaluator",
-    "check_layer_selector", "check_merge_method", "check_params", "check_plugin", "check_trainer",
-    "make_stage_context", "run_recipe", "saved_activation_bytes", "shared_family", "write_choice_file",
+    "check_layer_selector", "check_merge_method", "check_options", "check_params", "check_plugin",
+    "check_trainer", "family_names", "make_stage_context", "run_recipe", "saved_activation_bytes", "shared_family", "write_choice_file",
     "write_instructions_file", "write_text_file",
 ]
 

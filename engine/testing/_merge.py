@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import tempfile
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from engine.artifacts import ModelArtifact
 from engine.inputs import StageInputs
+from engine.merging.method import model_count, probe_count
+from engine.merging.overrides import EXECUTION_FIELDS
 from engine.stages import MERGE
 from engine.testing._instrument import (
     _MISSING,
@@ -23,7 +25,7 @@ from engine.testing._instrument import (
     _same_layout,
     _size,
 )
-from engine.testing.builders import shared_family
+from engine.testing.builders import family_names, shared_family
 from engine.testing.conformance import (
     Checker,
     ConformanceReport,
@@ -35,23 +37,45 @@ from engine.testing.conformance import (
     single_thread,
 )
 
-#: the merged models (of the family) and the tensors the override check targets
-MODELS = ("a", "b", "c")
+#: the tensors the override check targets
 OVERRIDE_MATCH = r"\.mlp\."
 #: merge params the suite does not vary: where the arithmetic runs, not what it computes
 NOT_VARIED = {"compute_dtype": "changes rounding only", "device": "where the arithmetic runs"}
+#: the shared params each of which must change every tensor whose inputs differ
+SHARED = ("weight", "lambda", "density", "normalize")
+#: how many models the suite merges when the method allows it
+DEFAULT_MODELS = 3
+
+#: the properties a report may list as skipped, with the reason (ConformanceReport.skipped)
+COUNTS = "refuses other model counts"
+OVERRIDES = "overrides change only matching tensors"
+OVERRIDES_REFUSED = "refuses overrides it cannot apply"
+
+#: what ``models=`` may be: a count, names of the family's models, or {name: folder}
+Models = int | Sequence[str] | Mapping[str, Path]
+
 
 def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
                        variations: Mapping[str, Any] | None = None,
                        family: Mapping[str, Path] | None = None,
+                       models: Models | None = None,
                        workdir: Path | None = None) -> ConformanceReport:
-    """Check a merge method on a tiny family (``base`` and models ``a``, ``b``, ``c``).
+    """Check a merge method on a tiny family: ``base`` and as many models as the method
+    merges (three when its ``min_models``/``max_models`` allow, else the nearest count:
+    two for slerp).
 
     ``params`` are the baseline params (default: the defaults); ``variations`` gives, per
     parameter of the method's own, a value to change it to (shared params get values the
-    suite chooses; a variation given here wins). Properties, in order:
+    suite chooses; a variation given here wins). ``family`` is ``{"base": folder, name:
+    folder, ...}`` (default: the kit's own, :func:`~engine.testing.builders.shared_family`,
+    built with as many models as needed); ``models`` chooses the merged models: a count
+    (the first of the family's), names of the family's models, or ``{name: folder}``
+    (merged onto the family's base). A choice outside the declared count is a
+    ``ValueError``. Properties, in order:
 
     * the params contract (:func:`engine.testing.conformance.check_params`);
+    * **declares how many models it merges**: ``min_models`` (default 1) and
+      ``max_models`` (default None, no limit) are a valid range;
     * **writes a loadable model** into ``context.output_dir``, returned as a ModelArtifact;
     * **keeps names, shapes and dtypes** of the base's tensors, all finite;
     * **a model merged with itself is itself**: base and every model the same folder
@@ -63,31 +87,104 @@ def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
       exceed 1.25 times the largest tensor of each input (plus a ``prefetch`` budget);
     * **sliced equals whole**: with a tiny slice size (every matrix merged in row slices
       where the method allows it) the output is bitwise the whole-tensor output;
+    * **refuses other model counts**: one model fewer than ``min_models`` (when that is
+      at least one) and one more than ``max_models`` (when set) raise an error instead of
+      merging; skipped, with the reason in ``report.skipped``, for a method that takes any
+      number;
     * **honours every parameter**: each advertised parameter, changed, changes the output:
       ``weight`` (the first model given a majority of the weight), ``lambda``,
-      ``normalize``, ``density`` change every tensor whose inputs differ; the method's own params (``variations``; booleans are flipped, literals
-      switched) change at least one; ``out_dtype`` sets the written dtype; ``shard_size``
-      splits the output; ``prefetch`` and other NOT_IN_RESULT params change nothing;
-    * **overrides change only matching tensors**: an override of ``weight`` for
-      ``\\.mlp\\.`` tensors changes every one of them whose inputs differ and no other.
+      ``normalize``, ``density`` change every tensor whose inputs differ; the method's own
+      params (``variations``; booleans are flipped, literals switched) change at least
+      one; ``out_dtype`` sets the written dtype; ``shard_size`` splits the output;
+      ``prefetch`` and other NOT_IN_RESULT params change nothing;
+    * **overrides change only matching tensors**: an override for ``\\.mlp\\.`` tensors of
+      the first of ``weight``, ``lambda``, ``density``, ``normalize`` the method has, else
+      of the first of its own params whose variation changes such a tensor, gives every
+      matching tensor bitwise what that variation gives it everywhere (so it changes
+      each one the variation changes) and every other tensor its baseline value. A method
+      that cannot apply overrides passes **refuses overrides it cannot apply** instead if
+      the merge raises an error naming ``overrides``; a method with nothing to override
+      (every param is an execution param) or no ``overrides`` field is listed in
+      ``report.skipped`` with the reason.
     """
     c = Checker(impl, MERGE)
     base_params = dict(params or {})
     _check_params(c, base_params)
+    with c.prop("declares how many models it merges"):
+        model_count(impl)
+    base, chosen = _choose_models(c, family, models)
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lf-merge-")))
-        fam = dict(family) if family is not None else shared_family()
-        _MergeChecks(c, fam, Path(workdir), base_params, dict(variations or {})).run()
+        _MergeChecks(c, base, chosen, Path(workdir), base_params, dict(variations or {})).run()
     return c.report
 
 
+def _choose_models(c: Checker, family: Mapping[str, Path] | None,
+                   models: Models | None) -> tuple[Path, dict[str, Path]]:
+    """The base folder and ``{name: folder}`` of the merged models."""
+    low, high = model_count(c.impl)
+    if isinstance(models, Mapping):
+        base = Path(family["base"]) if family is not None else shared_family(1)["base"]
+        chosen = {str(k): Path(v) for k, v in models.items()}
+    else:
+        if family is None:
+            if models is None or isinstance(models, int):
+                n = probe_count(c.impl, DEFAULT_MODELS) if models is None else models
+                fam = shared_family(max(n, 1))
+                names = [k for k in fam if k != "base"][:n]
+            else:
+                names = [str(m) for m in models]
+                known = family_names(26)
+                unknown = [m for m in names if m not in known[1:]]
+                if unknown:
+                    raise ValueError(f"models={list(names)!r}: the kit's family has models "
+                                     f"{list(known[1:4])}, ... (not {unknown}); pass family= "
+                                     "with yours, or models={name: folder}")
+                fam = shared_family(max(known.index(m) for m in names))
+        else:
+            fam = {str(k): Path(v) for k, v in family.items()}
+            if "base" not in fam:
+                raise ValueError(f"family={sorted(fam)!r} has no 'base'")
+            available = [k for k in fam if k != "base"]
+            if models is None:
+                n = probe_count(c.impl, DEFAULT_MODELS)
+                n = n if len(available) >= n or len(available) < low else len(available)
+                names = available[:n]
+            elif isinstance(models, int):
+                names = available[:models]
+                if len(names) < models:
+                    raise ValueError(f"models={models} but the family has {len(available)} "
+                                     f"models besides the base ({available})")
+            else:
+                names = [str(m) for m in models]
+                unknown = [m for m in names if m not in available]
+                if unknown:
+                    raise ValueError(f"models={names!r} names {unknown}, not models of the "
+                                     f"family ({available})")
+        if len(names) < low:
+            raise ValueError(
+                f"{c.kind} plugin {c.name!r} merges at least {low} models but the family has "
+                f"{len(names)} besides the base: pass a larger family, e.g. "
+                f"build_family(root, names=family_names({low})), or leave family= out")
+        base = fam["base"]
+        chosen = {m: fam[m] for m in names}
+    if len(chosen) < low or (high is not None and len(chosen) > high):
+        raise ValueError(
+            f"models= gives {len(chosen)} models ({list(chosen)}) but {c.kind} plugin {c.name!r} "
+            f"declares min_models={low}, max_models={high}: check it with a count it merges")
+    return Path(base), chosen
+
+
 class _MergeChecks:
-    def __init__(self, c: Checker, fam: dict[str, Path], workdir: Path, params: dict[str, Any],
-                 variations: dict[str, Any]) -> None:
-        self.c, self.fam, self.workdir = c, fam, workdir
+    def __init__(self, c: Checker, base: Path, models: dict[str, Path], workdir: Path,
+                 params: dict[str, Any], variations: dict[str, Any]) -> None:
+        self.c, self.base, self.models, self.workdir = c, base, models, workdir
+        self.names = list(models)
         self.params, self.variations = params, variations
         self.runs = 0
+        #: key -> (value, merged state) of each variation honours() ran
+        self.varied: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -97,8 +194,8 @@ class _MergeChecks:
         impl = self.c.impl
         self.runs += 1
         context = quiet_context(self.workdir, f"merge-{self.runs}", MERGE, self.c.name)
-        models = models if models is not None else {m: self.fam[m] for m in MODELS}
-        inputs = StageInputs(base=ModelArtifact("base", base or self.fam["base"]),
+        models = models if models is not None else self.models
+        inputs = StageInputs(base=ModelArtifact("base", base or self.base),
                              models=[ModelArtifact(n, p) for n, p in models.items()])
         p = impl.Params.model_validate(dict(params))
         with single_thread(), _chunk_elements(chunk), _refuse_whole_loaders(guard):
@@ -109,11 +206,15 @@ class _MergeChecks:
         artifact, _ = self.merge(params, **kw)
         return model_state(artifact.path)
 
+    def skip(self, prop: str, why: str) -> None:
+        self.c.report.skipped[prop] = why
+        self.c.note(f"{prop}: not checked: {why}")
+
     # -- properties ----------------------------------------------------------------------
 
     def run(self) -> None:
         c = self.c
-        base_state = model_state(self.fam["base"])
+        base_state = model_state(self.base)
         with c.prop("writes a loadable model"):
             artifact, context = self.merge(self.params)
             assert isinstance(artifact, ModelArtifact), f"run returned {type(artifact).__name__}, not ModelArtifact"
@@ -121,13 +222,14 @@ class _MergeChecks:
                 f"the artifact's path {artifact.path} is not context.output_dir {context.output_dir}"
             loads_as_model(artifact.path)
             out = model_state(artifact.path)
+        c.note(f"merged {len(self.names)} models ({', '.join(self.names)}) onto a base")
         with c.prop("keeps names, shapes and dtypes"):
             _same_layout(base_state, out)
         with c.prop("a model merged with itself is itself"):
             import torch
 
-            same = self.fam["a"]
-            got = self.state(self.params, base=same, models={m: same for m in MODELS})
+            same = self.models[self.names[0]]
+            got = self.state(self.params, base=same, models={m: same for m in self.names})
             want = model_state(same)
             _same_layout(want, got)
             for k, v in want.items():
@@ -138,16 +240,17 @@ class _MergeChecks:
             again = self.state(self.params)
             diff = changed_tensors(out, again)
             assert not diff, f"two runs with the same inputs and params differ in {_names(diff)}"
+        inputs = 1 + len(self.names)
         with c.prop("streams"):
             with _count_reads() as reads:
                 artifact, context = self.merge(self.params, chunk=SMALL_CHUNK, guard=True)
             largest = max(v.numel() * v.element_size() for v in base_state.values())
             ahead = c.impl.Params.model_validate(self.params).__dict__.get("prefetch", 0)
             ahead = 0 if ahead in (0, "0") else _size(ahead)
-            bound = READ_BOUND * (1 + len(MODELS)) * largest + ahead
+            bound = READ_BOUND * inputs * largest + ahead
             assert reads.peak <= bound, (
                 f"held {reads.peak} bytes of input tensors at once, more than {READ_BOUND} x the "
-                f"largest tensor ({largest} bytes) of each of the {1 + len(MODELS)} inputs"
+                f"largest tensor ({largest} bytes) of each of the {inputs} inputs"
                 + (f" plus the prefetch budget ({ahead})" if ahead else "")
                 + ": a streaming merge holds a few tensors, never a model")
             notes = context.stats.notes.get("merge")
@@ -168,14 +271,40 @@ class _MergeChecks:
             diff = changed_tensors(out, sliced_state)
             assert not diff, (f"merged in row slices of {SMALL_CHUNK} elements, tensors "
                               f"{_names(diff)} differ from the whole-tensor merge")
+        self.counts()
         self.honours(out, base_state)
         self.overrides(out)
 
+    def counts(self) -> None:
+        """Fewer models than ``min_models`` or more than ``max_models``: an error."""
+        low, high = model_count(self.c.impl)
+        wrong = ([low - 1] if low > 1 else []) + ([high + 1] if high is not None else [])
+        if not wrong:
+            self.skip(COUNTS, f"it merges any number of models (min_models={low}, max_models=None)")
+            return
+        names, k = self.names, len(self.names)
+        with self.c.prop(COUNTS):
+            for n in wrong:
+                # the merged models first (so params naming them still resolve), then again
+                models = {(names[i] if i < k else f"{names[i % k]}-{i}"): self.models[names[i % k]]
+                          for i in range(n)}
+                try:
+                    self.merge(self.params, models=models)
+                except Exception:  # noqa: BLE001 - any error refuses; a merge is what fails
+                    continue
+                raise AssertionError(
+                    f"merged {n} models although it declares min_models={low}, max_models={high}: "
+                    "refuse other counts with an error (MergeMethod does) or declare the range "
+                    "it merges")
+
     def affected(self) -> set[str]:
-        """Floating tensors whose inputs are not all identical."""
+        """Floating tensors whose inputs are not all identical (the base counts for a
+        method that merges task vectors)."""
         import torch
 
-        states = [model_state(self.fam[n]) for n in ("base", *MODELS)]
+        folders = [*([self.base] if getattr(self.c.impl, "task_vectors", True) else []),
+                   *self.models.values()]
+        states = [model_state(f) for f in folders]
         return {k for k, v in states[0].items()
                 if v.is_floating_point() and not all(torch.equal(v, s[k]) for s in states[1:])}
 
@@ -204,6 +333,7 @@ class _MergeChecks:
                     problems.append(f"{key}={value!r}: the merge raised {type(exc).__name__}: {exc}")
                     continue
                 got = model_state(got_art.path)
+                self.varied[key] = (value, got)
                 problem = self._judge(key, info, value, out, got, got_art.path, affected)
                 if problem:
                     problems.append(problem)
@@ -212,12 +342,12 @@ class _MergeChecks:
     def _variation(self, key: str, info: Any, current: Any) -> Any:
         if key in self.variations:
             return self.variations[key]
-        first = MODELS[0]
+        first, others = self.names[0], self.names[1:]
         if key == "weight":
             # the first model takes a strict majority of the weight: that changes a weighted
             # sum or average and a weighted median or vote alike
-            w = dict(current) if isinstance(current, dict) else {m: float(current) for m in MODELS}
-            majority = 2 * sum(abs(w.get(m, 1.0)) for m in MODELS[1:]) + 1
+            w = dict(current) if isinstance(current, dict) else {m: float(current) for m in self.names}
+            majority = 2 * sum(abs(w.get(m, 1.0)) for m in others) + 1
             w[first] = majority if w.get(first, 1.0) != majority else 0.25
             return w
         if key == "lambda":
@@ -236,15 +366,14 @@ class _MergeChecks:
             return not current
         options = typing.get_args(info.annotation)
         if typing.get_origin(info.annotation) is typing.Literal:
-            others = [o for o in options if o != current]
-            if others:
-                return others[0]
+            others_ = [o for o in options if o != current]
+            if others_:
+                return others_[0]
         return _MISSING
 
     def _judge(self, key: str, info: Any, value: Any, out: dict[str, Any], got: dict[str, Any],
                folder: Path, affected: set[str]) -> str | None:
-        extra = info.json_schema_extra
-        if key == "prefetch" or (isinstance(extra, dict) and extra.get("affects_output") is False):
+        if key == "prefetch" or _not_in_result(info):
             diff = changed_tensors(out, got)
             return (f"{key}={value!r} is marked as not changing the result but changed "
                     f"{_names(diff)}") if diff else None
@@ -257,7 +386,7 @@ class _MergeChecks:
                     f"{sum(v.numel() * v.element_size() for v in got.values())} bytes") \
                 if len(shards) < 2 else None
         diff = set(changed_tensors(out, got))
-        if key in ("weight", "lambda", "normalize", "density"):
+        if key in SHARED:
             missed = sorted(affected - diff)
             if missed:
                 return (f"{key}={value!r} changed {len(diff & affected)} of the {len(affected)} "
@@ -269,26 +398,56 @@ class _MergeChecks:
         import re
 
         c = self.c
-        fields = {f.alias or n for n, f in c.impl.Params.model_fields.items()}
-        if "overrides" not in fields:
-            c.note("no 'overrides' param: per-tensor overrides not checked")
-            return
         declared = {f.alias or n: f for n, f in c.impl.Params.model_fields.items()}
-        key = next((k for k in ("weight", "lambda", "density", "normalize") if k in declared), None)
-        if key is None:
-            c.note("no weight, lambda, density or normalize param: overrides not checked")
+        if "overrides" not in declared:
+            self.skip(OVERRIDES, "Params declares no 'overrides' field: a recipe that sets "
+                                 "overrides is refused by the schema")
             return
-        with c.prop("overrides change only matching tensors"):
-            info = declared[key]
-            current = self.params.get(key, info.get_default(call_default_factory=True))
-            ov = [{"match": OVERRIDE_MATCH, key: self._variation(key, info, current)}]
+        settable = [k for k, info in declared.items()
+                    if k not in EXECUTION_FIELDS and not _not_in_result(info)]
+        if not settable:
+            self.skip(OVERRIDES, "nothing to override: every param of Params is an execution "
+                                 f"param ({', '.join(sorted(EXECUTION_FIELDS))}), which an "
+                                 "override cannot set")
+            return
+        pattern = re.compile(OVERRIDE_MATCH)
+        shared = [k for k in SHARED if k in self.varied]
+        own = [k for k in settable if k not in SHARED and k in self.varied
+               and any(pattern.search(n) for n in changed_tensors(out, self.varied[k][1]))]
+        if not shared + own:
+            self.skip(OVERRIDES, f"no variation of {settable} changes a tensor matching "
+                                 f"{OVERRIDE_MATCH!r}, so an override of it would show nothing")
+            return
+        key = (shared + own)[0]
+        value, everywhere = self.varied[key]
+        ov = [{"match": OVERRIDE_MATCH, key: value}]
+        try:
             got = self.state({**self.params, "overrides": ov})
+        except Exception as exc:
+            if "override" not in str(exc).lower():
+                c.fail(OVERRIDES, f"an override {ov[0]!r} made the merge raise "
+                                  f"{type(exc).__name__}: {exc} (a method that cannot apply "
+                                  "overrides must refuse them with an error that names 'overrides')")
+            with c.prop(OVERRIDES_REFUSED):
+                pass
+            self.skip(OVERRIDES, f"the method refuses overrides: {type(exc).__name__}: {exc}")
+            return
+        with c.prop(OVERRIDES):
             diff = set(changed_tensors(out, got))
-            pattern = re.compile(OVERRIDE_MATCH)
             outside = sorted(k for k in diff if not pattern.search(k))
             assert not outside, (f"an override {ov[0]!r} changed tensors it does not match: "
                                  f"{_names(outside)}")
-            targets = {k for k in self.affected() if pattern.search(k)}
+            targets = {k for k in changed_tensors(out, everywhere) if pattern.search(k)}
             missed = sorted(targets - diff)
             assert not missed, (f"an override {ov[0]!r} left {len(missed)} of the {len(targets)} "
                                 f"matching tensors unchanged: {_names(missed)}")
+            other = sorted(k for k in got if pattern.search(k) and k in everywhere
+                           and changed_tensors({k: everywhere[k]}, {k: got[k]}))
+            assert not other, (f"an override {ov[0]!r} gave matching tensors {_names(other)} other "
+                               f"values than {key}={value!r} set for every tensor gives them")
+            c.note(f"overrides checked with {key}={value!r} for tensors matching {OVERRIDE_MATCH!r}")
+
+
+def _not_in_result(info: Any) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and extra.get("affects_output") is False

@@ -3,7 +3,7 @@
 Nothing is downloaded: a byte-level BPE tokenizer is trained on a few sentences and a
 randomly initialised 4-layer, hidden-32 Llama is saved as an ordinary Hugging Face
 folder (safetensors + tokenizer), a few hundred kilobytes. A *family* is a base and
-three models of the same shape with different weights: what a merge takes.
+models of the same shape with different weights (three by default): what a merge takes.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.context import Runtime, StageContext
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 __all__ = [
     "FAMILY_NAMES", "TINY_TEXT", "build_family", "build_tiny_llama", "build_tokenizer",
-    "make_stage_context", "shared_family", "write_choice_file", "write_instructions_file",
-    "write_text_file",
+    "family_names", "make_stage_context", "shared_family", "write_choice_file",
+    "write_instructions_file", "write_text_file",
 ]
 
 #: the sentences the tiny tokenizer is trained on and the default text data
@@ -35,8 +38,17 @@ TINY_TEXT = [
 FAMILY_NAMES = ("base", "a", "b", "c")
 
 
-def build_tokenizer(out_dir: Path, texts: list[str] | None = None):
-    """A small byte-level BPE tokenizer with bos/eos/pad tokens, saved to ``out_dir``."""
+def family_names(models: int = 3) -> tuple[str, ...]:
+    """``("base", "a", "b", ...)`` with ``models`` models after the base (at most 26)."""
+    if not 1 <= models <= 26:
+        raise ValueError(f"a family has 1 to 26 models besides the base, not {models}")
+    return ("base", *(chr(ord("a") + i) for i in range(models)))
+
+
+def build_tokenizer(out_dir: Path, texts: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer (vocabulary about 320, tokens ``<pad>``, ``<s>``
+    (bos), ``</s>`` (eos)) trained on ``texts`` (default :data:`TINY_TEXT`), saved to
+    ``out_dir`` and returned as a ``transformers.PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,8 +67,13 @@ def build_tokenizer(out_dir: Path, texts: list[str] | None = None):
 
 
 def build_tiny_llama(out_dir: Path, *, num_layers: int = 4, hidden: int = 32, seed: int = 0,
-                     tokenizer=None, vocab_size: int | None = None) -> Path:
-    """A randomly initialised Llama saved as an HF folder (safetensors + tokenizer)."""
+                     tokenizer: PreTrainedTokenizerFast | None = None,
+                     vocab_size: int | None = None) -> Path:
+    """A Llama initialised from ``torch.manual_seed(seed)``, saved to ``out_dir`` (returned)
+    as a Hugging Face folder (config.json, model.safetensors, tokenizer files): ``num_layers``
+    decoder layers, hidden size ``hidden`` (MLP ``2 * hidden``, 4 heads, 2 key/value heads),
+    untied embeddings. ``tokenizer`` defaults to a new :func:`build_tokenizer` in
+    ``out_dir``; ``vocab_size`` to the tokenizer's length."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,10 +94,12 @@ def build_tiny_llama(out_dir: Path, *, num_layers: int = 4, hidden: int = 32, se
     return out_dir
 
 
-def build_family(root: Path, tokenizer=None, names: tuple[str, ...] = FAMILY_NAMES,
-                 **model_kwargs: Any) -> dict[str, Path]:
+def build_family(root: Path, tokenizer: PreTrainedTokenizerFast | None = None,
+                 names: tuple[str, ...] = FAMILY_NAMES, **model_kwargs: Any) -> dict[str, Path]:
     """A base and models of the same shape with different weights (merge inputs):
-    ``{name: folder}``, the i-th of ``names`` built with seed i, all sharing one tokenizer."""
+    ``{name: root/name}`` in ``names`` order, the i-th built by :func:`build_tiny_llama`
+    with seed i (``model_kwargs`` passed on), all sharing one tokenizer (default: a new
+    one in ``root/tokenizer``). Five models: ``names=family_names(5)``."""
     root = Path(root)
     tok = tokenizer if tokenizer is not None else build_tokenizer(root / "tokenizer")
     return {name: build_tiny_llama(root / name, tokenizer=tok, seed=seed, **model_kwargs)
@@ -90,14 +109,22 @@ def build_family(root: Path, tokenizer=None, names: tuple[str, ...] = FAMILY_NAM
 _SHARED: dict[str, Any] = {}
 
 
-def shared_family() -> dict[str, Path]:
-    """One :func:`build_family` per process, in a temporary folder removed at exit: what
-    the conformance checks use when not handed a family. Treat it as read-only."""
-    if "family" not in _SHARED:
+def shared_family(models: int = 3) -> dict[str, Path]:
+    """``base`` and ``models`` models (``a``, ``b``, ...) of one :func:`build_family` per
+    process, in a temporary folder removed at exit: what the conformance checks use when
+    not handed a family. Models are added as more are asked for; each keeps its seed (its
+    position), so ``a`` is the same folder whatever the count. Treat it as read-only."""
+    names = family_names(models)
+    if "root" not in _SHARED:
         root = Path(tempfile.mkdtemp(prefix="lingoforge-family-"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)
-        _SHARED["family"] = build_family(root)
-    return dict(_SHARED["family"])
+        _SHARED.update(root=root, tokenizer=build_tokenizer(root / "tokenizer"), family={})
+    family: dict[str, Path] = _SHARED["family"]
+    for seed, name in enumerate(names):
+        if name not in family:
+            family[name] = build_tiny_llama(_SHARED["root"] / name, tokenizer=_SHARED["tokenizer"],
+                                            seed=seed)
+    return {name: family[name] for name in names}
 
 
 def write_text_file(path: Path, lines: list[str] | None = None) -> Path:

@@ -24,7 +24,7 @@ each kind are listed in their functions' docstrings and in docs/plugins.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,8 @@ from engine.stages import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS,
 
 __all__ = [
     "ConformanceError", "ConformanceReport", "check_aligner", "check_evaluator",
-    "check_layer_selector", "check_merge_method", "check_params", "check_plugin", "check_trainer",
+    "check_layer_selector", "check_merge_method", "check_options", "check_params", "check_plugin",
+    "check_trainer",
 ]
 
 
@@ -48,12 +49,15 @@ class ConformanceError(AssertionError):
 
 @dataclass
 class ConformanceReport:
-    """What a check found: the properties that held, and notes worth knowing."""
+    """What a check found: ``passed``, the properties that held; ``skipped``, property ->
+    why it could not be checked for this plugin (e.g. a merge method that takes any number
+    of models has no other count to refuse); ``notes``, facts worth knowing."""
 
     plugin: str
     kind: str
     passed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 class Checker:
@@ -155,15 +159,35 @@ def _check_params(c: Checker, params: Mapping[str, Any]) -> ConformanceReport:
 
 def check_plugin(impl: Any, kind: str | None = None, **options: Any) -> ConformanceReport:
     """Check ``impl`` as an implementation of stage ``kind`` (found among the registered
-    implementations when omitted); ``options`` go to the kind's check function."""
+    implementations when omitted); ``options`` go to the kind's check function
+    (:func:`check_options` names them; any other is a ``TypeError`` listing them)."""
     if kind is None:
         kind = _registered_kind(impl)
     entry = kind_of(kind)
+    check = _check_function(entry.name)
+    unknown = sorted(set(options) - set(check_options(entry.name)))
+    if unknown:
+        raise TypeError(f"check_plugin(impl, {entry.name!r}) takes the options "
+                        f"{', '.join(check_options(entry.name))}; not {', '.join(unknown)}")
+    return check(impl, **options)
+
+
+def check_options(kind: str) -> tuple[str, ...]:
+    """The options ``check_plugin(impl, kind, ...)`` takes: the keyword parameters of the
+    kind's check function (``check_options("merge")`` -> params, variations, family,
+    models, workdir)."""
+    import inspect
+
+    params = inspect.signature(_check_function(kind_of(kind).name)).parameters
+    return tuple(p for p in params if p != "impl")
+
+
+def _check_function(kind: str) -> Any:
     checks = {ADAPT_LANGUAGE: check_trainer, SELECT_LAYERS: check_layer_selector,
               MERGE: check_merge_method, ALIGN: check_aligner, EVALUATE: check_evaluator}
-    if entry.name not in checks:
-        raise KeyError(f"no conformance check for stage kind {entry.name!r}")
-    return checks[entry.name](impl, **options)
+    if kind not in checks:
+        raise KeyError(f"no conformance check for stage kind {kind!r}")
+    return checks[kind]
 
 
 def _registered_kind(impl: Any) -> str:
@@ -177,39 +201,70 @@ def _registered_kind(impl: Any) -> str:
                     "e.g. check_plugin(impl, 'merge')")
 
 
-def check_merge_method(impl: Any, **options: Any) -> ConformanceReport:
-    """A merge method (see :func:`engine.testing._merge.check_merge_method`)."""
+def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
+                       variations: Mapping[str, Any] | None = None,
+                       family: Mapping[str, Path] | None = None,
+                       models: int | Sequence[str] | Mapping[str, Path] | None = None,
+                       workdir: Path | None = None) -> ConformanceReport:
+    """Check a merge method on a base and as many models as it merges (three when its
+    ``min_models``/``max_models`` allow, else the nearest count: two for slerp).
+    ``params``: the baseline params (default: the defaults); ``variations``: ``{own param:
+    a value that should change the output}``; ``family``: ``{"base": folder, name: folder,
+    ...}`` (default: the kit's own, built with as many models as needed); ``models``: the
+    merged models, as a count (the first of the family's), names of the family's models,
+    or ``{name: folder}`` merged onto the family's base; ``workdir``: where outputs go
+    (default: a temporary folder). The properties are in docs/plugins.md and
+    :func:`engine.testing._merge.check_merge_method`."""
     from engine.testing._merge import check_merge_method as check
 
-    return check(impl, **options)
+    return check(impl, params=params, variations=variations, family=family, models=models,
+                 workdir=workdir)
 
 
-def check_trainer(impl: Any, **options: Any) -> ConformanceReport:
-    """An adapt-language trainer (see :func:`engine.testing._train.check_trainer`)."""
+def check_trainer(impl: Any, *, params: Mapping[str, Any] | None = None,
+                  data: Sequence[Any] | None = None, layers: Sequence[int] | None = None,
+                  model: Path | None = None, workdir: Path | None = None) -> ConformanceReport:
+    """Check an adapt-language trainer on ``model`` (a folder; default: the tiny model).
+    ``params`` are merged over a few fast steps (steps 2, batch_size 2, seq_len 32);
+    ``data``: a list of ``DataSource`` (default: a file of the first of its
+    ``data_formats``); ``layers``: layer indices handed as the stage's ``layers`` input.
+    The properties are in docs/plugins.md and :func:`engine.testing._train.check_trainer`."""
     from engine.testing._train import check_trainer as check
 
-    return check(impl, **options)
+    return check(impl, params=params, data=data, layers=layers, model=model, workdir=workdir)
 
 
-def check_aligner(impl: Any, **options: Any) -> ConformanceReport:
-    """An aligner (see :func:`engine.testing._train.check_aligner`)."""
+def check_aligner(impl: Any, *, model: Any, base: Any, params: Mapping[str, Any] | None = None,
+                  data: Sequence[Any] | None = None, workdir: Path | None = None) -> ConformanceReport:
+    """Check an aligner that puts ``model`` (a trained part, e.g. an ELO sub-model; a folder
+    or ``ModelArtifact``) back into ``base`` (the same). ``params`` are merged over a few
+    fast steps; ``data`` (default: none) is what it fine-tunes on. The properties are in
+    docs/plugins.md and :func:`engine.testing._train.check_aligner`."""
     from engine.testing._train import check_aligner as check
 
-    return check(impl, **options)
+    return check(impl, model=model, base=base, params=params, data=data, workdir=workdir)
 
 
-def check_layer_selector(impl: Any, **options: Any) -> ConformanceReport:
-    """A layer selector (see :func:`engine.testing._score.check_layer_selector`)."""
+def check_layer_selector(impl: Any, *, params: Mapping[str, Any] | None = None,
+                         data: Sequence[Any] | None = None, model: Path | None = None,
+                         workdir: Path | None = None) -> ConformanceReport:
+    """Check a layer selector on ``model`` (a folder; default: the tiny model). ``data``
+    defaults to a text file when it declares ``data_formats``. The properties are in
+    docs/plugins.md and :func:`engine.testing._score.check_layer_selector`."""
     from engine.testing._score import check_layer_selector as check
 
-    return check(impl, **options)
+    return check(impl, params=params, data=data, model=model, workdir=workdir)
 
 
-def check_evaluator(impl: Any, **options: Any) -> ConformanceReport:
-    """An evaluator (see :func:`engine.testing._score.check_evaluator`)."""
+def check_evaluator(impl: Any, *, params: Mapping[str, Any] | None = None,
+                    data: Sequence[Any] | None = None, models: Mapping[str, Path] | None = None,
+                    workdir: Path | None = None) -> ConformanceReport:
+    """Check an evaluator on ``models`` (``{name: folder}``; default: the family's ``base``
+    and ``a``). ``data`` defaults to one file per declared format (text, choice). The
+    properties are in docs/plugins.md and :func:`engine.testing._score.check_evaluator`."""
     from engine.testing._score import check_evaluator as check
 
-    return check(impl, **options)
+    return check(impl, params=params, data=data, models=models, workdir=workdir)
 
 
 # --- shared helpers ------------------------------------------------------------------------

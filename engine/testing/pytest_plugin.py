@@ -4,7 +4,8 @@
 Every fixture name starts with ``lingoforge_`` so that it never collides with a
 project's own fixtures:
 
-* ``lingoforge_tokenizer`` (session): the tiny byte-level BPE tokenizer;
+* ``lingoforge_tokenizer`` (session): the tiny byte-level BPE tokenizer, a
+  ``transformers.PreTrainedTokenizerFast``;
 * ``lingoforge_tiny_model`` (session): a 4-layer, hidden-32 Llama folder (read-only);
 * ``lingoforge_model_family`` (session): ``{"base", "a", "b", "c"}`` -> folders of the same
   shape with different weights and one tokenizer (merge inputs; read-only);
@@ -23,14 +24,22 @@ costs a pytest run nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.context import StageContext
+
 
 @pytest.fixture(scope="session")
-def lingoforge_tokenizer(tmp_path_factory):
+def lingoforge_tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer (:func:`engine.testing.build_tokenizer`: vocabulary
+    about 320, ``<pad>``, ``<s>`` bos, ``</s>`` eos), shared by the session's models."""
     from engine.testing.builders import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
@@ -38,7 +47,8 @@ def lingoforge_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def lingoforge_tiny_model(tmp_path_factory, lingoforge_tokenizer) -> Path:
-    """A 4-layer hidden-32 Llama folder. Treat it as read-only."""
+    """A 4-layer, hidden-32 Llama folder (:func:`engine.testing.build_tiny_llama`, seed 0,
+    the session's tokenizer). Treat it as read-only."""
     from engine.testing.builders import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer=lingoforge_tokenizer)
@@ -46,7 +56,9 @@ def lingoforge_tiny_model(tmp_path_factory, lingoforge_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def lingoforge_model_family(tmp_path_factory, lingoforge_tokenizer) -> dict[str, Path]:
-    """A base and three models of the same shape with different weights (merge inputs)."""
+    """``{"base", "a", "b", "c"}`` -> folders of one shape with different weights (seeds 0
+    to 3) and the session's tokenizer (:func:`engine.testing.build_family`; merge
+    inputs). Treat them as read-only."""
     from engine.testing.builders import build_family
 
     return build_family(tmp_path_factory.mktemp("family"), tokenizer=lingoforge_tokenizer)
@@ -54,6 +66,7 @@ def lingoforge_model_family(tmp_path_factory, lingoforge_tokenizer) -> dict[str,
 
 @pytest.fixture
 def lingoforge_text_file(tmp_path) -> Path:
+    """A ``text`` data file, ``tmp_path/text.txt`` (:func:`engine.testing.write_text_file`)."""
     from engine.testing.builders import write_text_file
 
     return write_text_file(tmp_path / "text.txt")
@@ -61,6 +74,8 @@ def lingoforge_text_file(tmp_path) -> Path:
 
 @pytest.fixture
 def lingoforge_instructions_file(tmp_path) -> Path:
+    """An ``instructions`` data file, ``tmp_path/sft.jsonl``
+    (:func:`engine.testing.write_instructions_file`)."""
     from engine.testing.builders import write_instructions_file
 
     return write_instructions_file(tmp_path / "sft.jsonl")
@@ -68,14 +83,17 @@ def lingoforge_instructions_file(tmp_path) -> Path:
 
 @pytest.fixture
 def lingoforge_choice_file(tmp_path) -> Path:
+    """A ``choice`` data file, ``tmp_path/choice.jsonl`` (:func:`engine.testing.write_choice_file`)."""
     from engine.testing.builders import write_choice_file
 
     return write_choice_file(tmp_path / "choice.jsonl")
 
 
 @pytest.fixture
-def lingoforge_context(tmp_path):
-    """Build a StageContext writing into a fresh folder (no runner needed)."""
+def lingoforge_context(tmp_path) -> Callable[..., StageContext]:
+    """``make(stage_name="stage", stage_kind="adapt-language", plugin="test", **runtime)
+    -> StageContext`` writing into ``tmp_path/out-<stage_name>``, on the CPU
+    (:func:`engine.testing.make_stage_context`; no runner needed)."""
     from engine.testing.builders import make_stage_context
 
     def make(stage_name: str = "stage", stage_kind: str = "adapt-language", plugin: str = "test",
@@ -86,7 +104,7 @@ def lingoforge_context(tmp_path):
 
 
 @pytest.fixture
-def lingoforge_run_recipe(tmp_path):
+def lingoforge_run_recipe(tmp_path) -> Callable[..., dict[str, Any]]:
     """``run(recipe, workdir=None, **kw) -> report``: :func:`engine.testing.run_recipe`
     into ``tmp_path / "work"`` unless a workdir is given."""
     from engine.testing.recipes import run_recipe
@@ -98,7 +116,7 @@ def lingoforge_run_recipe(tmp_path):
 
 
 @pytest.fixture
-def lingoforge_register():
+def lingoforge_register() -> Iterator[Callable[..., Any]]:
     """``register(plugin, name=None)``: register a plugin module or object with the engine's
     plugin manager for one test; every plugin registered this way is unregistered after it."""
     from engine.plugin_manager import pm
