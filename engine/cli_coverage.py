@@ -12,9 +12,12 @@ from typing import Any
 
 from rich.console import Console
 
+from engine import outputs
 from engine.errors import DataError, RecipeError
 
 BUILTIN = "builtin:"
+#: the most tokens one extension adds (the BPE trainer allocates for the whole request up front)
+MAX_NEW_TOKENS = 1_000_000
 
 
 def add_skip_flag(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +41,11 @@ def add_parsers(sub: Any) -> None:
                      help="text in the new language (.txt or .jsonl with 'text'; repeatable)")
     ext.add_argument("--tokens", type=int, default=1000, help="how many tokens to add at most (default 1000)")
     ext.add_argument("--min-frequency", type=int, default=2, help="a new token occurs at least this often")
-    ext.add_argument("--output", type=Path, required=True, help="the new model folder")
+    ext.add_argument("--output", type=Path, required=True,
+                     help="the new model folder (apart from the model and the data)")
+    ext.add_argument("--overwrite", action="store_true",
+                     help="replace --output if it is an earlier output of lingoforge (a folder "
+                          "lingoforge did not write is never replaced)")
 
 
 def _model_folder(name: str) -> Path:
@@ -138,21 +145,30 @@ def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
 
     _quiet_libraries()
 
-    if args.tokens < 1:
-        raise RecipeError(f"engine extend-tokenizer: --tokens must be at least 1, not {args.tokens}")
+    if not 1 <= args.tokens <= MAX_NEW_TOKENS:
+        raise RecipeError(f"engine extend-tokenizer: --tokens must be between 1 and {MAX_NEW_TOKENS}, "
+                          f"not {args.tokens}")
+    if args.min_frequency < 0:
+        raise RecipeError(f"engine extend-tokenizer: --min-frequency must be 0 or more, not "
+                          f"{args.min_frequency}")
     folder = _model_folder(args.model)
-    texts: list[str] = []
     for path in args.data:
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
+    out = Path(args.output).expanduser().absolute()
+    outputs.check_disjoint(out, [("MODEL", folder), *(("--data", p) for p in args.data)],
+                           flag="--output")
+    outputs.check_target(out, flag="--output", overwrite=args.overwrite)
+    texts: list[str] = []
+    for path in args.data:
         if path.suffix == ".jsonl" and detect_format(path) != "text":
             raise DataError(f"{path}: extend-tokenizer reads text data (.txt, or .jsonl with 'text')")
         from engine.data import iter_texts
 
         texts.extend(iter_texts(DataSource(path=path)))
     before = [coverage.measure_file(coverage.load_backend(folder), p) for p in args.data]
-    result = extend_tokenizer(folder, texts, args.output, new_tokens=args.tokens,
-                              min_frequency=args.min_frequency)
+    result = extend_tokenizer(folder, texts, out, new_tokens=args.tokens,
+                              min_frequency=args.min_frequency, overwrite=args.overwrite)
     after_tok = coverage.load_backend(result.folder)
     console.print(f"[green]ok[/] {result.folder}: {len(result.added)} tokens added, vocabulary "
                   f"{result.old_size} -> {result.new_size}", highlight=False, soft_wrap=True)

@@ -9,8 +9,12 @@ its delta on ``--base``), validates it exactly as ``engine validate`` does
 one-stage recipe (:func:`engine.runner.run_stage`): into a hidden temporary folder beside
 ``--out`` that is renamed into place only when complete, with the stage's fingerprint and
 report record saved inside it (``.lingoforge-stage.json``, as in every stage folder of
-``engine run``). An existing ``--out`` is refused unless ``--overwrite``; a failed merge
-leaves it as it was. With ``--overwrite``, an ``--out`` that already holds this very merge
+``engine run``). ``--out`` must lie apart from every input (not one of them, not their
+parent, not inside one). An existing ``--out`` is refused unless ``--overwrite``, and even
+then it is replaced only when the engine wrote it and it holds nothing else
+(:mod:`engine.outputs`; checked again under a lock just before the rename, so of two merges
+racing to one ``--out`` without ``--overwrite`` the second is refused); a failed merge
+leaves it as it was. The same model given twice is refused. With ``--overwrite``, an ``--out`` that already holds this very merge
 (same models, files, method, params and device) is a cache hit and is left as it is
 (``--no-cache`` merges again). No report.json is written beside ``--out``: its parent is
 the user's folder, not a workdir.
@@ -27,6 +31,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from engine import outputs
 from engine.console import make_console
 from engine.errors import EngineError, RecipeError
 
@@ -105,8 +110,13 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
         models[name] = {"path": str(path)}
         stage["base"] = name
     stage["models"] = []
+    seen: dict[Path, str] = {path: "--base" for path in (Path(m["path"]) for m in models.values())}
     for arg in args.models:
         name, path = _named(arg, taken)
+        if path in seen:  # its task vector would count twice, silently
+            raise RecipeError(f"--model {arg}: {path} is already given as {seen[path]}; each model "
+                              "is merged once (weight it with -p 'weight={NAME: 2.0}' instead)")
+        seen[path] = f"--model {arg}"
         models[name] = {"path": str(path)}
         stage["models"].append(name)
     return {"name": "engine-merge", "models": models, "stages": [stage]}
@@ -118,21 +128,24 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     from engine.runner import StageFailed, run_stage
     from engine.validate import plan_recipe
 
-    out = Path(args.out).expanduser().resolve()
-    if out.exists() and not args.overwrite:
-        raise EngineError(f"--out {out} exists; pass --overwrite to replace it")
+    out = Path(args.out).expanduser().absolute()
     flags = _flags(args)
     try:
         if args.base:
             _check_folder("--base", args.base)
         for arg in args.models:
             _check_folder("--model", arg)
-        recipe = parse_recipe(build_recipe(args), "engine merge")
+        recipe_map = build_recipe(args)
+        inputs = [(f"{flags.get(name, '--model')} {name}", Path(spec["path"]))
+                  for name, spec in recipe_map["models"].items()]
+        outputs.check_disjoint(out, inputs, flag="--out")
+        outputs.check_target(out, flag="--out", overwrite=args.overwrite)
+        recipe = parse_recipe(recipe_map, "engine merge")
         plan = plan_recipe(recipe, Path.cwd(), "engine merge")
         stage = plan.stages[0]
         started = time.perf_counter()
         try:
-            record = run_stage(plan, out, console=console,
+            record = run_stage(plan, out, console=console, overwrite=args.overwrite, flag="--out",
                                use_cache=not getattr(args, "no_cache", False), announce=False)
         except StageFailed as exc:  # the error as the merge raised it: there is no stage to name
             cause = exc.__cause__ if exc.__cause__ is not None else exc

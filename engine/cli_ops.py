@@ -17,9 +17,9 @@ docs/operations.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from rich.console import Console
 
 from engine import run_status, stage_cache
 from engine.errors import EngineError, RecipeError
+from engine.workdir_lock import WorkdirLock
 
 __all__ = ["add_parsers", "add_run_flags", "cmd_cache", "cmd_status", "dry_run",
            "missing_inputs_error", "print_interrupted", "resume_command", "selection"]
@@ -231,39 +232,71 @@ def _tree_size(path: Path) -> int:
 
 
 def _prune(args: argparse.Namespace, workdir: Path, names: list[str], plan: Any) -> int:
-    from engine.workdir_lock import WorkdirLock
-
+    """Delete kept versions that are neither current nor (with a recipe) what the recipe
+    would reuse, and checkpoints of finished or abandoned stages. Under the workdir lock
+    (not for ``--dry-run``, which deletes nothing); each folder is first renamed aside
+    (:func:`engine.stage_cache.discard`), so a killed prune never leaves a half-deleted
+    version that looks complete. Only what the engine wrote is deleted."""
     if args.keep < 0:
         raise RecipeError(f"--keep {args.keep}: give 0 or more")
-    doomed: list[tuple[str, Path]] = []
-    for name in names:
-        old = [v for v in stage_cache.versions(workdir, name) if not v.current]
-        for v in old[: max(0, len(old) - args.keep)]:  # oldest first
-            doomed.append((f"{name} version {v.fingerprint}", v.folder))
-    wanted = {}
-    if plan is not None:
-        fps = run_status.fingerprints(plan, run_status.model_fingerprints(plan))
-        wanted = {s.name: fps[s.name] for s in plan.stages}
-    ckpts = workdir / stage_cache.CHECKPOINTS_DIR
-    for folder in sorted(ckpts.glob("*/*")) if ckpts.is_dir() else []:
-        stage, fp = folder.parent.name, folder.name
-        finished = stage_cache.version_dir(workdir, stage, fp).is_dir()
-        if finished or (plan is not None and wanted.get(stage) != fp):
-            doomed.append((f"{stage} checkpoints {fp}", folder))
-    verb = "would free" if args.dry_run else "freed"
-    with WorkdirLock(workdir):
+    lock = contextlib.nullcontext() if args.dry_run else WorkdirLock(workdir)
+    with lock:
+        if not args.dry_run:
+            stage_cache.remove_stale_temporaries(workdir)  # what a killed run or prune left
+        doomed, kept = _doomed(args, workdir, names, plan)
         freed = 0
         for what, folder in doomed:
             size = _tree_size(folder)
             freed += size
             print(f"{'would remove' if args.dry_run else 'removed'} {what} ({_size(size)}): {folder}")
             if not args.dry_run:
-                shutil.rmtree(folder, ignore_errors=True)
+                stage_cache.discard(folder)
         if not args.dry_run:
             for parent in {f.parent for _, f in doomed}:
                 try:
                     parent.rmdir()  # an emptied stage or checkpoint folder
                 except OSError:
                     pass
-    print(f"{verb} {freed} bytes ({_size(freed)}) in {workdir}")
+    for line in kept:
+        print(line)
+    print(f"{'would free' if args.dry_run else 'freed'} {freed} bytes ({_size(freed)}) in {workdir}")
     return 0
+
+
+def _doomed(args: argparse.Namespace, workdir: Path, names: list[str],
+            plan: Any) -> tuple[list[tuple[str, Path]], list[str]]:
+    """What a prune deletes (label, folder), and lines saying what it keeps and why."""
+    wanted: dict[str, str] = {}
+    recipe_file = None
+    if plan is not None:
+        fps = run_status.fingerprints(plan, run_status.model_fingerprints(plan))
+        wanted = {s.name: fps[s.name] for s in plan.stages}
+        recipe_file = str(Path(plan.source).resolve())
+    doomed: list[tuple[str, Path]] = []
+    kept: list[str] = []
+    for name in names:
+        old = []
+        for v in stage_cache.versions(workdir, name):
+            if v.current:
+                continue
+            if wanted.get(name) == v.fingerprint:
+                kept.append(f"kept {name} version {v.fingerprint}: the recipe would reuse it (available)")
+                continue
+            made_by = v.marker.get("recipe")
+            if recipe_file is not None and made_by and made_by != recipe_file:
+                kept.append(f"kept {name} version {v.fingerprint}: made by another recipe file "
+                            f"({made_by}); prune it with that recipe or with --workdir")
+                continue
+            old.append(v)
+        for v in old[: max(0, len(old) - args.keep)]:  # oldest first
+            doomed.append((f"{name} version {v.fingerprint}", v.folder))
+    ckpts = workdir / stage_cache.CHECKPOINTS_DIR
+    for folder in sorted(ckpts.glob("*/*")) if ckpts.is_dir() else []:
+        stage, fp = folder.parent.name, folder.name
+        if not stage_cache.is_checkpoint_folder(folder):
+            kept.append(f"left {folder}: not a checkpoint folder lingoforge wrote")
+            continue
+        finished = stage_cache.version_dir(workdir, stage, fp).is_dir()
+        if finished or (plan is not None and wanted.get(stage) != fp):
+            doomed.append((f"{stage} checkpoints {fp}", folder))
+    return doomed, kept

@@ -31,7 +31,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Rebuild the report of a run folder and say what was written."""
     from engine.report_files import make_report
+    from engine.workdir import check_report_names
 
+    check_report_names(args.run_dir)  # report.md and report/ are replaced only if the engine's
     md, charts, note = make_report(args.run_dir, charts=not args.no_charts)
     if note:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -38,3 +38,8 @@ class TrainingError(EngineError):
 
 class WorkdirBusy(EngineError):
     """Another ``engine run`` holds the workdir (its lock file names the pid)."""
+
+
+class OutputRefused(EngineError):
+    """An output path the engine will not write: it is, holds or lies inside an input, or it
+    holds files the engine did not write (which are never replaced nor deleted)."""

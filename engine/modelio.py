@@ -16,16 +16,14 @@ found is :mod:`engine.adapters` (its folder functions are re-exported here, as i
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine import adapters, outputs, quantization
+from engine import adapters, quantization
 from engine.adapters import (  # re-exported: their home was this module
     ADAPTER_BASE_KEY,
     ADAPTER_CONFIG,
@@ -42,9 +40,9 @@ from engine.safety import check_remote_code, check_safetensors_file
 
 __all__ = [
     "ADAPTER_BASE_KEY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "META_FILE", "adapter_base",
-    "atomic_dir", "check_adapter_folder", "check_model_folder", "copy_tokenizer_files",
+    "check_adapter_folder", "check_model_folder", "copy_tokenizer_files",
     "count_parameters", "import_architecture", "is_adapter_folder", "load_model",
-    "load_tokenizer", "read_adapter_config", "read_config", "read_meta", "replace_dir",
+    "load_tokenizer", "read_adapter_config", "read_config", "read_meta",
     "resolve_device", "resolve_dtype", "save_model", "save_updated_copy", "weight_files",
     "write_meta",
 ]
@@ -262,44 +260,6 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-@contextmanager
-def atomic_dir(final: Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; rename it into place on success.
-
-    On error the temporary folder is removed and ``final`` is left as it was.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists (pass overwrite to replace it)")
-    tmp = Path(outputs.temp_dir(f".{final.name}.tmp-", final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, final)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place, replacing an older one.
-
-    The old folder is first renamed aside, so ``final`` is always either the old or
-    the new complete folder, never a mix of the two. A symlink in ``final``'s place is
-    replaced, never followed: what it points to is left untouched.
-    """
-    if final.is_symlink() or final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        if trash.is_symlink():
-            trash.unlink()
-        else:
-            shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path, *,

@@ -246,17 +246,6 @@ def _chart_dir(run: RunData) -> Path:
     return target
 
 
-def _swap_dir(new: Path, target: Path) -> None:
-    """Put the folder ``new`` in place of ``target`` (removed whole, with stale charts)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def make_report(folder: Path, *, charts: bool = True,
                 recipe: str | None = None) -> tuple[Path, dict[str, Path], str | None]:
     """Rebuild report.md and (unless ``charts`` is false) the charts of a run folder.
@@ -273,12 +262,13 @@ def make_report(folder: Path, *, charts: bool = True,
         tmp = Path(outputs.temp_dir(f".{CHART_DIR}.tmp-", run.folder))
         try:
             drawn = write_charts(run, tmp)
-            _swap_dir(tmp, target)
+            outputs.mark_output(tmp, "report charts")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        outputs.publish(tmp, target, flag="report charts", overwrite=True)  # only the engine's
         made = {name: target / path.name for name, path in drawn.items()}
     elif target.is_dir():
-        shutil.rmtree(target)
+        shutil.rmtree(target)  # checked above: the engine's charts alone
         note = "charts skipped (--no-charts)"
     return write_markdown(run, made, note, recipe), made, note

@@ -42,6 +42,7 @@ import torch
 from rich.console import Console
 
 from engine import modelio, outputs, report, run_status, stage_cache, threads, token_cache
+from engine import workdir as workdir_names
 from engine.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their home was here
     ARTIFACT_TYPES,
     LAYERS_FILE,
@@ -54,7 +55,7 @@ from engine.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their 
 from engine.console import make_console, make_progress, run_log
 from engine.context import StageContext
 from engine.distributed import Ranks, init_process_group, share
-from engine.errors import EngineError
+from engine.errors import EngineError, OutputRefused
 from engine.inputs import StageInputs
 from engine.plugin_manager import call_observers
 from engine.report import REPORT_FILE
@@ -94,6 +95,10 @@ class Runner:
         self.outputs = {name: Path(path) for name, path in (outputs or {}).items()}
         #: print a line per stage (✓ ran, ↺ cached); off for callers that report themselves
         self.announce = True
+        #: for a stage written to a folder of ``outputs``: how errors name it, and whether an
+        #: earlier engine output there may be replaced (``engine merge --out/--overwrite``)
+        self.output_flag = "--out"
+        self.overwrite = False
         self.artifacts: dict[str, Artifact] = {}
         self.fingerprints: dict[str, str] = {}
         self.records: list[dict[str, Any]] = []
@@ -109,11 +114,15 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         """Run every stage of the plan; write and return report.json."""
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise OutputRefused(f"--workdir {self.workdir}: is a file, not a folder")
         self.workdir.mkdir(parents=True, exist_ok=True)
         lock = WorkdirLock(self.workdir) if self.main else None
         if lock is not None:
             lock.acquire()  # before anything is written or cleaned up
         try:
+            if self.main:  # every name the run writes: the engine's own, or refused now
+                workdir_names.claim(self.workdir, [s.name for s in self.plan.stages])
             with self._session(), run_log(self.console, self.workdir, recipe=self.plan.recipe.name,
                                           enabled=self.main):
                 return self._run()
@@ -159,6 +168,8 @@ class Runner:
         self._resolve_inputs()
         skip = run_status.prepare(self.plan, self.workdir, self.selection, self.fingerprints,
                                   use_cache=self.use_cache, adopt=self.main)
+        # a skipped stage is not run, but the stages reused downstream are fingerprinted from it
+        self.fingerprints.update({name: fp for name, fp in skip.items() if fp is not None})
         try:
             for stage in self.plan.stages:
                 if stage.name not in skip:
@@ -247,6 +258,10 @@ class Runner:
                   for names in stage.spec.references().values() for n in names}
         model_card.write_card(folder, recipe=self.plan.recipe.name, stage=stage, record=record,
                               inputs=inputs, version=__version__)
+
+    def _recipe_file(self) -> str | None:
+        source = Path(self.plan.source)
+        return str(source.resolve()) if source.is_file() else None
 
     def _say(self, text: str) -> None:
         if self.announce:
@@ -341,9 +356,12 @@ class Runner:
             artifact.save(tmp)
             if isinstance(artifact, ModelArtifact):
                 self._card(tmp, stage, record)
-            stage_cache.write_marker(tmp, fingerprint, record, components, stage.spec.references())
+            stage_cache.write_marker(tmp, fingerprint, record, components, stage.spec.references(),
+                                     recipe=self._recipe_file())
             outputs.settle_modes(tmp)  # copied inputs keep their modes; plugins' files alike
-            stage_cache.commit(tmp, final, self.workdir if versioned else None, fingerprint)
+            outputs.mark_output(tmp, "stage", stage=name, fingerprint=fingerprint)
+            stage_cache.commit(tmp, final, self.workdir if versioned else None, fingerprint,
+                               flag=self.output_flag, overwrite=self.overwrite)
             self._remove_checkpoints(name)
             self._active = None
         except BaseException as exc:
@@ -364,7 +382,7 @@ class Runner:
 
 
 def run_stage(plan: Plan, out: Path, *, console: Console | None = None, use_cache: bool = True,
-              announce: bool = True) -> dict[str, Any]:
+              announce: bool = True, overwrite: bool = False, flag: str = "--out") -> dict[str, Any]:
     """Run the one stage of ``plan`` into the folder ``out`` and return its record.
 
     The stage is fingerprinted, served from the cache and written exactly as in a run of
@@ -374,12 +392,16 @@ def run_stage(plan: Plan, out: Path, *, console: Console | None = None, use_cach
     that writes nothing. Unlike a full run there is no workdir lock, report.json,
     clean-up of other temporaries or ``run_finished`` call: ``out``'s parent is anybody's
     folder, so a stage that does not train gets no checkpoint folder there either. The
-    input models' code is not imported ahead of the stage.
+    input models' code is not imported ahead of the stage. ``out`` is written only when it
+    is absent or empty, or, with ``overwrite``, an earlier output the engine wrote that holds
+    nothing else (checked again under a lock just before the rename; ``flag`` names it in
+    errors).
     """
     out = Path(out)
     runner = Runner(plan, out.parent, console=console, use_cache=use_cache,
                     outputs={plan.stages[0].name: out} if plan.stages else None)
     runner.announce = announce
+    runner.overwrite, runner.output_flag = overwrite, flag
     return runner.run_one()
 
 

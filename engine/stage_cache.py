@@ -29,11 +29,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from engine import outputs
+from engine.errors import OutputRefused
 
 if TYPE_CHECKING:
     from engine.inputs import DataSource
@@ -44,7 +48,7 @@ _NOT_RESULTS = frozenset({"threads", "log_with", "memory_gb"})
 
 __all__ = [
     "CHECKPOINTS_DIR", "STAGES_DIR", "STAGE_FILE", "Version", "adopt_legacy", "cached_record",
-    "checkpoint_dir", "commit", "current_fingerprint", "data_key", "fingerprint_hash",
+    "check_stage_path", "checkpoint_dir", "commit", "discard", "is_checkpoint_folder", "is_stage_link", "current_fingerprint", "data_key", "fingerprint_hash",
     "lookup", "make_current", "model_fingerprint", "read_marker", "remove_checkpoints",
     "remove_stale_temporaries", "stage_components", "stage_fingerprint", "version_dir",
     "versions", "write_marker",
@@ -132,12 +136,14 @@ def cached_record(final: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def write_marker(folder: Path, fingerprint: str, record: dict[str, Any],
                  components: dict[str, Any] | None = None,
-                 inputs: dict[str, list[str]] | None = None) -> None:
+                 inputs: dict[str, list[str]] | None = None, recipe: str | None = None) -> None:
     """Mark a stage folder (still temporary) as the output of ``fingerprint``; ``components``
     (what the fingerprint hashes) and ``inputs`` (the referenced names) let ``engine status``
-    explain a later difference."""
+    explain a later difference; ``recipe`` (the recipe file's path) lets ``engine cache prune
+    RECIPE`` keep the versions another recipe file of the same name made."""
     saved = {"fingerprint": fingerprint, "components": components, "inputs": inputs,
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "record": record}
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "record": record,
+             "recipe": recipe}
     (Path(folder) / STAGE_FILE).write_text(json.dumps(saved, indent=2, default=str))
 
 
@@ -205,35 +211,62 @@ def versions(workdir: Path, name: str) -> list[Version]:
 
 def make_current(workdir: Path, name: str, fingerprint: str) -> None:
     """Point ``<workdir>/<name>`` at the kept version ``fingerprint`` (atomic rename of a new
-    link over the old one; a real folder there without a marker is replaced)."""
+    link over the old one). Only a link into ``.stages`` or an older layout's stage folder is
+    ever replaced: anything else at that name is the user's and is refused
+    (:func:`check_stage_path`)."""
     link = Path(workdir) / name
     target = _link_target(name, fingerprint)
     if link.is_symlink() and os.readlink(link) == target:
         return
+    check_stage_path(workdir, name)
     tmp = Path(workdir) / f".{name}.tmp-link-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     trash = None
-    if link.is_dir() and not link.is_symlink():  # a folder of no kept version: replaced
+    if link.is_dir() and not link.is_symlink():  # an older layout's stage folder (checked above)
         trash = Path(workdir) / f".{name}.tmp-old-{os.getpid()}"
         os.replace(link, trash)
+        (trash / outputs.TEMP_FILE).write_text(f"{os.getpid()}\n")  # a killed run's leftover goes
     os.replace(tmp, link)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def commit(tmp: Path, final: Path, workdir: Path | None, fingerprint: str) -> None:
-    """Move the finished temporary folder ``tmp`` into place: with a ``workdir``, kept as
-    version ``fingerprint`` of stage ``final.name`` and made current; without, renamed to
-    ``final`` (a folder of the caller's choosing, ``engine merge --out``)."""
-    from engine.modelio import replace_dir
+def is_stage_link(path: Path) -> bool:
+    """Whether ``path`` is a link the engine made: one into ``.stages`` of its own name."""
+    if not path.is_symlink():
+        return False
+    return Path(os.readlink(path)).parts[:2] == (STAGES_DIR, path.name)
 
-    if workdir is None:
-        replace_dir(Path(tmp), Path(final))
+
+def check_stage_path(workdir: Path, name: str) -> None:
+    """Refuse a stage whose path ``<workdir>/<name>`` holds something the engine did not
+    write there (a user's folder or file of the same name): it is never replaced."""
+    path = Path(workdir) / name
+    if not path.exists() and not path.is_symlink():
         return
+    if is_stage_link(path):
+        return
+    if path.is_dir() and not path.is_symlink() and read_marker(path) is not None:
+        return  # an older layout's stage folder: adopted into .stages
+    what = "link" if path.is_symlink() else "folder" if path.is_dir() else "file"
+    raise OutputRefused(f"stage {name!r}: {path} is a {what} lingoforge did not write; it is never "
+                        "replaced: rename it, rename the stage, or choose another --workdir")
+
+
+def commit(tmp: Path, final: Path, workdir: Path | None, fingerprint: str, *,
+           flag: str = "--out", overwrite: bool = False) -> None:
+    """Move the finished temporary folder ``tmp`` into place: with a ``workdir``, kept as
+    version ``fingerprint`` of stage ``final.name`` and made current; without, published at
+    ``final`` (a folder of the caller's choosing, ``engine merge --out``), which is replaced
+    only with ``overwrite`` and only when the engine wrote it (:func:`engine.outputs.publish`)."""
+    if workdir is None:
+        outputs.publish(Path(tmp), Path(final), flag=flag, overwrite=overwrite)
+        return
+    check_stage_path(workdir, Path(final).name)
     folder = version_dir(workdir, Path(final).name, fingerprint)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(Path(tmp), folder)
+    outputs.publish(Path(tmp), folder, flag=f"stage {Path(final).name!r} version", overwrite=True)
     make_current(workdir, Path(final).name, fingerprint)
 
 
@@ -280,14 +313,46 @@ def remove_checkpoints(workdir: Path, name: str) -> None:
         pass
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+_CHECKPOINT_ENTRY = re.compile(r"(step-\d+|\.tmp-step-\d+-\d+)")
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether ``folder`` (``.checkpoints/<stage>/<x>``) is one the engine wrote: named by a
+    fingerprint and holding only checkpoint steps and their unfinished temporaries."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir() or not _FINGERPRINT.fullmatch(folder.name):
+        return False
+    return all(_CHECKPOINT_ENTRY.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+               for p in folder.iterdir())
+
+
+def discard(folder: Path) -> None:
+    """Delete an engine folder (a kept version, a checkpoint folder) so that no kill leaves
+    it half-deleted under its own name: it is marked temporary, renamed aside to a hidden
+    name that no lookup reads, and only then deleted (a killed prune's leftover is removed
+    by the next run or prune)."""
+    folder = Path(folder)
+    (folder / outputs.TEMP_FILE).write_text(f"{os.getpid()}\n")
+    aside = folder.with_name(f".{folder.name}.tmp-pruning-{os.getpid()}")
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def remove_stale_temporaries(workdir: Path) -> None:
-    """Delete the temporary stage folders a hard-killed earlier run left behind.
+    """Delete the temporary folders and links a hard-killed earlier run left behind.
 
     They are never mistaken for outputs (their names start with a dot and carry no
-    stage marker), but they take disk space. One run per workdir at a time.
+    stage marker), but they take disk space. Only what the engine made goes: folders that
+    carry its temporary marker (:data:`engine.outputs.TEMP_FILE`) and unfinished link
+    switches into ``.stages``; a user's ``.draft.tmp-2024`` stays. One run per workdir at a time.
     """
     for item in Path(workdir).glob(".*.tmp-*"):
         if item.is_symlink():  # an unfinished link switch
-            item.unlink(missing_ok=True)
-        elif item.is_dir():
-            shutil.rmtree(item, ignore_errors=True)
+            if Path(os.readlink(item)).parts[:1] == (STAGES_DIR,):
+                item.unlink(missing_ok=True)
+        else:
+            outputs.remove_engine_temp(item)
+    for pattern in (f"{STAGES_DIR}/*/.*", f"{CHECKPOINTS_DIR}/*/.*"):
+        for item in Path(workdir).glob(pattern):
+            outputs.remove_engine_temp(item)  # what a killed prune had set aside

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import outputs
 from engine.errors import ModelLoadError
 
 __all__ = ["Extended", "extend_tokenizer", "extended_tokenizer_json"]
@@ -79,16 +80,22 @@ def extended_tokenizer_json(spec: dict[str, Any], texts: Iterable[str], new_toke
 
 
 def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *, new_tokens: int = 1000,
-                     min_frequency: int = 2) -> Extended:
+                     min_frequency: int = 2, overwrite: bool = False) -> Extended:
     """Write ``output_dir``: ``model_dir``'s model with its tokenizer extended by up to
-    ``new_tokens`` tokens learned from ``texts``, and its embeddings resized to match."""
+    ``new_tokens`` tokens learned from ``texts``, and its embeddings resized to match.
+
+    The folder is written to a temporary folder beside it and published only when complete
+    (:func:`engine.outputs.publish`): ``output_dir`` must lie apart from ``model_dir``, and an
+    existing one is replaced only with ``overwrite`` and only when lingoforge wrote it."""
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine import modelio
 
-    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    model_dir, output_dir = Path(model_dir), Path(output_dir).absolute()
+    outputs.check_disjoint(output_dir, [("model", model_dir)], flag="--output")
+    outputs.check_target(output_dir, flag="--output", overwrite=overwrite)
     source = model_dir / "tokenizer.json"
     if not source.is_file():
         raise ModelLoadError(f"{model_dir}: no tokenizer.json (a fast BPE tokenizer is needed)")
@@ -117,19 +124,21 @@ def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *,
             model.get_input_embeddings().weight[tid] = emb[parts].mean(0)
             if head_w is not None:
                 model.get_output_embeddings().weight[tid] = head_w[parts].mean(0)
-    tmp = output_dir.with_name(output_dir.name + ".tmp-extend")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, tmp / name)
-    (tmp / "tokenizer.json").write_text(json.dumps(new_spec, ensure_ascii=False), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(str(tmp))
-    meta = {"kind": "extended-tokenizer", "source_model": str(model_dir.resolve()),
-            "added_tokens": len(added), "old_vocab_size": int(emb.shape[0]), "vocab_size": size}
-    modelio.save_model(model, tokenizer, tmp, meta=meta)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    tmp.rename(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outputs.temp_dir(f".{output_dir.name}.tmp-", output_dir.parent)  # unique per process
+    try:
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        (tmp / "tokenizer.json").write_text(json.dumps(new_spec, ensure_ascii=False), encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp))
+        meta = {"kind": "extended-tokenizer", "source_model": str(model_dir.resolve()),
+                "added_tokens": len(added), "old_vocab_size": int(emb.shape[0]), "vocab_size": size}
+        modelio.save_model(model, tokenizer, tmp, meta=meta)
+        outputs.settle_modes(tmp)
+        outputs.mark_output(tmp, "extended-tokenizer")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    outputs.publish(tmp, output_dir, flag="--output", overwrite=overwrite)
     return Extended(output_dir, int(emb.shape[0]), size, added)

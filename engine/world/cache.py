@@ -126,19 +126,17 @@ def publish(tmp: Path, final: Path, *, replace: bool = False) -> None:
     """Rename a finished ``tmp`` folder to ``final``.
 
     Without ``replace`` an existing ``final`` wins (another process finished first with
-    the same content) and ``tmp`` is discarded; with it, ``final`` is swapped out.
+    the same content) and ``tmp`` is discarded; with it, ``final`` is swapped out, and only
+    when the engine wrote it (:func:`engine.outputs.publish`; a world folder of an earlier
+    version, with its manifest but no output marker, is the engine's too).
     """
-    if final.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+    outputs.mark_output(tmp, "built-in world")
+    if final.exists() and not replace:
+        shutil.rmtree(tmp, ignore_errors=True)
         return
-    os.replace(tmp, final)
+    if replace and (final / MANIFEST).is_file() and not outputs.is_engine_output(final):
+        outputs.mark_output(final, "built-in world")  # an earlier version's build: adopted
+    outputs.publish(tmp, final, flag="world cache", overwrite=replace)
 
 
 def ensure_built(final: Path, build: Callable[[Path], None], *, message: str | None = None,
@@ -154,7 +152,7 @@ def ensure_built(final: Path, build: Callable[[Path], None], *, message: str | N
             return final
         if locked:  # no one else is building: temporary folders left are from killed builds
             for stale in final.parent.glob(f".{final.name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                outputs.remove_engine_temp(stale)
         if message:
             print(message, file=sys.stderr, flush=True)
         for old in (p for p in older_versions() if p not in _told):
