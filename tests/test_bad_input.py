@@ -421,19 +421,19 @@ def test_runner_refuses_a_stage_name_that_escapes_even_unvalidated(tmp_path, tin
     assert not (tmp_path / "escaped").exists()
 
 
-def test_a_symlinked_stage_folder_is_replaced_not_followed(tmp_path, tiny_model, text_file,
-                                                           test_plugin, capsys):
+def test_a_symlinked_stage_folder_is_refused_not_followed(tmp_path, tiny_model, text_file,
+                                                          test_plugin, capsys):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "precious.txt").write_text("keep me")
     work = tmp_path / "w"
     work.mkdir()
     (work / "copied").symlink_to(outside, target_is_directory=True)
-    assert cli(capsys, "run", _copy_recipe(tmp_path, tiny_model, text_file),
-               "--workdir", work).rc == 0
+    result = cli(capsys, "run", _copy_recipe(tmp_path, tiny_model, text_file), "--workdir", work)
+    assert result.rc == 2
+    assert "stage 'copied'" in result.err and "lingoforge did not write" in result.err
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
     assert (outside / "precious.txt").read_text() == "keep me"
-    # the stage folder now links to its kept version inside the workdir, not outside
-    assert (work / "copied").resolve().parent == (work / ".stages" / "copied").resolve()
-    assert (work / "copied" / "model.safetensors").is_file()
+    # the user's link is neither followed nor replaced
+    assert (work / "copied").is_symlink() and (work / "copied").resolve() == outside.resolve()
     assert not [p for p in work.iterdir() if p.name.startswith(".copied.")]
