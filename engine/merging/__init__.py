@@ -9,6 +9,8 @@ The public helpers a merge plugin uses (built-in or third-party):
 * :mod:`engine.merging.method` -- :class:`MergeMethod`, the base class of a merge
   method: it declares ``name`` and ``Params`` and writes the arithmetic on one tensor;
   the engine resolves and checks every param, trims and streams;
+* :mod:`engine.merging.counts` -- how many models a method merges (``min_models``,
+  ``max_models``) and the refusal of other counts;
 * :mod:`engine.merging.gradients` -- layer gradients: a param written as a list of
   numbers, interpolated across the decoder layers (mergekit's convention);
 * :mod:`engine.merging.trims` -- magnitude trims: top-``density`` and magnitude bands,

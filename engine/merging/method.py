@@ -37,6 +37,7 @@ from engine.artifacts import ModelArtifact
 from engine.context import StageContext
 from engine.errors import MergeError
 from engine.inputs import StageInputs
+from engine.merging.counts import check_model_count, probe_count
 from engine.merging.execute import execute_merge
 from engine.merging.gradients import (
     gradient_fields,
@@ -57,7 +58,7 @@ from engine.merging.params import (
 from engine.merging.streaming import Positionwise, PositionwiseMerge
 from engine.merging.trims import MagnitudeBand, band_trim_
 
-__all__ = ["MergeMethod", "ResolvedParams", "TensorSlice", "model_count", "probe_count"]
+__all__ = ["MergeMethod", "ResolvedParams", "TensorSlice"]
 
 
 @dataclass(frozen=True)
@@ -175,32 +176,6 @@ def _input_layers(inputs: StageInputs) -> int | None:
     return layer_count(configs)
 
 
-_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-def _number(n: int) -> str:
-    return _NUMBERS[n] if 0 <= n < len(_NUMBERS) else str(n)
-
-
-def model_count(method: Any) -> tuple[int, int | None]:
-    """``(min_models, max_models)`` a merge implementation declares (a plain object
-    without them: ``(1, None)``); ValueError for a range that is not one."""
-    low, high = getattr(method, "min_models", 1), getattr(method, "max_models", None)
-    name = getattr(method, "name", type(method).__name__)
-    if not isinstance(low, int) or isinstance(low, bool) or low < 1:
-        raise ValueError(f"merge method {name!r}: min_models must be an integer >= 1, got {low!r}")
-    if high is not None and (not isinstance(high, int) or isinstance(high, bool) or high < low):
-        raise ValueError(f"merge method {name!r}: max_models must be None or an integer >= "
-                         f"min_models ({low}), got {high!r}")
-    return low, high
-
-
-def probe_count(method: Any, wanted: int = 3) -> int:
-    """The number of models nearest ``wanted`` that ``method`` merges."""
-    low, high = model_count(method)
-    return max(low, wanted) if high is None else min(max(low, wanted), high)
-
-
 class _MethodStep(Positionwise):
     """A :class:`MergeMethod`'s step for one set of params, as the engine runs it."""
 
@@ -285,7 +260,7 @@ class MergeMethod:
                   ) -> list[tuple[re.Pattern[str] | None, Family]]:
         """Plain params and each override, resolved (per layer where a param is a layer
         gradient; at each anchor when ``n_layers`` is unknown), checked and probed."""
-        self._check_count(names)
+        check_model_count(self, names)
         out: list[tuple[re.Pattern[str] | None, Family]] = [
             (None, _family(params, names, "params", n_layers))]
         for i, (pattern, p) in enumerate(resolve_overrides(params)):
@@ -295,20 +270,6 @@ class MergeMethod:
             for p in family.values():
                 self._check_resolved(p)
         return out
-
-    def _check_count(self, names: Sequence[str]) -> None:
-        """Refuse a number of models outside ``[min_models, max_models]``."""
-        low, high = model_count(self)
-        if low <= len(names) and (high is None or len(names) <= high):
-            return
-        if high == low:
-            wanted = f"merges exactly {_number(low)} model{'s' if low != 1 else ''}"
-        elif high is None:
-            wanted = f"needs at least {_number(low)} model{'s' if low != 1 else ''}"
-        else:
-            wanted = f"merges {_number(low)} to {_number(high)} models"
-        raise MergeError(f"{self.name} {wanted} (recipe key 'models'), got {len(names)}: "
-                         f"{list(names)}")
 
     def _check_resolved(self, p: ResolvedParams) -> None:
         prefix = "" if p.where == "params" else f"{p.where}: "

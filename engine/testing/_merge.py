@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import tempfile
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from engine.artifacts import ModelArtifact
 from engine.inputs import StageInputs
-from engine.merging.method import model_count, probe_count
+from engine.merging.counts import model_count
 from engine.merging.overrides import EXECUTION_FIELDS
 from engine.stages import MERGE
 from engine.testing._instrument import (
@@ -25,7 +25,7 @@ from engine.testing._instrument import (
     _same_layout,
     _size,
 )
-from engine.testing.builders import family_names, shared_family
+from engine.testing._merge_inputs import Models, choose_models
 from engine.testing.conformance import (
     Checker,
     ConformanceReport,
@@ -50,10 +50,6 @@ DEFAULT_MODELS = 3
 COUNTS = "refuses other model counts"
 OVERRIDES = "overrides change only matching tensors"
 OVERRIDES_REFUSED = "refuses overrides it cannot apply"
-
-#: what ``models=`` may be: a count, names of the family's models, or {name: folder}
-Models = int | Sequence[str] | Mapping[str, Path]
-
 
 def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
                        variations: Mapping[str, Any] | None = None,
@@ -112,68 +108,12 @@ def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
     _check_params(c, base_params)
     with c.prop("declares how many models it merges"):
         model_count(impl)
-    base, chosen = _choose_models(c, family, models)
+    base, chosen = choose_models(c, family, models, DEFAULT_MODELS)
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lf-merge-")))
         _MergeChecks(c, base, chosen, Path(workdir), base_params, dict(variations or {})).run()
     return c.report
-
-
-def _choose_models(c: Checker, family: Mapping[str, Path] | None,
-                   models: Models | None) -> tuple[Path, dict[str, Path]]:
-    """The base folder and ``{name: folder}`` of the merged models."""
-    low, high = model_count(c.impl)
-    if isinstance(models, Mapping):
-        base = Path(family["base"]) if family is not None else shared_family(1)["base"]
-        chosen = {str(k): Path(v) for k, v in models.items()}
-    else:
-        if family is None:
-            if models is None or isinstance(models, int):
-                n = probe_count(c.impl, DEFAULT_MODELS) if models is None else models
-                fam = shared_family(max(n, 1))
-                names = [k for k in fam if k != "base"][:n]
-            else:
-                names = [str(m) for m in models]
-                known = family_names(26)
-                unknown = [m for m in names if m not in known[1:]]
-                if unknown:
-                    raise ValueError(f"models={list(names)!r}: the kit's family has models "
-                                     f"{list(known[1:4])}, ... (not {unknown}); pass family= "
-                                     "with yours, or models={name: folder}")
-                fam = shared_family(max(known.index(m) for m in names))
-        else:
-            fam = {str(k): Path(v) for k, v in family.items()}
-            if "base" not in fam:
-                raise ValueError(f"family={sorted(fam)!r} has no 'base'")
-            available = [k for k in fam if k != "base"]
-            if models is None:
-                n = probe_count(c.impl, DEFAULT_MODELS)
-                n = n if len(available) >= n or len(available) < low else len(available)
-                names = available[:n]
-            elif isinstance(models, int):
-                names = available[:models]
-                if len(names) < models:
-                    raise ValueError(f"models={models} but the family has {len(available)} "
-                                     f"models besides the base ({available})")
-            else:
-                names = [str(m) for m in models]
-                unknown = [m for m in names if m not in available]
-                if unknown:
-                    raise ValueError(f"models={names!r} names {unknown}, not models of the "
-                                     f"family ({available})")
-        if len(names) < low:
-            raise ValueError(
-                f"{c.kind} plugin {c.name!r} merges at least {low} models but the family has "
-                f"{len(names)} besides the base: pass a larger family, e.g. "
-                f"build_family(root, names=family_names({low})), or leave family= out")
-        base = fam["base"]
-        chosen = {m: fam[m] for m in names}
-    if len(chosen) < low or (high is not None and len(chosen) > high):
-        raise ValueError(
-            f"models= gives {len(chosen)} models ({list(chosen)}) but {c.kind} plugin {c.name!r} "
-            f"declares min_models={low}, max_models={high}: check it with a count it merges")
-    return Path(base), chosen
 
 
 class _MergeChecks:
