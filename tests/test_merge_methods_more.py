@@ -1,6 +1,6 @@
 """slerp, model-stock, della, della-linear and passthrough: each formula on small tensors
 computed by hand, the errors for params that cannot work, and merges of the tiny family
-(slerp's, whose two-model input the conformance suite's three models do not fit)."""
+(the conformance suite checks each of them too: slerp on two models)."""
 
 from __future__ import annotations
 
