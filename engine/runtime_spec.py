@@ -53,7 +53,7 @@ class RuntimeSpec(_Strict):
         False, description="Under several processes (torchrun/accelerate launch), shard a trained model's "
         "parameters, gradients and optimizer state across them (torch FSDP2, each decoder layer and the "
         "root) instead of giving every process a whole copy, for models that do not fit one device; "
-        "the result matches one process. No resumable checkpoints are saved with it; not with lora. "
+        "the result matches one process. Resumable checkpoints work as without it; not with lora. "
         "Ignored by one process.")
 
     @field_validator("threads", mode="before")

@@ -135,8 +135,11 @@ def _shard(batch: Batch, rank: int, world: int) -> Batch:
 
 
 def _restore(checkpoint: Checkpoint, named: list[tuple[str, torch.nn.Parameter]],
-             optimizer: torch.optim.Optimizer, hp: TrainerParams) -> None:
-    """Load a checkpoint's trainable tensors and optimizer state (before ``prepare``)."""
+             optimizer: torch.optim.Optimizer, hp: TrainerParams,
+             sharded: torch.nn.Module | None = None) -> None:
+    """Load a checkpoint's trainable tensors and optimizer state (before ``prepare``);
+    ``sharded``: the :func:`~engine.distributed.shard_model` model ``named`` belongs to,
+    whose processes each keep their shards of the whole tensors."""
     names = {n for n, _ in named}
     if set(checkpoint.trainable) != names:
         diff = sorted(set(checkpoint.trainable) ^ names)[:6]
@@ -148,8 +151,12 @@ def _restore(checkpoint: Checkpoint, named: list[tuple[str, torch.nn.Parameter]]
             if t.shape != p.shape:
                 raise TrainingError(f"checkpoint {checkpoint.path}: tensor {name!r} has shape "
                                     f"{tuple(t.shape)}, the model's is {tuple(p.shape)}")
-            p.copy_(t)
-    optimizer.load_state_dict(checkpoint.optimizer)
+            if sharded is None:
+                p.copy_(t)
+    if sharded is not None:
+        distributed.load_full_train_state(sharded, optimizer, checkpoint.trainable, checkpoint.optimizer)
+    else:
+        optimizer.load_state_dict(checkpoint.optimizer)
     for group in optimizer.param_groups:  # the schedule is rebuilt from the step
         group["lr"] = hp.lr
         group.pop("initial_lr", None)
@@ -219,9 +226,6 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         trainable = [p for _, p in named]
         context.note("fsdp_processes", world)
-        if params.checkpoint_interval > 0:
-            context.slow_path("checkpoint", "fsdp", "runtime.fsdp: no resumable checkpoints are saved "
-                              "(a killed stage starts over)")
     if params.grad_accum > 1 or world > 1:  # one micro-batch on one process: the same either way
         context.slow_path("num_items_in_batch", type(model).__name__, loss_scaling_path(model, device))
     if params.optimizer == "paged-adamw-8bit":
@@ -239,10 +243,10 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
 
     ckpt_root = getattr(context, "checkpoint_dir", None)
     checkpoints = (CheckpointDir(ckpt_root, keep=params.keep_checkpoints)
-                   if ckpt_root is not None and params.checkpoint_interval > 0 and twin is None else None)
+                   if ckpt_root is not None and params.checkpoint_interval > 0 else None)
     resumed = checkpoints.load_latest() if checkpoints is not None else None
     if resumed is not None:
-        _restore(resumed, named, optimizer, params)
+        _restore(resumed, named, optimizer, params, sharded=model if twin is not None else None)
         state = TrainState(step=resumed.step, tokens=int(resumed.state["tokens"]),
                            last_loss=resumed.state.get("last_loss"))
         context.add_tokens(state.tokens)  # the record counts the whole stage's tokens
@@ -261,10 +265,13 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     start = state.step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
         start + i, total=params.steps, warmup=params.warmup_steps, schedule=params.schedule))
+    plain_optimizer = optimizer  # what a sharded model's checkpoints gather the state of
     if twin is None:
         model, optimizer = accelerator.prepare(model, optimizer)
+        skip_sync = accelerator.no_sync  # DDP's no_sync (nothing to skip on one process)
     else:  # sharded already (accelerate would add DDP on top)
         optimizer = accelerator.prepare(optimizer)
+        skip_sync = distributed.no_sync  # accelerate's no_sync knows FSDP2 only as its own back-end
     model.train()
     if resumed is not None:
         restore_rng(resumed.rng, resumed.state.get("python_rng"))
@@ -314,9 +321,13 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     def save_checkpoint() -> None:
         if pending:
             flush()  # a checkpoint is saved only after its losses were checked finite
+        if twin is not None:  # every process takes part in gathering the shards, the main one saves
+            whole, optimizer_state = distributed.full_train_state(model, plain_optimizer)
         if main:
-            checkpoints.save(step=state.step, trainable={n: p for n, p in named},
-                             optimizer=optimizer.state_dict(), log_file=log_path,
+            if twin is None:
+                whole, optimizer_state = {n: p for n, p in named}, optimizer.state_dict()
+            checkpoints.save(step=state.step, trainable=whole,
+                             optimizer=optimizer_state, log_file=log_path,
                              state={"tokens": state.tokens, "last_loss": state.last_loss,
                                     "micro_batches": state.step * params.grad_accum,
                                     "train_seconds": earlier_s + time.perf_counter() - began,
@@ -341,7 +352,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
                          for name, t in _shard(batch, rank, world).items()}
                 batch = model_inputs(batch, flat)  # document packing: no KV cache, maybe one row
                 sync = k == len(micro) - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
+                with nullcontext() if sync else skip_sync(model):
                     # each process divides by its share of the targets: the averaged
                     # gradient is then the gradient of the global mean loss
                     loss = model(**batch, num_items_in_batch=targets / world if world > 1 else targets).loss
