@@ -40,7 +40,7 @@ def build_llama(folder: Path, *, layers: int, hidden: int, vocab: int, intermedi
 
 
 def context(workdir: Path, name: str) -> Any:
-    from engine.context import Runtime, StageContext
+    from engine.run.context import Runtime, StageContext
 
     out = workdir / name
     out.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,8 @@ def step_flops(layers: int, seq_len: int, train_head: bool) -> float:
 
 
 def child(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) -> None:
-    from engine import arch
-    from engine.training import TrainerParams, train
+    from engine.models import arch
+    from engine.training.loop import TrainerParams, train
 
     torch.set_num_threads(2)
     base_rss = h.peak_rss_mb()

@@ -3,7 +3,7 @@
 What it measures, on a randomly initialised Llama big enough that the forward pass
 dominates (default 12 layers, hidden 384, vocab 8192; nothing is downloaded):
 
-* **perplexity path**: ``engine.scoring.score_spans`` over documents of 64..256
+* **perplexity path**: ``engine.evaluation.scoring.score_spans`` over documents of 64..256
   tokens versus *one plain batched forward per batch* over exactly the same batches
   (same right padding, ``use_cache=False``, full logits, no log-softmax). The ratio
   ``score / plain`` in tokens per second is the overhead of everything the engine
@@ -34,8 +34,8 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.scoring import batch_order, score_spans
-from engine.spans import Span
+from engine.evaluation.scoring import batch_order, score_spans
+from engine.evaluation.spans import Span
 
 
 def build_model(layers: int, hidden: int, vocab: int) -> LlamaForCausalLM:

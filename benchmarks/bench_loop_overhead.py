@@ -25,7 +25,7 @@ VOCAB = 4096
 
 
 def plain(model: torch.nn.Module, batches, steps: int, lr: float) -> list[float]:
-    from engine.training import lr_factor
+    from engine.training.loop import lr_factor
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total=steps, warmup=1, schedule="cosine"))
@@ -45,7 +45,7 @@ def plain(model: torch.nn.Module, batches, steps: int, lr: float) -> list[float]
 
 
 def engine_loop(model: torch.nn.Module, batches, steps: int, lr: float, work: Path) -> list[float]:
-    from engine.training import TrainerParams, train
+    from engine.training.loop import TrainerParams, train
 
     times: list[float] = []
 

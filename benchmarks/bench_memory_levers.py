@@ -72,8 +72,8 @@ def saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
 
 
 def child(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) -> None:
-    from engine import levers
-    from engine.training import TrainerParams, train
+    from engine.training import levers
+    from engine.training.loop import TrainerParams, train
 
     torch.set_num_threads(2)
     model = h.context(h.scratch(), "load").load_model(model_dir, dtype=torch.float32)

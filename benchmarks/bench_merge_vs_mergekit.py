@@ -4,7 +4,7 @@ A base and three fine-tunes of a ~250M-parameter Llama (hidden 1024, 14 layers,
 vocab 32000; fp32, about 1 GB each, synthetic: random init plus small per-model
 perturbations) are merged with TIES at density 0.2 by
 
-* ``engine merge`` (``python -m engine.cli_merge``), with and without read-ahead, and
+* ``engine merge`` (``python -m engine.cli.merge``), with and without read-ahead, and
 * ``mergekit-yaml`` from its own virtual environment (``--lazy-unpickle``; 0.1.5's
   ``--low-cpu-memory`` only moves results to an accelerator, so it is not used on CPU),
 
@@ -36,8 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mergekit_oracle import build_family, compare, llama_config  # noqa: E402
 
-from engine import modelio  # noqa: E402
-from engine.merging.tensorio import read_tensor_infos  # noqa: E402
+from engine.models import modelio  # noqa: E402
+from engine.models.tensorio import read_tensor_infos  # noqa: E402
 
 
 def evict(folders: list[Path]) -> None:
@@ -72,7 +72,7 @@ def explain_mismatches(out_a: Path, out_b: Path, inputs: list[Path], density: fl
     import torch
 
     from engine.merging.arithmetic import keep_count
-    from engine.merging.tensorio import ModelReader
+    from engine.models.tensorio import ModelReader
 
     readers = [ModelReader(f, f.name) for f in [out_a, out_b, *inputs]]
     mismatched = explained = ambiguous_tensors = 0
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         read_s = plain_read(files)
         results["plain_read"] = {"s": read_s, "gb_per_s": size / 1e9 / read_s}
 
-        lf_cmd = [sys.executable, "-m", "engine.cli_merge", "--method", "ties", "--base", str(base),
+        lf_cmd = [sys.executable, "-m", "engine.cli.merge", "--method", "ties", "--base", str(base),
                   *[a for m in models for a in ("--model", str(m))], "-p", f"density={args.density}",
                   "--overwrite", "--no-cache"]  # every round merges (engine merge caches)
         runs = {

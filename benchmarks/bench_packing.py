@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.batching import packed_batches
-from engine.inputs import DataSource
-from engine.packing import model_inputs
+from engine.core.inputs import DataSource
 from engine.testing.builders import TINY_TEXT, build_tiny_llama, write_text_file
+from engine.training.batching import packed_batches
+from engine.training.packing import model_inputs
 
 
 def _cpu() -> str:

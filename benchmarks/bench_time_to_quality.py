@@ -6,7 +6,7 @@ Both start from ``tiny-base`` and train on ``lum/train.txt`` mixed 9:1 with
 ``lum/test.txt`` is measured with the clock paused, in two ways:
 
 * ``ppl`` (packed): the test documents joined with EOS and cut into 128-token blocks,
-  exactly the way the trainers pack their text (``engine.batching``: ``BOS text EOS``);
+  exactly the way the trainers pack their text (``engine.training.batching``: ``BOS text EOS``);
 * ``ppl_doc`` (document): each document on its own, after BOS, which is what the
   ``perplexity`` evaluation plugin reports (the same engine code computes it).
 
@@ -26,7 +26,7 @@ The figure is the wall time at which ELO's full model first reaches a target, as
 fraction of that target's CT run. Curves are written to ``--out`` (JSON).
 
 Until 2026-11-21 the trainers packed documents as ``text EOS`` while ``tiny-base`` was
-pretrained on ``BOS text EOS`` and the plugin scores ``BOS text``; ``engine.batching``
+pretrained on ``BOS text EOS`` and the plugin scores ``BOS text``; ``engine.training.batching``
 now starts every document with BOS, so training and both measures agree.
 
     flock /tmp/lingoforge-bench.lock python benchmarks/bench_time_to_quality.py
@@ -56,7 +56,7 @@ MEASURES = {"ppl": "packed perplexity", "ppl_doc": "document perplexity"}
 def eval_blocks(tokenizer: Any, path: Path, seq_len: int, *, bos: bool = False) -> torch.Tensor:
     """``path``'s documents packed as the trainers pack text: ``text EOS`` (``BOS text EOS``
     with ``bos``), concatenated and cut into ``seq_len`` blocks."""
-    from engine.batching import pack
+    from engine.training.batching import pack
 
     eos, start = tokenizer.eos_token_id, [tokenizer.bos_token_id] if bos else []
     docs = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -78,11 +78,11 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
 
 class DocumentPerplexity:
     """The ``perplexity`` plugin's measure on one text file: each document scored on
-    its own after BOS (``engine.tasks.plan_perplexity`` + ``EvalPlan.run``)."""
+    its own after BOS (``engine.evaluation.choices.plan_perplexity`` + ``EvalPlan.run``)."""
 
     def __init__(self, tokenizer: Any, path: Path, label: str, max_length: int = 512) -> None:
         from engine.api import DataSource
-        from engine.tasks import plan_perplexity, read_documents
+        from engine.evaluation.choices import plan_perplexity, read_documents
 
         source = DataSource(path, language=label)
         texts = read_documents([source], None, "bench")
@@ -164,11 +164,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "time_to_quality.json")
     a = ap.parse_args()
 
-    from engine import arch, world
+    from engine import world
     from engine.api import DataSource
-    from engine.batching import training_batches
-    from engine.modelio import load_tokenizer
-    from engine.training import TrainerParams, train
+    from engine.models import arch
+    from engine.models.modelio import load_tokenizer
+    from engine.training.batching import training_batches
+    from engine.training.loop import TrainerParams, train
     from engine_plugins.elo import prepare_submodel
     from engine_plugins.elo_align import reinsert
 

@@ -1,12 +1,12 @@
 """The token cache on a generated ~100 MB corpus: first tokenization, reuse, memory.
 
 * **build**: a fresh cache folder; the corpus is tokenized once into the cache
-  (:func:`engine.token_cache.documents`): wall time, tokens/s and CPU time / wall time
+  (:func:`engine.data.token_cache.documents`): wall time, tokens/s and CPU time / wall time
   (2.0 means both cores busy). The pre-cache path (``tokenizer(chunk)`` on 64
   documents at a time, as training tokenized before the cache) is timed on the first
   10 MB of the same corpus for comparison.
 * **reuse**: a new process over the same corpus and cache, as a second run would be:
-  time from calling :func:`engine.batching.packed_batches` to its first batch
+  time from calling :func:`engine.training.batching.packed_batches` to its first batch
   (key: tokenizer hash and the corpus's sha256; opening the memmap; filling the shuffle
   buffer). The target is under 5% of the build's time.
 * **ceiling**: the Rust tokenizer alone (``encode_batch_fast`` on the same batches,
@@ -93,8 +93,9 @@ def child(mode: str, corpus: Path, tok_dir: Path) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as engine's CLI sets it
     from transformers import AutoTokenizer
 
-    from engine import batching, token_cache
-    from engine.inputs import DataSource
+    from engine.core.inputs import DataSource
+    from engine.data import token_cache
+    from engine.training import batching
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     src = DataSource(path=corpus)
@@ -117,7 +118,7 @@ def child(mode: str, corpus: Path, tok_dir: Path) -> dict:
     if mode == "ceiling":  # the Rust tokenizer alone on the first 10 MB: batches, all cores, no I/O
         from itertools import islice
 
-        from engine.data import iter_texts
+        from engine.data.sources import iter_texts
 
         texts, budget, read = iter_texts(src), 10e6, 0
         batches = []
@@ -136,7 +137,7 @@ def child(mode: str, corpus: Path, tok_dir: Path) -> dict:
     if mode == "old":  # the pre-cache path: tokenizer(chunk of 64 documents)
         from itertools import islice
 
-        from engine.data import iter_texts
+        from engine.data.sources import iter_texts
 
         texts = iter_texts(src)
         n_tok = 0

@@ -29,8 +29,8 @@ intermediate 8192, vocab 128256; ``8b-8l``: Llama-3.1-8B's layer shape with 8 of
   (bitsandbytes LLM.int8) through :meth:`StageContext.load_model`;
 * ``merge``: TIES of 4 fine-tuned copies onto the base through the runner's merge
   stage, ``params.device`` cuda against cpu (wall seconds, the same output);
-* ``scoring``: :func:`engine.scoring.score_spans` over random spans, tokens/s;
-* next to every training figure, :mod:`engine.estimate`'s peak estimate for it.
+* ``scoring``: :func:`engine.evaluation.scoring.score_spans` over random spans, tokens/s;
+* next to every training figure, :mod:`engine.recipe.estimate`'s peak estimate for it.
 """
 
 from __future__ import annotations
@@ -101,9 +101,10 @@ def _peak_gb(device: torch.device) -> float | None:
 def train_case(name: str, work: Path, source: Path, shape: dict[str, int], device: torch.device,
                *, elo: bool = False, frozen_8bit: bool = False) -> dict[str, Any]:
     """One training case through the engine's loop; tokens/s of the second half of the steps."""
-    from engine import arch, estimate
+    from engine.models import arch
+    from engine.recipe import estimate
     from engine.testing.builders import make_stage_context
-    from engine.training import LOG_FILE, TrainerParams, train
+    from engine.training.loop import LOG_FILE, TrainerParams, train
     from engine_plugins.elo import prepare_submodel
 
     micro, seq, steps = RUN["gpu" if device.type == "cuda" else "tiny"]
@@ -164,10 +165,10 @@ def merge_case(work: Path, base: Path, shape: dict[str, int], devices: list[str]
 
 
 def scoring_case(source: Path, shape: dict[str, int], device: torch.device) -> dict[str, Any]:
-    """:func:`engine.scoring.score_spans` over random spans: tokens/s (second pass timed)."""
-    from engine import modelio
-    from engine.scoring import score_spans
-    from engine.spans import Span
+    """:func:`engine.evaluation.scoring.score_spans` over random spans: tokens/s (second pass timed)."""
+    from engine.evaluation.scoring import score_spans
+    from engine.evaluation.spans import Span
+    from engine.models import modelio
 
     micro, seq, _ = RUN["gpu" if device.type == "cuda" else "tiny"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -194,7 +195,7 @@ def fits(shape: dict[str, int], device: torch.device) -> bool:
     """Whether full CT of ``shape`` (fp32 weights + AdamW + activations) fits the device."""
     if device.type != "cuda":
         return True
-    from engine import estimate
+    from engine.recipe import estimate
 
     micro, seq, _ = RUN["gpu"]
     s = estimate.Shape(**{k: shape[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")})
@@ -225,7 +226,7 @@ def run_check(out_dir: Path, *, tiny: bool, time_limit: float = 420.0) -> dict[s
             entry: dict[str, Any] = {"shape": shape}
             result["shapes"][name] = entry
             if not fits(shape, device):
-                entry["skipped"] = "full CT does not fit this device's memory (engine.estimate)"
+                entry["skipped"] = "full CT does not fit this device's memory (engine.recipe.estimate)"
                 continue
             if time.perf_counter() - began > time_limit:
                 entry["skipped"] = f"time limit {time_limit:.0f}s reached"

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from engine.merging.tensorio import ModelReader, PlannedTensor, ShardedWriter, read_tensor_infos
+from engine.models.tensorio import ModelReader, PlannedTensor, ShardedWriter, read_tensor_infos
 
 __all__ = ["build_family", "compare", "llama_config", "run_lingoforge", "run_mergekit"]
 
@@ -100,7 +100,7 @@ def build_family(root: Path, cfg: dict[str, Any], n_models: int, *, seed: int = 
 def run_lingoforge(method: str, base: Path | None, models: list[Path], out: Path,
                    params: dict[str, Any], *, python: str = sys.executable) -> None:
     """``engine merge`` in a subprocess (as a user runs it)."""
-    cmd = [python, "-m", "engine.cli_merge", "--method", method, "--out", str(out), "--overwrite"]
+    cmd = [python, "-m", "engine.cli.merge", "--method", method, "--out", str(out), "--overwrite"]
     if base is not None:
         cmd += ["--base", str(base)]
     for m in models:

@@ -123,7 +123,7 @@ class Lab:
     def __init__(self, lum_train: Path, align: Path, eval_path: Path, eval_label: str) -> None:
         from engine import world
         from engine.api import DataSource
-        from engine.modelio import load_tokenizer
+        from engine.models.modelio import load_tokenizer
 
         self.stages = {s["name"]: s for s in P.recipe_stages(RECIPE)}
         self.base = world.model_path("tiny-base")
@@ -136,7 +136,7 @@ class Lab:
         self.work = Path(tempfile.mkdtemp(prefix="repro-elo-"))
 
     def params(self, stage: str, **over: Any) -> Any:
-        from engine.training import TrainerParams
+        from engine.training.loop import TrainerParams
 
         p = {k: v for k, v in self.stages[stage]["params"].items() if k in TrainerParams.model_fields}
         p.update(log_every=10, checkpoint_every=0)
@@ -144,7 +144,7 @@ class Lab:
         return TrainerParams(**p)
 
     def stream(self, sources: list[Any], p: Any) -> Iterator[Any]:
-        from engine.batching import training_batches
+        from engine.training.batching import training_batches
 
         return training_batches(self.tok, sources, seq_len=p.seq_len, batch_size=p.micro_batch_size, seed=p.seed)
 
@@ -160,7 +160,7 @@ class Lab:
         return f["total"]
 
     def ct_curve(self, seed: int, steps: int, every: int, lr: float | None = None) -> list[dict[str, float]]:
-        from engine.training import train
+        from engine.training.loop import train
 
         over = {"steps": steps, "seed": seed} | ({"lr": lr} if lr else {})
         p = self.params("ct-lum", **over)
@@ -180,8 +180,8 @@ class Lab:
 
     def elo_curve(self, seed: int, steps: int, every: int, *, embeddings: bool, lr: float | None = None,
                   head_only: bool = False) -> list[dict[str, float]]:
-        from engine import arch
-        from engine.training import train
+        from engine.models import arch
+        from engine.training.loop import train
         from engine_plugins.elo import prepare_submodel
         from engine_plugins.elo_align import reinsert
 

@@ -64,7 +64,7 @@ TARGET_GAP = 0.05
 
 def records_in(builtin: str) -> int:
     from engine import world
-    from engine.data import count_records
+    from engine.data.files import count_records
 
     return count_records(world.data_path(builtin))
 

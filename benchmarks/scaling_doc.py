@@ -1,7 +1,7 @@
-"""Generate docs/scaling.md from engine.estimate: ``python benchmarks/scaling_doc.py > docs/scaling.md``.
+"""Generate docs/scaling.md from engine.recipe.estimate: ``python benchmarks/scaling_doc.py > docs/scaling.md``.
 
 Every figure in the page is computed here from Llama-3.1-8B's shape by
-:mod:`engine.estimate` (memory) and :func:`flops_per_token` (the relative cost of a
+:mod:`engine.recipe.estimate` (memory) and :func:`flops_per_token` (the relative cost of a
 step); tests/test_estimate.py checks that the page equals this output.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import estimate  # noqa: E402
-from engine.estimate import GiB, Shape, TrainSetup  # noqa: E402
+from engine.recipe import estimate  # noqa: E402
+from engine.recipe.estimate import GiB, Shape, TrainSetup  # noqa: E402
 
 LLAMA_8B = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
 DEVICE_GIB = 80

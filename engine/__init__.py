@@ -1,7 +1,7 @@
 """lingoforge: adapt multilingual LLMs to new and updated languages cheaply.
 
 The engine runs recipes (YAML pipelines of stages) whose stages are implemented by
-pluggy plugins; see :mod:`engine.hookspecs` for the contract and :mod:`engine.api`
+pluggy plugins; see :mod:`engine.registry.hookspecs` for the contract and :mod:`engine.api`
 for what plugins import.
 """
 

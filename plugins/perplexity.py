@@ -8,8 +8,8 @@ batching or document order)::
 
     ppl = exp( sum_docs sum_{t>=1} -log p(x_t | x_<t) / number of predicted tokens )
 
-Long documents are scored with a sliding window (see :mod:`engine.spans`). The plan
-itself lives in :mod:`engine.tasks` (``plan_perplexity``), shared with ``retention``.
+Long documents are scored with a sliding window (see :mod:`engine.evaluation.spans`). The plan
+itself lives in :mod:`engine.evaluation.choices` (``plan_perplexity``), shared with ``retention``.
 
 Metrics per model: ``ppl/<label>``, counted in predicted tokens; ``<label>`` is the
 source's language, or its file stem. Perplexities of models with *different

@@ -3,7 +3,7 @@
 Adapting a model to a new language must not cost its English. This evaluator scores
 every model of the stage *and* a reference (usually the base model the others were
 trained or merged from) on source-language data, with exactly the metrics of
-``perplexity`` and ``task-accuracy`` (the plans in :mod:`engine.tasks`), and reports
+``perplexity`` and ``task-accuracy`` (the plans in :mod:`engine.evaluation.choices`), and reports
 each model's change against the reference, so "English preserved" is one number:
 
 * ``retention_ppl/<label> = ppl_reference / ppl_model`` (likewise ``retention_bpb``):

@@ -20,10 +20,10 @@ choice. Choices are appended to the context as written (no delimiter is inserted
 so a file whose prompts end in ``"Answer:"`` writes its choices as ``" blue"``.
 Every choice of every item is one span (context + choice). The choices of one item
 share their context, so by default the context is run once and its KV cache reused for
-every choice (``share_prefix``; see :mod:`engine.scoring`).
+every choice (``share_prefix``; see :mod:`engine.evaluation.scoring`).
 
 **Generation** (``{"prompt", "answer"}`` or ``{"prompt", "answers": [...]}``): the model
-continues the prompt greedily (:mod:`engine.generation`) until EOS, ``max_new_tokens``
+continues the prompt greedily (:mod:`engine.evaluation.generation`) until EOS, ``max_new_tokens``
 or the first ``stop`` string (searched after the output's leading whitespace; the text
 is cut before it). The output and each accepted answer are normalised alike (surrounding
 whitespace stripped; punctuation dropped with ``ignore_punctuation``; case-folded with
@@ -48,7 +48,7 @@ when the model wants one: none is added); ``fewshot_separator`` is then unused.
 Whether the template was applied to each model is in report.json under the stage's
 ``notes.chat_template``. Metrics per model: ``acc/<label>`` and ``acc_norm/<label>`` per choice source,
 ``exact_match/<label>`` per generation source; counts: the number of items. The item
-logic lives in :mod:`engine.tasks`, shared with ``retention``.
+logic lives in :mod:`engine.evaluation.choices`, shared with ``retention``.
 """
 
 from __future__ import annotations

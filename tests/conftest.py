@@ -87,7 +87,7 @@ def test_plugin():
     """Register tests/engine_test_plugin.py for one test, then unregister it."""
     import engine_test_plugin
 
-    from engine.plugin_manager import pm
+    from engine.registry.manager import pm
 
     pm.register(engine_test_plugin, name="engine-test-plugin")
     try:

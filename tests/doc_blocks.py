@@ -55,7 +55,7 @@ def run(argv: list[str], cwd: Path, extra: list[str] | None = None) -> int:
         return 0
     import os
 
-    from engine.cli import main
+    from engine.cli.commands import main
 
     before = Path.cwd()
     os.chdir(cwd)

@@ -19,7 +19,7 @@ from engine.api import (
     StageInputs,
     hookimpl,
 )
-from engine.modelio import read_config
+from engine.models.modelio import read_config
 
 
 class CopyModel:

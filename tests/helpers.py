@@ -82,7 +82,7 @@ def ties_recipe(path: Path, family: dict[str, Path], name: str, **params) -> Pat
 
 def merge_impl(name: str):
     """The registered merge method ``name``."""
-    from engine.plugin_manager import implementations
+    from engine.registry.manager import implementations
 
     return implementations()["merge"][name].impl
 

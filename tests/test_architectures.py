@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import arch
 from engine.api import DataSource, ModelArtifact, StageInputs
-from engine.errors import TrainingError
+from engine.core.errors import TrainingError
+from engine.models import arch
 from engine_plugins.elo import ELO
 from engine_plugins.elo_align import ELOAlign
 

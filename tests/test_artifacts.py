@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from engine.artifacts import (
+from engine.core.artifacts import (
     ARTIFACT_TYPES,
     LAYERS_FILE,
     METRICS_FILE,
@@ -16,7 +16,7 @@ from engine.artifacts import (
     ModelArtifact,
     load_artifact,
 )
-from engine.stages import STAGE_KINDS
+from engine.core.stages import STAGE_KINDS
 
 
 def test_layer_selection_round_trips_through_its_folder(tmp_path):

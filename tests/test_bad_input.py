@@ -29,11 +29,11 @@ import torch
 from conftest import TINY_TEXT, build_tiny_llama, build_tokenizer
 from safetensors.torch import load_file, save_file
 
-from engine.cli import main
-from engine.data import iter_lines
-from engine.errors import DataError, ModelLoadError
-from engine.modelio import load_model
-from engine.runner import STAGE_FILE
+from engine.cli.commands import main
+from engine.core.errors import DataError, ModelLoadError
+from engine.data.files import iter_lines
+from engine.models.modelio import load_model
+from engine.run.runner import STAGE_FILE
 
 #: a refused input costs no more than starting the engine (importing torch and transformers
 #: takes 3-5 s of CPU on a cold, shared 2-core machine): a bound against work done before the
@@ -407,10 +407,10 @@ def _copy_recipe(tmp_path: Path, model: Path, data: Path) -> Path:
 def test_runner_refuses_a_stage_name_that_escapes_even_unvalidated(tmp_path, tiny_model,
                                                                      text_file, test_plugin):
     """Names are validated with the recipe; the runner checks again before writing."""
-    from engine.errors import EngineError
-    from engine.recipe import load_recipe
-    from engine.runner import Runner
-    from engine.validate import plan_recipe
+    from engine.core.errors import EngineError
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
+    from engine.run.runner import Runner
 
     recipe = _copy_recipe(tmp_path, tiny_model, text_file)
     plan = plan_recipe(load_recipe(recipe), recipe.parent, str(recipe))

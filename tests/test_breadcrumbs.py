@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from test_merge_plugins import assert_same_state, inputs, run, state
 
 from engine.merging import MagnitudeBand, arithmetic, execute, magnitude_band
-from engine.plugin_manager import implementations
+from engine.registry.manager import implementations
 
 
 def impl(name: str):

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.capabilities import CACHE_KEYWORDS, probe
-from engine.generation import StopRule, generate_greedy
-from engine.scoring import score_spans
-from engine.spans import continuation_span
+from engine.evaluation.generation import StopRule, generate_greedy
+from engine.evaluation.scoring import score_spans
+from engine.evaluation.spans import continuation_span
+from engine.models.capabilities import CACHE_KEYWORDS, probe
 
 
 class OldCacheName(torch.nn.Module):

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from engine.api import DataSource
-from engine.batching import Batch, training_batches
-from engine.checkpoint import CheckpointDir
-from engine.errors import TrainingError
-from engine.recipe import load_recipe
-from engine.runner import CHECKPOINTS_DIR, Runner
-from engine.training import KILL_ENV, LOG_FILE, TrainerParams, train
-from engine.validate import plan_recipe
+from engine.core.errors import TrainingError
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.runner import CHECKPOINTS_DIR, Runner
+from engine.training.batching import Batch, training_batches
+from engine.training.checkpoint import CheckpointDir
+from engine.training.loop import KILL_ENV, LOG_FILE, TrainerParams, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

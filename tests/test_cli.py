@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from engine.cli import main
+from engine.cli.commands import main
 
 
 @pytest.fixture(autouse=True)

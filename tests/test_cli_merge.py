@@ -9,12 +9,12 @@ import pytest
 from safetensors.torch import save_file
 from test_merge_plugins import assert_same_state, edited_copy, in_memory, state
 
-from engine.cli_merge import add_parser, build_recipe, main
+from engine.cli.merge import add_parser, build_recipe, main
 from engine.merging import arithmetic
-from engine.recipe import parse_recipe
-from engine.runner import Runner
-from engine.stage_cache import STAGE_FILE
-from engine.validate import plan_recipe
+from engine.recipe.spec import parse_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.runner import Runner
+from engine.run.stage_cache import STAGE_FILE
 
 
 def args(fam, out, *extra: str) -> list[str]:
@@ -82,7 +82,7 @@ def test_linear_cli_merge_without_base(tiny_model_family, tmp_path):
     assert_same_state(out, {k: arithmetic.linear([a[k], c[k]], [1, 1]) for k in a})
 
 
-# --- engine merge runs through the runner (engine.runner.run_stage) -----------------------------
+# --- engine merge runs through the runner (engine.run.runner.run_stage) -----------------------------
 
 
 def test_cli_merge_output_carries_the_stage_marker_and_record(tiny_model_family, tmp_path):

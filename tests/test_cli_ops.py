@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import ct_stage, line_count_stage, write_recipe
 
-from engine.cli import main
+from engine.cli.commands import main
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ from engine.merging import (
     resolve_per_model,
     run_merge,
 )
-from engine.plugin_manager import implementations
+from engine.registry.manager import implementations
 from engine.testing import ConformanceError, check_plugin, write_text_file
 from engine.testing.conformance import quiet_context
 
@@ -208,7 +208,7 @@ class ToyMerge:
         if flaw == "whole-model loader":
             return _whole_model_merge(context, inputs)
         if flaw == "reads everything first":  # e.g. for global statistics, kept around
-            from engine.merging.tensorio import ModelReader
+            from engine.models.tensorio import ModelReader
 
             readers = [ModelReader(m.path, m.name) for m in [inputs.base, *inputs.models]]
             self.held = [r.get(name) for r in readers for name in r.infos]
@@ -411,7 +411,7 @@ class ToyTrainer:
         self.flaw = flaw
 
     def run(self, context, inputs: StageInputs, params):
-        from engine.arch import layer_of_key
+        from engine.models.arch import layer_of_key
 
         model = context.load_model(inputs.model, load_in_8bit=False, dtype=torch.float32)
         gen = torch.Generator().manual_seed(0 if self.flaw == "ignores seed" else params.seed)

@@ -28,7 +28,7 @@ from engine.api.merging import (
     run_merge,
     task_arithmetic_delta,
 )
-from engine.plugin_manager import implementations
+from engine.registry.manager import implementations
 from engine.testing import check_plugin
 from engine.testing._merge import COUNTS, OVERRIDES, OVERRIDES_REFUSED
 from engine.testing.conformance import quiet_context
@@ -108,7 +108,7 @@ def test_the_guides_two_model_plugin_computes_nearswap(nearswap, tiny_model_fami
 
 def test_engine_validate_refuses_the_two_model_plugin_with_three_models(nearswap, tiny_model_family,
                                                                        tmp_path, capsys):
-    from engine.cli import main
+    from engine.cli.commands import main
 
     recipe = write_recipe(tmp_path / "r.yaml", "ns", tiny_model_family, [
         {"name": "merged", "stage": "merge", "plugin": "nearswap", "models": ["a", "b", "c"]}])

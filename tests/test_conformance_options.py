@@ -11,7 +11,7 @@ import pytest
 from test_conformance import ToyAligner, ToyEvaluator, ToyMerge, ToySelector, ToyTrainer
 
 from engine.api import DataSource
-from engine.stages import STAGE_KINDS
+from engine.core.stages import STAGE_KINDS
 from engine.testing import check_options, check_plugin, write_text_file
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
@@ -124,7 +124,7 @@ def _table(header: str) -> str:
 
 def test_the_guide_shows_each_builders_signature_as_it_is():
     import engine.testing
-    from engine.api_reference import plain_signature
+    from engine.cli.api_reference import plain_signature
 
     first = [row.split(" | ")[0] for row in _table("| builder | what it builds |").splitlines()[2:]]
     shown = [m for cell in first for m in re.findall(r"`([a-z_]+)(\(.*?\)(?: -> [^`]+)?)`", cell)]

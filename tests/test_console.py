@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from engine.console import make_console, make_progress, run_log
+from engine.core.console import make_console, make_progress, run_log
 
 
 def test_off_a_terminal_lines_are_whole_plain_and_carry_no_source_location():

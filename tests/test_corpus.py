@@ -1,5 +1,5 @@
 """Corpora beyond one text file: parquet, folders of shards, broken shards, and what
-``engine validate`` says about them (engine.corpus, engine.data.resolve_data)."""
+``engine validate`` says about them (engine.data.shards, engine.data.resolve_data)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from engine.api import DataSource
-from engine.data import iter_texts, resolve_data
-from engine.errors import DataError, RecipeError
-from engine.recipe import DataSpec, load_recipe
-from engine.runner import Runner
-from engine.validate import plan_recipe
+from engine.core.errors import DataError, RecipeError
+from engine.data.sources import iter_texts, resolve_data
+from engine.recipe.spec import DataSpec, load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.runner import Runner
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -58,7 +58,7 @@ def test_parquet_without_the_text_column_names_file_and_columns(tmp_path):
 
 
 def test_validate_names_the_missing_parquet_column(tmp_path, tiny_model, test_plugin):
-    from engine.cli import main
+    from engine.cli.commands import main
 
     _parquet(tmp_path / "c.parquet", ["a doc"], column="content")
     recipe = _recipe(tmp_path, tiny_model, "c.parquet")

@@ -1,4 +1,4 @@
-"""Tokenizer coverage (engine.coverage): the numbers, the thresholds, and the warnings
+"""Tokenizer coverage (engine.models.tokenizer.coverage): the numbers, the thresholds, and the warnings
 ``engine validate`` prints for a language the tokenizer splits into bytes."""
 
 from __future__ import annotations
@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 from engine import world
-from engine.cli import main
-from engine.coverage import MAX_DOCUMENTS, load_backend, measure, measure_file, poor_coverage
+from engine.cli.commands import main
+from engine.models.tokenizer.coverage import (
+    MAX_DOCUMENTS,
+    load_backend,
+    measure,
+    measure_file,
+    poor_coverage,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
 from own_language_data import cyrillic  # noqa: E402

@@ -46,9 +46,9 @@ def serve() -> None:
     import torch
 
     torch.set_num_threads(1)  # one reduction order; and no OpenMP pool exists at fork time
-    import engine.cli
-    import engine.runner  # noqa: F401 - imported once here, not in every child
-    from engine.plugin_manager import load_plugins
+    import engine.cli.commands
+    import engine.run.runner  # noqa: F401 - imported once here, not in every child
+    from engine.registry.manager import load_plugins
 
     load_plugins()
     # transformers imports lazily: touch what the stages use, so that no child pays for it
@@ -56,9 +56,9 @@ def serve() -> None:
     import transformers
     from transformers.models.llama import modeling_llama
 
-    import engine.evaluation
+    import engine.evaluation.driver
     import engine.merging.execute
-    import engine.training
+    import engine.training.loop
 
     _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.LlamaConfig,
          transformers.PreTrainedTokenizerFast, modeling_llama.LlamaForCausalLM,
@@ -129,7 +129,7 @@ def assert_same_output(stage: str, got: Path, ref: Path, why: str) -> None:
     config (models), the same metrics (evaluation)."""
     import torch
 
-    from engine.runner import METRICS_FILE, STAGE_FILE
+    from engine.run.runner import METRICS_FILE, STAGE_FILE
 
     assert (got / STAGE_FILE).is_file(), f"{why}: {got} has no completion marker"
     if (ref / METRICS_FILE).is_file():
@@ -306,7 +306,7 @@ def _engine(*args: str) -> subprocess.Popen:
 @pytest.mark.slow
 def test_second_run_on_a_busy_workdir_is_refused_with_the_holders_pid(tmp_path, tiny_model,
                                                                        text_file):
-    from engine.workdir_lock import LOCK_FILE
+    from engine.run.lock import LOCK_FILE
 
     recipe = _slow_recipe(tmp_path, tiny_model, text_file)
     work = tmp_path / "w"
@@ -350,8 +350,8 @@ def test_second_run_on_a_busy_workdir_is_refused_with_the_holders_pid(tmp_path, 
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
-    from engine.errors import WorkdirBusy
-    from engine.workdir_lock import LOCK_FILE, WorkdirLock
+    from engine.core.errors import WorkdirBusy
+    from engine.run.lock import LOCK_FILE, WorkdirLock
 
     with WorkdirLock(tmp_path):
         with pytest.raises(WorkdirBusy, match=f"in use by pid {os.getpid()}"):

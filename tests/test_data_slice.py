@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 
 from engine.api import DataSource
-from engine.data import (
-    iter_choices,
-    iter_instructions,
-    iter_texts,
-    parse_record_range,
-    record_bounds,
-)
-from engine.errors import DataError, RecipeError
-from engine.recipe import DataSpec, load_recipe
-from engine.runner import Runner
-from engine.validate import plan_recipe
+from engine.core.errors import DataError, RecipeError
+from engine.data.files import iter_choices, iter_instructions, parse_record_range, record_bounds
+from engine.data.sources import iter_texts
+from engine.recipe.spec import DataSpec, load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.runner import Runner
 
 
 @pytest.mark.parametrize(("text", "total", "bounds"), [
@@ -132,7 +127,7 @@ def test_reading_a_range_that_no_longer_fits_names_file_and_field(tmp_path):
 
 
 def test_training_batches_see_only_the_range(tmp_path, tiny_tokenizer):
-    from engine.batching import training_batches
+    from engine.training.batching import training_batches
 
     sft = _write_lines(tmp_path / "s.jsonl", [json.dumps({"prompt": f"question {i}", "response": f" {i}"})
                                               for i in range(10)])
@@ -178,7 +173,7 @@ def test_the_range_is_part_of_the_cache_key(tmp_path, tiny_model, text_file, tes
 
 
 def test_validate_names_a_range_beyond_the_file(tmp_path, tiny_model, text_file, test_plugin):
-    from engine.cli import main
+    from engine.cli.commands import main
 
     recipe = _recipe(tmp_path, tiny_model, text_file, "0:1000")
     assert main(["validate", str(recipe)]) != 0

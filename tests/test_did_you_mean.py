@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cli import main
-from engine.suggest import did_you_mean, keys_at
+from engine.cli.commands import main
+from engine.core.suggest import did_you_mean, keys_at
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_nothing_close_gets_no_suggestion(validate):
 
 
 def test_did_you_mean_and_keys_at():
-    from engine.recipe import Recipe
+    from engine.recipe.spec import Recipe
 
     assert did_you_mean("densty", ["density", "weight"]) == "; did you mean 'density'?"
     assert did_you_mean("Density", ["density"]) == "; did you mean 'density'?"

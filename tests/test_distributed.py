@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.recipe import load_recipe
-from engine.runner import CHECKPOINTS_DIR, Runner
-from engine.training import KILL_ENV
-from engine.validate import plan_recipe
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.runner import CHECKPOINTS_DIR, Runner
+from engine.training.loop import KILL_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recipe_reference_is_current():
-    from engine.schema import markdown
+    from engine.recipe.schema import markdown
 
     current = (ROOT / "docs" / "recipe-reference.md").read_text()
     assert current == markdown(), "regenerate with: engine schema --markdown > docs/recipe-reference.md"
@@ -39,7 +39,7 @@ def test_constraints_pin_every_direct_dependency():
 
 
 def test_api_reference_is_current():
-    from engine.api_reference import markdown
+    from engine.cli.api_reference import markdown
 
     current = (ROOT / "docs" / "api-reference.md").read_text()
     assert current == markdown(), "regenerate with: engine schema --api > docs/api-reference.md"
@@ -48,7 +48,7 @@ def test_api_reference_is_current():
 def test_api_reference_covers_every_public_name():
     import importlib
 
-    from engine.api_reference import MODULES
+    from engine.cli.api_reference import MODULES
 
     text = (ROOT / "docs" / "api-reference.md").read_text()
     for module in MODULES:
@@ -57,7 +57,7 @@ def test_api_reference_covers_every_public_name():
 
 
 def test_plugin_guide_shows_the_example_and_the_stage_kinds_as_they_are():
-    from engine.schema import stage_kinds_table
+    from engine.recipe.schema import stage_kinds_table
 
     guide = (ROOT / "docs" / "plugins.md").read_text()
     example = (ROOT / "docs" / "examples" / "lingoforge_median.py").read_text()

@@ -1,4 +1,4 @@
-"""engine.estimate: the activation formula against autograd's saved tensors, parameter
+"""engine.recipe.estimate: the activation formula against autograd's saved tensors, parameter
 counts against real models, and the validate warning."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import estimate
-from engine.estimate import GiB, Shape, TrainSetup
+from engine.recipe import estimate
+from engine.recipe.estimate import GiB, Shape, TrainSetup
 from engine.testing import saved_activation_bytes
 
 #: the formula counts the big tensors; the rest (rsqrt scalars, int64 ids, rotary tables)
@@ -100,9 +100,9 @@ def _recipe(tmp_path: Path, tiny_model: Path, text_file: Path, memory_gb: float)
 
 
 def test_validate_warns_with_numbers_and_lever(tiny_model, text_file, tmp_path, capsys):
-    from engine.cli import main
-    from engine.recipe import load_recipe
-    from engine.validate import plan_recipe
+    from engine.cli.commands import main
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
 
     config = json.loads((tiny_model / "config.json").read_text())
     shape = Shape.from_config(config)
@@ -129,7 +129,7 @@ def test_validate_warns_with_numbers_and_lever(tiny_model, text_file, tmp_path, 
 
 
 def test_device_memory_defaults_to_ram_on_cpu():
-    from engine.context import Runtime
+    from engine.run.context import Runtime
 
     found = estimate.device_memory(Runtime(device="cpu"))
     assert found is not None and found[0] > GiB and "RAM" in found[1]
@@ -150,7 +150,7 @@ def test_scaling_doc_is_what_the_estimate_computes():
 
 
 def test_a_qlora_base_is_counted_at_its_quantised_size():
-    from engine.plugin_manager import implementations
+    from engine.registry.manager import implementations
 
     shape = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
     ct = implementations()["adapt-language"]["ct"].impl

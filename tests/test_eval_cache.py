@@ -1,4 +1,4 @@
-"""The evaluation cache (engine.eval_cache) through the real runner, and the evaluation
+"""The evaluation cache (engine.evaluation.cache) through the real runner, and the evaluation
 progress bar's counts with the real evaluators.
 
 Loads are counted from what the engine records for every model it really loads
@@ -16,9 +16,9 @@ import pytest
 from rich.progress import Progress
 
 from engine.api import DataSource, ModelArtifact, StageInputs
-from engine.context import Runtime, StageContext
-from engine.eval_cache import CACHE_DIR, model_content
-from engine.evaluation import EvalPlan, evaluate_models, plan_batches
+from engine.evaluation.cache import CACHE_DIR, model_content
+from engine.evaluation.driver import EvalPlan, evaluate_models, plan_batches
+from engine.run.context import Runtime, StageContext
 from engine.testing import run_recipe
 from engine.testing.builders import build_family, build_tiny_llama, write_choice_file
 from engine_plugins.task_accuracy import TaskAccuracy, load_items, plan_choices

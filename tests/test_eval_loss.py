@@ -21,10 +21,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from engine.api import DataSource, ModelArtifact, StageInputs
-from engine.batching import IGNORE_INDEX, training_batches
-from engine.errors import DataError, TrainingError
-from engine.packing import model_inputs
-from engine.training import KILL_ENV, LOG_FILE, TrainerParams, train
+from engine.core.errors import DataError, TrainingError
+from engine.training.batching import IGNORE_INDEX, training_batches
+from engine.training.loop import KILL_ENV, LOG_FILE, TrainerParams, train
+from engine.training.packing import model_inputs
 from engine_plugins.elo import ELO
 from engine_plugins.elo_align import ELOAlign
 from engine_plugins.sft import SFT
@@ -274,7 +274,7 @@ def test_trackers_get_eval_loss(tiny_model, marked_text, tmp_path, lingoforge_ru
 def test_loss_chart_draws_eval_loss_dashed(tmp_path):
     import xml.etree.ElementTree as ET
 
-    from engine.svg_charts import loss_svg
+    from engine.run.report.charts import loss_svg
 
     svg = "{http://www.w3.org/2000/svg}"
     log = [{"step": i, "loss": 3.0 - 0.1 * i, "tokens": 64 * i, "elapsed_s": 0.5 * i,
@@ -290,7 +290,7 @@ def test_loss_chart_draws_eval_loss_dashed(tmp_path):
 
 
 def test_eval_loss_under_bf16_autocast(make_context, tiny_model, tiny_tokenizer, marked_text):
-    from engine.levers import cpu_autocast_problem
+    from engine.training.levers import cpu_autocast_problem
 
     if cpu_autocast_problem():
         pytest.skip(cpu_autocast_problem())

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from engine import world
-from engine.coverage import load_backend, measure_file
-from engine.errors import ModelLoadError
-from engine.tokenizer_extend import extended_tokenizer_json
+from engine.core.errors import ModelLoadError
+from engine.models.tokenizer.coverage import load_backend, measure_file
+from engine.models.tokenizer.extend import extended_tokenizer_json
 
 DOC = "extend-tokenizer.md"
 SHORT = ["--set", "stages.ct-mine.params.steps=3", "--set", "stages.perplexity.params.max_documents=16"]

@@ -2,7 +2,7 @@
 
 The reference below generates the obvious way (one sequence at a time, the whole
 sequence re-run for every new token, no padding, no KV cache, argmax of the last
-logits) and shares no code with :mod:`engine.generation`; the engine's batched,
+logits) and shares no code with :mod:`engine.evaluation.generation`; the engine's batched,
 left-padded, cached loop must produce the same tokens and strings.
 """
 
@@ -21,13 +21,13 @@ from test_evaluate import build_short_context_llama, load_plain, run_plugin
 from transformers import AutoTokenizer
 
 from engine.api import DataSource, ModelArtifact, StageInputs
-from engine.context import Runtime, StageContext
-from engine.data import detect_format
-from engine.errors import DataError, EngineError, ModelLoadError
-from engine.evaluation import Generation, StopRule, generate_greedy
-from engine.recipe import load_recipe
-from engine.runner import Runner
-from engine.validate import plan_recipe
+from engine.core.errors import DataError, EngineError, ModelLoadError
+from engine.data.files import detect_format
+from engine.evaluation.driver import Generation, StopRule, generate_greedy
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.context import Runtime, StageContext
+from engine.run.runner import Runner
 from engine_plugins.task_accuracy import (
     AnswerMatch,
     TaskAccuracy,

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
-from engine import estimate  # noqa: E402
+from engine.recipe import estimate  # noqa: E402
 
 
 def test_gpu_check_tiny_writes_consistent_measurements(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from helpers import write_choice_task
 
 from engine.api import ModelArtifact, StageInputs
-from engine.errors import EngineError, ModelLoadError
+from engine.core.errors import EngineError, ModelLoadError
 from engine_plugins.lm_eval import (
     LmEval,
     flatten_results,
@@ -126,7 +126,7 @@ def _recipe(folder, model, include_path):
 
 def test_lm_eval_include_path_is_relative_to_the_recipe_not_the_cwd(tiny_model, tmp_path, monkeypatch,
                                                                     make_context):
-    from engine.cli import _plan
+    from engine.cli.commands import _plan
 
     project = tmp_path / "project"
     project.mkdir()
@@ -147,7 +147,7 @@ def test_lm_eval_include_path_is_relative_to_the_recipe_not_the_cwd(tiny_model, 
 
 def test_lm_eval_missing_include_path_is_a_validation_error_naming_the_field(tiny_model, tmp_path,
                                                                              monkeypatch):
-    from engine.cli import _plan
+    from engine.cli.commands import _plan
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tasks").mkdir()  # a folder of that name in the cwd must not be picked up

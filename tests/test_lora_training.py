@@ -16,10 +16,10 @@ from helpers import state
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from engine import modelio
 from engine.api import DataSource, LayerSelection, ModelArtifact, StageInputs
-from engine.errors import ModelLoadError, TrainingError
-from engine.lora_training import LLAMA_PROJECTIONS, LoraParams
+from engine.core.errors import ModelLoadError, TrainingError
+from engine.models import modelio
+from engine.training.lora import LLAMA_PROJECTIONS, LoraParams
 from engine_plugins.ct import CT
 from engine_plugins.elo import ELO
 from engine_plugins.sft import SFT
@@ -71,9 +71,9 @@ def test_lora_params_defaults_and_errors(monkeypatch):
 
 
 def test_validate_reports_missing_peft(tmp_path, tiny_model, instructions_file, monkeypatch):
-    from engine.errors import RecipeError
-    from engine.recipe import load_recipe
-    from engine.validate import plan_recipe
+    from engine.core.errors import RecipeError
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
 
     f = tmp_path / "r.yaml"
     f.write_text(textwrap.dedent(f"""
@@ -224,9 +224,9 @@ def test_ct_lora_on_chosen_layers_only(make_context, tiny_model, text_file):
 
 
 def test_recipe_sft_lora_adapter_then_evaluate(tmp_path, tiny_model, instructions_file, text_file):
-    from engine.recipe import load_recipe
-    from engine.runner import Runner
-    from engine.validate import plan_recipe
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
+    from engine.run.runner import Runner
 
     f = tmp_path / "r.yaml"
     f.write_text(textwrap.dedent(f"""

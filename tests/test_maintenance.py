@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
+from engine.cli.commands import main
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "maintenance.yaml"
 LANGS = ("lum", "dor", "vel")

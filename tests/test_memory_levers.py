@@ -9,13 +9,14 @@ import warnings
 import pytest
 import torch
 
-from engine import levers
 from engine.api import DataSource
-from engine.batching import training_batches
-from engine.errors import RecipeError, TrainingError
-from engine.recipe import load_recipe
-from engine.training import TrainerParams, train
-from engine.validate import plan_recipe
+from engine.core.errors import RecipeError, TrainingError
+from engine.models import attention
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.training import levers
+from engine.training.batching import training_batches
+from engine.training.loop import TrainerParams, train
 
 STEPS = 3
 
@@ -105,7 +106,7 @@ def test_checkpointing_full_model_same_loss_and_trains(make_context, tiny_model,
 
 def test_checkpointing_lora_same_loss_and_trains(make_context, tiny_model, tiny_tokenizer, text_file):
     pytest.importorskip("peft")
-    from engine.lora_training import LoraParams, apply_lora
+    from engine.training.lora import LoraParams, apply_lora
 
     ctx = make_context("loader")
     lora = LoraParams(r=4, alpha=8)
@@ -184,12 +185,12 @@ def test_runtime_attention_chooses_the_kernel(make_context, tiny_model, monkeypa
         assert ctx.stats.notes["attention"] == {tiny_model.name: expected}
         assert (f"attention: {tiny_model.name}" in ctx.stats.notes.get("slow_paths", {})) == (expected == "eager")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(levers, "flash_attn_available", lambda: True)
-    assert levers.resolve_attention("auto", cuda, torch.bfloat16) == "flash_attention_2"
-    assert levers.resolve_attention("auto", cuda, torch.float32) is None  # sdpa (transformers' pick)
-    assert levers.resolve_attention("auto", cpu, torch.bfloat16) is None
-    monkeypatch.setattr(levers, "flash_attn_available", lambda: False)
-    assert levers.resolve_attention("auto", cuda, torch.bfloat16) is None
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    assert attention.resolve_attention("auto", cuda, torch.bfloat16) == "flash_attention_2"
+    assert attention.resolve_attention("auto", cuda, torch.float32) is None  # sdpa (transformers' pick)
+    assert attention.resolve_attention("auto", cpu, torch.bfloat16) is None
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
+    assert attention.resolve_attention("auto", cuda, torch.bfloat16) is None
 
 
 def test_elo_submodel_takes_the_attention_kernel(tiny_model):
@@ -219,11 +220,11 @@ def _recipe(tmp_path, tiny_model, text_file, runtime: str):
 
 def test_validate_refuses_flash_attention_it_cannot_run(tmp_path, tiny_model, text_file, monkeypatch):
     recipe = _recipe(tmp_path, tiny_model, text_file, "{device: cpu, attention: flash_attention_2}")
-    monkeypatch.setattr(levers, "flash_attn_available", lambda: False)
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
     with pytest.raises(RecipeError, match=r"stage 'ct': runtime.attention: 'flash_attention_2' needs the "
                                           r"flash-attn package"):
         plan_recipe(load_recipe(recipe, []), recipe.parent, str(recipe))
-    monkeypatch.setattr(levers, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
     with pytest.raises(RecipeError, match=r"runtime.attention: 'flash_attention_2' runs on CUDA only"):
         plan_recipe(load_recipe(recipe, []), recipe.parent, str(recipe))
     ok = _recipe(tmp_path, tiny_model, text_file, "{device: cpu, attention: sdpa}")
@@ -266,8 +267,8 @@ def test_paged_adamw_8bit_trains_a_step_on_cpu(make_context, tiny_model, tiny_to
 
 def test_fsdp_refuses_what_it_cannot_shard(make_context, tiny_model):
     pytest.importorskip("peft")
-    from engine.distributed import shard_model
-    from engine.lora_training import LoraParams, apply_lora
+    from engine.run.distributed import shard_model
+    from engine.training.lora import LoraParams, apply_lora
 
     model = make_context("l").load_model(tiny_model, dtype=torch.float32)
     lora = apply_lora(model, LoraParams(r=2), seed=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import merge_impl, run_merge_method, state
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 from engine.merging.gradients import interpolate, layer_index, layer_position, value_at
 from engine.merging.params import resolve_per_model
 from engine_plugins.slerp import slerp

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from test_merge_plugins import art, assert_same_state, edited_copy, in_memory, inputs, run, state
 
 from engine.api import ModelArtifact, StageInputs
-from engine.errors import MergeError, RecipeError
+from engine.core.errors import MergeError, RecipeError
 from engine.merging import arithmetic, check_merge_inputs
 from engine.merging.preflight import check_merge_paths
 from engine_plugins.task_arithmetic import TaskArithmetic
@@ -23,8 +23,8 @@ from engine_plugins.ties import Ties
 
 def validate(tmp_path: Path, models: dict[str, Path], params: dict | None = None,
              plugin: str = "ties") -> None:
-    from engine.recipe import parse_recipe
-    from engine.validate import plan_recipe
+    from engine.recipe.spec import parse_recipe
+    from engine.recipe.validate import plan_recipe
 
     names = [n for n in models if n != "base"]
     recipe = parse_recipe({"name": "r", "models": {n: {"path": str(p)} for n, p in models.items()},

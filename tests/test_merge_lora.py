@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_merge_plugins import art, edited_copy, run, state
 
-from engine import modelio
 from engine.api import ModelArtifact, StageInputs
-from engine.errors import MergeError, RecipeError
+from engine.core.errors import MergeError, RecipeError
 from engine.merging import check_merge_inputs, read_adapter
 from engine.merging.lora import LoraReader
+from engine.models import modelio
 from engine_plugins.linear import Linear
 from engine_plugins.task_arithmetic import TaskArithmetic
 from engine_plugins.ties import Ties
@@ -311,10 +311,10 @@ def recipe_text(lora: dict[str, Path], adapter: Path, plugin: str = "ties", base
 
 
 def test_lora_recipe_runs_and_validates(lora, tmp_path):
-    from engine.cli import main
-    from engine.recipe import load_recipe
-    from engine.runner import Runner
-    from engine.validate import plan_recipe
+    from engine.cli.commands import main
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
+    from engine.run.runner import Runner
 
     f = tmp_path / "r.yaml"
     f.write_text(recipe_text(lora, lora["la"]))
@@ -322,7 +322,7 @@ def test_lora_recipe_runs_and_validates(lora, tmp_path):
     Runner(plan_recipe(load_recipe(f), tmp_path, str(f)), tmp_path / "work").run()
     fulls = StageInputs(base=art(lora, "base"), models=[ModelArtifact("mn", lora["la-full"]),
                                                         ModelArtifact("en", lora["lb-full"])])
-    from engine.context import Runtime, StageContext
+    from engine.run.context import Runtime, StageContext
 
     out = tmp_path / "want"
     out.mkdir()
@@ -349,8 +349,8 @@ def test_lora_recipe_runs_and_validates(lora, tmp_path):
 
 
 def test_lora_adapter_as_merge_base_or_without_its_own_base_elsewhere(lora, tmp_path, text_file):
-    from engine.recipe import load_recipe
-    from engine.validate import plan_recipe
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
 
     f = tmp_path / "r.yaml"
     f.write_text(textwrap.dedent(f"""
@@ -386,7 +386,7 @@ def test_lora_adapter_as_merge_base_or_without_its_own_base_elsewhere(lora, tmp_
 
 
 def test_lora_cli_merge_with_adapter_models(lora, tmp_path):
-    from engine.cli_merge import main
+    from engine.cli.merge import main
 
     out = tmp_path / "merged"
     assert main(["--method", "task-arithmetic", "--base", str(lora["base"]), "--model",
@@ -405,9 +405,10 @@ def test_lora_cli_merge_with_adapter_models(lora, tmp_path):
 
 
 def test_adapter_folder_knowledge_lives_in_engine_adapters_under_the_old_names_too():
-    from engine import adapters, validate_models
     from engine.api import models as api_models
     from engine.merging import lora as merging_lora
+    from engine.models import adapters
+    from engine.recipe import model_checks as validate_models
 
     for name in ("is_adapter_folder", "read_adapter_config", "check_adapter_folder", "adapter_base",
                  "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_BASE_KEY"):
@@ -421,7 +422,7 @@ def test_adapter_folder_knowledge_lives_in_engine_adapters_under_the_old_names_t
 
 
 def test_adapter_delta_is_scaling_b_a_and_its_rows(lora):
-    from engine.adapters import delta, delta_rows, trained_on
+    from engine.models.adapters import delta, delta_rows, trained_on
 
     ad = read_adapter(lora["rs"])
     raw = load_file(str(lora["rs"] / "adapter_model.safetensors"))

@@ -25,12 +25,12 @@ import torch
 from pydantic import Field
 from test_merge_plugins import assert_same_state, in_memory, inputs, run, state
 
-from engine.errors import EngineError, MergeError, RecipeError
+from engine.core.errors import EngineError, MergeError, RecipeError
 from engine.merging import MergeMethod, MergeParams, TiesParams, execute
-from engine.plugin_manager import implementations, pm
-from engine.recipe import load_recipe
-from engine.runner import Runner
-from engine.validate import plan_recipe
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.registry.manager import implementations, pm
+from engine.run.runner import Runner
 from engine_plugins.ties import Ties
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import merge_impl, run_merge_method, state
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 from engine_plugins.della import magprune_
 from engine_plugins.model_stock import model_stock_ratio
 from engine_plugins.slerp import slerp
@@ -164,7 +164,7 @@ def test_passthrough_stacks_layers_renames_and_updates_config(tiny_model_family,
     meta = json.loads((art.path / "lingoforge.json").read_text())
     assert meta["merge"]["layers"] == ["a:0", "a:1", "a:2", "b:1", "b:2", "b:3", "a:3"]
     assert context.stats.notes["merge"]["tensors"] == len(got)
-    from engine.modelio import load_model
+    from engine.models.modelio import load_model
 
     load_model(art.path)  # transformers loads the deeper model
 

@@ -18,11 +18,11 @@ from helpers import state
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from engine import modelio
 from engine.api import ModelArtifact, StageInputs
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 from engine.merging import arithmetic, check_merge_inputs
-from engine.merging.tensorio import parse_size, plan_shards, read_tensor_infos
+from engine.models import modelio
+from engine.models.tensorio import parse_size, plan_shards, read_tensor_infos
 from engine_plugins.dare_ties import DareTies
 from engine_plugins.linear import Linear
 from engine_plugins.slack_ties import SlackTies
@@ -302,14 +302,14 @@ def test_dare_ties_plugin_is_seeded(tiny_model_family, make_context):
 
 
 def test_merge_plugins_task_arithmetic_ties_slack_ties_are_registered():
-    from engine.plugin_manager import implementations
+    from engine.registry.manager import implementations
 
     merge = implementations()["merge"]
     assert {"task-arithmetic", "ties", "slack-ties"} <= set(merge)
 
 
 def test_streaming_shard_plan_and_sizes():
-    from engine.merging.tensorio import PlannedTensor
+    from engine.models.tensorio import PlannedTensor
 
     ts = [PlannedTensor(f"t{i}", torch.float32, (10,)) for i in range(5)]  # 40 bytes each
     assert [len(s) for s in plan_shards(ts, 100)] == [2, 2, 1]

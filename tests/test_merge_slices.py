@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_merge_plugins import assert_same_state, in_memory, inputs, run, state
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 from engine.merging import arithmetic, execute
 from engine.merging.arithmetic import MagnitudeThreshold, _magnitude_bits, keep_count
-from engine.merging.tensorio import PlannedTensor, ShardedWriter
+from engine.models.tensorio import PlannedTensor, ShardedWriter
 from engine_plugins.linear import Linear
 from engine_plugins.slack_ties import SlackTies
 from engine_plugins.task_arithmetic import TaskArithmetic

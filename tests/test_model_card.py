@@ -6,8 +6,8 @@ import json
 
 from helpers import ties_recipe
 
-from engine.cli import main
-from engine.model_card import write_card
+from engine.cli.commands import main
+from engine.models.card import write_card
 
 
 def test_a_merged_model_gets_a_card_naming_its_recipe_inputs_params_and_cost(tmp_path, tiny_model_family):

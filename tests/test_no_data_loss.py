@@ -21,10 +21,11 @@ from helpers import ct_stage, line_count_stage, write_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import outputs, stage_cache
-from engine.cli import main as engine_main
-from engine.errors import OutputRefused
-from engine.workdir import WORKDIR_FILE
+from engine.cli.commands import main as engine_main
+from engine.core import outputs
+from engine.core.errors import OutputRefused
+from engine.run import stage_cache
+from engine.run.workdir import WORKDIR_FILE
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:
@@ -432,7 +433,7 @@ def test_prune_leaves_checkpoint_folders_it_did_not_write(two_versions, capsys):
 
 
 def test_prune_dry_run_works_while_a_run_holds_the_workdir(two_versions, capsys):
-    from engine.workdir_lock import WorkdirLock
+    from engine.run.lock import WorkdirLock
 
     _, work = two_versions
     with WorkdirLock(work):

@@ -9,7 +9,7 @@ import stat
 import pytest
 from helpers import ties_recipe
 
-from engine.cli import main
+from engine.cli.commands import main
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])

@@ -11,17 +11,17 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from engine.batching import (
-    _examples,
-    collate,
-    pack,
-    training_batches,
+from engine.core.errors import DataError, TrainingError
+from engine.core.inputs import DataSource
+from engine.models.capabilities import packing_probe
+from engine.training.batching import _examples, collate, pack, training_batches
+from engine.training.loop import TrainerParams, train
+from engine.training.packing import (
+    IGNORE_INDEX,
+    document_batch,
+    pack_documents,
+    packed_example_batches,
 )
-from engine.capabilities import packing_probe
-from engine.errors import DataError, TrainingError
-from engine.inputs import DataSource
-from engine.packing import IGNORE_INDEX, document_batch, pack_documents, packed_example_batches
-from engine.training import TrainerParams, train
 
 IGNORE = IGNORE_INDEX
 

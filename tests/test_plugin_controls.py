@@ -152,9 +152,9 @@ def test_a_merge_method_with_a_param_its_arithmetic_never_reads_is_broken_at_reg
     base's probe (docs/merging.md) reports the param, and the plugin is skipped."""
     from pydantic import Field
 
-    from engine import plugin_manager
     from engine.api import hookimpl
     from engine.api.merging import MergeMethod, MergeParams
+    from engine.registry import manager as plugin_manager
 
     class Sloppy(MergeMethod):
         """Sums task vectors, forgetting its own scale."""

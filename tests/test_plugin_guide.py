@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.plugin_manager import pm
-from engine.recipe import load_recipe
-from engine.runner import Runner
-from engine.validate import plan_recipe
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.registry.manager import pm
+from engine.run.runner import Runner
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 

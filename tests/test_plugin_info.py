@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from engine import plugin_manager
 from engine.api import LayerSelection, PluginParams, hookimpl
-from engine.cli import main
-from engine.plugin_info import description, missing_requirements, plugins_info, requirement_hint
+from engine.cli.commands import main
+from engine.registry import manager as plugin_manager
+from engine.registry.info import description, missing_requirements, plugins_info, requirement_hint
 
 MISSING = "lingoforge_no_such_module_xyz"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine import plugin_manager
 from engine.api import PluginParams, hookimpl
-from engine.errors import PluginError
-from engine.plugin_manager import get_implementation, implementations, plugins_info, pm
+from engine.core.errors import PluginError
+from engine.registry import manager as plugin_manager
+from engine.registry.info import plugins_info
+from engine.registry.manager import get_implementation, implementations, pm
 
 
 def test_test_plugin_registers_per_stage(test_plugin):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from helpers import state
 
-from engine import modelio
 from engine.api import DataSource, LayerSelection, ModelArtifact, StageInputs
-from engine.errors import DataError, ModelLoadError, TrainingError
+from engine.core.errors import DataError, ModelLoadError, TrainingError
+from engine.models import modelio
 from engine_plugins.ct import CT
 from engine_plugins.elo import ELO
 from engine_plugins.elo_align import ELOAlign
@@ -333,7 +333,7 @@ def test_indices_errors(make_context, tiny_model):
 
 
 def test_plugins_registered_ct_sft_elo_first_last_indices():
-    from engine.plugin_manager import implementations
+    from engine.registry.manager import implementations
 
     impls = implementations()
     assert {"ct", "sft", "elo"} <= set(impls["adapt-language"])

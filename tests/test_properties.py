@@ -16,11 +16,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.cli_merge import cmd_merge  # noqa: F401 - the same path `engine merge` takes
-from engine.errors import EngineError
+from engine.cli.merge import cmd_merge  # noqa: F401 - the same path `engine merge` takes
+from engine.core.errors import EngineError
 from engine.merging.arithmetic import dare_ties, linear, slack_ties, task_arithmetic, ties
-from engine.recipe import apply_overrides, parse_recipe, read_recipe_data
-from engine.validate import plan_recipe
+from engine.recipe.spec import apply_overrides, parse_recipe, read_recipe_data
+from engine.recipe.validate import plan_recipe
 
 FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -244,7 +244,7 @@ def test_merging_never_reads_nan_out_of_finite_inputs(case):
 def test_merging_a_model_folder_onto_itself_gives_it_back_bitwise(tmp_path, tiny_model, method):
     from helpers import state
 
-    from engine.cli import main
+    from engine.cli.commands import main
 
     out = tmp_path / "out"
     base = [] if method == "linear" else ["--base", str(tiny_model)]

@@ -56,8 +56,8 @@ def test_every_public_name_resolves(module: str) -> None:
 def test_the_test_itself_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad_plugin.py"
     bad.write_text("from engine import arch\nfrom engine.api import hookimpl\n"
-                   "def f():\n    from engine.batching import pack\n")
-    assert [m for _, m in _engine_imports(bad)] == ["engine.arch", "engine.api", "engine.batching"]
+                   "def f():\n    from engine.training.batching import pack\n")
+    assert [m for _, m in _engine_imports(bad)] == ["engine.arch", "engine.api", "engine.training.batching"]
 
 
 def test_loading_the_pytest_plugin_imports_no_torch():

@@ -20,12 +20,12 @@ from helpers import state
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from engine import modelio
 from engine.api import DataSource, ModelArtifact, StageInputs
-from engine.errors import ModelLoadError, RecipeError, TrainingError
-from engine.lora_training import LoraParams, apply_lora, save_lora_result
-from engine.quantization import Quantization, parameter_count
-from engine.training import KILL_ENV, LOG_FILE, train, training_dtype
+from engine.core.errors import ModelLoadError, RecipeError, TrainingError
+from engine.models import modelio
+from engine.models.quantization import Quantization, parameter_count
+from engine.training.loop import KILL_ENV, LOG_FILE, train, training_dtype
+from engine.training.lora import LoraParams, apply_lora, save_lora_result
 from engine_plugins.ct import CT
 from engine_plugins.sft import SFT
 
@@ -80,8 +80,8 @@ def test_qlora_params_and_errors(monkeypatch):
 
 
 def test_validate_reports_missing_bitsandbytes(tmp_path, tiny_model, text_file, monkeypatch):
-    from engine.recipe import load_recipe
-    from engine.validate import plan_recipe
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
 
     f = tmp_path / "r.yaml"
     f.write_text(textwrap.dedent(f"""
@@ -116,7 +116,7 @@ def test_frozen_base_is_linear4bit_while_training(make_context, tiny_model, tiny
     """The same steps ct takes, one by one: every targeted projection is a LoRA layer over a
     bitsandbytes Linear4bit holding packed NF4 weights; only the adapters require grad;
     the loss goes down; the head and embeddings stay in float32."""
-    from engine.batching import training_batches
+    from engine.training.batching import training_batches
 
     lora = LoraParams(**QLORA, save="adapter")
     ctx = make_context("steps")
@@ -244,9 +244,9 @@ def test_sft_qlora_adapter_loads_as_model(make_context, tiny_model, instructions
 def test_qlora_killed_stage_resumes_bitwise(tmp_path, tiny_model, text_file):
     """Killed after step 5 (checkpoint at step 4) and run again, a QLoRA stage resumes on a
     freshly quantised base and writes the adapter an uninterrupted run writes, bitwise."""
-    from engine.recipe import load_recipe
-    from engine.runner import CHECKPOINTS_DIR, Runner
-    from engine.validate import plan_recipe
+    from engine.recipe.spec import load_recipe
+    from engine.recipe.validate import plan_recipe
+    from engine.run.runner import CHECKPOINTS_DIR, Runner
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(textwrap.dedent(f"""

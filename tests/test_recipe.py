@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import RecipeError
-from engine.recipe import apply_overrides, load_recipe, parse_recipe
-from engine.validate import plan_recipe
+from engine.core.errors import RecipeError
+from engine.recipe.spec import apply_overrides, load_recipe, parse_recipe
+from engine.recipe.validate import plan_recipe
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -66,7 +66,7 @@ def test_stage_runtime_overrides_only_what_it_sets(good):
     data = {"name": "x", "runtime": {"dtype": "bfloat16"}, "stages": [
         {"name": "s", "stage": "select-layers", "plugin": "all-layers", "model": "m",
          "runtime": {"device": "cpu"}}]}
-    from engine.validate import effective_runtime
+    from engine.recipe.validate import effective_runtime
 
     recipe = parse_recipe(data)
     rt = effective_runtime(recipe.runtime, recipe.stages[0].runtime)

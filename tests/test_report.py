@@ -19,12 +19,12 @@ import xml.etree.ElementTree as ET
 import pytest
 from rich.console import Console
 
-from engine.cli import main
-from engine.cli_report import add_parser, cmd_report
-from engine.errors import EngineError
-from engine.report import best_values, direction, legend, metrics_table, order_columns
-from engine.report_files import load_run, make_report
-from engine.svg_charts import log_ticks, loss_axes, spread
+from engine.cli.commands import main
+from engine.cli.report import add_parser, cmd_report
+from engine.core.errors import EngineError
+from engine.run.record import best_values, direction, legend, metrics_table, order_columns
+from engine.run.report.charts import log_ticks, loss_axes, spread
+from engine.run.report.files import load_run, make_report
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -224,7 +224,7 @@ def test_metrics_table_stars_only_outside_the_noise():
 
 
 def test_an_align_stage_continues_its_elo_stage_on_every_loss_axis():
-    from engine.svg_charts import continued_axes
+    from engine.run.report.charts import continued_axes
 
     elo = [{"step": 1, "loss": 3.0, "tokens": 100, "elapsed_s": 1.0},
            {"step": 2, "loss": 2.5, "tokens": 200, "elapsed_s": 2.0}]

@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from engine.api import DataSource, InputConfigs, ModelArtifact, StageInputs
-from engine.errors import DataError, EngineError, RecipeError
+from engine.core.errors import DataError, EngineError, RecipeError
 from engine_plugins.perplexity import Perplexity
 from engine_plugins.retention import Retention, register_evaluators, relative_metrics
 from engine_plugins.task_accuracy import TaskAccuracy

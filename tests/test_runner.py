@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.plugin_manager import pm
-from engine.recipe import load_recipe
-from engine.runner import Runner, StageFailed
-from engine.validate import plan_recipe
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.registry.manager import pm
+from engine.run.runner import Runner, StageFailed
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_a_merge_only_run_imports_no_model_code(tmp_path, tiny_model_family):
 
 
 def test_import_architecture_leaves_custom_and_broken_folders_to_their_stage(tmp_path, tiny_model):
-    from engine.modelio import import_architecture
+    from engine.models.modelio import import_architecture
 
     assert import_architecture(tiny_model) == "LlamaForCausalLM"
     custom = tmp_path / "custom"

@@ -14,15 +14,15 @@ import torch
 from rich.console import Console
 
 from engine.api import DataSource, ModelArtifact
-from engine.batching import training_batches
-from engine.slow_paths import (
+from engine.models.slow_paths import (
     attention_path,
     auto_dtype_path,
     auto_precision_path,
     loss_scaling_path,
     tokenizer_path,
 )
-from engine.training import TrainerParams, train
+from engine.training.batching import training_batches
+from engine.training.loop import TrainerParams, train
 
 
 def _quiet(ctx):

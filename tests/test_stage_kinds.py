@@ -7,11 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from engine import hookspecs
-from engine.artifacts import ARTIFACT_TYPES
-from engine.recipe import INPUT_RULES, StageSpec
-from engine.schema import stage_kinds_table
-from engine.stages import INPUT_KEYS, STAGE_KINDS, model_kinds, training_kinds
+from engine.core.artifacts import ARTIFACT_TYPES
+from engine.core.stages import INPUT_KEYS, STAGE_KINDS, model_kinds, training_kinds
+from engine.recipe.schema import stage_kinds_table
+from engine.recipe.spec import INPUT_RULES, StageSpec
+from engine.registry import hookspecs
 
 
 def test_every_consumer_reads_the_table():
@@ -33,7 +33,7 @@ def test_every_consumer_reads_the_table():
 ONE_ENTRY = textwrap.dedent('''
     import json, sys
     from pathlib import Path
-    from engine import stages
+    from engine.core import stages
     # the one entry (before anything else of the engine is imported)
     kind = stages._kind("translate", "register_translators", {"model", "data"}, set(), "model",
                         False, "translate a model's vocabulary", "A test kind.")
@@ -41,10 +41,10 @@ ONE_ENTRY = textwrap.dedent('''
 
     import shutil
     from engine.api import ModelArtifact, PluginParams, hookimpl
-    from engine.plugin_manager import pm
+    from engine.registry.manager import pm
     from engine.recipe import load_recipe
-    from engine.runner import Runner
-    from engine.validate import plan_recipe
+    from engine.run.runner import Runner
+    from engine.recipe.validate import plan_recipe
 
     class Copy:
         name = "copy"

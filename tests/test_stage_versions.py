@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from helpers import ct_stage, line_count_stage, write_recipe
 
-from engine import stage_cache
-from engine.recipe import load_recipe
-from engine.run_status import MissingInputs, Selection
-from engine.runner import STAGE_FILE, Runner
-from engine.validate import plan_recipe
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run import stage_cache
+from engine.run.runner import STAGE_FILE, Runner
+from engine.run.status import MissingInputs, Selection
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_only_runs_the_stage_with_its_inputs_from_the_cache(ct_recipe, tmp_path)
 
 
 def test_unknown_stage_names_are_refused(ct_recipe, tmp_path):
-    from engine.errors import RecipeError
+    from engine.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="--from 'nope': no stage of that name.*stages: ct, scores"):
         run(ct_recipe, tmp_path / "w", from_stages=["nope"])

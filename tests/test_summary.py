@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from engine.intervals import Score, is_accuracy, newcombe, wilson
-from engine.summary import base_model, gather, methods, stage_languages, summarize
+from engine.run.report.intervals import Score, is_accuracy, newcombe, wilson
+from engine.run.report.summary import base_model, gather, methods, stage_languages, summarize
 
 
 def flat(text: str) -> str:

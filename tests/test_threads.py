@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import threads
 from engine.api import LayerSelection, PluginParams, hookimpl
-from engine.errors import RecipeError
-from engine.plugin_manager import pm
-from engine.recipe import load_recipe
-from engine.runner import Runner
-from engine.validate import plan_recipe
+from engine.core.errors import RecipeError
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
+from engine.registry.manager import pm
+from engine.run import threads
+from engine.run.runner import Runner
 
 
 class SeeThreads:
@@ -94,7 +94,7 @@ def test_live_runs_counts_registered_processes_and_forgets_dead_ones(tmp_path):
     assert threads.live_runs(tmp_path) == 1  # nobody registered: the caller alone
     with threads.RunRegistration(tmp_path):
         assert threads.live_runs(tmp_path) == 1
-        code = ("import sys, time; from pathlib import Path; from engine import threads\n"
+        code = ("import sys, time; from pathlib import Path; from engine.run import threads\n"
                 "with threads.RunRegistration(Path(sys.argv[1])):\n"
                 "    print('in', flush=True); time.sleep(60)\n")
         other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -113,7 +113,7 @@ def test_live_runs_counts_registered_processes_and_forgets_dead_ones(tmp_path):
 def test_available_cpus_follows_the_affinity_mask():
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no affinity API on this platform")
-    code = "from engine.threads import available_cpus; print(available_cpus())"
+    code = "from engine.run.threads import available_cpus; print(available_cpus())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
     assert done.stdout.strip() == "1"

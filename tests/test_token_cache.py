@@ -1,4 +1,4 @@
-"""The token cache (engine.token_cache): built once, reused by later calls and
+"""The token cache (engine.data.token_cache): built once, reused by later calls and
 processes, never served to another tokenizer, and giving the same packed batches as
 tokenizing the text on every pass did."""
 
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import batching, token_cache
 from engine.api import DataSource
-from engine.data import iter_texts, resolve_data
-from engine.recipe import DataSpec
+from engine.data import token_cache
+from engine.data.sources import iter_texts, resolve_data
+from engine.recipe.spec import DataSpec
 from engine.testing import build_tokenizer
+from engine.training import batching
 
 
 @pytest.fixture(autouse=True)

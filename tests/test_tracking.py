@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import tracking
-from engine.errors import RecipeError
-from engine.training import LOG_FILE
+from engine.core.errors import RecipeError
+from engine.training import tracking
+from engine.training.loop import LOG_FILE
 
 
 def read_scalars(folder: Path) -> dict[str, dict[int, float]]:
@@ -68,9 +68,9 @@ def test_trackers_are_closed_when_the_stage_fails(make_context, tiny_model, tiny
     import torch
 
     from engine.api import DataSource
-    from engine.batching import training_batches
-    from engine.errors import TrainingError
-    from engine.training import TrainerParams, train
+    from engine.core.errors import TrainingError
+    from engine.training.batching import training_batches
+    from engine.training.loop import TrainerParams, train
 
     ctx = make_context("boom", log_with=["tensorboard"])
     model = ctx.load_model(tiny_model, dtype=torch.float32)
@@ -94,8 +94,8 @@ def test_trackers_are_closed_when_the_stage_fails(make_context, tiny_model, tiny
 
 
 def test_missing_tracker_package_is_a_validate_error(tiny_model, text_file, monkeypatch):
-    from engine.recipe import parse_recipe
-    from engine.validate import plan_recipe
+    from engine.recipe.spec import parse_recipe
+    from engine.recipe.validate import plan_recipe
 
     real = tracking._installed
     monkeypatch.setattr(tracking, "_installed", lambda m: False if m == "wandb" else real(m))

@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import arch
 from engine.api import DataSource
-from engine.batching import (
+from engine.core.errors import DataError, TrainingError
+from engine.models import arch
+from engine.training.batching import (
     IGNORE_INDEX,
     instruction_batches,
     pack,
@@ -22,8 +23,7 @@ from engine.batching import (
     packed_blocks,
     training_batches,
 )
-from engine.errors import DataError, TrainingError
-from engine.training import LOG_FILE, TrainerParams, lr_factor, train
+from engine.training.loop import LOG_FILE, TrainerParams, lr_factor, train
 
 # --- the loop ----------------------------------------------------------------------------
 

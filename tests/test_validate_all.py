@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from engine.cli import main
-from engine.errors import RecipeError
-from engine.recipe import load_recipe
-from engine.validate import plan_recipe
+from engine.cli.commands import main
+from engine.core.errors import RecipeError
+from engine.recipe.spec import load_recipe
+from engine.recipe.validate import plan_recipe
 
 
 @pytest.fixture(autouse=True)

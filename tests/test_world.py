@@ -13,8 +13,9 @@ import pytest
 
 from engine import world
 from engine.api import DataSource
-from engine.data import detect_format, iter_choices, iter_instructions, iter_texts
-from engine.errors import DataError, ModelLoadError
+from engine.core.errors import DataError, ModelLoadError
+from engine.data.files import detect_format, iter_choices, iter_instructions
+from engine.data.sources import iter_texts
 from engine.world import cache as cache_module
 from engine.world import corpus
 from engine.world.cache import ensure_built, file_hashes

@@ -18,13 +18,10 @@ module imports this package back: it only re-exports.
 
 from __future__ import annotations
 
-from engine.artifacts import Artifact, LayerSelection, MetricsArtifact, ModelArtifact
-from engine.context import StageContext
-from engine.hookspecs import hookimpl
-from engine.implementation import StageImplementation, data_format_error, describe
-from engine.inputs import DataFormat, DataSource, InputConfigs, StageInputs
-from engine.params import NOT_IN_RESULT, PluginParams, TrainingParams
-from engine.stages import (
+from engine.core.artifacts import Artifact, LayerSelection, MetricsArtifact, ModelArtifact
+from engine.core.inputs import DataFormat, DataSource, InputConfigs, StageInputs
+from engine.core.params import NOT_IN_RESULT, PluginParams, TrainingParams
+from engine.core.stages import (
     ADAPT_LANGUAGE,
     ALIGN,
     EVALUATE,
@@ -35,6 +32,9 @@ from engine.stages import (
     StageKind,
     kind_of,
 )
+from engine.registry.hookspecs import hookimpl
+from engine.registry.implementation import StageImplementation, data_format_error, describe
+from engine.run.context import StageContext
 
 __all__ = [
     "ADAPT_LANGUAGE", "ALIGN", "EVALUATE", "INPUT_KEYS", "MERGE", "NOT_IN_RESULT", "SELECT_LAYERS",

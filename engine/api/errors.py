@@ -1,7 +1,7 @@
 """The exceptions a plugin raises. Each is an :class:`EngineError`: the CLI prints its
 message (which should name the file, field or tensor at fault) without a traceback."""
 
-from engine.errors import (
+from engine.core.errors import (
     DataError,
     EngineError,
     MergeError,

@@ -1,7 +1,7 @@
 """What an evaluator uses: evaluation plans run over every model (loading each once,
 batching, isolating failures), task items and their scoring."""
 
-from engine.answers import (
+from engine.evaluation.answers import (
     AnswerItem,
     AnswerMatch,
     generate_answers,
@@ -10,20 +10,7 @@ from engine.answers import (
     plan_generation,
     summarize_exact_match,
 )
-from engine.evaluation import (
-    EvalPlan,
-    GenerationPlan,
-    ModelScores,
-    SpanScore,
-    StopRule,
-    as_scores,
-    binomial_stderr,
-    context_length,
-    evaluate_models,
-    select_sources,
-    tokenizer_fingerprint,
-)
-from engine.tasks import (
+from engine.evaluation.choices import (
     ChoiceItem,
     ItemPrediction,
     choice_plan,
@@ -37,6 +24,19 @@ from engine.tasks import (
     render_prompt,
     summarize_choices,
     use_chat_template,
+)
+from engine.evaluation.driver import (
+    EvalPlan,
+    GenerationPlan,
+    ModelScores,
+    SpanScore,
+    StopRule,
+    as_scores,
+    binomial_stderr,
+    context_length,
+    evaluate_models,
+    select_sources,
+    tokenizer_fingerprint,
 )
 
 __all__ = [

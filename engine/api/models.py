@@ -2,7 +2,7 @@
 weights, find a model's decoder layers, embeddings and head, detach layers into a
 sub-model and put them back."""
 
-from engine.arch import (
+from engine.models.arch import (
     LayerIndexError,
     check_int8_split,
     check_supported,
@@ -19,13 +19,13 @@ from engine.arch import (
     resolve_indices,
     train_only_layers,
 )
-from engine.modelio import (
+from engine.models.layout import weight_files
+from engine.models.modelio import (
     META_FILE,
     is_adapter_folder,
     read_config,
     read_meta,
     save_updated_copy,
-    weight_files,
 )
 
 __all__ = [

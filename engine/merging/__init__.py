@@ -22,7 +22,7 @@ The public helpers a merge plugin uses (built-in or third-party):
   other models (a different number of layers), streamed tensor by tensor;
 * :mod:`engine.merging.lora` -- PEFT LoRA adapter folders as merge inputs (the delta
   ``scaling · B·A`` on the base);
-* :mod:`engine.merging.tensorio` -- safetensors readers and the streaming shard writer.
+* :mod:`engine.models.tensorio` -- safetensors readers and the streaming shard writer.
 
 The arithmetic convention (mergekit's) and every formula are in docs/merging.md.
 """

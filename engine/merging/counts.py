@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 
 __all__ = ["check_model_count", "model_count", "probe_count"]
 

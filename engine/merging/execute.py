@@ -30,11 +30,9 @@ from typing import Any
 
 import torch
 
-from engine import modelio
-from engine.artifacts import ModelArtifact
-from engine.context import StageContext
-from engine.errors import MergeError
-from engine.inputs import StageInputs
+from engine.core.artifacts import ModelArtifact
+from engine.core.errors import MergeError
+from engine.core.inputs import StageInputs
 from engine.merging.lora import open_reader
 from engine.merging.params import ExecutionParams
 from engine.merging.prefetch import prefetched
@@ -50,8 +48,10 @@ from engine.merging.streaming import (
     _Step,
     _why_whole,
 )
-from engine.merging.tensorio import PlannedTensor, ShardedWriter, parse_size
 from engine.merging.unread import refuse_unread_params
+from engine.models import modelio
+from engine.models.tensorio import PlannedTensor, ShardedWriter, parse_size
+from engine.run.context import StageContext
 
 __all__ = ["CHUNK_ELEMENTS", "SLICE_ELEMENTS", "MergeSummary", "Positionwise", "PositionwiseMerge",
            "TensorMerge", "execute_merge", "merge_folders", "run_merge"]

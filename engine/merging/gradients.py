@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 
 __all__ = ["Gradient", "gradient_fields", "gradient_positions", "has_gradient", "interpolate",
            "layer_count", "layer_index", "layer_position", "value_at"]

@@ -5,7 +5,7 @@ full model only to merge it again costs a model's disk and I/O per language. A m
 input may therefore be a PEFT adapter folder (``adapter_config.json`` +
 ``adapter_model.safetensors``). For every tensor of the merge's base it stands for
 the model PEFT's ``merge_and_unload`` would give (the arithmetic, and everything else
-about adapter folders, is :mod:`engine.adapters`; its names used by the merge are
+about adapter folders, is :mod:`engine.models.adapters`; its names used by the merge are
 re-exported here): a LoRA-adapted tensor is ``W + s · B @ A``, a tensor the adapter
 holds whole (``modules_to_save``) replaces the base's, every other tensor is the base's
 (a zero task vector).
@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from engine.adapters import (
+from engine.core.errors import MergeError
+from engine.merging.inputs import MergeInput
+from engine.models.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LoraAdapter,
@@ -45,11 +46,7 @@ from engine.adapters import (
     read_settings,
     trained_on,
 )
-from engine.errors import MergeError
-from engine.merging.tensorio import ModelReader, TensorInfo
-
-if TYPE_CHECKING:
-    from engine.merging.preflight import MergeInput
+from engine.models.tensorio import ModelReader, TensorInfo
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraAdapter", "LoraDelta", "LoraReader", "LoraSettings",

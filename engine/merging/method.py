@@ -33,10 +33,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.artifacts import ModelArtifact
-from engine.context import StageContext
-from engine.errors import MergeError
-from engine.inputs import StageInputs
+from engine.core.artifacts import ModelArtifact
+from engine.core.errors import MergeError
+from engine.core.inputs import StageInputs
 from engine.merging.counts import check_model_count, probe_count
 from engine.merging.execute import execute_merge
 from engine.merging.gradients import (
@@ -57,6 +56,7 @@ from engine.merging.params import (
 )
 from engine.merging.streaming import Positionwise, PositionwiseMerge
 from engine.merging.trims import MagnitudeBand, band_trim_
+from engine.run.context import StageContext
 
 __all__ = ["MergeMethod", "ResolvedParams", "TensorSlice"]
 

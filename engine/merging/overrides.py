@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-if TYPE_CHECKING:
-    from engine.merging.params import MergeParams
+from engine.core.params import PluginParams
+from engine.merging.reads import note_read, start_tracking
 
 __all__ = ["EXECUTION_FIELDS", "TensorOverride", "for_tensor", "per_tensor", "resolve_overrides"]
 
@@ -45,6 +45,9 @@ EXECUTION_FIELDS = frozenset({"out_dtype", "compute_dtype", "device", "shard_siz
 
 T = TypeVar("T")
 B = TypeVar("B")
+#: a merge method's params (:class:`~engine.merging.params.MergeParams` or its subclass): the
+#: overrides of one are validated as that same class
+P = TypeVar("P", bound=PluginParams)
 
 
 class TensorOverride(BaseModel):
@@ -70,15 +73,13 @@ class TensorOverride(BaseModel):
         return dict(self.model_extra or {})
 
 
-def resolve_overrides(params: MergeParams) -> list[tuple[re.Pattern[str], MergeParams]]:
+def resolve_overrides(params: P) -> list[tuple[re.Pattern[str], P]]:
     """Each override as (compiled pattern, the full params it produces), in order.
 
     Raises ``ValueError`` naming the override for a field the method does not have, an
     execution field, or a value the method's ``Params`` rejects.
     """
-    from engine.merging.params import _start_tracking
-
-    out: list[tuple[re.Pattern[str], MergeParams]] = []
+    out: list[tuple[re.Pattern[str], P]] = []
     base = params.model_dump(by_alias=True, exclude={"overrides"})
     for i, ov in enumerate(params.__dict__["overrides"]):  # not counted as the plugin's read
         where = f"overrides[{i}] (match {ov.match!r})"
@@ -91,20 +92,18 @@ def resolve_overrides(params: MergeParams) -> list[tuple[re.Pattern[str], MergeP
             errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                                for e in exc.errors())
             raise ValueError(f"{where}: {errors}") from None
-        _start_tracking(effective, root=params)  # its reads count as reads of ``params``
+        start_tracking(effective, root=params)  # its reads count as reads of ``params``
         out.append((re.compile(ov.match), effective))
     return out
 
 
-def for_tensor(params: MergeParams, build: Callable[[Any], B]) -> Callable[[str], B]:
+def for_tensor(params: PluginParams, build: Callable[[Any], B]) -> Callable[[str], B]:
     """``name -> build(p)`` for the params ``p`` of the first override matching ``name``
     (the plain params when none matches).
 
     ``build`` is called once per override up front, so that, e.g., a zero weight sum in
     an override fails before the first tensor is read.
     """
-    from engine.merging.params import note_read
-
     note_read(params, "overrides")
     default = build(params)
     variants = [(pattern, build(p)) for pattern, p in resolve_overrides(params)]
@@ -118,7 +117,7 @@ def for_tensor(params: MergeParams, build: Callable[[Any], B]) -> Callable[[str]
     return select
 
 
-def per_tensor(params: MergeParams, build: Callable[[Any], Callable[[str, T], T]]
+def per_tensor(params: PluginParams, build: Callable[[Any], Callable[[str, T], T]]
                ) -> Callable[[str, T], T]:
     """A tensor merge function that honours ``params.overrides``: each tensor is merged
     by ``build(p)`` for the params of the first override its name matches (see

@@ -9,14 +9,14 @@ recipe either as one number for every model or as ``{model name: number}``.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
+from engine.core.params import NOT_IN_RESULT, PluginParams
 from engine.merging.gradients import (
     Gradient,
     gradient_positions,
@@ -25,8 +25,9 @@ from engine.merging.gradients import (
     value_at,
 )
 from engine.merging.overrides import TensorOverride, resolve_overrides
-from engine.merging.tensorio import parse_size
-from engine.params import NOT_IN_RESULT, PluginParams
+from engine.merging.preflight import check_configs, check_merge_paths
+from engine.merging.reads import note_read, peek, start_tracking, tracked_fields
+from engine.models.tensorio import parse_size
 
 __all__ = [
     "ExecutionParams", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
@@ -113,61 +114,6 @@ def per_model_fields(params_type: type[PluginParams]) -> list[str]:
             if any(isinstance(m, PerModel) for m in info.metadata)]
 
 
-# --- which method params a plugin read (for plugins that predate MergeMethod) ----------
-
-#: id(params) -> the field names read on it or on the params its overrides produce
-_READS: dict[int, set[str]] = {}
-#: id(params an override produced) -> id(the params it came from)
-_ROOT: dict[int, int] = {}
-_TRACKED: dict[type, frozenset[str]] = {}
-#: params that say how the merge runs; the engine honours them itself
-_RUN_FIELDS = frozenset({"out_dtype", "compute_dtype", "device", "shard_size", "prefetch"})
-
-
-def _tracked(cls: type) -> frozenset[str]:
-    found = _TRACKED.get(cls)
-    if found is None:
-        found = _TRACKED[cls] = frozenset(cls.model_fields) - _RUN_FIELDS  # type: ignore[attr-defined]
-    return found
-
-
-def _forget(key: int) -> None:
-    _READS.pop(key, None)
-    _ROOT.pop(key, None)
-
-
-def _start_tracking(params: Any, root: Any | None = None) -> None:
-    key = id(params)
-    if root is not None:
-        _ROOT[key] = _ROOT.get(id(root), id(root))
-    else:
-        _READS[key] = set()
-    weakref.finalize(params, _forget, key)
-
-
-def note_read(params: Any, field: str) -> None:
-    """Record that a plugin honoured ``field`` of ``params`` without reading the attribute
-    (``for_tensor`` does this for ``overrides``)."""
-    reads = _READS.get(_ROOT.get(id(params), id(params)))
-    if reads is not None:
-        reads.add(field)
-
-
-def is_tracked(params: Any) -> bool:
-    """Whether reads of ``params`` are recorded (params built by validation are; a copy
-    made by ``model_copy`` or unpickling is not)."""
-    return _ROOT.get(id(params), id(params)) in _READS
-
-
-def fields_read(params: Any) -> set[str]:
-    """The method params read so far on ``params`` (or on the params its overrides give)."""
-    return set(_READS.get(_ROOT.get(id(params), id(params)), set()))
-
-
-def peek(params: Any, field: str, default: Any = None) -> Any:
-    """A field's value read by the engine itself (not counted as the plugin reading it)."""
-    return params.__dict__.get(field, default)
-
 def _refuse_non_finite(value: Any, path: str) -> None:
     """ValueError naming ``path`` (``lambda``, ``slices[0].scale['o_proj']``) when ``value``
     is, or holds, a NaN or infinite number."""
@@ -244,17 +190,14 @@ class ExecutionParams(PluginParams):
     @model_validator(mode="after")
     def _valid_overrides(self) -> ExecutionParams:
         resolve_overrides(self)  # each override must produce valid params of this method
-        _start_tracking(self)
+        start_tracking(self)
         return self
 
     def __getattribute__(self, name: str) -> Any:
         # which method params a plugin reads, so that run_merge can refuse a recipe value
         # a plugin written before MergeMethod never looked at (see fields_read)
-        if name in _tracked(type(self)):
-            key = id(self)
-            reads = _READS.get(_ROOT.get(key, key))
-            if reads is not None:
-                reads.add(name)
+        if name in tracked_fields(type(self)):
+            note_read(self, name)
         return super().__getattribute__(name)
 
     @property
@@ -323,8 +266,6 @@ def _check_headers(configs: Mapping[str, Any]) -> None:
     inputs that exist already: missing/extra tensors, shapes, dtypes, truncated shards,
     tokenizers -- everything :func:`~engine.merging.preflight.check_merge_inputs`
     checks, without reading tensor data."""
-    from engine.merging.preflight import check_merge_paths
-
     paths = getattr(configs, "paths", None) or {}
     names = getattr(configs, "names", None) or {}
     if not paths.get("models"):
@@ -342,8 +283,6 @@ def check_static(configs: Mapping[str, Any], params: ExecutionParams) -> list[st
     ``configs`` is the :class:`engine.api.InputConfigs` the validator passes; returns the
     names of the merged models (empty when unknown).
     """
-    from engine.merging.preflight import check_configs
-
     check_configs(configs)
     _check_headers(configs)
     names = list(getattr(configs, "names", {}).get("models", []))

@@ -29,14 +29,15 @@ from typing import Any
 
 import torch
 
-from engine import modelio
-from engine.artifacts import ModelArtifact
-from engine.errors import MergeError
+from engine.core.artifacts import ModelArtifact
+from engine.core.errors import MergeError
 from engine.merging import execute
+from engine.merging.inputs import MergeInput
 from engine.merging.lora import is_adapter_folder
-from engine.merging.preflight import MergeInput, _describe, _load, _same_architecture
+from engine.merging.preflight import _describe, _load, _same_architecture
 from engine.merging.streaming import SLICE_ELEMENTS, _output
-from engine.merging.tensorio import ModelReader, PlannedTensor, ShardedWriter, parse_size
+from engine.models import modelio
+from engine.models.tensorio import ModelReader, PlannedTensor, ShardedWriter, parse_size
 
 __all__ = ["LAYER_COUNT_KEYS", "StackPlan", "plan_layer_stack", "run_layer_stack", "stack_layers"]
 
@@ -274,15 +275,13 @@ def run_layer_stack(context: Any, inputs: Any, params: Any,
     """The stage: plan (headers only), stream the stack into ``context.output_dir`` with a
     progress bar over the output tensors, record the slices in ``lingoforge.json`` and
     the stage notes, return the artifact."""
-    from engine.merging.execute import _resolve_dtype
-
     plan = plan_layer_stack(inputs.base, inputs.models, slices)
     paths = {m.name: Path(m.path) for m in [*([inputs.base] if inputs.base else []), *inputs.models]}
     context.log(f"stacking {len(plan.sources)} layers from {', '.join(sorted({s['model'] for s in slices}))}")
-    odtype = _resolve_dtype(params.out_dtype) if params.out_dtype is not None else None
+    odtype = execute._resolve_dtype(params.out_dtype) if params.out_dtype is not None else None
     with context.progress(len(plan.tensors), f"{context.stage_name}: passthrough", unit="tensors") as bar:
         summary = stack_layers(plan, paths, context.output_dir, out_dtype=odtype,
-                               compute_dtype=_resolve_dtype(params.compute_dtype),
+                               compute_dtype=execute._resolve_dtype(params.compute_dtype),
                                max_shard_bytes=params.shard_size,
                                on_tensor=lambda _name: bar.advance())
     parameters = summary.pop("parameters")

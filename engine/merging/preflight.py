@@ -17,31 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import modelio
-from engine.artifacts import ModelArtifact
-from engine.errors import EngineError, MergeError
-from engine.merging.lora import LoraAdapter, check_adapter, is_adapter_folder, read_adapter
-from engine.merging.tensorio import TensorInfo, read_tensor_infos
+from engine.core.artifacts import ModelArtifact
+from engine.core.errors import EngineError, MergeError
+from engine.merging.inputs import MergeInput
+from engine.merging.lora import check_adapter, is_adapter_folder, read_adapter
 from engine.merging.vocab import VocabPlan, check_tokenizers, plan_vocab, token_ids
+from engine.models import modelio
+from engine.models.tensorio import TensorInfo, read_tensor_infos
 
 __all__ = ["MergeInput", "MergePlan", "check_configs", "check_merge_inputs", "check_merge_paths"]
 
 _SHOW = 5  # names listed in an error before "and N more"
-
-
-@dataclass
-class MergeInput:
-    """One model folder taking part in a merge: its recipe name, config and headers.
-
-    For a LoRA adapter folder (``adapter`` set), ``path`` is the adapter folder while
-    ``config`` and ``tensors`` are the base's: the adapter yields every base tensor.
-    """
-
-    name: str
-    path: Path
-    config: dict[str, Any]
-    tensors: dict[str, TensorInfo]
-    adapter: LoraAdapter | None = None
 
 
 @dataclass

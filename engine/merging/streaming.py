@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 from engine.merging.preflight import MergePlan
-from engine.merging.tensorio import ModelReader, PlannedTensor, ShardedWriter
 from engine.merging.trims import BandSelector, MagnitudeBand, _magnitude_bits, band_trim_
 from engine.merging.vocab import tail_rows
+from engine.models.tensorio import ModelReader, PlannedTensor, ShardedWriter
 
 __all__ = ["SLICE_ELEMENTS", "MergeSummary", "Positionwise", "PositionwiseMerge", "TensorMerge"]
 

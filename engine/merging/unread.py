@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from engine.errors import MergeError
-from engine.merging.params import _RUN_FIELDS, ExecutionParams, fields_read, is_tracked
+from engine.core.errors import MergeError
+from engine.merging.params import ExecutionParams
+from engine.merging.reads import RUN_FIELDS, fields_read, is_tracked
 from engine.merging.streaming import Positionwise, PositionwiseMerge, TensorMerge
 
 __all__ = ["recipe_set_fields", "refuse_unread_params"]
@@ -30,7 +31,7 @@ def recipe_set_fields(params: ExecutionParams) -> set[str]:
     field names, without the execution params the engine honours itself."""
     fields = type(params).model_fields
     by_alias = {info.alias: name for name, info in fields.items() if info.alias}
-    wanted = {f for f in params.model_fields_set if f not in _RUN_FIELDS and f != "overrides"}
+    wanted = {f for f in params.model_fields_set if f not in RUN_FIELDS and f != "overrides"}
     overrides = params.__dict__.get("overrides") or []
     if overrides:
         wanted.add("overrides")

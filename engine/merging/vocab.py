@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import MergeError
+from engine.core.errors import MergeError
 
 __all__ = ["VocabPlan", "check_tokenizers", "plan_vocab", "tail_rows", "token_ids"]
 

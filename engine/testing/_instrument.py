@@ -9,7 +9,7 @@ from typing import Any
 
 #: whole-model loaders a streaming merge never calls (module, attribute)
 WHOLE_LOADERS = (("safetensors.torch", "load_file"), ("safetensors.torch", "load"),
-                 ("torch", "load"), ("engine.modelio", "load_model"),
+                 ("torch", "load"), ("engine.models.modelio", "load_model"),
                  ("transformers", "AutoModelForCausalLM.from_pretrained"),
                  ("transformers", "PreTrainedModel.from_pretrained"))
 SMALL_CHUNK = 100
@@ -97,7 +97,7 @@ def _refuse_whole_loaders(active: bool) -> Iterator[None]:
 
 
 def _size(value: Any) -> int:
-    from engine.merging.tensorio import parse_size
+    from engine.models.tensorio import parse_size
 
     return parse_size(value)
 

@@ -9,11 +9,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from engine.artifacts import ModelArtifact
-from engine.inputs import StageInputs
+from engine.core.artifacts import ModelArtifact
+from engine.core.inputs import StageInputs
+from engine.core.stages import MERGE
 from engine.merging.counts import model_count
 from engine.merging.overrides import EXECUTION_FIELDS
-from engine.stages import MERGE
 from engine.testing._instrument import (
     _MISSING,
     READ_BOUND,

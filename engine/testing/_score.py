@@ -11,9 +11,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from engine.artifacts import LayerSelection, MetricsArtifact, ModelArtifact
-from engine.inputs import DataSource, InputConfigs, StageInputs
-from engine.stages import EVALUATE, SELECT_LAYERS
+from engine.core.artifacts import LayerSelection, MetricsArtifact, ModelArtifact
+from engine.core.inputs import DataSource, InputConfigs, StageInputs
+from engine.core.stages import EVALUATE, SELECT_LAYERS
 from engine.testing.builders import shared_family, write_choice_file, write_text_file
 from engine.testing.conformance import (
     Checker,
@@ -55,7 +55,7 @@ def check_layer_selector(impl: Any, *, params: Mapping[str, Any] | None = None,
     itself** (a non-empty explanation; scores, if any, are finite and keyed by layer);
     **round-trips** through its JSON; **deterministic**.
     """
-    from engine import modelio
+    from engine.models import modelio
 
     c = Checker(impl, SELECT_LAYERS)
     given = dict(params or {})
@@ -119,7 +119,7 @@ def check_evaluator(impl: Any, *, params: Mapping[str, Any] | None = None,
     the models and ``_counts``); **deterministic**; **a model's metrics do not depend on
     the other models** (the first model scored alone scores the same).
     """
-    from engine import modelio
+    from engine.models import modelio
 
     c = Checker(impl, EVALUATE)
     given = dict(params or {})

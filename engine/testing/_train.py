@@ -9,9 +9,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from engine.artifacts import LayerSelection, ModelArtifact
-from engine.inputs import DataSource, InputConfigs, StageInputs
-from engine.stages import ADAPT_LANGUAGE, ALIGN
+from engine.core.artifacts import LayerSelection, ModelArtifact
+from engine.core.inputs import DataSource, InputConfigs, StageInputs
+from engine.core.stages import ADAPT_LANGUAGE, ALIGN
 from engine.testing.builders import shared_family, write_instructions_file, write_text_file
 from engine.testing.conformance import (
     Checker,
@@ -83,7 +83,7 @@ def _artifact(x: ModelArtifact | Path, name: str) -> ModelArtifact:
 
 def _run(impl: Any, kind: str, params: Mapping[str, Any] | None, data: Any, layers: Any,
          model: Any, base: Any, workdir: Path | None) -> ConformanceReport:
-    from engine import modelio
+    from engine.models import modelio
 
     c = Checker(impl, kind)
     with ExitStack() as stack:
@@ -168,7 +168,7 @@ def _trains_only(before: dict[str, Any], after: dict[str, Any], trainable: int |
                  selection: LayerSelection | None) -> None:
     import torch
 
-    from engine.arch import layer_of_key
+    from engine.models.arch import layer_of_key
 
     changed = changed_tensors(before, after)
     assert changed, "no tensor of the output differs from the input model: nothing trained"

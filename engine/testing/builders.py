@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.context import Runtime, StageContext
+from engine.run.context import Runtime, StageContext
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

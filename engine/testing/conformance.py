@@ -7,7 +7,7 @@
     def test_my_merge_conforms():
         check_plugin(MyMerge(), "merge", variations={"gamma": 0.05})
 
-:func:`check_plugin` dispatches on the stage kind (:data:`engine.stages.STAGE_KINDS`) to
+:func:`check_plugin` dispatches on the stage kind (:data:`engine.core.stages.STAGE_KINDS`) to
 :func:`check_merge_method`, :func:`check_trainer`, :func:`check_layer_selector`,
 :func:`check_aligner` or :func:`check_evaluator`. Each runs the implementation's
 ``run(context, inputs, params)`` on tiny in-process models (:mod:`engine.testing.builders`)
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.stages import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS, kind_of
+from engine.core.stages import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS, kind_of
 
 __all__ = [
     "ConformanceError", "ConformanceReport", "check_aligner", "check_evaluator",
@@ -109,9 +109,9 @@ def _check_params(c: Checker, params: Mapping[str, Any]) -> ConformanceReport:
 
     from pydantic import ValidationError
 
-    from engine.implementation import describe
-    from engine.inputs import DataFormat
-    from engine.params import PluginParams
+    from engine.core.inputs import DataFormat
+    from engine.core.params import PluginParams
+    from engine.registry.implementation import describe
 
     impl = c.impl
     with c.prop("declares name, description and data formats"):
@@ -191,7 +191,7 @@ def _check_function(kind: str) -> Any:
 
 
 def _registered_kind(impl: Any) -> str:
-    from engine.plugin_manager import implementations
+    from engine.registry.manager import implementations
 
     for kind, impls in implementations().items():
         for reg in impls.values():
@@ -274,7 +274,7 @@ def model_state(folder: Path) -> dict[str, Any]:
     """Every tensor of a model folder, in memory."""
     from safetensors.torch import load_file
 
-    from engine import modelio
+    from engine.models import modelio
 
     out: dict[str, Any] = {}
     for f in modelio.weight_files(Path(folder)):
@@ -287,8 +287,8 @@ def output_state(folder: Path) -> dict[str, Any]:
     (its base with the adapter merged in, as the engine loads it)."""
     import torch
 
-    from engine import modelio
     from engine.merging.lora import is_adapter_folder
+    from engine.models import modelio
 
     if not is_adapter_folder(Path(folder)):
         return model_state(folder)
@@ -337,8 +337,8 @@ def loads_as_model(folder: Path) -> None:
     """The folder loads as a causal LM (a LoRA adapter folder through the engine's loader)."""
     import torch
 
-    from engine import modelio
     from engine.merging.lora import is_adapter_folder
+    from engine.models import modelio
 
     if is_adapter_folder(Path(folder)):
         modelio.load_model(folder, dtype=torch.float32, device=torch.device("cpu"))

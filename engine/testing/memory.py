@@ -1,6 +1,6 @@
 """Activation memory as autograd sees it: the bytes a forward pass hands autograd to keep.
 
-One measure shared by the estimate's tests (:mod:`engine.estimate` is checked against
+One measure shared by the estimate's tests (:mod:`engine.recipe.estimate` is checked against
 it) and the checkpointing benchmark, so both count the same thing.
 """
 

@@ -33,7 +33,7 @@ import pytest
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-    from engine.context import StageContext
+    from engine.run.context import StageContext
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +119,7 @@ def lingoforge_run_recipe(tmp_path) -> Callable[..., dict[str, Any]]:
 def lingoforge_register() -> Iterator[Callable[..., Any]]:
     """``register(plugin, name=None)``: register a plugin module or object with the engine's
     plugin manager for one test; every plugin registered this way is unregistered after it."""
-    from engine.plugin_manager import pm
+    from engine.registry.manager import pm
 
     names: list[str] = []
 

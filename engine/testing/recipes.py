@@ -18,12 +18,12 @@ def run_recipe(recipe: Mapping[str, Any] | str | Path, workdir: str | Path, *,
     Relative paths in it are resolved against the file's folder, or ``recipe_dir`` for a
     mapping (default: the current directory). ``overrides`` are ``--set`` items
     (``stages.merged.params.lambda=0.5``). Errors are the engine's own: a
-    :class:`~engine.errors.RecipeError` for an invalid recipe, a
-    :class:`~engine.runner.StageFailed` naming the stage that raised.
+    :class:`~engine.core.errors.RecipeError` for an invalid recipe, a
+    :class:`~engine.run.runner.StageFailed` naming the stage that raised.
     """
-    from engine.recipe import apply_overrides, load_recipe, parse_recipe
-    from engine.runner import Runner
-    from engine.validate import plan_recipe
+    from engine.recipe.spec import apply_overrides, load_recipe, parse_recipe
+    from engine.recipe.validate import plan_recipe
+    from engine.run.runner import Runner
 
     if isinstance(recipe, Mapping):
         import copy

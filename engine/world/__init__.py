@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import DataError, ModelLoadError
+from engine.core.errors import DataError, ModelLoadError
 from engine.world.cache import WORLD_VERSION, cache_dir, ensure_built, world_dir
 from engine.world.corpus import SOURCE_LANGUAGE, TARGET_LANGUAGE, data_names, write_data
 from engine.world.lexicon import LANGUAGES
@@ -83,7 +83,7 @@ def model_config(name: str) -> dict[str, Any]:
     """config.json of a built-in model, without building it (read from the folder when
     it exists, else computed from the architecture the build uses)."""
     _check_model_name(name)
-    from engine.modelio import read_config
+    from engine.models.modelio import read_config
     from engine.world.pretrain import config_dict
 
     folder = world_dir() / "models" / name

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine import outputs
+from engine.core import outputs
 
 #: bump when the generated data, tokenizer or model would change, so old caches are ignored
 WORLD_VERSION = 4
@@ -127,7 +127,7 @@ def publish(tmp: Path, final: Path, *, replace: bool = False) -> None:
 
     Without ``replace`` an existing ``final`` wins (another process finished first with
     the same content) and ``tmp`` is discarded; with it, ``final`` is swapped out, and only
-    when the engine wrote it (:func:`engine.outputs.publish`; a world folder of an earlier
+    when the engine wrote it (:func:`engine.core.outputs.publish`; a world folder of an earlier
     version, with its manifest but no output marker, is the engine's too).
     """
     outputs.mark_output(tmp, "built-in world")

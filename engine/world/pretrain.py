@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.console import current, make_progress
+from engine.core.console import current, make_progress
 from engine.world import corpus
 from engine.world.tokenizer import VOCAB_SIZE, train_tokenizer
 
@@ -94,7 +94,7 @@ def build_base_model(folder: Path, *, steps: int = PRETRAIN_STEPS, batch_size: i
     """
     from transformers import LlamaForCausalLM
 
-    from engine.modelio import write_meta
+    from engine.models.modelio import write_meta
 
     started = time.perf_counter()
     folder = Path(folder)

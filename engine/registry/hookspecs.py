@@ -1,0 +1,101 @@
+"""The hook specification: the contract between the engine and every plugin.
+
+lingoforge runs recipes made of *stages*. Each stage kind has one hook here,
+generated from its entry in the stage kinds table (:data:`engine.core.stages.STAGE_KINDS`), in
+register style: the engine calls the hook with a ``register`` callable, and a plugin
+calls ``register(implementation)`` once per implementation it provides. An
+implementation is a small object (see :class:`engine.api.StageImplementation`):
+
+* ``name`` -- the value a recipe writes in ``plugin:``;
+* ``Params`` -- a pydantic model of the recipe keys under ``params:``, with defaults
+  and field descriptions (it is the documentation and the validation in one place);
+* ``run(context, inputs, params)`` -- does the work and returns an artifact.
+
+Lifecycle hooks let a plugin observe a run (log to a tracker, send a notification)
+without touching the runner. Their return values are ignored.
+
+Write an implementation as in ``plugins/``; every built-in is registered through
+these very hooks, exactly like a third-party plugin shipped with an entry point in
+the group ``engine.plugins``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from engine.core.stages import INPUT_KEYS, STAGE_KINDS, StageKind
+
+if TYPE_CHECKING:
+    from engine.core.artifacts import Artifact
+    from engine.recipe.spec import Recipe, StageSpec
+    from engine.registry.implementation import StageImplementation
+    from engine.run.context import StageContext
+
+PROJECT_NAME = "engine"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+Register = Callable[["StageImplementation"], None]
+
+
+# --- stage hooks -----------------------------------------------------------------
+#
+# One register hook per entry of the stage kinds table (engine.core.stages.STAGE_KINDS),
+# generated from it, so that adding a stage kind is one table entry. Each hook's
+# docstring -- the contract -- is built from the entry: read it with
+# ``help(engine.registry.hookspecs.register_merge_methods)`` or in docs/plugins.md.
+
+_ARTIFACT_CLASS = {"model": "ModelArtifact", "layers": "LayerSelection", "metrics": "MetricsArtifact"}
+
+
+def _inputs(kind: StageKind) -> str:
+    def listed(keys: frozenset[str]) -> str:
+        return ", ".join(f"``{k}``" for k in INPUT_KEYS if k in keys) or "none"
+
+    return f"Inputs: {listed(kind.required)} (required); {listed(kind.optional)} (optional)."
+
+
+def stage_hook_doc(kind: StageKind) -> str:
+    """The contract of ``kind``'s register hook, from its table entry."""
+    trains = (" Its stages train: they are seeded, checkpointed and resumable, and a "
+              "cache hit skips them." if kind.trains else "")
+    return (f"Register *{kind.name}* implementations: they {kind.summary} and return an "
+            f":class:`engine.api.{_ARTIFACT_CLASS[kind.artifact]}`.\n\n"
+            f"{kind.contract}{trains}\n\n{_inputs(kind)}\n")
+
+
+def _stage_hookspec(kind: StageKind) -> Callable[[Register], None]:
+    def register_hook(register: Register) -> None:
+        pass
+
+    register_hook.__name__ = register_hook.__qualname__ = kind.hook
+    register_hook.__doc__ = stage_hook_doc(kind)
+    return hookspec(register_hook)
+
+
+for _kind in STAGE_KINDS.values():
+    globals()[_kind.hook] = _stage_hookspec(_kind)
+del _kind
+
+
+# --- lifecycle hooks ---------------------------------------------------------------
+
+
+@hookspec
+def stage_started(context: StageContext, stage: StageSpec) -> None:
+    """Called before a stage runs (not called for a stage served from the cache)."""
+
+
+@hookspec
+def stage_finished(context: StageContext, stage: StageSpec, artifact: Artifact,
+                   record: dict[str, Any]) -> None:
+    """Called after a stage wrote its output; ``record`` is its report.json entry."""
+
+
+@hookspec
+def run_finished(recipe: Recipe, workdir: str, report: dict[str, Any]) -> None:
+    """Called once after every stage ran and report.json was written."""

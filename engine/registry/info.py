@@ -1,0 +1,108 @@
+"""What ``engine plugins`` shows: each plugin, what it registers, and whether it can run.
+
+Every implementation gets a one-line description: its ``description`` attribute, else
+the first line of its class docstring, else of its module's docstring.
+
+An implementation whose work needs an optional package declares it, and ``engine
+plugins`` (and ``engine validate``, as a warning) says when that package is missing,
+without importing anything (:func:`importlib.util.find_spec`):
+
+* ``requires`` -- a tuple of top-level module names the implementation imports when
+  it runs (``("lm_eval",)``);
+* ``extra`` (optional) -- the extra of the plugin's distribution that installs them
+  (``"lm-eval"``): the message is then ``needs extra lingoforge[lm-eval]: pip install
+  'lingoforge[lm-eval]'``, with the plugin's own distribution name for a third-party
+  plugin. Without ``extra`` it names the missing modules.
+
+The implementation still registers (recipes using it validate); its ``run`` should
+raise a clear :class:`~engine.core.errors.EngineError` when the package is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+from engine.registry import manager as _pm
+from engine.registry.implementation import describe
+
+__all__ = ["description", "missing_requirements", "plugins_info", "requirement_hint"]
+
+
+def description(impl: Any) -> str:
+    """One line that says what ``impl`` does (``description``, class or module docstring)."""
+    text = describe(impl)
+    if text:
+        return text
+    module = sys.modules.get(type(impl).__module__)
+    doc = (getattr(module, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def requirements(impl: Any) -> tuple[str, ...]:
+    """The module names ``impl`` declares in ``requires`` (a single string is one name)."""
+    raw = getattr(impl, "requires", None) or ()
+    return (raw,) if isinstance(raw, str) else tuple(str(r) for r in raw)
+
+
+def _installed(module: str) -> bool:
+    try:  # a top-level name: find_spec locates it without importing anything
+        return importlib.util.find_spec(module.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_requirements(impl: Any) -> list[str]:
+    """The modules of ``impl.requires`` that cannot be found (none imported)."""
+    return [m for m in requirements(impl) if not _installed(m)]
+
+
+def requirement_hint(impl: Any, distribution: str = "-") -> str | None:
+    """``needs extra DIST[EXTRA]: pip install 'DIST[EXTRA]'`` when a requirement of
+    ``impl`` is missing (``needs module(s) x, y (not installed)`` without an ``extra``
+    or a known distribution); None when everything it requires is installed."""
+    missing = missing_requirements(impl)
+    if not missing:
+        return None
+    extra = getattr(impl, "extra", None)
+    if isinstance(extra, str) and extra and distribution not in ("-", "?", ""):
+        spec = f"{distribution}[{extra}]"
+        return f"needs extra {spec}: pip install '{spec}'"
+    return f"needs module(s) {', '.join(missing)} (not installed)"
+
+
+def _row(name: str) -> dict[str, Any]:
+    return {"name": name, "distribution": _pm.plugin_distribution(name),
+            "version": _pm.plugin_version(name), "registers": {}, "broken": None, "skipped": None}
+
+
+def _implementation(reg: Any) -> dict[str, Any]:
+    """``name`` and ``description``; with ``requires`` declared, also ``requires``, the
+    ``missing`` modules and ``needs`` (the install hint, null when nothing is missing)."""
+    row: dict[str, Any] = {"name": reg.name, "description": description(reg.impl)}
+    if requirements(reg.impl):
+        row.update(requires=list(requirements(reg.impl)), missing=missing_requirements(reg.impl),
+                   needs=requirement_hint(reg.impl, reg.distribution))
+    return row
+
+
+def plugins_info() -> list[dict[str, Any]]:
+    """What ``engine plugins`` shows: each plugin, its distribution and version, what it
+    registers (name, description; declared requirements, the missing ones and the install
+    hint where it declares ``requires``), and whether it is broken or kept out by the allow/block lists."""
+    impls = _pm.implementations()
+    rows: dict[str, dict[str, Any]] = {}
+    for name in (_pm.pm.get_name(p) for p in _pm.pm.get_plugins()):
+        if name is not None:
+            rows[name] = _row(name)
+    for kind, by_name in impls.items():
+        for reg in by_name.values():
+            rows.setdefault(reg.plugin, _row(reg.plugin))["registers"].setdefault(kind, []).append(
+                _implementation(reg))
+    for b in _pm.broken_plugins():
+        rows.setdefault(b.name, _row(b.name))["broken"] = b.error
+        rows[b.name]["registers"] = {}
+    for name, why in _pm.skipped_plugins().items():
+        rows.setdefault(name, _row(name))["skipped"] = why
+    return sorted(rows.values(), key=lambda r: r["name"])

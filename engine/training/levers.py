@@ -1,0 +1,149 @@
+"""Memory levers of training and model loading: activation checkpointing, CPU bf16
+autocast, the attention kernel and paged 8-bit optimizer state.
+
+Each lever is a recipe setting; this module decides what it means for the model and
+device at hand, by asking the library (never by a name), and says when the fast path
+cannot be taken:
+
+* :func:`enable_checkpointing`: ``gradient_checkpointing`` recomputes each decoder
+  layer's activations in the backward pass instead of holding them (transformers'
+  activation checkpointing, non-reentrant ``torch.utils.checkpoint``: gradients reach
+  trained tensors behind frozen embeddings or LoRA without forcing the embedding
+  output to require grad).
+* :func:`resolve_mixed_precision` / :func:`cpu_autocast_problem`: ``mixed_precision``;
+  bf16 autocast on the CPU is tried on a tiny matmul.
+* ``runtime.attention``: :mod:`engine.models.attention` (model loading needs it too).
+* :func:`make_optimizer` / :func:`paged_optimizer_path`: ``optimizer`` (AdamW, 8-bit,
+  paged 8-bit; paging needs CUDA unified memory).
+* :func:`check_runtime`: what ``engine validate`` checks of these settings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.core.errors import RecipeError, TrainingError
+from engine.models.attention import attention_problem
+
+if TYPE_CHECKING:
+    from engine.training.params import TrainerParams
+
+__all__ = ["cpu_autocast_problem", "disable_checkpointing", "check_runtime", "enable_checkpointing",
+           "make_optimizer", "paged_optimizer_path", "resolve_mixed_precision"]
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def enable_checkpointing(model: torch.nn.Module, where: str) -> None:
+    """Turn on activation checkpointing (non-reentrant) for every checkpointable layer.
+
+    ``where`` names the stage in the error a model that cannot checkpoint raises.
+    transformers also hooks the input embedding so that its output requires grad (a
+    need of reentrant checkpointing only); the hook is removed, so a frozen embedding
+    costs no extra backward work.
+    """
+    base = _base_model(model)
+    # transformers 5 names it activation_checkpointing_enable (gradient_... is its deprecated alias)
+    method = next((m for m in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+                   if callable(getattr(base, m, None))), None)
+    if not getattr(base, "supports_gradient_checkpointing", False) or method is None:
+        raise TrainingError(f"{where}: params.gradient_checkpointing: {type(base).__name__} cannot checkpoint "
+                            "activations (its transformers class does not support it); set "
+                            "gradient_checkpointing: false")
+    kwargs = {"use_reentrant": False}
+    hooked_before = bool(getattr(base, "_require_grads_hooks", None))
+    try:
+        getattr(base, method)(**{method.replace("_enable", "_kwargs"): kwargs})
+    except ValueError as exc:
+        raise TrainingError(f"{where}: params.gradient_checkpointing: {exc}") from None
+    if not hooked_before and getattr(base, "_require_grads_hooks", None):
+        base.disable_input_require_grads()
+    config = getattr(base, "config", None)
+    if config is not None and getattr(config, "use_cache", None):
+        config.use_cache = False  # no KV cache is built while training (checkpointing drops it anyway)
+        base._lingoforge_use_cache = True
+
+
+def disable_checkpointing(model: torch.nn.Module) -> None:
+    """Undo :func:`enable_checkpointing` (the trained model is saved and used as it came)."""
+    base = _base_model(model)
+    method = next((m for m in ("activation_checkpointing_disable", "gradient_checkpointing_disable")
+                   if callable(getattr(base, m, None))), None)
+    if method is not None:
+        getattr(base, method)()
+    if getattr(base, "_lingoforge_use_cache", False):
+        base.config.use_cache = True
+        del base._lingoforge_use_cache
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """accelerate's ``mixed_precision`` value for ``setting`` on ``device``."""
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if setting == "fp16" and device.type != "cuda":
+        raise TrainingError(f"mixed_precision 'fp16' needs a CUDA device (running on {device.type}); "
+                            "use 'bf16' or 'no'")
+    if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("mixed_precision 'bf16' is not supported by this GPU; use 'fp16' or 'no'")
+    if setting == "bf16" and device.type == "cpu" and (problem := cpu_autocast_problem()):
+        raise TrainingError(f"mixed_precision 'bf16': {problem}; use 'no'")
+    return setting
+
+
+def make_optimizer(params: list[torch.nn.Parameter], hp: TrainerParams) -> torch.optim.Optimizer:
+    """AdamW over ``params``; matrices decay, vectors (biases, norms) do not."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if hp.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
+        try:
+            from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
+        except ImportError as exc:
+            raise TrainingError(f"optimizer {hp.optimizer!r} needs bitsandbytes ({exc}); "
+                                "install lingoforge[8bit] or use 'adamw'") from None
+        return (AdamW8bit if hp.optimizer == "adamw-8bit" else PagedAdamW8bit)(groups, lr=hp.lr)
+    return torch.optim.AdamW(groups, lr=hp.lr)
+
+
+def cpu_autocast_problem() -> str | None:
+    """None when torch runs bf16 autocast on the CPU (a tiny matmul comes out bf16)."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.ones(2, 2) @ torch.ones(2, 2)
+    except (RuntimeError, ValueError) as exc:
+        return f"torch {torch.__version__} has no bf16 autocast on the CPU ({exc})"
+    if out.dtype != torch.bfloat16:
+        return f"torch {torch.__version__} does not autocast matmuls to bf16 on the CPU"
+    return None
+
+
+def paged_optimizer_path(device: torch.device) -> str | None:
+    """For ``optimizer: paged-adamw-8bit``: a sentence when paging is unavailable (not CUDA)."""
+    if device.type == "cuda":
+        return None
+    return (f"paged optimizer state needs CUDA unified memory; on {device.type} bitsandbytes keeps the "
+            "8-bit state unpaged (the same as adamw-8bit)")
+
+
+def check_runtime(runtime: Any, loads_models: bool = True) -> None:
+    """``engine validate``'s check of the levers a stage's effective runtime sets: raises
+    :class:`~engine.core.errors.RecipeError` naming the field when one cannot work here."""
+    device = str(runtime.device)
+    # "cuda..." is taken at its word (a recipe for a GPU may be checked on a laptop)
+    dev = torch.device("cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+                       else "cpu" if device == "auto" else device)
+    problem = attention_problem(runtime.attention, dev) if loads_models else None
+    if problem is not None:
+        raise RecipeError(problem)
+
+
+def checkpointing_status(model: Any) -> bool:
+    """Whether any module of ``model`` has activation checkpointing on (for tests and notes)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in _base_model(model).modules())
