@@ -95,11 +95,11 @@ def child(mode: str, corpus: Path, tok_dir: Path) -> dict:
 
     from engine.core.inputs import DataSource
     from engine.data import token_cache
-    from engine.training import batching
+    from engine.training import batching, examples
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     src = DataSource(path=corpus)
-    policy = batching._document_policy(tok)
+    policy = examples.document_policy(tok)
     rss_before = _peak_rss_mb()
     if mode == "build":
         c0, t0 = time.process_time(), time.perf_counter()

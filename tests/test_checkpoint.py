@@ -20,8 +20,9 @@ from engine.core.errors import TrainingError
 from engine.recipe.spec import load_recipe
 from engine.recipe.validate import plan_recipe
 from engine.run.runner import CHECKPOINTS_DIR, Runner
-from engine.training.batching import Batch, training_batches
+from engine.training.batching import training_batches
 from engine.training.checkpoint import CheckpointDir
+from engine.training.examples import Batch
 from engine.training.loop import KILL_ENV, LOG_FILE, TrainerParams, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from engine.api import DataSource, ModelArtifact, StageInputs
 from engine.core.errors import DataError, TrainingError
-from engine.training.batching import IGNORE_INDEX, training_batches
+from engine.training.batching import training_batches
+from engine.training.examples import IGNORE_INDEX
 from engine.training.loop import KILL_ENV, LOG_FILE, TrainerParams, train
 from engine.training.packing import model_inputs
 from engine_plugins.elo import ELO

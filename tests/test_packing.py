@@ -14,14 +14,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from engine.core.errors import DataError, TrainingError
 from engine.core.inputs import DataSource
 from engine.models.capabilities import packing_probe
-from engine.training.batching import _examples, collate, pack, training_batches
+from engine.training.batching import pack, training_batches
+from engine.training.examples import IGNORE_INDEX, collate, tokenized_examples
 from engine.training.loop import TrainerParams, train
-from engine.training.packing import (
-    IGNORE_INDEX,
-    document_batch,
-    pack_documents,
-    packed_example_batches,
-)
+from engine.training.packing import document_batch, pack_documents, packed_example_batches
 
 IGNORE = IGNORE_INDEX
 
@@ -75,7 +71,7 @@ def test_a_documents_loss_is_the_same_packed_or_alone(tiny_model, impl):
 
 def test_sft_loss_is_the_same_packed_or_padded(tiny_model, tiny_tokenizer, instructions_file):
     model = _load(tiny_model)
-    examples = list(itertools.islice(_examples(tiny_tokenizer, DataSource(instructions_file, "instructions"),
+    examples = list(itertools.islice(tokenized_examples(tiny_tokenizer, DataSource(instructions_file, "instructions"),
                                                64), 5))
     padded = collate(examples, tiny_tokenizer.pad_token_id)
     width = sum(len(x) for x, _ in examples)  # one row holding all five
@@ -90,7 +86,7 @@ def test_sft_loss_is_the_same_packed_or_padded(tiny_model, tiny_tokenizer, instr
 
 
 def test_packed_sft_rows_hold_whole_examples_and_pad_the_rest(tiny_tokenizer, instructions_file):
-    examples = list(itertools.islice(_examples(tiny_tokenizer, DataSource(instructions_file, "instructions"),
+    examples = list(itertools.islice(tokenized_examples(tiny_tokenizer, DataSource(instructions_file, "instructions"),
                                                64), 3))
     lens = [len(x) for x, _ in examples]
     seq_len = lens[0] + lens[1] + 1  # the third does not fit after the first two

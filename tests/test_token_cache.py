@@ -19,7 +19,7 @@ from engine.data import token_cache
 from engine.data.sources import iter_texts, resolve_data
 from engine.recipe.spec import DataSpec
 from engine.testing import build_tokenizer
-from engine.training import batching
+from engine.training import batching, examples
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,7 @@ def _old_documents(tokenizer, source, rng, buffer_size, skip=None):
 
 
 def _policy(tok):
-    return batching._document_policy(tok)
+    return examples.document_policy(tok)
 
 
 def _entries() -> list[Path]:

@@ -16,13 +16,13 @@ from engine.api import DataSource
 from engine.core.errors import DataError, TrainingError
 from engine.models import arch
 from engine.training.batching import (
-    IGNORE_INDEX,
     instruction_batches,
     pack,
     packed_batches,
     packed_blocks,
     training_batches,
 )
+from engine.training.examples import IGNORE_INDEX
 from engine.training.loop import LOG_FILE, TrainerParams, lr_factor, train
 
 # --- the loop ----------------------------------------------------------------------------

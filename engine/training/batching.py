@@ -33,7 +33,17 @@ import torch
 
 from engine.core.errors import DataError
 from engine.core.inputs import DataSource
+from engine.data import token_cache
 from engine.data.files import iter_instructions
+from engine.training.examples import (
+    Batch,
+    collate,
+    document_policy,
+    encode_instruction,
+    eos_id,
+    record_problem,
+    tokenized_examples,
+)
 from engine.training.heldout import HeldOut, HeldOutBatches
 from engine.training.packing import (
     TrainingBatches,
@@ -43,12 +53,10 @@ from engine.training.packing import (
     packed_example_batches,
 )
 
-Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
 #: the held-out item indices of source i (:meth:`engine.training.heldout.HeldOut.held`), or None
 Held = Callable[[int], frozenset[int]] | None
 
-IGNORE_INDEX = -100
 _TOKENIZE_CHUNK = 64
 
 
@@ -164,14 +172,6 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 # --- packed text ---------------------------------------------------------------------------
 
 
-def _eos_id(tokenizer: Any) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no EOS token; it is needed to separate documents and "
-                        "to end responses")
-    return int(eos)
-
-
 def _tokenized_documents(tokenizer: Any, source: DataSource, rng: random.Random,
                          buffer_size: int, skip: frozenset[int] | None = None) -> Iterator[list[int]]:
     """Token ids per document, ``BOS text EOS``, shuffled through a buffer.
@@ -185,21 +185,10 @@ def _tokenized_documents(tokenizer: Any, source: DataSource, rng: random.Random,
     from disk. The buffer shuffles document indices with the same draws as it would
     shuffle the texts, so the order is the one the seed always gave. Indices in
     ``skip`` (held out) are left out before the shuffle."""
-    from engine.data import token_cache
-
-    cache = token_cache.documents(tokenizer, source, _document_policy(tokenizer))
+    cache = token_cache.documents(tokenizer, source, document_policy(tokenizer))
     order = range(len(cache)) if not skip else [i for i in range(len(cache)) if i not in skip]
     for i in shuffled(order, rng, buffer_size):
         yield cache.document(i)
-
-
-def _document_policy(tokenizer: Any) -> Any:
-    """BOS (when the tokenizer has one distinct from EOS) and EOS of a training document."""
-    from engine.data.token_cache import DocumentPolicy
-
-    eos = _eos_id(tokenizer)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return DocumentPolicy(bos=int(bos) if bos is not None and bos != eos else None, eos=eos)
 
 
 def pack(documents: Iterable[list[int]], seq_len: int) -> Iterator[list[int]]:
@@ -251,60 +240,6 @@ def packed_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: in
 # --- instructions ------------------------------------------------------------------------------
 
 
-def _messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    if "messages" in record:
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    return [{"role": "user", "content": record["prompt"]},
-            {"role": "assistant", "content": record["response"]}]
-
-
-def _template_ids(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
-    return list(out["input_ids"] if isinstance(out, dict) else out)
-
-
-def encode_instruction(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) for one instruction record.
-
-    With a chat template the conversation is rendered whole and the prompt is the
-    rendering of every turn before the last plus the generation prompt; the
-    response is what the full rendering adds after it. Without a template the
-    prompt text (or the earlier turns as ``role: content`` lines) is followed by the
-    response and EOS.
-    """
-    messages = _messages(record)
-    if getattr(tokenizer, "chat_template", None):
-        full = _template_ids(tokenizer, messages)
-        prompt = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True) if len(messages) > 1 else []
-        common = 0
-        for a, b in zip(prompt, full):
-            if a != b:
-                break
-            common += 1
-        return full[:common], full[common:]
-    if "messages" in record:
-        prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
-    else:
-        prompt_text = record["prompt"]
-    prompt_ids = list(tokenizer(prompt_text)["input_ids"])
-    response_ids = list(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
-    return prompt_ids, [*response_ids, _eos_id(tokenizer)]
-
-
-def _record_problem(prompt: list[int], response: list[int], seq_len: int) -> str | None:
-    """Why a tokenized record cannot be trained on at ``seq_len``, or None.
-
-    The rule: the prompt must leave room for at least one response token in the
-    ``seq_len`` window (a longer response is cut, a longer prompt would train nothing).
-    """
-    if len(prompt) >= seq_len:
-        return (f"the prompt is {len(prompt)} tokens but seq_len is {seq_len}; "
-                "no response token would be trained (raise seq_len or shorten the prompt)")
-    if not response:
-        return "the response is empty after tokenization"
-    return None
-
-
 def check_instructions(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
                        max_listed: int = 5) -> int:
     """Tokenize every instruction record once and fail on any that cannot be trained on.
@@ -320,7 +255,7 @@ def check_instructions(tokenizer: Any, sources: Sequence[DataSource], *, seq_len
         for lineno, record in iter_instructions(source):
             checked += 1
             prompt, response = encode_instruction(tokenizer, record)
-            problem = _record_problem(prompt, response, seq_len)
+            problem = record_problem(prompt, response, seq_len)
             if problem is not None:
                 total_bad += 1
                 if len(problems) < max_listed:
@@ -334,35 +269,6 @@ def check_instructions(tokenizer: Any, sources: Sequence[DataSource], *, seq_len
     return checked
 
 
-def _examples(tokenizer: Any, source: DataSource, seq_len: int,
-              skip: frozenset[int] | None = None) -> Iterator[tuple[list[int], list[int]]]:
-    """(input ids, labels) per record, prompt masked, cut to ``seq_len``; records whose
-    index is in ``skip`` (held out) are left out."""
-    for index, (lineno, record) in enumerate(iter_instructions(source)):
-        if skip and index in skip:
-            continue
-        prompt, response = encode_instruction(tokenizer, record)
-        problem = _record_problem(prompt, response, seq_len)
-        if problem is not None:  # checked up front by training_batches; kept for direct callers
-            raise DataError(f"{source.path}:{lineno}: {problem}")
-        ids = (prompt + response)[:seq_len]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[:seq_len]
-        yield ids, labels
-
-
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
-    """Right-pad examples to the longest; padding is masked from attention and loss."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (x, y) in enumerate(examples):
-        ids[row, : len(x)] = torch.tensor(x)
-        labels[row, : len(y)] = torch.tensor(y)
-        mask[row, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def instruction_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_len: int,
                         batch_size: int, seed: int = 0, shuffle_buffer: int = 1024,
                         packed: bool = False, held: Held = None) -> Iterator[Batch]:
@@ -373,10 +279,10 @@ def instruction_batches(tokenizer: Any, sources: Sequence[DataSource], *, seq_le
     for i, src in enumerate(sources):
         rng = _source_rng(seed, i)
         streams.append(cycle(
-            lambda s=src, r=rng, i=i: shuffled(_examples(tokenizer, s, seq_len, held(i) if held else None), r,
+            lambda s=src, r=rng, i=i: shuffled(tokenized_examples(tokenizer, s, seq_len, held(i) if held else None), r,
                                                shuffle_buffer), str(src.path)))
     examples = mix(streams, [s.weight for s in sources])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
     if packed:
         yield from packed_example_batches(examples, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id)
     while True:

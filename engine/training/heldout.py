@@ -30,13 +30,22 @@ import torch
 
 from engine.core.errors import DataError, TrainingError
 from engine.core.inputs import DataSource
-from engine.training.packing import IGNORE_INDEX, TrainingBatches, document_batch, model_inputs
+from engine.data import token_cache
+from engine.data.files import iter_jsonl
+from engine.training.examples import (
+    IGNORE_INDEX,
+    Batch,
+    collate,
+    document_policy,
+    eos_id,
+    tokenized_examples,
+)
+from engine.training.packing import TrainingBatches, document_batch, model_inputs, pack_documents
 
 if TYPE_CHECKING:
     from engine.run.context import StageContext
     from engine.training.params import TrainerParams
 
-Batch = dict[str, torch.Tensor]
 
 
 def held_out_indices(n: int, fraction: float, seed: int, source_index: int) -> frozenset[int]:
@@ -58,10 +67,7 @@ class HeldOut:
         self.counts: dict[int, int] = {}
 
     def _documents(self, i: int) -> Any:
-        from engine.data import token_cache
-        from engine.training.batching import _document_policy
-
-        return token_cache.documents(self.tokenizer, self.sources[i], _document_policy(self.tokenizer))
+        return token_cache.documents(self.tokenizer, self.sources[i], document_policy(self.tokenizer))
 
     def held(self, i: int) -> frozenset[int]:
         """The held-out item indices of source ``i`` (documents in token-cache order, or
@@ -70,8 +76,6 @@ class HeldOut:
             if self.format == "text":
                 n = len(self._documents(i))
             else:
-                from engine.data.files import iter_jsonl
-
                 src = self.sources[i]
                 n = sum(1 for _ in iter_jsonl(src.path, src.records))
             self.counts[i] = n
@@ -80,8 +84,6 @@ class HeldOut:
 
     def items(self, stage: str) -> list[Any]:
         """Every held-out item, sources in order: token ids (text) or (ids, labels)."""
-        from engine.training.batching import _examples
-
         items: list[Any] = []
         for i, src in enumerate(self.sources):
             held = self.held(i)
@@ -89,7 +91,7 @@ class HeldOut:
                 docs = self._documents(i)
                 items += [docs.document(j) for j in sorted(held)]
             else:
-                items += [ex for j, ex in enumerate(_examples(self.tokenizer, src, self.seq_len)) if j in held]
+                items += [ex for j, ex in enumerate(tokenized_examples(self.tokenizer, src, self.seq_len)) if j in held]
         if not items:
             total = sum(self.counts.values())
             what = "documents" if self.format == "text" else "examples"
@@ -111,9 +113,7 @@ class HeldOut:
                 ids = torch.tensor([r for r, _ in chunk], dtype=torch.long)
                 out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
             return out
-        from engine.training.batching import _eos_id, collate
-
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else _eos_id(self.tokenizer)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id(self.tokenizer)
         if not packed:
             return [collate(chunk, pad) for chunk in _chunks(items, self.batch_size)]
         rows, labels = _example_rows(items, self.seq_len, pad)
@@ -128,8 +128,6 @@ def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 def _text_rows(docs: Iterable[list[int]], seq_len: int) -> list[tuple[list[int], list[int]]]:
     """``(ids, position_ids)`` rows as :func:`engine.training.packing.pack_documents` cuts them,
     plus the last partial row (held-out tokens are not dropped)."""
-    from engine.training.packing import pack_documents
-
     return list(pack_documents(docs, seq_len, keep_partial=True))
 
 

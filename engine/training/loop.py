@@ -34,8 +34,8 @@ from engine.core.errors import TrainingError
 from engine.models.slow_paths import auto_precision_path, loss_scaling_path
 from engine.run import distributed
 from engine.training import levers, tracking
-from engine.training.batching import IGNORE_INDEX, Batch
 from engine.training.checkpoint import Checkpoint, CheckpointDir, restore_rng
+from engine.training.examples import IGNORE_INDEX, Batch
 from engine.training.heldout import Evaluator
 from engine.training.levers import make_optimizer, resolve_mixed_precision
 from engine.training.packing import fit_packing, model_inputs

@@ -51,6 +51,7 @@ from engine.core.artifacts import ModelArtifact
 from engine.core.errors import TrainingError
 from engine.models import modelio, quantization
 from engine.models.quantization import Quantization
+from engine.training.loop import training_dtype
 
 if TYPE_CHECKING:
     from engine.run.context import StageContext
@@ -227,8 +228,6 @@ def _merge_full_precision(context: StageContext, model: torch.nn.Module, base: P
     re-read in full precision: ``W + scaling * B @ A`` with the input's ``W``, never a
     dequantised copy. The base is read on the CPU in the training dtype."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    from engine.training.loop import training_dtype
 
     adapter = {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(model).items()}
     config = copy.deepcopy(model.peft_config["default"])

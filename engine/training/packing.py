@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from engine.core.errors import DataError, TrainingError
+from engine.models.capabilities import packing_probe
+from engine.training.examples import IGNORE_INDEX, Batch
 
 if TYPE_CHECKING:
     from engine.run.context import StageContext
 
-Batch = dict[str, torch.Tensor]
 Packing = Literal["auto", "documents", "stream", "padded"]
-IGNORE_INDEX = -100
 #: the unmasked way of each data format, and the one ``packing`` value only it takes
 UNMASKED = {"text": "stream", "instructions": "padded"}
 
@@ -139,8 +139,6 @@ class TrainingBatches(Iterator[Batch]):
         ``auto`` falls back to the unmasked way when the model cannot keep packed
         documents apart, said through ``context.slow_path``; ``documents`` raises
         :class:`TrainingError` then."""
-        from engine.models.capabilities import packing_probe
-
         if not self.packed:  # stream / padded asked for, or settled on already
             return False
         found = packing_probe(model)
