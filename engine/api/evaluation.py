@@ -15,15 +15,12 @@ from engine.evaluation.choices import (
     ItemPrediction,
     choice_plan,
     choose,
-    fewshot_indices,
     load_items,
     plan_choices,
     plan_perplexity,
     predict,
     read_documents,
-    render_prompt,
     summarize_choices,
-    use_chat_template,
 )
 from engine.evaluation.driver import (
     EvalPlan,
@@ -38,6 +35,7 @@ from engine.evaluation.driver import (
     select_sources,
     tokenizer_fingerprint,
 )
+from engine.evaluation.prompts import fewshot_indices, render_prompt, use_chat_template
 
 __all__ = [
     "AnswerItem", "AnswerMatch", "ChoiceItem", "EvalPlan", "GenerationPlan", "ItemPrediction",

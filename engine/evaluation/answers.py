@@ -1,6 +1,6 @@
 """Generation items scored by greedy generation and exact match (``task-accuracy`` on
 ``generation`` data). Prompts are built exactly as for choice items
-(:func:`engine.evaluation.choices.render_prompt`), so the two formats of one task see the same
+(:func:`engine.evaluation.prompts.render_prompt`), so the two formats of one task see the same
 context."""
 
 from __future__ import annotations
@@ -15,14 +15,8 @@ import torch
 from engine.core.errors import DataError, EngineError
 from engine.core.inputs import DataSource
 from engine.data.files import iter_answers
-from engine.evaluation.choices import (
-    Shots,
-    _draw_shots,
-    _plain_context,
-    encode_prompt,
-    render_prompt,
-)
 from engine.evaluation.driver import Generation, GenerationPlan, StopRule, generate_greedy
+from engine.evaluation.prompts import Shots, draw_shots, encode_prompt, plain_context, render_prompt
 
 __all__ = ["AnswerItem", "AnswerMatch", "generate_answers", "generation_plan", "load_answer_items",
            "plan_generation", "summarize_exact_match"]
@@ -87,10 +81,10 @@ def load_answer_items(source: DataSource, params: Any, match: AnswerMatch) -> li
         answers.append(got)
     solved = [(r["prompt"], a[0]) for (_, r), a in zip(records, answers, strict=True)]
     items = []
-    for (lineno, record), accepted, shots in zip(records, answers, _draw_shots(source, solved, params),
+    for (lineno, record), accepted, shots in zip(records, answers, draw_shots(source, solved, params),
                                                 strict=True):
         items.append(AnswerItem(source.label, f"{source.path}:{lineno}",
-                                _plain_context(shots, record["prompt"], params.fewshot_separator),
+                                plain_context(shots, record["prompt"], params.fewshot_separator),
                                 accepted, record["prompt"], shots))
     return items
 

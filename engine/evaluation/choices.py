@@ -9,23 +9,20 @@ these functions, so a metric is defined in exactly one place. The definitions
 multiple-choice log-likelihoods, ``acc`` and ``acc_norm``; greedy generation scored by
 ``exact_match``) are documented in docs/evaluation.md and in the plugin modules.
 
-Prompts (both item kinds) are either plain text (few-shot examples joined by a
-separator, then BOS + the text) or a chat conversation rendered by the tokenizer's chat
-template (:func:`render_prompt`), whose text is tokenized as is: the template writes
-BOS itself when the model wants one, so none is added.
+Prompts (both item kinds) are built by :mod:`engine.evaluation.prompts`: plain text or the
+tokenizer's chat template; generation items are :mod:`engine.evaluation.answers`.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from engine.core.errors import DataError, EngineError
+from engine.core.errors import DataError
 from engine.core.inputs import DataSource
 from engine.data.files import iter_choices
 from engine.data.sources import iter_texts
@@ -42,22 +39,12 @@ from engine.evaluation.driver import (
     encode_pair,
     score_spans,
 )
-
-if TYPE_CHECKING:
-    from engine.evaluation.answers import AnswerItem
+from engine.evaluation.prompts import Shots, draw_shots, plain_context, prefix_id, render_prompt
 
 __all__ = [
-    "ChoiceItem", "FewShot", "ItemPrediction", "chat_messages", "choice_plan", "choose",
-    "encode_prompt", "fewshot_indices", "load_items", "plan_choices", "plan_perplexity", "predict",
-    "ratio_stderr", "read_documents", "render_prompt", "summarize_choices",
-    "use_chat_template",
+    "ChoiceItem", "ItemPrediction", "choice_plan", "choose", "load_items", "plan_choices",
+    "plan_perplexity", "predict", "ratio_stderr", "read_documents", "summarize_choices",
 ]
-#: generation names that lived here before engine.evaluation.answers; still importable, with a warning
-_MOVED = ("AnswerItem", "AnswerMatch", "generate_answers", "generation_plan", "load_answer_items",
-          "plan_generation", "summarize_exact_match")
-
-Shots = tuple[tuple[str, str], ...]
-
 
 def read_documents(sources: list[DataSource], max_documents: int | None,
                    stage: str) -> dict[str, list[str]]:
@@ -140,68 +127,6 @@ def plan_perplexity(tokenizer: Any, sources: list[DataSource], texts: dict[str, 
     return EvalPlan(spans, summarize)
 
 
-# --- prompts: plain text or the chat template -------------------------------------------
-
-
-def use_chat_template(tokenizer: Any, setting: bool | None) -> bool:
-    """Whether prompts go through the tokenizer's chat template.
-
-    ``None`` (auto) applies it when the tokenizer has one; ``True`` requires one
-    (:class:`EngineError` otherwise, reported against the model); ``False`` never.
-    """
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if setting and not has:
-        raise EngineError("chat_template is true but the tokenizer has no chat template "
-                          "(use null to apply it only where there is one)")
-    return has if setting is None else setting
-
-
-def chat_messages(shots: Shots, prompt: str) -> list[dict[str, str]]:
-    """The conversation a chat model sees: each few-shot example as a user turn (its
-    prompt) and an assistant turn (its answer, stripped of surrounding whitespace),
-    then the item's prompt as the last user turn."""
-    messages = []
-    for shot_prompt, answer in shots:
-        messages.append({"role": "user", "content": shot_prompt})
-        messages.append({"role": "assistant", "content": answer.strip()})
-    messages.append({"role": "user", "content": prompt})
-    return messages
-
-
-def render_prompt(tokenizer: Any, item: ChoiceItem | AnswerItem,
-                  chat_template: bool | None) -> tuple[str, bool]:
-    """The text fed to the model before an item's answer, and whether the chat
-    template made it.
-
-    Without the template it is the item's plain ``context`` (few-shot examples and the
-    prompt joined by the separator). With it, :func:`chat_messages` rendered by
-    ``tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)``:
-    the text ends where the assistant's answer starts.
-    """
-    if not use_chat_template(tokenizer, chat_template):
-        return item.context, False
-    text = tokenizer.apply_chat_template(chat_messages(item.shots, item.prompt),
-                                         add_generation_prompt=True, tokenize=False)
-    if not isinstance(text, str):  # pragma: no cover - a tokenizer returning ids anyway
-        raise EngineError(f"{item.where}: the chat template did not render to text")
-    return text, True
-
-
-def _prefix_id(tokenizer: Any) -> int | None:
-    """The token :func:`encode_pair` puts before a plain context: BOS, else EOS."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
-
-
-def encode_prompt(tokenizer: Any, text: str, templated: bool) -> list[int]:
-    """A generation prompt's ids: a chat-template text as is (it holds its own special
-    tokens), a plain text after BOS (EOS for tokenizers without one), as choice
-    contexts are. The text is not stripped: end prompts where the answer starts."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    prefix = None if templated else _prefix_id(tokenizer)
-    return [prefix, *ids] if prefix is not None else ids
-
-
 # --- multiple choice ---------------------------------------------------------------
 
 
@@ -232,16 +157,6 @@ class ItemPrediction:
     pred_norm: int = 0
 
 
-@dataclass(frozen=True)
-class FewShot:
-    """How choice items are read and given few-shot examples (the task-accuracy keys)."""
-
-    num_fewshot: int = 0
-    fewshot_seed: int = 0
-    fewshot_separator: str = "\n\n"
-    max_items: int | None = None
-
-
 def load_items(source: DataSource, params: Any) -> list[ChoiceItem]:
     """A source's items with few-shot contexts built; errors name file and line.
 
@@ -255,38 +170,11 @@ def load_items(source: DataSource, params: Any) -> list[ChoiceItem]:
             raise DataError(f"{source.path}:{lineno}: 'choices' holds an empty string")
     solved = [(r["prompt"], r["choices"][r["label"]]) for _, r in records]
     items = []
-    for (lineno, record), shots in zip(records, _draw_shots(source, solved, params), strict=True):
+    for (lineno, record), shots in zip(records, draw_shots(source, solved, params), strict=True):
         items.append(ChoiceItem(source.label, f"{source.path}:{lineno}",
-                                _plain_context(shots, record["prompt"], params.fewshot_separator),
+                                plain_context(shots, record["prompt"], params.fewshot_separator),
                                 tuple(record["choices"]), record["label"], record["prompt"], shots))
     return items
-
-
-def _draw_shots(source: DataSource, solved: list[tuple[str, str]], params: Any) -> list[Shots]:
-    """Per item, its few-shot examples: ``num_fewshot`` other items of the file as
-    ``(prompt, answer)`` pairs, drawn by :func:`fewshot_indices`."""
-    k = params.num_fewshot
-    if k >= len(solved):
-        raise DataError(f"{source.path}: num_fewshot={k} needs at least {k + 1} items, "
-                        f"the file has {len(solved)}")
-    return [tuple(solved[j] for j in fewshot_indices(i, len(solved), k, params.fewshot_seed))
-            for i in range(len(solved))]
-
-
-def _plain_context(shots: Shots, prompt: str, separator: str) -> str:
-    return separator.join([p + a for p, a in shots] + [prompt])
-
-
-def fewshot_indices(item: int, n_items: int, k: int, seed: int) -> list[int]:
-    """``k`` distinct indices in ``range(n_items)`` other than ``item``, deterministic.
-
-    A string seed is hashed with SHA-512 by :class:`random.Random`, so the draw does
-    not depend on ``PYTHONHASHSEED``, the platform or the other items' draws.
-    """
-    if k == 0:
-        return []
-    picks = random.Random(f"{seed}:{item}").sample(range(n_items - 1), k)
-    return [j + 1 if j >= item else j for j in picks]
 
 
 def plan_choices(tokenizer: Any, items: list[ChoiceItem], max_length: int, *,
@@ -298,7 +186,7 @@ def plan_choices(tokenizer: Any, items: list[ChoiceItem], max_length: int, *,
     added BOS (the template writes it)."""
     spans: list[Span] = []
     owners: list[tuple[int, int]] = []
-    prefix = _prefix_id(tokenizer)
+    prefix = prefix_id(tokenizer)
     for i, item in enumerate(items):
         context, templated = render_prompt(tokenizer, item, chat_template)
         for c, choice in enumerate(item.choices):
@@ -364,14 +252,3 @@ def choice_plan(tokenizer: Any, items: list[ChoiceItem], max_length: int, *,
     spans, owners = plan_choices(tokenizer, items, max_length, chat_template=chat_template)
     return EvalPlan(spans, lambda scores: summarize_choices(items, choose(items, owners, scores)))
 
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import warnings
-
-        from engine.evaluation import answers
-
-        warnings.warn(f"engine.evaluation.choices.{name} moved: import it from engine.api.evaluation",
-                      DeprecationWarning, stacklevel=2)
-        return getattr(answers, name)
-    raise AttributeError(f"module 'engine.evaluation.choices' has no attribute {name!r}")
