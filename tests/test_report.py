@@ -22,9 +22,10 @@ from rich.console import Console
 from engine.cli.commands import main
 from engine.cli.report import add_parser, cmd_report
 from engine.core.errors import EngineError
-from engine.run.record import best_values, direction, legend, metrics_table, order_columns
 from engine.run.report.charts import log_ticks, loss_axes, spread
 from engine.run.report.files import load_run, make_report
+from engine.run.report.metrics import best_values, direction, legend, order_columns
+from engine.run.report.tables import metrics_table
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -47,9 +47,9 @@ def finish_run(report: dict[str, Any], workdir: Path, recipe: Path, console: Con
     """What ``engine run`` shows and writes at the end: the stage table, the summary (to
     stdout), and report.md with its charts rebuilt in the workdir. A report that cannot
     be written is a warning: the run's outputs are already in place."""
-    from engine.run.record import stages_table
     from engine.run.report.files import make_report
     from engine.run.report.summary import summarize
+    from engine.run.report.tables import stages_table
 
     out = make_console(stderr=False)
     out.print(stages_table(report))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from engine.run.record import format_params, lower_is_better, metric_language, order_columns
+from engine.run.report.metrics import format_params, lower_is_better, metric_language, order_columns
 
 #: perplexity-like values spanning more than this factor get a log axis
 LOG_SCALE_RATIO = 20.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.run.record import format_number, format_params
+from engine.run.report.metrics import format_number, format_params
 from engine.run.report.render import Block, Bullets, Note, Table
 
 __all__ = ["TRAINING_KINDS", "Method", "ancestry", "cost_blocks", "lineage_of", "merges_built_on",

@@ -26,8 +26,8 @@ from typing import Any
 
 from engine.core import outputs
 from engine.core.errors import EngineError
-from engine.run.record import direction, format_number, format_params, legend, order_columns
 from engine.run.report import charts as svg_charts
+from engine.run.report.metrics import direction, format_number, format_params, legend, order_columns
 from engine.run.report.summary import Evidence, compare, gather, summarize
 
 REPORT_MD = "report.md"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass, field
 
-from engine.run.record import format_number
 from engine.run.report.intervals import Interval, is_accuracy
+from engine.run.report.metrics import format_number
 
 WIDTH = 100
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.run.record import format_number, lower_is_better, metric_language, order_columns
 from engine.run.report.cost import Method, cost_blocks, merges_built_on, methods, stage_languages
 from engine.run.report.cost import lineage_of as _lineage
 from engine.run.report.intervals import Interval, Score, is_accuracy
+from engine.run.report.metrics import format_number, lower_is_better, metric_language, order_columns
 from engine.run.report.render import Block, Bullets, Heading, Note, Table, markdown, text
 from engine.run.report.render import interval_text as _ival
 from engine.run.report.render import number as _num
