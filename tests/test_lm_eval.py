@@ -126,7 +126,7 @@ def _recipe(folder, model, include_path):
 
 def test_lm_eval_include_path_is_relative_to_the_recipe_not_the_cwd(tiny_model, tmp_path, monkeypatch,
                                                                     make_context):
-    from engine.cli.commands import _plan
+    from engine.cli.common import load_plan
 
     project = tmp_path / "project"
     project.mkdir()
@@ -134,7 +134,7 @@ def test_lm_eval_include_path_is_relative_to_the_recipe_not_the_cwd(tiny_model, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    stage = _plan(_recipe(project, tiny_model, "tasks"), []).stages[0]
+    stage = load_plan(_recipe(project, tiny_model, "tasks"), []).stages[0]
     assert stage.params.include_path == str(project / "tasks")
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -147,7 +147,7 @@ def test_lm_eval_include_path_is_relative_to_the_recipe_not_the_cwd(tiny_model, 
 
 def test_lm_eval_missing_include_path_is_a_validation_error_naming_the_field(tiny_model, tmp_path,
                                                                              monkeypatch):
-    from engine.cli.commands import _plan
+    from engine.cli.common import load_plan
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tasks").mkdir()  # a folder of that name in the cwd must not be picked up
@@ -156,7 +156,7 @@ def test_lm_eval_missing_include_path_is_a_validation_error_naming_the_field(tin
     (project / "items.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(EngineError, match=r"stage 'harness' params\.include_path: 'tasks' is not a "
                                           r"folder \(.*project/tasks; .*relative to the recipe"):
-        _plan(_recipe(project, tiny_model, "tasks"), [])
+        load_plan(_recipe(project, tiny_model, "tasks"), [])
 
 
 def test_lm_eval_resolve_include_path(tmp_path, monkeypatch):

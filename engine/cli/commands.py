@@ -15,7 +15,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -24,21 +23,16 @@ from engine.cli import coverage as cli_coverage
 from engine.cli import merge as cli_merge
 from engine.cli import ops as cli_ops
 from engine.cli import report as cli_report
+from engine.cli.common import (
+    EXIT_STAGE_FAILED,
+    EXIT_USER_ERROR,
+    escape,
+    load_plan,
+    print_warnings,
+    quiet_libraries,
+)
 from engine.core.console import make_console
 from engine.core.errors import EngineError
-
-EXIT_USER_ERROR = 2
-EXIT_STAGE_FAILED = 1
-
-
-def _quiet_libraries() -> None:
-    """No hub traffic and no third-party progress bars inside ours."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error_line(console: Console, line: str) -> None:
     """One ``error:`` line, never wrapped (a message is one line a user can grep)."""
-    console.print(f"[bold red]error:[/] {_escape(line)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 #: how out-of-space errors read when they come through a library that wraps them
@@ -141,45 +135,20 @@ def _disk_full(exc: BaseException | None, output_dir: Path | None = None) -> str
             "--workdir (the unfinished output was removed)")
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
-def _plan(recipe_path: Path, overrides: list[str], coverage: bool = False) -> Any:
-    from engine.recipe.spec import load_recipe
-    from engine.recipe.validate import plan_recipe
-
-    recipe = load_recipe(recipe_path, overrides)
-    plan = plan_recipe(recipe, recipe_path.resolve().parent, str(recipe_path))
-    if coverage:  # reads tokenizer files and a bounded sample of the data, no weights
-        from engine.models.tokenizer.coverage import coverage_warnings
-
-        plan.warnings += coverage_warnings(plan)
-    return plan
-
-
-def _warn(console: Console, plan: Any) -> None:
-    """The plan's warnings, one ``warning:`` line each (they do not stop the command)."""
-    for line in getattr(plan, "warnings", []):
-        console.print(f"[bold yellow]warning:[/] {_escape(line)}", highlight=False, soft_wrap=True)
-
-
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    plan = _plan(args.recipe, args.overrides, coverage=not getattr(args, "no_coverage", False))
-    _warn(console, plan)
+    plan = load_plan(args.recipe, args.overrides, coverage=not getattr(args, "no_coverage", False))
+    print_warnings(console, plan)
     console.print(f"[green]ok[/] {args.recipe}: {len(plan.stages)} stages in order: "
                   + " -> ".join(s.name for s in plan.stages), highlight=False, soft_wrap=True)
     return 0
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     from engine.run.runner import Runner
 
-    plan = _plan(args.recipe, args.overrides, coverage=not getattr(args, "no_coverage", False))
-    _warn(console, plan)
+    plan = load_plan(args.recipe, args.overrides, coverage=not getattr(args, "no_coverage", False))
+    print_warnings(console, plan)
     workdir = args.workdir or Path("runs") / plan.recipe.name
     args.output_dir = workdir  # named by a disk-full message and by a Ctrl-C's resume command
     selection = cli_ops.selection(plan, args)
@@ -217,17 +186,17 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
         lines = []
         for kind, items in row["registers"].items():
             for item in items:
-                line = f"{kind} [bold]{_escape(item['name'])}[/]"
+                line = f"{kind} [bold]{escape(item['name'])}[/]"
                 if item.get("description"):
-                    line += f": {_escape(item['description'])}"
+                    line += f": {escape(item['description'])}"
                 if item.get("needs"):
-                    line += f"\n  [yellow]{_escape(item['needs'])}[/]"
+                    line += f"\n  [yellow]{escape(item['needs'])}[/]"
                 lines.append(line)
         regs = "\n".join(lines)
         if row.get("broken"):
-            regs = f"[red]broken: {_escape(row['broken'])}[/]"
+            regs = f"[red]broken: {escape(row['broken'])}[/]"
         elif row.get("skipped"):
-            regs = f"[yellow]not loaded: {_escape(row['skipped'])}[/]"
+            regs = f"[yellow]not loaded: {escape(row['skipped'])}[/]"
         table.add_row(row["name"], f"{row['distribution']} {row['version']}", regs)
     make_console(stderr=False).print(table)
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
+from engine.cli.common import escape, load_plan, quiet_libraries
 from engine.core import outputs
 from engine.core.errors import DataError, RecipeError
 
@@ -81,11 +82,10 @@ def _rows_for_files(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _rows_for_recipe(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-    from engine.cli.commands import _plan
     from engine.core.stages import kind_of
     from engine.models.tokenizer import coverage
 
-    plan = _plan(args.recipe, args.overrides)
+    plan = load_plan(args.recipe, args.overrides)
     rows = []
     for stage in plan.stages:
         if not kind_of(stage.spec.stage).trains or stage.spec.model is None:
@@ -105,8 +105,6 @@ def _rows_for_recipe(args: argparse.Namespace) -> tuple[list[dict[str, Any]], li
 
 
 def cmd_coverage(args: argparse.Namespace, console: Console) -> int:
-    from engine.cli.commands import _escape
-
     if args.recipe is not None:
         rows, warnings = _rows_for_recipe(args)
     else:
@@ -125,25 +123,24 @@ def cmd_coverage(args: argparse.Namespace, console: Console) -> int:
     for col in ("stage", "data", "tokens/word", "bytes/token", "single-byte", ">= 4 tokens", "documents"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["stage"] or "-", _escape(Path(r["data"]).name), f"{r['tokens_per_word']:.2f}",
+        table.add_row(r["stage"] or "-", escape(Path(r["data"]).name), f"{r['tokens_per_word']:.2f}",
                       f"{r['bytes_per_token']:.2f}", f"{r['byte_share']:.1%}", f"{r['long_word_share']:.1%}",
                       str(r["documents"]))
     make_console(stderr=False).print(table)
     for line in warnings:
-        console.print(f"[bold yellow]warning:[/] {_escape(line)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if not warnings:
         console.print("[green]ok[/] no poorly covered text", highlight=False)
     return 0
 
 
 def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
-    from engine.cli.commands import _quiet_libraries
     from engine.core.inputs import DataSource
     from engine.data.files import detect_format
     from engine.models.tokenizer import coverage
     from engine.models.tokenizer.extend import extend_tokenizer
 
-    _quiet_libraries()
+    quiet_libraries()
 
     if not 1 <= args.tokens <= MAX_NEW_TOKENS:
         raise RecipeError(f"engine extend-tokenizer: --tokens must be between 1 and {MAX_NEW_TOKENS}, "

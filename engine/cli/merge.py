@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from engine.cli.common import EXIT_USER_ERROR, quiet_libraries
 from engine.core import outputs
 from engine.core.console import make_console
 from engine.core.errors import EngineError, RecipeError
@@ -217,14 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks that run the merge in a subprocess of its own."""
     import sys
 
-    from engine.cli.commands import EXIT_USER_ERROR, _quiet_libraries
-
     parser = argparse.ArgumentParser(prog="engine")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(["merge", *(sys.argv[1:] if argv is None else argv)])
     console = make_console()
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return cmd_merge(args, console)
     except EngineError as exc:

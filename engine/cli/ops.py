@@ -25,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
+from engine.cli.common import load_plan
 from engine.core.errors import EngineError, RecipeError
 from engine.run import stage_cache
 from engine.run import status as run_status
@@ -67,9 +68,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def _plan_and_workdir(args: argparse.Namespace) -> tuple[Any, Path]:
-    from engine.cli.commands import _plan
-
-    plan = _plan(args.recipe, args.overrides)
+    plan = load_plan(args.recipe, args.overrides)
     return plan, Path(args.workdir or Path("runs") / plan.recipe.name)
 
 
@@ -133,7 +132,7 @@ def resume_command(args: argparse.Namespace, workdir: Path, kept: dict[str, Any]
     if forced or getattr(args, "no_cache", False):
         done = {f["name"] for f in (kept or {}).get("finished", [])}
         try:
-            plan = __import__("engine.cli", fromlist=["_plan"])._plan(args.recipe, args.overrides)
+            plan = load_plan(args.recipe, args.overrides)
             sel = selection(plan, args)
             order = [s for s in plan.stages if args.no_cache or s.name in sel.forced]
         except EngineError:

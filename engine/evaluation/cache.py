@@ -8,12 +8,12 @@ saved metrics, counts, standard errors and chance levels without being loaded.
 
 * **Content fingerprint** (:func:`model_content`): the fingerprint in the folder's stage
   marker (``.lingoforge-stage.json``) for a stage output of the run's workdir, else
-  :func:`engine.run.stage_cache.model_fingerprint` (path, size and mtime of its files) for
+  :func:`engine.core.fingerprint.model_fingerprint` (path, size and mtime of its files) for
   an input model folder; plus the hash of its tokenizer files.
 * **Evaluation key** (:func:`evaluation_key`): the scoring version
   (:data:`SCORING_VERSION`, raised whenever scoring or generation changes a number),
   the torch and transformers versions, the plugin name, its params' ``result_key()``,
-  every data source's key (:func:`engine.run.stage_cache.data_key`: path, format, language,
+  every data source's key (:func:`engine.core.fingerprint.data_key`: path, format, language,
   size, mtime, ...), the batch size (padding changes float rounding), ``share_prefix``,
   the window (``max_length``, resolved per model) and the runtime settings that change
   numbers (device and dtype as resolved, 8-bit loading, attention kernel, remote code).
@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core import outputs
-from engine.run import stage_cache
+from engine.core.fingerprint import STAGE_FILE, data_key, fingerprint_hash, model_fingerprint
+from engine.evaluation.spans import tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from engine.core.inputs import DataSource
@@ -102,22 +103,20 @@ def model_content(path: Path, workdir: Path | None = None) -> str:
     A stage output of this run's ``workdir`` (its folder resolves inside it) is named by
     its stage marker's fingerprint, which the runner writes with the folder; any other
     folder (an input model, even one copied from a stage output with its marker) by
-    :func:`~engine.run.stage_cache.model_fingerprint`: path, size and mtime of its files.
+    :func:`~engine.core.fingerprint.model_fingerprint`: path, size and mtime of its files.
     """
-    from engine.evaluation.spans import tokenizer_fingerprint
-
     path = Path(path)
     fingerprint = None
     resolved = path.resolve()
     if workdir is not None and resolved.is_relative_to(Path(workdir).resolve()):
         try:
-            saved = json.loads((path / stage_cache.STAGE_FILE).read_text())
+            saved = json.loads((path / STAGE_FILE).read_text())
             if isinstance(saved, dict) and isinstance(saved.get("fingerprint"), str):
                 fingerprint = "stage:" + saved["fingerprint"]
         except (OSError, ValueError):
             pass
     if fingerprint is None:
-        fingerprint = "folder:" + stage_cache.model_fingerprint(resolved)
+        fingerprint = "folder:" + model_fingerprint(resolved)
     return f"{fingerprint}/{tokenizer_fingerprint(path)[:16]}"
 
 
@@ -141,7 +140,7 @@ def evaluation_key(context: StageContext, params: Any, data: Sequence[DataSource
         "transformers": transformers.__version__,
         "plugin": context.plugin,
         "params": result_key(),
-        "data": [stage_cache.data_key(d) for d in data],
+        "data": [data_key(d) for d in data],
         "batch_size": batch_size,
         "share_prefix": share_prefix,
         "runtime": runtime,
@@ -159,7 +158,7 @@ class EvalCache:
         self.rejected: list[str] = []
 
     def _path(self, key: dict[str, Any]) -> Path:
-        return self.folder / f"{stage_cache.fingerprint_hash(key)}.json"
+        return self.folder / f"{fingerprint_hash(key)}.json"
 
     def get(self, key: dict[str, Any]) -> CachedResult | None:
         """The saved result for ``key``; None when absent, unreadable or not for ``key``."""

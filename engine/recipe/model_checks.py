@@ -16,13 +16,13 @@ from engine.core.stages import MERGE
 from engine.models import modelio
 from engine.models.adapters import is_adapter_folder, read_adapter
 from engine.models.safety import check_remote_code as _remote_code_check
-from engine.recipe.spec import ModelSpec, Recipe, StageSpec
+from engine.recipe.spec import ModelSpec, Recipe, StageSpec, resolve_model_path
 from engine.registry.manager import Registered
 from engine.run.context import Runtime
 
 __all__ = [
     "MAX_STEPS", "check_adapter_use", "check_limits", "check_remote_code", "model_config",
-    "resolve_model_path", "root_config", "static_check",
+    "root_config", "static_check",
 ]
 
 
@@ -75,13 +75,6 @@ def model_config(name: str, spec: ModelSpec, recipe_dir: Path, source: str,
                           f"unusable: {exc}") from None
     except EngineError as exc:
         raise RecipeError(f"{source}: models.{name}: {exc}") from None
-
-
-def resolve_model_path(spec: ModelSpec, recipe_dir: Path) -> Path:
-    """The folder of a path model (relative to the recipe file)."""
-    assert spec.path is not None
-    path = Path(spec.path).expanduser()
-    return path if path.is_absolute() else (recipe_dir / path).resolve()
 
 
 def root_config(ref: str, recipe: Recipe, configs: dict[str, dict | None]) -> dict | None:

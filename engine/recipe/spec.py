@@ -64,6 +64,13 @@ class ModelSpec(_Strict):
         return self
 
 
+def resolve_model_path(spec: ModelSpec, recipe_dir: Path) -> Path:
+    """The folder of a path model (relative to the recipe file)."""
+    assert spec.path is not None
+    path = Path(spec.path).expanduser()
+    return path if path.is_absolute() else (recipe_dir / path).resolve()
+
+
 class DataSpec(_Strict):
     """A data file a stage reads; a list of them is mixed by ``weight``."""
 

@@ -34,13 +34,12 @@ from engine.core.suggest import did_you_mean
 from engine.data.sources import resolve_data
 from engine.models.adapters import is_adapter_folder
 from engine.recipe import estimate
-from engine.recipe.model_checks import (  # resolve_model_path, MAX_STEPS: re-exported, once here
+from engine.recipe.model_checks import (  # MAX_STEPS: re-exported, once here
     MAX_STEPS,
     check_adapter_use,
     check_limits,
     check_remote_code,
     model_config,
-    resolve_model_path,
     static_check,
 )
 from engine.recipe.spec import (
@@ -50,6 +49,7 @@ from engine.recipe.spec import (
     RuntimeSpec,
     StageSpec,
     format_validation_error,
+    resolve_model_path,
 )
 from engine.registry.implementation import data_format_error
 from engine.registry.info import requirement_hint
@@ -57,8 +57,7 @@ from engine.registry.manager import Registered, get_implementation
 from engine.run.context import Runtime
 from engine.training import levers, tracking
 
-__all__ = ["MAX_STEPS", "Plan", "PlannedStage", "Problems", "effective_runtime", "plan_recipe",
-           "resolve_model_path"]
+__all__ = ["MAX_STEPS", "Plan", "PlannedStage", "Problems", "effective_runtime", "plan_recipe"]
 
 MODEL_STAGES = model_kinds()
 

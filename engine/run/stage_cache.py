@@ -26,7 +26,6 @@ folder holding a marker) is adopted into ``.stages`` on the next run. Versions s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from engine.core import outputs
 from engine.core.errors import OutputRefused
+from engine.core.fingerprint import STAGE_FILE, data_key, fingerprint_hash, model_fingerprint
 
 if TYPE_CHECKING:
-    from engine.core.inputs import DataSource
     from engine.recipe.validate import PlannedStage
 
 #: runtime keys that change speed or logging, not what a stage computes
@@ -54,44 +53,8 @@ __all__ = [
     "versions", "write_marker",
 ]
 
-STAGE_FILE = ".lingoforge-stage.json"
 CHECKPOINTS_DIR = ".checkpoints"
 STAGES_DIR = ".stages"
-
-
-def fingerprint_hash(obj: Any) -> str:
-    """16 hex digits of the SHA-256 of ``obj`` as sorted JSON."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_state(path: Path) -> list[Any]:
-    st = Path(path).stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _files_state(folder: Path) -> dict[str, list[Any]]:
-    return {p.name: _file_state(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def model_fingerprint(path: Path) -> str:
-    """The fingerprint of an input model folder."""
-    return fingerprint_hash({"model": str(path), "files": _files_state(Path(path))})
-
-
-def data_key(d: DataSource) -> dict[str, Any]:
-    """What a data source contributes to a stage's fingerprint. ``records`` joins the key
-    only when set, so fingerprints of recipes that do not slice stay as they were; a
-    folder of shards contributes each shard's name, size and mtime."""
-    key = {"path": str(d.path), "format": d.format, "language": d.language,
-           "weight": d.weight, "field": d.text_field}
-    if d.shards:  # a folder: every shard's name and state, in reading order
-        key["shards"] = [[str(p.relative_to(d.path)), *_file_state(p)] for p in d.shards]
-        key["skip_broken_shards"] = d.skip_broken_shards
-    else:
-        key["state"] = _file_state(d.path)
-    if d.records is not None:
-        key["records"] = d.records
-    return key
 
 
 def stage_fingerprint(stage: PlannedStage, fingerprints: Mapping[str, str]) -> str:

@@ -7,6 +7,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from engine.merging import execute
+from engine.models import tensorio
+
 #: whole-model loaders a streaming merge never calls (module, attribute)
 WHOLE_LOADERS = (("safetensors.torch", "load_file"), ("safetensors.torch", "load"),
                  ("torch", "load"), ("engine.models.modelio", "load_model"),
@@ -44,8 +47,6 @@ def _same_layout(want: Mapping[str, Any], got: Mapping[str, Any]) -> None:
 @contextmanager
 def _chunk_elements(n: int | None) -> Iterator[None]:
     """Set the size above which the streaming executor merges a tensor in row slices."""
-    from engine.merging import execute
-
     if n is None or not hasattr(execute, "CHUNK_ELEMENTS"):
         yield
         return
@@ -97,9 +98,7 @@ def _refuse_whole_loaders(active: bool) -> Iterator[None]:
 
 
 def _size(value: Any) -> int:
-    from engine.models.tensorio import parse_size
-
-    return parse_size(value)
+    return tensorio.parse_size(value)
 
 
 class _Reads:
@@ -125,8 +124,6 @@ class _Reads:
 @contextmanager
 def _count_reads() -> Iterator[_Reads]:
     """Count what the engine's model readers hand out while a merge runs."""
-    from engine.merging import tensorio
-
     reads = _Reads()
     reader = getattr(tensorio, "ModelReader", None)
     methods = [m for m in ("get", "get_rows") if reader is not None and hasattr(reader, m)]

@@ -14,6 +14,16 @@ from engine.core.inputs import StageInputs
 from engine.core.stages import MERGE
 from engine.merging.counts import model_count
 from engine.merging.overrides import EXECUTION_FIELDS
+from engine.testing._checks import (
+    Checker,
+    ConformanceReport,
+    changed_tensors,
+    check_params_contract,
+    loads_as_model,
+    model_state,
+    quiet_context,
+    single_thread,
+)
 from engine.testing._instrument import (
     _MISSING,
     READ_BOUND,
@@ -26,16 +36,6 @@ from engine.testing._instrument import (
     _size,
 )
 from engine.testing._merge_inputs import Models, choose_models
-from engine.testing.conformance import (
-    Checker,
-    ConformanceReport,
-    _check_params,
-    changed_tensors,
-    loads_as_model,
-    model_state,
-    quiet_context,
-    single_thread,
-)
 
 #: the tensors the override check targets
 OVERRIDE_MATCH = r"\.mlp\."
@@ -105,7 +105,7 @@ def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
     """
     c = Checker(impl, MERGE)
     base_params = dict(params or {})
-    _check_params(c, base_params)
+    check_params_contract(c, base_params)
     with c.prop("declares how many models it merges"):
         model_count(impl)
     base, chosen = choose_models(c, family, models, DEFAULT_MODELS)

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from engine.merging.counts import model_count, probe_count
+from engine.testing._checks import Checker
 from engine.testing.builders import family_names, shared_family
-from engine.testing.conformance import Checker
 
 #: what ``models=`` may be: a count, names of the family's models, or {name: folder}
 Models = int | Sequence[str] | Mapping[str, Path]

@@ -14,14 +14,15 @@ from typing import Any
 from engine.core.artifacts import LayerSelection, MetricsArtifact, ModelArtifact
 from engine.core.inputs import DataSource, InputConfigs, StageInputs
 from engine.core.stages import EVALUATE, SELECT_LAYERS
-from engine.testing.builders import shared_family, write_choice_file, write_text_file
-from engine.testing.conformance import (
+from engine.models import modelio
+from engine.testing._checks import (
     Checker,
     ConformanceReport,
-    _check_params,
+    check_params_contract,
     quiet_context,
     single_thread,
 )
+from engine.testing.builders import shared_family, write_choice_file, write_text_file
 
 
 def _data_for(impl: Any, workdir: Path, *, needed: bool) -> list[DataSource]:
@@ -55,11 +56,9 @@ def check_layer_selector(impl: Any, *, params: Mapping[str, Any] | None = None,
     itself** (a non-empty explanation; scores, if any, are finite and keyed by layer);
     **round-trips** through its JSON; **deterministic**.
     """
-    from engine.models import modelio
-
     c = Checker(impl, SELECT_LAYERS)
     given = dict(params or {})
-    _check_params(c, given)
+    check_params_contract(c, given)
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lf-select-")))
@@ -119,11 +118,9 @@ def check_evaluator(impl: Any, *, params: Mapping[str, Any] | None = None,
     the models and ``_counts``); **deterministic**; **a model's metrics do not depend on
     the other models** (the first model scored alone scores the same).
     """
-    from engine.models import modelio
-
     c = Checker(impl, EVALUATE)
     given = dict(params or {})
-    _check_params(c, given)
+    check_params_contract(c, given)
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lf-eval-")))

@@ -12,18 +12,21 @@ from typing import Any
 from engine.core.artifacts import LayerSelection, ModelArtifact
 from engine.core.inputs import DataSource, InputConfigs, StageInputs
 from engine.core.stages import ADAPT_LANGUAGE, ALIGN
-from engine.testing.builders import shared_family, write_instructions_file, write_text_file
-from engine.testing.conformance import (
+from engine.models import modelio
+from engine.models.arch import layer_of_key
+from engine.testing._checks import (
     Checker,
     ConformanceReport,
-    _check_params,
     changed_tensors,
+    check_params_contract,
     loads_as_model,
     model_state,
     output_state,
     quiet_context,
     single_thread,
 )
+from engine.testing._instrument import _same_layout
+from engine.testing.builders import shared_family, write_instructions_file, write_text_file
 
 #: a few tiny steps: enough to change weights, fast on a CPU
 FAST = {"steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "log_every": 1,
@@ -83,15 +86,13 @@ def _artifact(x: ModelArtifact | Path, name: str) -> ModelArtifact:
 
 def _run(impl: Any, kind: str, params: Mapping[str, Any] | None, data: Any, layers: Any,
          model: Any, base: Any, workdir: Path | None) -> ConformanceReport:
-    from engine.models import modelio
-
     c = Checker(impl, kind)
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lf-train-")))
         workdir = Path(workdir)
         given = dict(params or {})
-        _check_params(c, given)
+        check_params_contract(c, given)
         p = fast_params(impl, given)
         src = _artifact(model if model is not None else shared_family()["base"], "model")
         base_art = _artifact(base, "base") if base is not None else None
@@ -146,8 +147,6 @@ def _run(impl: Any, kind: str, params: Mapping[str, Any] | None, data: Any, laye
                 _trains_only(before, out, bound, selection)
         else:
             with c.prop("keeps the base's architecture"):
-                from engine.testing._merge import _same_layout
-
                 _same_layout(before, out)
         with c.prop("deterministic under a seed"):
             again, _ = run(p)
@@ -167,8 +166,6 @@ def _run(impl: Any, kind: str, params: Mapping[str, Any] | None, data: Any, laye
 def _trains_only(before: dict[str, Any], after: dict[str, Any], trainable: int | None,
                  selection: LayerSelection | None) -> None:
     import torch
-
-    from engine.models.arch import layer_of_key
 
     changed = changed_tensors(before, after)
     assert changed, "no tensor of the output differs from the input model: nothing trained"

@@ -24,71 +24,32 @@ each kind are listed in their functions' docstrings and in docs/plugins.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.core.stages import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS, kind_of
+from engine.registry.manager import implementations
+from engine.testing import _merge, _score, _train
+from engine.testing._checks import (  # noqa: F401 - the helpers below are importable from here too
+    Checker,
+    ConformanceError,
+    ConformanceReport,
+    changed_tensors,
+    check_params_contract,
+    loads_as_model,
+    model_state,
+    output_state,
+    quiet_context,
+    single_thread,
+)
 
 __all__ = [
     "ConformanceError", "ConformanceReport", "check_aligner", "check_evaluator",
     "check_layer_selector", "check_merge_method", "check_options", "check_params", "check_plugin",
     "check_trainer",
 ]
-
-
-class ConformanceError(AssertionError):
-    """A plugin broke a conformance property; ``plugin``, ``kind`` and ``prop`` say which."""
-
-    def __init__(self, kind: str, plugin: str, prop: str, detail: str) -> None:
-        super().__init__(f"{kind} plugin {plugin!r} breaks {prop!r}: {detail}")
-        self.kind, self.plugin, self.prop, self.detail = kind, plugin, prop, detail
-
-
-@dataclass
-class ConformanceReport:
-    """What a check found: ``passed``, the properties that held; ``skipped``, property ->
-    why it could not be checked for this plugin (e.g. a merge method that takes any number
-    of models has no other count to refuse); ``notes``, facts worth knowing."""
-
-    plugin: str
-    kind: str
-    passed: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
-class Checker:
-    """Runs properties of one plugin; turns any failure into a :class:`ConformanceError`."""
-
-    def __init__(self, impl: Any, kind: str) -> None:
-        self.impl = impl
-        self.kind = kind
-        self.name = str(getattr(impl, "name", type(impl).__name__))
-        self.report = ConformanceReport(self.name, kind)
-
-    def fail(self, prop: str, detail: str) -> None:
-        raise ConformanceError(self.kind, self.name, prop, detail)
-
-    @contextmanager
-    def prop(self, prop: str) -> Iterator[None]:
-        try:
-            yield
-        except ConformanceError:
-            raise
-        except AssertionError as exc:
-            # pytest's assertion rewriting appends the failed expression: keep the message
-            detail = str(exc).split("\nassert ")[0] or "assertion failed"
-            raise ConformanceError(self.kind, self.name, prop, detail) from exc
-        except Exception as exc:
-            raise ConformanceError(self.kind, self.name, prop,
-                                   f"raised {type(exc).__name__}: {exc}") from exc
-        self.report.passed.append(prop)
-
-    def note(self, text: str) -> None:
-        self.report.notes.append(text)
 
 
 # --- params ------------------------------------------------------------------------------
@@ -100,58 +61,7 @@ def check_params(impl: Any, kind: str, params: Mapping[str, Any] | None = None) 
     schema builds and serialises; a dump validates back to equal params (and survives
     JSON); ``result_key()`` is JSON; an unknown key is refused. Also: the implementation
     has a non-empty ``name``, a one-line description, and valid ``data_formats``."""
-    return _check_params(Checker(impl, kind), params or {})
-
-
-def _check_params(c: Checker, params: Mapping[str, Any]) -> ConformanceReport:
-    import json
-    import typing
-
-    from pydantic import ValidationError
-
-    from engine.core.inputs import DataFormat
-    from engine.core.params import PluginParams
-    from engine.registry.implementation import describe
-
-    impl = c.impl
-    with c.prop("declares name, description and data formats"):
-        assert isinstance(getattr(impl, "name", None), str) and impl.name, "no string 'name'"
-        assert callable(getattr(impl, "run", None)), "no run(context, inputs, params)"
-        assert describe(impl), ("no description: give the class a docstring or a "
-                                "'description' attribute (engine plugins shows it)")
-        formats = getattr(impl, "data_formats", None)
-        if formats is not None:
-            known = set(typing.get_args(DataFormat))
-            assert set(formats) <= known, f"data_formats {formats!r} names formats outside {sorted(known)}"
-    P = getattr(impl, "Params", None)
-    with c.prop("params: subclass PluginParams"):
-        assert isinstance(P, type) and issubclass(P, PluginParams), \
-            f"Params is {P!r}, not a subclass of engine.api.PluginParams"
-    with c.prop("params: defaults build"):
-        built = P.model_validate(dict(params))
-    with c.prop("params: documented"):
-        missing = [n for n, f in P.model_fields.items() if not f.description]
-        assert not missing, f"fields without a description: {missing} (Field(..., description=...))"
-    with c.prop("params: JSON schema"):
-        schema = P.model_json_schema(by_alias=True)
-        json.dumps(schema)
-        props = set(schema.get("properties", {}))
-        want = {f.alias or n for n, f in P.model_fields.items()}
-        assert want <= props, f"schema lacks properties {sorted(want - props)}"
-    with c.prop("params: round-trip"):
-        dumped = json.loads(json.dumps(built.model_dump(mode="json", by_alias=True)))
-        again = P.model_validate(dumped)
-        assert again == built, f"dump {dumped!r} validates back to {again!r}, not {built!r}"
-        json.dumps(built.result_key())
-    with c.prop("params: unknown keys refused"):
-        try:
-            P.model_validate({**params, "no_such_param_lingoforge": 1})
-        except ValidationError:
-            pass
-        else:
-            raise AssertionError("an unknown key 'no_such_param_lingoforge' was accepted "
-                                 "(a recipe typo would pass silently); keep extra='forbid'")
-    return c.report
+    return check_params_contract(Checker(impl, kind), params or {})
 
 
 # --- dispatch ----------------------------------------------------------------------------
@@ -176,8 +86,6 @@ def check_options(kind: str) -> tuple[str, ...]:
     """The options ``check_plugin(impl, kind, ...)`` takes: the keyword parameters of the
     kind's check function (``check_options("merge")`` -> params, variations, family,
     models, workdir)."""
-    import inspect
-
     params = inspect.signature(_check_function(kind_of(kind).name)).parameters
     return tuple(p for p in params if p != "impl")
 
@@ -191,8 +99,6 @@ def _check_function(kind: str) -> Any:
 
 
 def _registered_kind(impl: Any) -> str:
-    from engine.registry.manager import implementations
-
     for kind, impls in implementations().items():
         for reg in impls.values():
             if reg.impl is impl or (type(reg.impl) is type(impl) and reg.name == impl.name):
@@ -215,9 +121,7 @@ def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
     or ``{name: folder}`` merged onto the family's base; ``workdir``: where outputs go
     (default: a temporary folder). The properties are in docs/plugins.md and
     :func:`engine.testing._merge.check_merge_method`."""
-    from engine.testing._merge import check_merge_method as check
-
-    return check(impl, params=params, variations=variations, family=family, models=models,
+    return _merge.check_merge_method(impl, params=params, variations=variations, family=family, models=models,
                  workdir=workdir)
 
 
@@ -229,9 +133,7 @@ def check_trainer(impl: Any, *, params: Mapping[str, Any] | None = None,
     ``data``: a list of ``DataSource`` (default: a file of the first of its
     ``data_formats``); ``layers``: layer indices handed as the stage's ``layers`` input.
     The properties are in docs/plugins.md and :func:`engine.testing._train.check_trainer`."""
-    from engine.testing._train import check_trainer as check
-
-    return check(impl, params=params, data=data, layers=layers, model=model, workdir=workdir)
+    return _train.check_trainer(impl, params=params, data=data, layers=layers, model=model, workdir=workdir)
 
 
 def check_aligner(impl: Any, *, model: Any, base: Any, params: Mapping[str, Any] | None = None,
@@ -240,9 +142,7 @@ def check_aligner(impl: Any, *, model: Any, base: Any, params: Mapping[str, Any]
     or ``ModelArtifact``) back into ``base`` (the same). ``params`` are merged over a few
     fast steps; ``data`` (default: none) is what it fine-tunes on. The properties are in
     docs/plugins.md and :func:`engine.testing._train.check_aligner`."""
-    from engine.testing._train import check_aligner as check
-
-    return check(impl, model=model, base=base, params=params, data=data, workdir=workdir)
+    return _train.check_aligner(impl, model=model, base=base, params=params, data=data, workdir=workdir)
 
 
 def check_layer_selector(impl: Any, *, params: Mapping[str, Any] | None = None,
@@ -251,9 +151,7 @@ def check_layer_selector(impl: Any, *, params: Mapping[str, Any] | None = None,
     """Check a layer selector on ``model`` (a folder; default: the tiny model). ``data``
     defaults to a text file when it declares ``data_formats``. The properties are in
     docs/plugins.md and :func:`engine.testing._score.check_layer_selector`."""
-    from engine.testing._score import check_layer_selector as check
-
-    return check(impl, params=params, data=data, model=model, workdir=workdir)
+    return _score.check_layer_selector(impl, params=params, data=data, model=model, workdir=workdir)
 
 
 def check_evaluator(impl: Any, *, params: Mapping[str, Any] | None = None,
@@ -262,87 +160,4 @@ def check_evaluator(impl: Any, *, params: Mapping[str, Any] | None = None,
     """Check an evaluator on ``models`` (``{name: folder}``; default: the family's ``base``
     and ``a``). ``data`` defaults to one file per declared format (text, choice). The
     properties are in docs/plugins.md and :func:`engine.testing._score.check_evaluator`."""
-    from engine.testing._score import check_evaluator as check
-
-    return check(impl, params=params, data=data, models=models, workdir=workdir)
-
-
-# --- shared helpers ------------------------------------------------------------------------
-
-
-def model_state(folder: Path) -> dict[str, Any]:
-    """Every tensor of a model folder, in memory."""
-    from safetensors.torch import load_file
-
-    from engine.models import modelio
-
-    out: dict[str, Any] = {}
-    for f in modelio.weight_files(Path(folder)):
-        out.update(load_file(str(f)))
-    return out
-
-
-def output_state(folder: Path) -> dict[str, Any]:
-    """A model folder's tensors; for a LoRA adapter folder, those of the model it stands for
-    (its base with the adapter merged in, as the engine loads it)."""
-    import torch
-
-    from engine.merging.lora import is_adapter_folder
-    from engine.models import modelio
-
-    if not is_adapter_folder(Path(folder)):
-        return model_state(folder)
-    model = modelio.load_model(Path(folder), dtype=torch.float32, device=torch.device("cpu"))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def changed_tensors(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """Names present in both with the same shape whose values differ (bitwise), plus names
-    whose shape or dtype differs."""
-    import torch
-
-    out = []
-    for k, v in after.items():
-        if k not in before:
-            continue
-        b = before[k]
-        if b.shape != v.shape or b.dtype != v.dtype or not torch.equal(b, v):
-            out.append(k)
-    return out
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """torch on one thread: one reduction order, so runs compare bitwise."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def quiet_context(workdir: Path, stage_name: str, kind: str, plugin: str) -> Any:
-    """A stage context for a conformance run, its log lines silenced."""
-    from rich.console import Console
-
-    from engine.testing.builders import make_stage_context
-
-    return make_stage_context(workdir, stage_name, kind, plugin, console=Console(quiet=True))
-
-
-def loads_as_model(folder: Path) -> None:
-    """The folder loads as a causal LM (a LoRA adapter folder through the engine's loader)."""
-    import torch
-
-    from engine.merging.lora import is_adapter_folder
-    from engine.models import modelio
-
-    if is_adapter_folder(Path(folder)):
-        modelio.load_model(folder, dtype=torch.float32, device=torch.device("cpu"))
-        return
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(str(folder))
+    return _score.check_evaluator(impl, params=params, data=data, models=models, workdir=workdir)

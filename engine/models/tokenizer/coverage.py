@@ -33,7 +33,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from engine import world
 from engine.core.errors import EngineError, ModelLoadError
+from engine.core.inputs import DataSource
+from engine.core.stages import kind_of
+from engine.data.files import detect_format
+from engine.data.sources import iter_texts
+from engine.models.modelio import load_tokenizer
+from engine.recipe.spec import resolve_model_path
 
 __all__ = ["LONG_WORD_TOKENS", "MAX_BYTES", "MAX_DOCUMENTS", "SKIP_ENV", "THRESHOLDS", "Coverage",
            "coverage_warnings", "load_backend", "measure", "measure_file", "poor_coverage"]
@@ -113,8 +120,6 @@ def load_backend(folder: Path) -> Any:
             return Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # the Rust side raises plain Exception
             raise ModelLoadError(f"{folder / 'tokenizer.json'}: cannot be read: {exc}") from None
-    from engine.models.modelio import load_tokenizer
-
     tok = load_tokenizer(folder)
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
@@ -170,8 +175,6 @@ def _is_byte_token(tokenizer: Any, tid: int, unk: int | None) -> bool:
 
 def sample(source: Any, max_documents: int = MAX_DOCUMENTS, max_bytes: int = MAX_BYTES) -> list[str]:
     """The first documents of a text :class:`~engine.core.inputs.DataSource`, bounded."""
-    from engine.data.sources import iter_texts
-
     docs: list[str] = []
     size = 0
     for text in islice(iter_texts(source), max_documents):
@@ -184,9 +187,6 @@ def sample(source: Any, max_documents: int = MAX_DOCUMENTS, max_bytes: int = MAX
 
 def measure_file(tokenizer: Any, path: Path, **bounds: int) -> Coverage:
     """Coverage of a text file (``.txt`` one document a line, or ``.jsonl`` ``text``)."""
-    from engine.core.inputs import DataSource
-    from engine.data.files import detect_format
-
     path = Path(path)
     if path.suffix == ".jsonl" and detect_format(path) != "text":
         raise ModelLoadError(f"{path}: coverage is measured on text data (a 'text' field)")
@@ -210,8 +210,6 @@ def poor_coverage(cov: Coverage, reference: Coverage | None = None) -> list[str]
 
 @lru_cache(maxsize=64)
 def _cached(folder: str, path: str, records: str | None, text_field: str, stamp: tuple) -> Coverage:
-    from engine.core.inputs import DataSource
-
     source = DataSource(path=Path(path), records=records, text_field=text_field)
     return measure(_backend(folder, stamp[0]), sample(source))
 
@@ -224,13 +222,9 @@ def _backend(folder: str, _stamp: int) -> Any:
 def _stage_tokenizer(plan: Any, name: str, seen: set[str] | None = None) -> Path | None:
     """The folder whose tokenizer a model reference trains with: a recipe model's, or,
     for an earlier stage's output, its own input's (stages keep the tokenizer)."""
-    from engine.recipe.model_checks import resolve_model_path
-
     spec = plan.recipe.models.get(name)
     if spec is not None:
         if spec.builtin is not None:
-            from engine import world
-
             folder = world.world_dir() / "models" / spec.builtin
             return folder if (folder / "tokenizer.json").is_file() else None  # never built here
         return resolve_model_path(spec, plan.recipe_dir)
@@ -246,8 +240,6 @@ def coverage_warnings(plan: Any) -> list[str]:
     covers poorly (see :data:`THRESHOLDS`); nothing when ``LINGOFORGE_NO_COVERAGE`` is set."""
     if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
         return []
-    from engine.core.stages import kind_of
-
     measured: list[tuple[Any, Any, Path, Coverage]] = []
     for stage in plan.stages:
         if not kind_of(stage.spec.stage).trains or stage.spec.model is None:
