@@ -40,7 +40,8 @@ def build_llama(folder: Path, *, layers: int, hidden: int, vocab: int, intermedi
 
 
 def context(workdir: Path, name: str) -> Any:
-    from engine.run.context import Runtime, StageContext
+    from engine.run.context import StageContext
+    from engine.run.runtime import Runtime
 
     out = workdir / name
     out.mkdir(parents=True, exist_ok=True)

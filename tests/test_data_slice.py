@@ -11,7 +11,8 @@ import pytest
 
 from engine.api import DataSource
 from engine.core.errors import DataError, RecipeError
-from engine.data.files import iter_choices, iter_instructions, parse_record_range, record_bounds
+from engine.data.files import iter_choices, iter_instructions
+from engine.data.records import parse_record_range, record_bounds
 from engine.data.sources import iter_texts
 from engine.recipe.spec import DataSpec, load_recipe
 from engine.recipe.validate import plan_recipe

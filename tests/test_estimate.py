@@ -129,7 +129,7 @@ def test_validate_warns_with_numbers_and_lever(tiny_model, text_file, tmp_path, 
 
 
 def test_device_memory_defaults_to_ram_on_cpu():
-    from engine.run.context import Runtime
+    from engine.run.runtime import Runtime
 
     found = estimate.device_memory(Runtime(device="cpu"))
     assert found is not None and found[0] > GiB and "RAM" in found[1]

@@ -18,7 +18,8 @@ from rich.progress import Progress
 from engine.api import DataSource, ModelArtifact, StageInputs
 from engine.evaluation.cache import CACHE_DIR, model_content
 from engine.evaluation.driver import EvalPlan, evaluate_models, plan_batches
-from engine.run.context import Runtime, StageContext
+from engine.run.context import StageContext
+from engine.run.runtime import Runtime
 from engine.testing import run_recipe
 from engine.testing.builders import build_family, build_tiny_llama, write_choice_file
 from engine_plugins.task_accuracy import TaskAccuracy, load_items, plan_choices

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from engine.api import DataSource, ModelArtifact, StageInputs
 from engine.core.errors import DataError, ModelLoadError
 from engine.evaluation.driver import document_spans, encode_document, encode_pair, plan_batches
-from engine.run.context import Runtime, StageContext
+from engine.run.context import StageContext
+from engine.run.runtime import Runtime
 from engine_plugins.perplexity import Perplexity
 from engine_plugins.perplexity import register_evaluators as register_perplexity
 from engine_plugins.task_accuracy import TaskAccuracy, load_items, plan_choices, predict

@@ -26,8 +26,9 @@ from engine.data.files import detect_format
 from engine.evaluation.driver import Generation, StopRule, generate_greedy
 from engine.recipe.spec import load_recipe
 from engine.recipe.validate import plan_recipe
-from engine.run.context import Runtime, StageContext
+from engine.run.context import StageContext
 from engine.run.runner import Runner
+from engine.run.runtime import Runtime
 from engine_plugins.task_accuracy import (
     AnswerMatch,
     TaskAccuracy,

@@ -322,7 +322,8 @@ def test_lora_recipe_runs_and_validates(lora, tmp_path):
     Runner(plan_recipe(load_recipe(f), tmp_path, str(f)), tmp_path / "work").run()
     fulls = StageInputs(base=art(lora, "base"), models=[ModelArtifact("mn", lora["la-full"]),
                                                         ModelArtifact("en", lora["lb-full"])])
-    from engine.run.context import Runtime, StageContext
+    from engine.run.context import StageContext
+    from engine.run.runtime import Runtime
 
     out = tmp_path / "want"
     out.mkdir()

@@ -11,7 +11,8 @@ import pytest
 from engine.api import LayerSelection, PluginParams, hookimpl
 from engine.cli.commands import main
 from engine.registry import manager as plugin_manager
-from engine.registry.info import description, missing_requirements, plugins_info, requirement_hint
+from engine.registry.implementation import requirement_hint
+from engine.registry.info import description, missing_requirements, plugins_info
 
 MISSING = "lingoforge_no_such_module_xyz"
 

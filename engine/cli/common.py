@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 
 from engine.models.tokenizer.coverage import coverage_warnings
+from engine.recipe.plan import Plan
 from engine.recipe.spec import load_recipe
-from engine.recipe.validate import Plan, plan_recipe
+from engine.recipe.validate import plan_recipe
 
 __all__ = ["EXIT_STAGE_FAILED", "EXIT_USER_ERROR", "escape", "load_plan", "print_warnings",
            "quiet_libraries"]

@@ -5,7 +5,8 @@ Each artifact saves itself into a stage's output folder and loads itself back fr
 (``save``, ``load``): a layer selection as ``layers.json``, metrics as ``metrics.json``;
 a model is the folder itself (its plugin writes it; ``save`` only moves a model written
 elsewhere into the folder). ``relocated`` is the artifact once its folder has been
-renamed into place. The runner picks the class from the stage-kind table
+renamed into place. A model folder's own facts (``lingoforge.json``) are read and written
+here too (:func:`read_meta`, :func:`write_meta`). The runner picks the class from the stage-kind table
 (:data:`engine.core.stages.STAGE_KINDS` ``[kind].artifact`` -> :data:`ARTIFACT_TYPES`).
 """
 
@@ -17,14 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.core.meta import read_meta
-
-__all__ = ["ARTIFACT_TYPES", "Artifact", "LAYERS_FILE", "LayerSelection", "METRICS_FILE",
-           "MetricsArtifact", "ModelArtifact", "load_artifact"]
+__all__ = ["ARTIFACT_TYPES", "Artifact", "LAYERS_FILE", "LayerSelection", "METRICS_FILE", "META_FILE",
+           "MetricsArtifact", "ModelArtifact", "load_artifact", "read_meta", "write_meta"]
 
 #: where a select-layers stage's selection and an evaluate stage's metrics are saved
 LAYERS_FILE = "layers.json"
 METRICS_FILE = "metrics.json"
+
+
+#: ``lingoforge.json``: lingoforge's own facts about a model folder (what an ELO sub-model
+#: holds, which base an adapter was trained on, how a merge was made), read back by
+#: :meth:`ModelArtifact.load` and by the model loaders (:mod:`engine.models`)
+META_FILE = "lingoforge.json"
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Record ``meta`` as the folder's ``lingoforge.json``."""
+    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """lingoforge's own facts about a model folder (empty when absent)."""
+    f = Path(folder) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ class DataSource:
     language: str | None = None
     weight: float = 1.0
     text_field: str = "text"
-    #: a record range such as ``"0:50%"`` (see :func:`engine.data.parse_record_range`);
+    #: a record range such as ``"0:50%"`` (see :func:`engine.data.records.parse_record_range`);
     #: ``None`` reads every record
     records: str | None = None
     #: when ``path`` is a folder: its shard files, in the order they are read

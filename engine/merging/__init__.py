@@ -55,6 +55,7 @@ from engine.merging.execute import (
     run_merge,
 )
 from engine.merging.gradients import Gradient, layer_index, layer_position, value_at
+from engine.merging.inputs import MergePlan
 from engine.merging.lora import LoraAdapter, is_adapter_folder, read_adapter
 from engine.merging.method import MergeMethod, ResolvedParams, TensorSlice
 from engine.merging.overrides import TensorOverride, for_tensor, per_tensor
@@ -67,14 +68,13 @@ from engine.merging.params import (
     PerModelFloat,
     TaskVectorParams,
     TiesParams,
-    check_static,
     check_weight_sum,
     layered_range,
     per_model_range,
     resolve_per_model,
 )
 from engine.merging.passthrough import StackPlan, plan_layer_stack, run_layer_stack, stack_layers
-from engine.merging.preflight import MergePlan, check_configs, check_merge_inputs
+from engine.merging.preflight import check_configs, check_merge_inputs, check_static
 from engine.merging.trims import BandSelector, MagnitudeBand, magnitude_band
 
 __all__ = [

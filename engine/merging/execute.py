@@ -33,10 +33,11 @@ import torch
 from engine.core.artifacts import ModelArtifact
 from engine.core.errors import MergeError
 from engine.core.inputs import StageInputs
+from engine.merging.inputs import MergePlan
 from engine.merging.lora import open_reader
 from engine.merging.params import ExecutionParams
 from engine.merging.prefetch import prefetched
-from engine.merging.preflight import MergePlan, check_merge_inputs
+from engine.merging.preflight import check_merge_inputs
 from engine.merging.streaming import (
     SLICE_ELEMENTS,
     MergeSummary,

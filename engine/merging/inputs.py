@@ -1,8 +1,10 @@
-"""What a merge reads: one model folder taking part in a merge, from its headers.
+"""What a merge reads: each model folder taking part, from its headers, and the checked
+plan of them all.
 
-A module of its own below :mod:`engine.merging.preflight` (which builds these) and
-:mod:`engine.merging.lora` (which reads an adapter input against its base), so that
-neither has to import the other to name the type.
+A module of its own below :mod:`engine.merging.preflight` (which builds these),
+:mod:`engine.merging.lora` (which reads an adapter input against its base) and
+:mod:`engine.merging.streaming` (which merges along a plan), so that none of them has to
+import another to name the types.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.merging.vocab import VocabPlan
 from engine.models.adapters import LoraAdapter
-from engine.models.tensorio import TensorInfo
+from engine.models.layout import TensorInfo
 
-__all__ = ["MergeInput"]
+__all__ = ["MergeInput", "MergePlan"]
 
 
 @dataclass
@@ -30,3 +33,21 @@ class MergeInput:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     adapter: LoraAdapter | None = None
+
+
+@dataclass
+class MergePlan:
+    """Checked inputs. ``reference`` is the model whose tensor names, order, config and
+    tokenizer the output takes: the base when there is one, else the first model."""
+
+    base: MergeInput | None
+    models: list[MergeInput]
+    vocab: VocabPlan | None = None
+
+    @property
+    def reference(self) -> MergeInput:
+        return self.base if self.base is not None else self.models[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]

@@ -46,7 +46,8 @@ from engine.models.adapters import (
     read_settings,
     trained_on,
 )
-from engine.models.tensorio import ModelReader, TensorInfo
+from engine.models.layout import TensorInfo
+from engine.models.tensorio import ModelReader
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraAdapter", "LoraDelta", "LoraReader", "LoraSettings",

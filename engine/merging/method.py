@@ -49,11 +49,11 @@ from engine.merging.overrides import EXECUTION_FIELDS, resolve_overrides
 from engine.merging.params import (
     ExecutionParams,
     MergeParams,
-    check_static,
     check_weight_sum,
     per_model_fields,
     resolve_per_model,
 )
+from engine.merging.preflight import check_static
 from engine.merging.streaming import Positionwise, PositionwiseMerge
 from engine.merging.trims import MagnitudeBand, band_trim_
 from engine.run.context import StageContext

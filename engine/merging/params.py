@@ -19,14 +19,10 @@ from engine.core.errors import MergeError
 from engine.core.params import NOT_IN_RESULT, PluginParams
 from engine.merging.gradients import (
     Gradient,
-    gradient_positions,
-    layer_count,
     refuse_gradient,
-    value_at,
 )
 from engine.merging.overrides import TensorOverride, resolve_overrides
-from engine.merging.preflight import check_configs, check_merge_paths
-from engine.merging.reads import note_read, peek, start_tracking, tracked_fields
+from engine.merging.reads import note_read, start_tracking, tracked_fields
 from engine.models.tensorio import parse_size
 
 __all__ = [
@@ -259,48 +255,3 @@ def check_weight_sum(weights: Sequence[float], names: Sequence[str], *, normaliz
         pairs = ", ".join(f"{n}={w:g}" for n, w in zip(names, weights))
         raise MergeError(f"params.weight sum to zero ({pairs}) but normalize is on, which divides "
                          "by that sum; change the weights or set normalize: false")
-
-
-def _check_headers(configs: Mapping[str, Any]) -> None:
-    """With folder paths (``InputConfigs.paths``), run the full header pre-flight on the
-    inputs that exist already: missing/extra tensors, shapes, dtypes, truncated shards,
-    tokenizers -- everything :func:`~engine.merging.preflight.check_merge_inputs`
-    checks, without reading tensor data."""
-    paths = getattr(configs, "paths", None) or {}
-    names = getattr(configs, "names", None) or {}
-    if not paths.get("models"):
-        return
-    base = None
-    if names.get("base"):
-        base = (names["base"][0], (paths.get("base") or [None])[0])
-    check_merge_paths(base, list(zip(names.get("models", []), paths["models"])))
-
-
-def check_static(configs: Mapping[str, Any], params: ExecutionParams) -> list[str]:
-    """``engine validate``'s check for a merge: architectures agree (config.json only),
-    per-model params name only merged models, normalised weights do not sum to zero.
-
-    ``configs`` is the :class:`engine.api.InputConfigs` the validator passes; returns the
-    names of the merged models (empty when unknown).
-    """
-    check_configs(configs)
-    _check_headers(configs)
-    names = list(getattr(configs, "names", {}).get("models", []))
-    if not names:
-        return names
-    n_layers = layer_count([*configs.get("base", []), *configs.get("models", [])])
-    for p in [params, *(p for _, p in resolve_overrides(params))]:
-        found = {f: peek(p, f) for f in ("weight", "density") if f in type(p).model_fields}
-        # a gradient: at every layer (every anchor when the layer count is unknown)
-        for i, x in enumerate(gradient_positions(found, n_layers) or [0.0]):
-            try:
-                weights = resolve_per_model(value_at(peek(p, "weight", 1.0), x), names, "weight")
-                if "density" in found:
-                    resolve_per_model(value_at(found["density"], x), names, "density")
-                check_weight_sum(weights, names, normalize=bool(peek(p, "normalize", False)))
-            except MergeError as exc:
-                if not gradient_positions(found, n_layers):
-                    raise
-                at = f"layer {i}" if n_layers is not None else f"gradient position {x:g}"
-                raise MergeError(f"at {at}: {exc}") from None
-    return names

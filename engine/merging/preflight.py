@@ -4,6 +4,10 @@ A merge that fails on tensor 290 of 291 after twenty minutes wastes the user's t
 everything that can be known from headers is checked before the first tensor is read,
 and every error names the model and the tensor at fault.
 
+:func:`check_static` is ``engine validate``'s check of a merge: the same checks from
+config.json (and headers, where the folders exist), plus the per-model params and weight
+sums, before any stage runs.
+
 A merge input may also be a PEFT LoRA adapter folder (:mod:`engine.merging.lora`): it
 stands for its base plus the LoRA delta, so its :class:`MergeInput` carries the base's
 config and tensor headers (plus the checked adapter) and the rest of the plan treats it
@@ -13,39 +17,26 @@ as a model of the base's shapes and vocabulary. An adapter needs the merge's bas
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.core.artifacts import ModelArtifact
 from engine.core.errors import EngineError, MergeError
-from engine.merging.inputs import MergeInput
+from engine.merging.gradients import gradient_positions, layer_count, value_at
+from engine.merging.inputs import MergeInput, MergePlan
 from engine.merging.lora import check_adapter, is_adapter_folder, read_adapter
-from engine.merging.vocab import VocabPlan, check_tokenizers, plan_vocab, token_ids
+from engine.merging.overrides import resolve_overrides
+from engine.merging.params import ExecutionParams, check_weight_sum, resolve_per_model
+from engine.merging.reads import peek
+from engine.merging.vocab import check_tokenizers, plan_vocab, token_ids
 from engine.models import modelio
-from engine.models.tensorio import TensorInfo, read_tensor_infos
+from engine.models.layout import TensorInfo
+from engine.models.tensorio import read_tensor_infos
 
-__all__ = ["MergeInput", "MergePlan", "check_configs", "check_merge_inputs", "check_merge_paths"]
+__all__ = ["MergeInput", "MergePlan", "check_configs", "check_merge_inputs", "check_merge_paths",
+           "check_static"]
 
 _SHOW = 5  # names listed in an error before "and N more"
-
-
-@dataclass
-class MergePlan:
-    """Checked inputs. ``reference`` is the model whose tensor names, order, config and
-    tokenizer the output takes: the base when there is one, else the first model."""
-
-    base: MergeInput | None
-    models: list[MergeInput]
-    vocab: VocabPlan | None = None
-
-    @property
-    def reference(self) -> MergeInput:
-        return self.base if self.base is not None else self.models[0]
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in self.models]
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -223,3 +214,48 @@ def check_merge_paths(base: tuple[str, Path | None] | None,
     if len(known) + (known_base is not None) < 2 or not known:
         return None
     return _check_plan(MergePlan(base=known_base, models=known))
+
+
+def _check_headers(configs: Mapping[str, Any]) -> None:
+    """With folder paths (``InputConfigs.paths``), run the full header pre-flight on the
+    inputs that exist already: missing/extra tensors, shapes, dtypes, truncated shards,
+    tokenizers -- everything :func:`~engine.merging.preflight.check_merge_inputs`
+    checks, without reading tensor data."""
+    paths = getattr(configs, "paths", None) or {}
+    names = getattr(configs, "names", None) or {}
+    if not paths.get("models"):
+        return
+    base = None
+    if names.get("base"):
+        base = (names["base"][0], (paths.get("base") or [None])[0])
+    check_merge_paths(base, list(zip(names.get("models", []), paths["models"])))
+
+
+def check_static(configs: Mapping[str, Any], params: ExecutionParams) -> list[str]:
+    """``engine validate``'s check for a merge: architectures agree (config.json only),
+    per-model params name only merged models, normalised weights do not sum to zero.
+
+    ``configs`` is the :class:`engine.api.InputConfigs` the validator passes; returns the
+    names of the merged models (empty when unknown).
+    """
+    check_configs(configs)
+    _check_headers(configs)
+    names = list(getattr(configs, "names", {}).get("models", []))
+    if not names:
+        return names
+    n_layers = layer_count([*configs.get("base", []), *configs.get("models", [])])
+    for p in [params, *(p for _, p in resolve_overrides(params))]:
+        found = {f: peek(p, f) for f in ("weight", "density") if f in type(p).model_fields}
+        # a gradient: at every layer (every anchor when the layer count is unknown)
+        for i, x in enumerate(gradient_positions(found, n_layers) or [0.0]):
+            try:
+                weights = resolve_per_model(value_at(peek(p, "weight", 1.0), x), names, "weight")
+                if "density" in found:
+                    resolve_per_model(value_at(found["density"], x), names, "density")
+                check_weight_sum(weights, names, normalize=bool(peek(p, "normalize", False)))
+            except MergeError as exc:
+                if not gradient_positions(found, n_layers):
+                    raise
+                at = f"layer {i}" if n_layers is not None else f"gradient position {x:g}"
+                raise MergeError(f"at {at}: {exc}") from None
+    return names

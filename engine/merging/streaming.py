@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from engine.core.errors import MergeError
-from engine.merging.preflight import MergePlan
+from engine.merging.inputs import MergePlan
 from engine.merging.trims import BandSelector, MagnitudeBand, _magnitude_bits, band_trim_
 from engine.merging.vocab import tail_rows
 from engine.models.tensorio import ModelReader, PlannedTensor, ShardedWriter

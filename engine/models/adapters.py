@@ -51,11 +51,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.core.artifacts import META_FILE, read_meta
 from engine.core.errors import EngineError, MergeError, ModelLoadError
-from engine.core.meta import META_FILE, read_meta
-from engine.models.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_folder
+from engine.models.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    TensorInfo,
+    is_adapter_folder,
+    read_header,
+)
 from engine.models.safety import check_safetensors_file
-from engine.models.tensorio import TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch

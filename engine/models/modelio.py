@@ -10,7 +10,7 @@ base model with the adapter applied: :func:`read_config` and
 :func:`check_model_folder` answer for the base, and :func:`load_model` loads the base
 and merges the adapter into it (peft). What an adapter folder is and how its base is
 found is :mod:`engine.models.adapters` (its folder functions are re-exported here, as is
-:mod:`engine.core.meta`'s ``lingoforge.json`` reading).
+:mod:`engine.core.artifacts`'s ``lingoforge.json`` reading).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from engine.core.artifacts import META_FILE, read_meta, write_meta
 from engine.core.errors import ModelLoadError
-from engine.core.meta import META_FILE, read_meta, write_meta
 from engine.models import adapters, quantization
 from engine.models.adapters import (  # re-exported: their home was this module
     ADAPTER_BASE_KEY,

@@ -28,69 +28,14 @@ from typing import Any
 import torch
 
 from engine.core.errors import MergeError, ModelLoadError
-from engine.models.layout import INDEX_FILE, SINGLE_FILE, weight_files
-
-#: safetensors dtype codes <-> torch dtypes
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a safetensors header says about one tensor (no data is read)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    #: absolute byte offsets of the tensor's data in ``file``
-    start: int = 0
-    end: int = 0
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        try:
-            return ST_DTYPES[self.dtype]
-        except KeyError:
-            raise ModelLoadError(f"{self.file}: tensor {self.name!r} has unsupported dtype "
-                                 f"{self.dtype}") from None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """The tensors a safetensors file holds, read from its header only."""
-    file = Path(file)
-    try:
-        with file.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(f.read(length))
-        size = file.stat().st_size
-    except (OSError, ValueError, struct.error) as exc:
-        raise ModelLoadError(f"{file}: not a readable safetensors file ({exc})") from None
-    data = 8 + length
-    infos = {
-        name: TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file,
-                         data + entry["data_offsets"][0], data + entry["data_offsets"][1])
-        for name, entry in header.items() if name != "__metadata__"
-    }
-    needed = max((i.end for i in infos.values()), default=data)
-    if size < needed:
-        raise ModelLoadError(f"{file}: truncated: the header promises {needed} bytes, the file "
-                             f"has {size} (an interrupted download or copy?)")
-    return infos
+from engine.models.layout import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    TORCH_TO_ST,
+    TensorInfo,
+    read_header,
+    weight_files,
+)
 
 
 def read_tensor_infos(folder: Path) -> dict[str, TensorInfo]:

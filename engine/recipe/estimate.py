@@ -43,6 +43,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from engine.recipe.spec import root_config
+
 GiB = 1024**3
 #: the share of device memory an estimate may use before validate warns (allocator
 #: fragmentation, CUDA context and kernel workspaces take the rest)
@@ -369,8 +371,6 @@ def memory_warning(estimate: Estimate, shape: Shape, memory: tuple[float, str], 
 
 def memory_warnings(stages: list[Any], recipe: Any, configs: dict[str, dict | None], source: str) -> list[str]:
     """``engine validate``'s memory warnings for planned stages (see :mod:`engine.recipe.validate`)."""
-    from engine.recipe.model_checks import root_config
-
     lines: list[str] = []
     for planned in stages:
         spec = planned.spec

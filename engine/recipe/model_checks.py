@@ -16,13 +16,13 @@ from engine.core.stages import MERGE
 from engine.models import modelio
 from engine.models.adapters import is_adapter_folder, read_adapter
 from engine.models.safety import check_remote_code as _remote_code_check
-from engine.recipe.spec import ModelSpec, Recipe, StageSpec, resolve_model_path
-from engine.registry.manager import Registered
-from engine.run.context import Runtime
+from engine.recipe.spec import ModelSpec, Recipe, StageSpec, resolve_model_path, root_config
+from engine.registry.implementation import StageImplementation
+from engine.run.runtime import Runtime
 
 __all__ = [
     "MAX_STEPS", "check_adapter_use", "check_limits", "check_remote_code", "model_config",
-    "root_config", "static_check",
+    "static_check",
 ]
 
 
@@ -77,24 +77,10 @@ def model_config(name: str, spec: ModelSpec, recipe_dir: Path, source: str,
         raise RecipeError(f"{source}: models.{name}: {exc}") from None
 
 
-def root_config(ref: str, recipe: Recipe, configs: dict[str, dict | None]) -> dict | None:
-    """The config of the input model a reference derives from (stage outputs keep
-    their primary input's architecture)."""
-    seen = set()
-    while ref not in configs and ref not in seen:
-        seen.add(ref)
-        try:
-            spec = recipe.stage(ref)
-        except KeyError:
-            return None
-        ref = spec.model or spec.base or (spec.models[0] if spec.models else ref)
-    return configs.get(ref)
-
-
-def static_check(registered: Registered, spec: StageSpec, params: PluginParams, recipe: Recipe,
+def static_check(impl: StageImplementation, spec: StageSpec, params: PluginParams, recipe: Recipe,
                   configs: dict[str, dict | None], where: str, recipe_dir: Path | None = None) -> None:
     """Call the implementation's optional ``check(configs, params)``."""
-    check = getattr(registered.impl, "check", None)
+    check = getattr(impl, "check", None)
     if check is None:
         return
     by_key: dict[str, list[dict]] = {}

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from engine.core.errors import RecipeError
 from engine.core.stages import STAGE_KINDS
 from engine.core.suggest import did_you_mean, keys_at
-from engine.data.files import parse_record_range
+from engine.data.records import parse_record_range
 from engine.recipe.runtime import RuntimeSpec, _Strict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -69,6 +69,20 @@ def resolve_model_path(spec: ModelSpec, recipe_dir: Path) -> Path:
     assert spec.path is not None
     path = Path(spec.path).expanduser()
     return path if path.is_absolute() else (recipe_dir / path).resolve()
+
+
+def root_config(ref: str, recipe: Recipe, configs: dict[str, dict | None]) -> dict | None:
+    """The config of the input model a reference derives from (stage outputs keep
+    their primary input's architecture)."""
+    seen = set()
+    while ref not in configs and ref not in seen:
+        seen.add(ref)
+        try:
+            spec = recipe.stage(ref)
+        except KeyError:
+            return None
+        ref = spec.model or spec.base or (spec.models[0] if spec.models else ref)
+    return configs.get(ref)
 
 
 class DataSpec(_Strict):

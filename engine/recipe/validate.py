@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,53 +42,23 @@ from engine.recipe.model_checks import (  # MAX_STEPS: re-exported, once here
     model_config,
     static_check,
 )
+from engine.recipe.plan import Plan, PlannedStage
 from engine.recipe.spec import (
     INPUT_RULES,
-    ModelSpec,
     Recipe,
     RuntimeSpec,
     StageSpec,
     format_validation_error,
     resolve_model_path,
 )
-from engine.registry.implementation import data_format_error
-from engine.registry.info import requirement_hint
+from engine.registry.implementation import data_format_error, requirement_hint
 from engine.registry.manager import Registered, get_implementation
-from engine.run.context import Runtime
+from engine.run.runtime import Runtime
 from engine.training import levers, tracking
 
 __all__ = ["MAX_STEPS", "Plan", "PlannedStage", "Problems", "effective_runtime", "plan_recipe"]
 
 MODEL_STAGES = model_kinds()
-
-
-@dataclass
-class PlannedStage:
-    """A stage ready to run: implementation, validated params, resolved data."""
-
-    spec: StageSpec
-    registered: Registered
-    params: PluginParams
-    data: list[DataSource]
-    runtime: Runtime
-    depends_on: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-@dataclass
-class Plan:
-    recipe: Recipe
-    source: str
-    recipe_dir: Path
-    stages: list[PlannedStage]
-    #: things that will not stop a run but may sink it (a memory estimate over the device's)
-    warnings: list[str] = field(default_factory=list)
-
-    def model_spec(self, name: str) -> ModelSpec | None:
-        return self.recipe.models.get(name)
 
 
 class Problems:
@@ -211,7 +181,7 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
     if inputs_ok and refs_ok:
         with problems.check() as outcome:
             check_limits(spec, params, recipe, model_configs, where)
-            static_check(registered, spec, params, recipe, model_configs, where, recipe_dir)
+            static_check(registered.impl, spec, params, recipe, model_configs, where, recipe_dir)
         ok &= outcome.ok
     if not (ok and data_ok):
         return None

@@ -17,29 +17,29 @@ without touching the runner. Their return values are ignored.
 Write an implementation as in ``plugins/``; every built-in is registered through
 these very hooks, exactly like a third-party plugin shipped with an entry point in
 the group ``engine.plugins``.
+
+The hooks name the stage context and the recipe's types in their docstrings rather than
+importing them: the registry only collects implementations and calls observers, so it sits
+right above :mod:`engine.core`, below the runtime and the recipe (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
 from engine.core.stages import INPUT_KEYS, STAGE_KINDS, StageKind
-
-if TYPE_CHECKING:
-    from engine.core.artifacts import Artifact
-    from engine.recipe.spec import Recipe, StageSpec
-    from engine.registry.implementation import StageImplementation
-    from engine.run.context import StageContext
 
 PROJECT_NAME = "engine"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-Register = Callable[["StageImplementation"], None]
+#: what a register hook receives: call it once per implementation (an object with ``name``,
+#: ``Params`` and ``run``: :class:`engine.registry.implementation.StageImplementation`)
+Register = Callable[[Any], None]
 
 
 # --- stage hooks -----------------------------------------------------------------
@@ -86,16 +86,22 @@ del _kind
 
 
 @hookspec
-def stage_started(context: StageContext, stage: StageSpec) -> None:
-    """Called before a stage runs (not called for a stage served from the cache)."""
+def stage_started(context: Any, stage: Any) -> None:
+    """Called before a stage runs (not called for a stage served from the cache).
+
+    ``context`` is the stage's :class:`engine.api.StageContext`, ``stage`` its recipe
+    entry (a :class:`engine.recipe.StageSpec`)."""
 
 
 @hookspec
-def stage_finished(context: StageContext, stage: StageSpec, artifact: Artifact,
-                   record: dict[str, Any]) -> None:
-    """Called after a stage wrote its output; ``record`` is its report.json entry."""
+def stage_finished(context: Any, stage: Any, artifact: Any, record: dict[str, Any]) -> None:
+    """Called after a stage wrote its output; ``record`` is its report.json entry.
+
+    ``context`` and ``stage`` are as in :func:`stage_started`; ``artifact`` is what the
+    stage returned (an :data:`engine.api.Artifact`)."""
 
 
 @hookspec
-def run_finished(recipe: Recipe, workdir: str, report: dict[str, Any]) -> None:
-    """Called once after every stage ran and report.json was written."""
+def run_finished(recipe: Any, workdir: str, report: dict[str, Any]) -> None:
+    """Called once after every stage ran and report.json was written; ``recipe`` is the
+    parsed recipe (an :class:`engine.recipe.Recipe`), ``report`` the content of report.json."""

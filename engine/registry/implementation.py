@@ -1,20 +1,21 @@
 """What ``register(...)`` accepts, and the helpers that read an implementation's
-optional attributes (re-exported by :mod:`engine.api`)."""
+optional attributes: its description, the data formats it reads and the optional packages
+it requires (:func:`requirement_hint`; ``engine plugins`` and ``engine validate`` say what
+is missing). Re-exported by :mod:`engine.api`."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from engine.core.artifacts import Artifact
 from engine.core.inputs import DataSource, StageInputs
 from engine.core.params import PluginParams
 from engine.core.stages import EVALUATE
 
-if TYPE_CHECKING:
-    from engine.run.context import StageContext
-
-__all__ = ["StageImplementation", "data_format_error", "describe"]
+__all__ = ["StageImplementation", "data_format_error", "describe", "missing_requirements",
+           "requirement_hint", "requirements"]
 
 
 @runtime_checkable
@@ -22,7 +23,8 @@ class StageImplementation(Protocol):
     """What ``register(...)`` accepts.
 
     ``name`` is the recipe's ``plugin:`` value; ``Params`` a :class:`PluginParams`
-    subclass; ``run`` does the work. ``description`` (optional) is a one-line
+    subclass; ``run`` does the work, given the stage's :class:`engine.api.StageContext`
+    (named here, not imported: the registry sits below the runtime). ``description`` (optional) is a one-line
     summary shown by ``engine plugins``. ``data_formats`` (optional, a tuple of
     :data:`DataFormat` names) lets ``engine validate`` check a stage's ``data:``
     before anything runs (see :func:`data_format_error`).
@@ -31,7 +33,7 @@ class StageImplementation(Protocol):
     name: str
     Params: type[PluginParams]
 
-    def run(self, context: StageContext, inputs: StageInputs, params: Any) -> Artifact: ...
+    def run(self, context: Any, inputs: StageInputs, params: Any) -> Artifact: ...
 
 
 def data_format_error(impl: Any, stage_kind: str, sources: Sequence[DataSource]) -> str | None:
@@ -58,3 +60,35 @@ def describe(impl: StageImplementation) -> str:
     """One line that says what an implementation does."""
     text = getattr(impl, "description", None) or (type(impl).__doc__ or "")
     return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def requirements(impl: Any) -> tuple[str, ...]:
+    """The module names ``impl`` declares in ``requires`` (a single string is one name)."""
+    raw = getattr(impl, "requires", None) or ()
+    return (raw,) if isinstance(raw, str) else tuple(str(r) for r in raw)
+
+
+def _installed(module: str) -> bool:
+    try:  # a top-level name: find_spec locates it without importing anything
+        return importlib.util.find_spec(module.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_requirements(impl: Any) -> list[str]:
+    """The modules of ``impl.requires`` that cannot be found (none imported)."""
+    return [m for m in requirements(impl) if not _installed(m)]
+
+
+def requirement_hint(impl: Any, distribution: str = "-") -> str | None:
+    """``needs extra DIST[EXTRA]: pip install 'DIST[EXTRA]'`` when a requirement of
+    ``impl`` is missing (``needs module(s) x, y (not installed)`` without an ``extra``
+    or a known distribution); None when everything it requires is installed."""
+    missing = missing_requirements(impl)
+    if not missing:
+        return None
+    extra = getattr(impl, "extra", None)
+    if isinstance(extra, str) and extra and distribution not in ("-", "?", ""):
+        spec = f"{distribution}[{extra}]"
+        return f"needs extra {spec}: pip install '{spec}'"
+    return f"needs module(s) {', '.join(missing)} (not installed)"

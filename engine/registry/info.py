@@ -20,12 +20,16 @@ raise a clear :class:`~engine.core.errors.EngineError` when the package is missi
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Any
 
 from engine.registry import manager as _pm
-from engine.registry.implementation import describe
+from engine.registry.implementation import (  # the requirement helpers: importable from here too
+    describe,
+    missing_requirements,
+    requirement_hint,
+    requirements,
+)
 
 __all__ = ["description", "missing_requirements", "plugins_info", "requirement_hint"]
 
@@ -38,38 +42,6 @@ def description(impl: Any) -> str:
     module = sys.modules.get(type(impl).__module__)
     doc = (getattr(module, "__doc__", None) or "").strip()
     return doc.splitlines()[0] if doc else ""
-
-
-def requirements(impl: Any) -> tuple[str, ...]:
-    """The module names ``impl`` declares in ``requires`` (a single string is one name)."""
-    raw = getattr(impl, "requires", None) or ()
-    return (raw,) if isinstance(raw, str) else tuple(str(r) for r in raw)
-
-
-def _installed(module: str) -> bool:
-    try:  # a top-level name: find_spec locates it without importing anything
-        return importlib.util.find_spec(module.partition(".")[0]) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def missing_requirements(impl: Any) -> list[str]:
-    """The modules of ``impl.requires`` that cannot be found (none imported)."""
-    return [m for m in requirements(impl) if not _installed(m)]
-
-
-def requirement_hint(impl: Any, distribution: str = "-") -> str | None:
-    """``needs extra DIST[EXTRA]: pip install 'DIST[EXTRA]'`` when a requirement of
-    ``impl`` is missing (``needs module(s) x, y (not installed)`` without an ``extra``
-    or a known distribution); None when everything it requires is installed."""
-    missing = missing_requirements(impl)
-    if not missing:
-        return None
-    extra = getattr(impl, "extra", None)
-    if isinstance(extra, str) and extra and distribution not in ("-", "?", ""):
-        spec = f"{distribution}[{extra}]"
-        return f"needs extra {spec}: pip install '{spec}'"
-    return f"needs module(s) {', '.join(missing)} (not installed)"
 
 
 def _row(name: str) -> dict[str, Any]:

@@ -25,27 +25,7 @@ from engine.core.errors import TrainingError
 from engine.models import modelio, slow_paths
 from engine.models.attention import resolve_attention
 from engine.models.quantization import Quantization
-
-
-@dataclass
-class Runtime:
-    """Where and how models run; from the recipe's ``runtime:`` (stage overrides win)."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    load_in_8bit: bool = False
-    trust_remote_code: bool = False
-    #: CPU threads for torch: an int, "auto", or None (leave torch's setting alone);
-    #: see :mod:`engine.run.threads`
-    threads: int | str | None = "auto"
-    #: attention kernel: "auto", "sdpa", "eager" or "flash_attention_2"
-    attention: str = "auto"
-    #: experiment trackers (accelerate) training logs go to, besides train_log.jsonl
-    log_with: list[str] = field(default_factory=list)
-    #: device memory in GiB that estimates are checked against (None: detected)
-    memory_gb: float | None = None
-    #: shard trained models across the launch's processes (FSDP2) instead of replicating them
-    fsdp: bool = False
+from engine.run.runtime import Runtime
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from engine.core.artifacts import Artifact, LayerSelection, MetricsArtifact
 from engine.models.modelio import resolve_device
-from engine.recipe.validate import Plan, PlannedStage
+from engine.recipe.plan import Plan, PlannedStage
 from engine.run import threads
 from engine.run.context import StageContext
 from engine.run.resources import MemorySampler

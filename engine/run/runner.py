@@ -57,8 +57,8 @@ from engine.core.inputs import StageInputs
 from engine.core.stages import STAGE_KINDS, training_kinds
 from engine.data import token_cache
 from engine.models import modelio
+from engine.recipe.plan import Plan, PlannedStage
 from engine.recipe.spec import resolve_model_path
-from engine.recipe.validate import Plan, PlannedStage
 from engine.registry.manager import call_observers
 from engine.run import record as report
 from engine.run import stage_cache, threads

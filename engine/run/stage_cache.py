@@ -33,14 +33,12 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from engine.core import outputs
 from engine.core.errors import OutputRefused
 from engine.core.fingerprint import STAGE_FILE, data_key, fingerprint_hash, model_fingerprint
-
-if TYPE_CHECKING:
-    from engine.recipe.validate import PlannedStage
+from engine.core.inputs import DataSource
 
 #: runtime keys that change speed or logging, not what a stage computes
 _NOT_RESULTS = frozenset({"threads", "log_with", "memory_gb"})
@@ -55,6 +53,16 @@ __all__ = [
 
 CHECKPOINTS_DIR = ".checkpoints"
 STAGES_DIR = ".stages"
+
+
+class PlannedStage(Protocol):
+    """What a fingerprint reads of a planned stage (:class:`engine.recipe.validate.PlannedStage`):
+    its recipe entry, validated params, resolved data and effective runtime."""
+
+    spec: Any
+    params: Any
+    data: list[DataSource]
+    runtime: Any
 
 
 def stage_fingerprint(stage: PlannedStage, fingerprints: Mapping[str, str]) -> str:

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import RecipeError
+from engine.recipe.plan import Plan, PlannedStage
 from engine.recipe.spec import resolve_model_path
-from engine.recipe.validate import Plan, PlannedStage
 from engine.run import stage_cache
 
 __all__ = ["MissingInputs", "RunInterrupted", "Selection", "StageStatus", "describe_changes",

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.run.context import Runtime, StageContext
+from engine.run.context import StageContext
+from engine.run.runtime import Runtime
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -10,6 +10,7 @@ recipes and tests run without downloading anything. See docs/world.md.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ def _check_model_name(name: str) -> None:
 
 
 def _build_model(folder: Path) -> None:
+    # imported here, not at the top, for start-up speed: the pretraining code imports torch
+    # and transformers, which reading the built-in data never needs
     from transformers.utils import logging as hf_logging
 
     from engine.world.pretrain import build_base_model
@@ -83,8 +86,9 @@ def model_config(name: str) -> dict[str, Any]:
     """config.json of a built-in model, without building it (read from the folder when
     it exists, else computed from the architecture the build uses)."""
     _check_model_name(name)
-    from engine.models.modelio import read_config
+    # imported here, not at the top, for start-up speed: engine validate reads this without
+    # the torch import the pretraining module carries
     from engine.world.pretrain import config_dict
 
-    folder = world_dir() / "models" / name
-    return read_config(folder) if (folder / "config.json").is_file() else config_dict()
+    config = world_dir() / "models" / name / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else config_dict()

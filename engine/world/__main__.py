@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_perplexities() -> None:
+    # imported here, not at the top, for start-up speed: only --eval needs torch and transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.world.pretrain import perplexity

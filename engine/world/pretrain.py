@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engine.core.artifacts import write_meta
 from engine.core.console import current, make_progress
 from engine.world import corpus
 from engine.world.tokenizer import VOCAB_SIZE, train_tokenizer
@@ -93,8 +94,6 @@ def build_base_model(folder: Path, *, steps: int = PRETRAIN_STEPS, batch_size: i
     determinism cheaply. Returns a summary (losses, seconds, tokens seen).
     """
     from transformers import LlamaForCausalLM
-
-    from engine.models.modelio import write_meta
 
     started = time.perf_counter()
     folder = Path(folder)
