@@ -84,7 +84,7 @@ class Import:
     line: int
     inside_function: bool
     type_checking: bool
-    comment: str      # the comment on the import's line and the line above it
+    comment: str      # the comment on the import's line and the comment lines above it
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -140,8 +140,13 @@ def read_imports(module: str, source: str, known: Iterable[str], *, is_package: 
     found: list[Import] = []
 
     def comment(lineno: int) -> str:
-        near = [lines[i] for i in (lineno - 2, lineno - 1) if 0 <= i < len(lines)]
-        return " ".join(line.partition("#")[2] for line in near if "#" in line)
+        """The comment on the import's line and the comment lines right above it."""
+        said = [lines[lineno - 1].partition("#")[2]] if "#" in lines[lineno - 1] else []
+        i = lineno - 2
+        while i >= 0 and lines[i].strip().startswith("#"):
+            said.insert(0, lines[i].strip().lstrip("#"))
+            i -= 1
+        return " ".join(s.strip() for s in said)
 
     def add(name: str, node: ast.AST, in_function: bool, in_tc: bool) -> None:
         target = _resolve(name, known)

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from engine import __version__
+from engine.cli import api_reference
 from engine.cli import coverage as cli_coverage
 from engine.cli import merge as cli_merge
 from engine.cli import ops as cli_ops
@@ -33,6 +34,9 @@ from engine.cli.common import (
 )
 from engine.core.console import make_console
 from engine.core.errors import EngineError
+from engine.recipe.schema import json_schema, markdown
+from engine.registry.info import plugins_info
+from engine.run.runner import Runner, StageFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         if args.debug:
             console.print_exception()
-        from engine.run.runner import StageFailed
 
         cause = exc.__cause__
         disk_full = _disk_full(cause, getattr(args, "output_dir", None))
@@ -145,7 +148,6 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     quiet_libraries()
-    from engine.run.runner import Runner
 
     plan = load_plan(args.recipe, args.overrides, coverage=not getattr(args, "no_coverage", False))
     print_warnings(console, plan)
@@ -171,8 +173,6 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
     """Each plugin and what it registers, one line per implementation with its description;
     an implementation whose optional dependency is missing says which extra installs it
     (``--json``: the same fields, :func:`engine.registry.info.plugins_info`)."""
-    from engine.registry.info import plugins_info
-
     info = plugins_info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -203,11 +203,7 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, console: Console) -> int:
-    from engine.recipe.schema import json_schema, markdown
-
     if args.api:
-        from engine.cli import api_reference
-
         sys.stdout.write(api_reference.markdown())
         return 0
     sys.stdout.write(markdown() if args.markdown else json.dumps(json_schema(), indent=2) + "\n")

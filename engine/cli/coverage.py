@@ -12,9 +12,17 @@ from typing import Any
 
 from rich.console import Console
 
+from engine import world
 from engine.cli.common import escape, load_plan, quiet_libraries
 from engine.core import outputs
+from engine.core.console import make_console
 from engine.core.errors import DataError, RecipeError
+from engine.core.inputs import DataSource
+from engine.core.stages import kind_of
+from engine.data.files import detect_format
+from engine.data.sources import iter_texts
+from engine.models.tokenizer import coverage
+from engine.models.tokenizer.extend import extend_tokenizer
 
 BUILTIN = "builtin:"
 #: the most tokens one extension adds (the BPE trainer allocates for the whole request up front)
@@ -51,8 +59,6 @@ def add_parsers(sub: Any) -> None:
 
 def _model_folder(name: str) -> Path:
     if name.startswith(BUILTIN):
-        from engine import world
-
         return world.model_path(name[len(BUILTIN):])
     folder = Path(name).expanduser()
     if not folder.is_dir():
@@ -61,8 +67,6 @@ def _model_folder(name: str) -> Path:
 
 
 def _rows_for_files(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from engine.models.tokenizer import coverage
-
     if not args.data:
         raise RecipeError("engine coverage: give a RECIPE, or --tokenizer DIR and --data FILE")
     folder = _model_folder(args.tokenizer)
@@ -82,9 +86,6 @@ def _rows_for_files(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _rows_for_recipe(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-    from engine.core.stages import kind_of
-    from engine.models.tokenizer import coverage
-
     plan = load_plan(args.recipe, args.overrides)
     rows = []
     for stage in plan.stages:
@@ -117,8 +118,6 @@ def cmd_coverage(args: argparse.Namespace, console: Console) -> int:
         return 0
     from rich.table import Table
 
-    from engine.core.console import make_console
-
     table = Table(title="tokenizer coverage")
     for col in ("stage", "data", "tokens/word", "bytes/token", "single-byte", ">= 4 tokens", "documents"):
         table.add_column(col, overflow="fold")
@@ -135,11 +134,6 @@ def cmd_coverage(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
-    from engine.core.inputs import DataSource
-    from engine.data.files import detect_format
-    from engine.models.tokenizer import coverage
-    from engine.models.tokenizer.extend import extend_tokenizer
-
     quiet_libraries()
 
     if not 1 <= args.tokens <= MAX_NEW_TOKENS:
@@ -160,8 +154,6 @@ def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
     for path in args.data:
         if path.suffix == ".jsonl" and detect_format(path) != "text":
             raise DataError(f"{path}: extend-tokenizer reads text data (.txt, or .jsonl with 'text')")
-        from engine.data.sources import iter_texts
-
         texts.extend(iter_texts(DataSource(path=path)))
     before = [coverage.measure_file(coverage.load_backend(folder), p) for p in args.data]
     result = extend_tokenizer(folder, texts, out, new_tokens=args.tokens,

@@ -35,6 +35,9 @@ from engine.cli.common import EXIT_USER_ERROR, quiet_libraries
 from engine.core import outputs
 from engine.core.console import make_console
 from engine.core.errors import EngineError, RecipeError
+from engine.recipe.spec import parse_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.runner import StageFailed, run_stage
 
 __all__ = ["add_parser", "build_recipe", "cmd_merge", "speak"]
 
@@ -125,10 +128,6 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """Validate and run the merge; 0 on success (errors raise :class:`EngineError`)."""
-    from engine.recipe.spec import parse_recipe
-    from engine.recipe.validate import plan_recipe
-    from engine.run.runner import StageFailed, run_stage
-
     out = Path(args.out).expanduser().absolute()
     flags = _flags(args)
     try:

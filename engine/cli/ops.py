@@ -30,6 +30,7 @@ from engine.core.errors import EngineError, RecipeError
 from engine.run import stage_cache
 from engine.run import status as run_status
 from engine.run.lock import WorkdirLock
+from engine.training.checkpoint import CheckpointDir
 
 __all__ = ["add_parsers", "add_run_flags", "cmd_cache", "cmd_status", "dry_run",
            "missing_inputs_error", "print_interrupted", "resume_command", "selection"]
@@ -147,8 +148,6 @@ def resume_command(args: argparse.Namespace, workdir: Path, kept: dict[str, Any]
 
 def print_interrupted(console: Console, args: argparse.Namespace, kept: dict[str, Any] | None) -> None:
     """What a Ctrl-C kept, and the command that resumes."""
-    from engine.training.checkpoint import CheckpointDir
-
     console.print("[red]interrupted[/]", highlight=False)
     if getattr(args, "command", None) != "run":
         return

@@ -1,8 +1,8 @@
 """``engine report RUN_DIR`` and the end of ``engine run``: the summary, report.md and charts.
 
-Kept out of :mod:`engine.cli` so that the report code costs nothing to the other
-commands. Wired in by ``add_parser(sub)`` and ``COMMANDS["report"] = cmd_report``;
-``engine run`` calls :func:`finish_run` once the runner is done.
+Wired into :mod:`engine.cli.commands` by ``add_parser(sub)`` and ``COMMANDS["report"] =
+cmd_report``; ``engine run`` calls :func:`finish_run` once the runner is done. What it
+writes comes from :mod:`engine.run.report`, which reads the run folder alone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from rich.markup import escape
 
 from engine.core.console import RUN_LOG, make_console
 from engine.core.errors import EngineError
+from engine.run.report.files import make_report
+from engine.run.report.summary import summarize
+from engine.run.report.tables import stages_table
+from engine.run.workdir import check_report_names
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,9 +34,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Rebuild the report of a run folder and say what was written."""
-    from engine.run.report.files import make_report
-    from engine.run.workdir import check_report_names
-
     check_report_names(args.run_dir)  # report.md and report/ are replaced only if the engine's
     md, charts, note = make_report(args.run_dir, charts=not args.no_charts)
     if note:
@@ -47,10 +48,6 @@ def finish_run(report: dict[str, Any], workdir: Path, recipe: Path, console: Con
     """What ``engine run`` shows and writes at the end: the stage table, the summary (to
     stdout), and report.md with its charts rebuilt in the workdir. A report that cannot
     be written is a warning: the run's outputs are already in place."""
-    from engine.run.report.files import make_report
-    from engine.run.report.summary import summarize
-    from engine.run.report.tables import stages_table
-
     out = make_console(stderr=False)
     out.print(stages_table(report))
     out.file.flush()

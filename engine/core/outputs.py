@@ -43,6 +43,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from engine import __version__
 from engine.core.errors import OutputRefused
 
 __all__ = [
@@ -121,8 +122,6 @@ def _entries(folder: Path) -> list[str]:
 def mark_output(folder: Path | str, kind: str, **facts: Any) -> None:
     """Mark the finished folder ``folder`` as an output the engine wrote, listing what it
     holds (call it last, when nothing more will be written there)."""
-    from engine import __version__
-
     folder = Path(folder)
     owner = {"written_by": "lingoforge", "version": __version__, "kind": kind,
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -58,6 +58,7 @@ from engine.core import outputs
 from engine.core.errors import DataError
 from engine.core.inputs import DataSource
 from engine.data.shards import file_batches, shard_reason, source_files, warn_skipped
+from engine.world.cache import cache_dir, sha256_file
 
 #: bump when the layout or the meaning of an entry changes: older entries are not read
 CACHE_VERSION = 1
@@ -95,7 +96,6 @@ def tokens_dir() -> Path:
     env = os.environ.get("LINGOFORGE_TOKEN_CACHE")
     if env:
         return Path(env).expanduser().resolve()
-    from engine.world.cache import cache_dir
 
     return cache_dir() / "tokens"
 
@@ -155,8 +155,6 @@ def file_digest(path: Path) -> str:
     st = Path(path).stat()
     memo = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if memo not in _digests:
-        from engine.world.cache import sha256_file
-
         _digests[memo] = sha256_file(Path(path))
     return _digests[memo]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine import world
 from engine.core.errors import EngineError, RecipeError, WeightFileError
 from engine.core.inputs import InputConfigs
 from engine.core.params import PluginParams, TrainingParams
@@ -59,8 +60,6 @@ def model_config(name: str, spec: ModelSpec, recipe_dir: Path, source: str,
     reason kept in ``adapter_errors``; a merge needs only the recipe's base)."""
     try:
         if spec.builtin is not None:
-            from engine import world
-
             return world.model_config(spec.builtin)
         path = resolve_model_path(spec, recipe_dir)
         if adapter_errors is not None and is_adapter_folder(path):

@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 
 from engine.core.stages import INPUT_KEYS, STAGE_KINDS
 from engine.recipe.spec import DataSpec, ModelSpec, Recipe, RuntimeSpec, StageSpec
+from engine.registry.hookspecs import _ARTIFACT_CLASS
 from engine.registry.implementation import describe
 from engine.registry.manager import implementations
 
@@ -80,8 +81,6 @@ def fields_table(model: type[BaseModel]) -> list[str]:
 
 def stage_kinds_table() -> list[str]:
     """The stage kinds as a markdown table: inputs, what a stage returns, whether it trains."""
-    from engine.registry.hookspecs import _ARTIFACT_CLASS
-
     def keys(ks: frozenset[str]) -> str:
         return ", ".join(f"`{k}`" for k in INPUT_KEYS if k in ks) or "-"
 

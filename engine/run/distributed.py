@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from engine.core.errors import TrainingError
+from engine.models.modelio import resolve_device
+
 __all__ = ["Ranks", "full_train_state", "gather_model", "init_process_group", "load_full_train_state",
            "no_sync", "shard_model", "share"]
 
@@ -55,8 +58,6 @@ def init_process_group(device: str) -> None:
     """Join the launch's process group (gloo on the CPU) before the first stage."""
     from accelerate import PartialState
 
-    from engine.models.modelio import resolve_device
-
     PartialState(cpu=resolve_device(device).type == "cpu")
 
 
@@ -77,8 +78,6 @@ def shard_model(model: torch.nn.Module, where: str, mixed_precision: str = "no")
     float32 (FSDP's mixed-precision policy; the loop's autocast does not wrap a sharded model).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from engine.core.errors import TrainingError
 
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in blocks]

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from engine import __version__, world
 from engine.core import outputs
 from engine.core.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, their home was here
     ARTIFACT_TYPES,
@@ -56,6 +57,7 @@ from engine.core.errors import EngineError, OutputRefused
 from engine.core.inputs import StageInputs
 from engine.core.stages import STAGE_KINDS, training_kinds
 from engine.data import token_cache
+from engine.models import card as model_card
 from engine.models import modelio
 from engine.recipe.plan import Plan, PlannedStage
 from engine.recipe.spec import resolve_model_path
@@ -205,8 +207,6 @@ class Runner:
         """The recipe's input models as artifacts, each with its fingerprint."""
         for name, spec in self.plan.recipe.models.items():
             if spec.builtin is not None:
-                from engine import world
-
                 path = world.model_path(spec.builtin)
             else:
                 path = resolve_model_path(spec, self.plan.recipe_dir)
@@ -258,9 +258,6 @@ class Runner:
             stage_cache.remove_checkpoints(self.workdir, name)
 
     def _card(self, folder: Path, stage: PlannedStage, record: dict[str, Any]) -> None:
-        from engine import __version__
-        from engine.models import card as model_card
-
         inputs = {n: (str(getattr(self.artifacts.get(n), "path", "-")), self.fingerprints.get(n, "-"))
                   for names in stage.spec.references().values() for n in names}
         model_card.write_card(folder, recipe=self.plan.recipe.name, stage=stage, record=record,

@@ -38,6 +38,7 @@ from engine.core.errors import RecipeError
 from engine.recipe.plan import Plan, PlannedStage
 from engine.recipe.spec import resolve_model_path
 from engine.run import stage_cache
+from engine.world import world_dir
 
 __all__ = ["MissingInputs", "RunInterrupted", "Selection", "StageStatus", "describe_changes",
            "format_status", "kept", "model_fingerprints", "plan_status", "prepare",
@@ -122,8 +123,6 @@ def model_fingerprints(plan: Plan) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name, spec in plan.recipe.models.items():
         if spec.builtin is not None:
-            from engine.world import world_dir
-
             path = world_dir() / "models" / spec.builtin
         else:
             path = Path(resolve_model_path(spec, plan.recipe_dir))
@@ -216,8 +215,6 @@ def _flat(obj: Any, prefix: str) -> dict[str, Any]:
 def _data_name(path: str, plan_dir: Path) -> str:
     p = Path(path)
     try:
-        from engine.world import world_dir
-
         return str(p.relative_to(world_dir() / "data"))
     except ValueError:
         pass

@@ -6,6 +6,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.recipe.spec import apply_overrides, load_recipe, parse_recipe
+from engine.recipe.validate import plan_recipe
+from engine.run.runner import Runner
+
 __all__ = ["run_recipe"]
 
 
@@ -21,10 +25,6 @@ def run_recipe(recipe: Mapping[str, Any] | str | Path, workdir: str | Path, *,
     :class:`~engine.core.errors.RecipeError` for an invalid recipe, a
     :class:`~engine.run.runner.StageFailed` naming the stage that raised.
     """
-    from engine.recipe.spec import apply_overrides, load_recipe, parse_recipe
-    from engine.recipe.validate import plan_recipe
-    from engine.run.runner import Runner
-
     if isinstance(recipe, Mapping):
         import copy
 

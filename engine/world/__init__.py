@@ -54,10 +54,10 @@ def _check_model_name(name: str) -> None:
 
 
 def _build_model(folder: Path) -> None:
-    # imported here, not at the top, for start-up speed: the pretraining code imports torch
-    # and transformers, which reading the built-in data never needs
     from transformers.utils import logging as hf_logging
 
+    # imported here for start-up speed: the pretraining code imports torch, which reading
+    # the built-in data (every recipe that names it) never needs
     from engine.world.pretrain import build_base_model
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -86,8 +86,8 @@ def model_config(name: str) -> dict[str, Any]:
     """config.json of a built-in model, without building it (read from the folder when
     it exists, else computed from the architecture the build uses)."""
     _check_model_name(name)
-    # imported here, not at the top, for start-up speed: engine validate reads this without
-    # the torch import the pretraining module carries
+    # imported here for start-up speed: the architecture is read without the torch import
+    # the pretraining module carries
     from engine.world.pretrain import config_dict
 
     config = world_dir() / "models" / name / "config.json"

@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_perplexities() -> None:
-    # imported here, not at the top, for start-up speed: only --eval needs torch and transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # imported here for start-up speed: only --eval needs the pretraining module (torch)
     from engine.world.pretrain import perplexity
 
     folder = world.model_path("tiny-base")

@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.core import outputs
 from engine.core.errors import ModelLoadError
+from engine.models import modelio
 
 __all__ = ["Extended", "extend_tokenizer", "extended_tokenizer_json"]
 
@@ -90,8 +91,6 @@ def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *,
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from engine.models import modelio
 
     model_dir, output_dir = Path(model_dir), Path(output_dir).absolute()
     outputs.check_disjoint(output_dir, [("model", model_dir)], flag="--output")
