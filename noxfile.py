@@ -14,6 +14,7 @@ convention), read from the files' syntax tree, plus files that are the plugin's 
 from __future__ import annotations
 
 import ast
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,27 @@ def lint(session: nox.Session) -> None:
     """ruff on everything."""
     session.install("ruff")
     session.run("ruff", "check", ".")
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """The built wheel in a fresh environment, not the editable install: build it from a
+    clean copy of the tree, install it with its dependencies, and dry-run the quickstart
+    from outside the repository (tests/test_wheel.py does the same, borrowing the test
+    environment's dependencies)."""
+    tmp = Path(session.create_tmp())
+    source = tmp / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".nox", "build", "dist", "*.egg-info", "runs", "__pycache__", ".*_cache"))
+    session.install(TORCH, "setuptools>=77", "wheel")
+    session.run("python", "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                "-w", str(tmp / "dist"))
+    (built,) = (tmp / "dist").glob("lingoforge-*.whl")
+    session.install("-c", "constraints.txt", str(built))
+    session.chdir(tmp)
+    session.run("engine", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--dry-run",
+                "--workdir", str(tmp / "runs"))
 
 
 @nox.session
