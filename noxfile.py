@@ -242,7 +242,7 @@ def mergekit_oracle(session: nox.Session) -> None:
 
 @nox.session
 def gpu(session: nox.Session) -> None:
-    """The GPU check (benchmarks/gpu_check.py) on this machine's first CUDA device, at tiny
+    """The GPU check (benchmarks/speed/gpu_check.py) on this machine's first CUDA device, at tiny
     size on the CPU without one; arguments go to the script (``-- --out DIR``)."""
     _install(session, "8bit")
-    session.run("python", "benchmarks/gpu_check.py", *session.posargs)
+    session.run("python", "benchmarks/speed/gpu_check.py", *session.posargs)

@@ -1,5 +1,5 @@
 """Artifacts save themselves into a stage folder and load themselves back
-(engine/artifacts.py), picked from the stage-kind table as the runner does."""
+(engine/core/artifacts.py), picked from the stage-kind table as the runner does."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The ``breadcrumbs`` and ``breadcrumbs-ties`` merges: mergekit 0.1.5's parameters and
-arithmetic (the oracle in benchmarks/mergekit_oracle.py runs mergekit itself), with the
+arithmetic (the oracle in benchmarks/speed/mergekit_oracle.py runs mergekit itself), with the
 band trim done by the engine, so the result is the same whole or in row slices."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``engine merge`` (engine/cli_merge.py) on real tiny model folders."""
+"""``engine merge`` (engine/cli/merge.py) on real tiny model folders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``engine validate`` suggests the closest known name for a mistyped one (engine/suggest.py):
+"""``engine validate`` suggests the closest known name for a mistyped one (engine/core/suggest.py):
 recipe keys, stage kinds, plugin names, plugin params and stage references."""
 
 from __future__ import annotations

@@ -140,11 +140,11 @@ def test_scaling_doc_is_what_the_estimate_computes():
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
+    sys.path.insert(0, str(root / "benchmarks" / "speed"))
     import scaling_doc
 
     current = (root / "docs" / "scaling.md").read_text()
-    assert current == scaling_doc.markdown(), "regenerate: python benchmarks/scaling_doc.py > docs/scaling.md"
+    assert current == scaling_doc.markdown(), "regenerate: python benchmarks/speed/scaling_doc.py > docs/scaling.md"
     full = estimate.estimate_training(scaling_doc.LLAMA_8B, scaling_doc.ROWS[0].setup)
     assert f"| {full.total / GiB:.1f} | no |" in current  # the default full CT does not fit 80 GB
 

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py runs at tiny size on the CPU, and what it writes are measurements."""
+"""benchmarks/speed/gpu_check.py runs at tiny size on the CPU, and what it writes are measurements."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "speed"))
 
 import gpu_check  # noqa: E402
 

@@ -402,7 +402,7 @@ def test_lora_cli_merge_with_adapter_models(lora, tmp_path):
                  str(lora["a"]), "--out", str(tmp_path / "nobase")]) == 2
 
 
-# --- one adapters module (engine/adapters.py) ----------------------------------------------
+# --- one adapters module (engine/models/adapters.py) ----------------------------------------------
 
 
 def test_adapter_folder_knowledge_lives_in_engine_adapters_under_the_old_names_too():

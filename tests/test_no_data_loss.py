@@ -1,4 +1,4 @@
-"""Outputs never delete what the engine did not write (engine/outputs.py, engine/workdir.py).
+"""Outputs never delete what the engine did not write (engine/core/outputs.py, engine/run/workdir.py).
 
 Each promise keeps a user's file beside (or inside) the output and checks it is still
 there, byte for byte, after the command; the property test at the top walks every relation

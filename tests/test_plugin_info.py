@@ -1,5 +1,5 @@
 """``engine plugins``: descriptions, and implementations whose optional dependency is
-missing (engine/plugin_info.py), on the real registry."""
+missing (engine/registry/info.py), on the real registry."""
 
 from __future__ import annotations
 

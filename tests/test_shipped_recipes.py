@@ -15,7 +15,7 @@ from engine.recipe.spec import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "papers"))
 
 from _papers import parse_seeds, seed_sets  # noqa: E402
 
@@ -49,7 +49,7 @@ def run_seed_script(script: str, short: list[str], tmp_path: Path, *args: str) -
     """Run ``benchmarks/<script>`` over seeds 0 and 1 with ``short`` overrides (and any
     further ``args``); (stdout, its JSON)."""
     out = tmp_path / "result.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--seeds", "0,1",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "papers" / script), "--seeds", "0,1",
            "--workdir", str(tmp_path / "w"), "--out", str(out), *args]
     for s in short:
         cmd += ["--set", s]

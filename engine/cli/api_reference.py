@@ -24,7 +24,7 @@ MODULES = ("engine.api", "engine.api.training", "engine.api.merging", "engine.ap
 #: what a plugin's tests import (not the plugin itself)
 TEST_MODULES = ("engine.testing",)
 #: the pytest plugin whose fixtures are listed (read as source: pytest need not be installed)
-FIXTURES = Path(__file__).resolve().parent / "testing" / "pytest_plugin.py"
+FIXTURES = Path(__file__).resolve().parents[1] / "testing" / "pytest_plugin.py"
 
 
 def _first_paragraph(obj: Any) -> str:

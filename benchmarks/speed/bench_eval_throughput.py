@@ -16,7 +16,7 @@ Measurements alternate (A B A B ...) over ``--rounds`` rounds and report medians
 minimums, so that a neighbour's load on a shared machine hits both sides alike. Run it under the
 shared lock::
 
-    flock /tmp/lingoforge-bench.lock python benchmarks/bench_eval_throughput.py
+    flock /tmp/lingoforge-bench.lock python benchmarks/speed/bench_eval_throughput.py
 
 Prints a table and the exact command; ``--markdown`` prints the table as markdown.
 """
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "items/s"),
     ]
     command = "flock /tmp/lingoforge-bench.lock python " + " ".join(
-        ["benchmarks/bench_eval_throughput.py", *(argv if argv is not None else sys.argv[1:])])
+        ["benchmarks/speed/bench_eval_throughput.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} "
           f"({n_params / 1e6:.1f}M params), fp32, {args.threads} threads, torch {torch.__version__}")
     print(f"documents: {args.docs} ({doc_tokens} tokens fed); items: {args.items} x 4 choices, "

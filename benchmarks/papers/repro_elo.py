@@ -35,8 +35,8 @@ lr with the lowest held-out perplexity wins; the test files are never read. The
 recipe's lrs were set from its output (kept in the results JSON under
 ``lr_selection``).
 
-    flock /tmp/lingoforge-bench.lock python benchmarks/repro_elo.py            # seeds 0,1,2
-    flock /tmp/lingoforge-bench.lock python benchmarks/repro_elo.py --select-lr
+    flock /tmp/lingoforge-bench.lock python benchmarks/papers/repro_elo.py            # seeds 0,1,2
+    flock /tmp/lingoforge-bench.lock python benchmarks/papers/repro_elo.py --select-lr
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "speed"))  # _harness: the training benchmarks' random Llamas
 import _harness as h  # noqa: E402
 import _papers as P  # noqa: E402
 from bench_time_to_quality import Clock, DocumentPerplexity  # noqa: E402
 
 RECIPE = P.ROOT / "recipes" / "papers" / "elo.yaml"
-OUT = HERE / "results" / "repro_elo.json"
+OUT = HERE.parent / "results" / "repro_elo.json"
 
 #: method -> (stage-1 stage, aligned model, merged model, adapt-then-SFT model) in the recipe
 METHODS = {

@@ -5,7 +5,7 @@ clipping, ``loss.backward()``. The engine loop adds accelerate, loss bookkeeping
 logging and the progress/report counters. Both run in this process, alternating
 (ABAB...), on an 8-layer Llama (hidden 256, vocab 4096); medians of seconds per step.
 
-    flock /tmp/lingoforge-bench.lock python benchmarks/bench_loop_overhead.py
+    flock /tmp/lingoforge-bench.lock python benchmarks/speed/bench_loop_overhead.py
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     for m in ("plain", "engine"):
         print(f"| {m} | {med[m]:.4f} | {8 * 128 / med[m]:.0f} | {', '.join(f'{x:.4f}' for x in per_step[m])} |")
     print(f"\nengine throughput = **{med['plain'] / med['engine']:.1%}** of the plain loop's")
-    print(f"\ncommand: flock /tmp/lingoforge-bench.lock python benchmarks/bench_loop_overhead.py "
+    print(f"\ncommand: flock /tmp/lingoforge-bench.lock python benchmarks/speed/bench_loop_overhead.py "
           f"--steps {a.steps} --reps {a.reps}")
 
 

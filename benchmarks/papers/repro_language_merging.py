@@ -16,8 +16,8 @@ seeds:
 Variants: ``full`` (full fine-tunes, the recipe as written) and ``lora`` (every SFT a
 LoRA adapter, r 16, alpha 32, lr 1e-3, merged as adapters).
 
-    python benchmarks/repro_language_merging.py                 # seeds 0,1,2, full and lora
-    python benchmarks/repro_language_merging.py --seeds 0 --variants full
+    python benchmarks/papers/repro_language_merging.py                 # seeds 0,1,2, full and lora
+    python benchmarks/papers/repro_language_merging.py --seeds 0 --variants full
 """
 
 from __future__ import annotations

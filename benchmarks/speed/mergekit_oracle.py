@@ -22,7 +22,7 @@ are compared tensor by tensor:
 
 Usage::
 
-    python benchmarks/mergekit_oracle.py --mergekit /work/mergekit-venv/bin/mergekit-yaml
+    python benchmarks/speed/mergekit_oracle.py --mergekit /work/mergekit-venv/bin/mergekit-yaml
 
 exits 0 when everything agrees, 1 otherwise, and prints one line per case.
 """

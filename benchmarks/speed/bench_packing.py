@@ -9,7 +9,7 @@ tiny corpus (short documents, so a block holds many: the most mask work per toke
   (position ids, block-causal mask) and on stream-packed blocks (all-ones mask, documents
   see each other), alternated step by step on the same process, tokens/s of each.
 
-Run: ``python benchmarks/bench_packing.py [--hidden 256 --layers 4 --seq-len 512]``
+Run: ``python benchmarks/speed/bench_packing.py [--hidden 256 --layers 4 --seq-len 512]``
 (prints a markdown table and the CPU).
 """
 

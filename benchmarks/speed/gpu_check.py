@@ -10,7 +10,7 @@ root, in a Python with a CUDA build of torch and the project's dependencies (the
 
     python -c "import torch; assert torch.cuda.is_available(), torch.__version__" \
       && pip install --no-deps --no-build-isolation -e . \
-      && python benchmarks/gpu_check.py --out "$OUT/gpu_check" --time-limit 420
+      && python benchmarks/speed/gpu_check.py --out "$OUT/gpu_check" --time-limit 420
 
 (``nox -s gpu`` runs the same.) On a machine without CUDA, or with ``--tiny``, the
 same code runs at tiny size on the CPU (tests/test_gpu_check.py does, in seconds):
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 GiB = 1024**3

@@ -11,7 +11,7 @@ per token a layer costs 2 x its matmul parameters + 4 x seq x hidden for attenti
 forward, the head 2 x hidden x vocab; backward costs 2x forward for what trains and
 1x (input gradient only) for frozen modules the gradient passes through.
 
-    flock /tmp/lingoforge-bench.lock python benchmarks/bench_elo_throughput.py
+    flock /tmp/lingoforge-bench.lock python benchmarks/speed/bench_elo_throughput.py
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
               f"{h.median(rows, 'rss_before_model_mb'):.0f} |")
     print(f"\nspeedup ELO/CT: **{elo / ct:.2f}x** (FLOP-count bound {bound:.2f}x, "
           f"{elo / ct / bound:.0%} of it)")
-    print("\ncommand: flock /tmp/lingoforge-bench.lock python benchmarks/bench_elo_throughput.py "
+    print("\ncommand: flock /tmp/lingoforge-bench.lock python benchmarks/speed/bench_elo_throughput.py "
           f"--steps {a.steps} --batch {a.batch} --seq-len {a.seq_len} --reps {a.reps}")
 
 

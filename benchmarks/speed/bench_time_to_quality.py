@@ -29,7 +29,7 @@ Until 2026-11-21 the trainers packed documents as ``text EOS`` while ``tiny-base
 pretrained on ``BOS text EOS`` and the plugin scores ``BOS text``; ``engine.training.batching``
 now starts every document with BOS, so training and both measures agree.
 
-    flock /tmp/lingoforge-bench.lock python benchmarks/bench_time_to_quality.py
+    flock /tmp/lingoforge-bench.lock python benchmarks/speed/bench_time_to_quality.py
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--align-schedule", default="constant", choices=["constant", "cosine", "linear"])
     ap.add_argument("--eval-every", type=int, default=10, help="CT and stage-1 probe interval; alignment: /5")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "time_to_quality.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "results" / "time_to_quality.json")
     a = ap.parse_args()
 
     from engine import world
@@ -292,7 +292,7 @@ def main() -> None:
                      if k not in ("out", "train_embeddings") and v is not None)
     flags += " --train-embeddings" if a.train_embeddings else " --no-train-embeddings"
     print(f"\ncurves: {a.out}\ncommand: flock /tmp/lingoforge-bench.lock python "
-          f"benchmarks/bench_time_to_quality.py {flags}")
+          f"benchmarks/speed/bench_time_to_quality.py {flags}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ parallel run's wall time over the alone run's. ``--threads`` is passed to every 
 ``runtime.threads`` (``auto``, the default, divides the cores among live runs; ``null``
 leaves torch's own setting, one thread per core in every process).
 
-    python benchmarks/bench_shared_machine.py                      # auto, 2 at once
-    python benchmarks/bench_shared_machine.py --threads null       # torch's own setting
+    python benchmarks/speed/bench_shared_machine.py                      # auto, 2 at once
+    python benchmarks/speed/bench_shared_machine.py --threads null       # torch's own setting
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(workdir: Path, threads: str, env: dict[str, str]) -> tuple[subprocess.Popen, float]:

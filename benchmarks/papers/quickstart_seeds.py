@@ -1,11 +1,11 @@
 """The quickstart over seeds: its final table as mean ± sd.
 
 Runs ``recipes/quickstart.yaml`` once per seed (every seeded stage gets the seed, see
-``benchmarks/_papers.py``), each in its own workdir, and prints every model's target-
+``benchmarks/papers/_papers.py``), each in its own workdir, and prints every model's target-
 and source-language figures, plus the gap between the best merge and the better of its
 two parents (``ct-lum`` and ``sft-en``) on the target-language task.
 
-    python benchmarks/quickstart_seeds.py --seeds 0-2
+    python benchmarks/papers/quickstart_seeds.py --seeds 0-2
 """
 
 from __future__ import annotations

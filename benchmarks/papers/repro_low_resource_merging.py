@@ -11,7 +11,7 @@ beside them; then the three questions of the paper as differences per seed:
 * does the merge saturate as CT tokens grow (task arithmetic across budgets)?
 * does slack-TIES help where TIES saturates (slack-TIES minus TIES, per budget)?
 
-    python benchmarks/repro_low_resource_merging.py --seeds 0-2
+    python benchmarks/papers/repro_low_resource_merging.py --seeds 0-2
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ only from the context:
 It prints the mean loss (nats) on the predictable positions every ``--every`` steps;
 chance is ln(vocab range). A sharp drop is the circuit forming.
 
-    python benchmarks/bench_copy_learning.py --task fixed --steps 300
-    python benchmarks/bench_copy_learning.py --task induction --steps 1500 --layers 2
+    python benchmarks/speed/bench_copy_learning.py --task fixed --steps 300
+    python benchmarks/speed/bench_copy_learning.py --task induction --steps 1500 --layers 2
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

@@ -19,7 +19,7 @@ syllables in documents of 5-400 words. The tokenizer is a byte-level BPE with a
 32,000-token vocabulary trained on the first 5 MB (the ``tokenizers`` Rust library, as
 a Llama/Qwen-class fast tokenizer is).
 
-    flock /tmp/lingoforge-bench.lock nice -n 5 python benchmarks/bench_token_cache.py \\
+    flock /tmp/lingoforge-bench.lock nice -n 5 python benchmarks/speed/bench_token_cache.py \\
         [--mb 100] [--out /tmp/exp/bench-corpus.md]
 """
 
@@ -37,7 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -195,9 +195,9 @@ def main() -> None:
     rate = build["tokens"] / build["wall_s"]
     ratio = reuse["first_batch_s"] / build["wall_s"]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = f"""## Token cache (benchmarks/bench_token_cache.py)
+    md = f"""## Token cache (benchmarks/speed/bench_token_cache.py)
 
-`flock /tmp/lingoforge-bench.lock nice -n 5 python benchmarks/bench_token_cache.py --mb {args.mb:g}`
+`flock /tmp/lingoforge-bench.lock nice -n 5 python benchmarks/speed/bench_token_cache.py --mb {args.mb:g}`
 on {cpu}, {os.cpu_count()} cores (shared machine), {when}. Corpus: {size_mb:.1f} MB generated text,
 {lines:,} documents (generated in {gen_s:.1f} s); tokenizer: byte-level BPE, 32,000 tokens.
 

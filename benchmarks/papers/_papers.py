@@ -1,4 +1,4 @@
-"""Shared pieces of the paper reproductions (``benchmarks/repro_*.py``): run a recipe
+"""Shared pieces of the paper reproductions (``benchmarks/papers/repro_*.py``): run a recipe
 over seeds with ``engine run`` in a fresh process each, read the report, and print
 mean and spread.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def recipe_stages(recipe: Path) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ counted with ``torch.autograd.graph.saved_tensors_hooks``, one count per storage
 what the forward pass holds. The first training step (it allocates the optimizer state)
 is not measured. The losses of both runs are compared step by step.
 
-    flock /tmp/lingoforge-bench.lock nice -n 5 python benchmarks/bench_memory_levers.py
+    flock /tmp/lingoforge-bench.lock nice -n 5 python benchmarks/speed/bench_memory_levers.py
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ recorded, the outputs are compared tensor by tensor (fp32 allclose), and the inp
 throughput (GB read per second) is put next to a plain cold sequential read of the
 same files. Run it on a shared machine under ``flock``::
 
-    flock /tmp/lingoforge-bench.lock python benchmarks/bench_merge_vs_mergekit.py \\
+    flock /tmp/lingoforge-bench.lock python benchmarks/speed/bench_merge_vs_mergekit.py \\
         --mergekit /work/mergekit-venv/bin/mergekit-yaml --workdir /tmp/lf-bench
 """
 
