@@ -1,6 +1,6 @@
 """PEFT LoRA adapter folders: the one place that knows their layout and arithmetic.
 
-Long module: issue 11 asks for one module holding all adapter-folder knowledge (it was
+Long module: all knowledge of adapter folders is kept in this one module (it was once
 written twice, in modelio and merging/lora); about half of it is :func:`read_adapter`,
 mapping PEFT's tensor names onto base tensors with a refusal for each layout lingoforge
 does not merge.
