@@ -10,7 +10,8 @@ place that survives a killed run, so running the recipe again resumes the stage;
 they are deleted once the stage's output is in place.
 
 One run at a time holds a workdir (:mod:`engine.workdir_lock`); a second is refused
-with the first one's pid. ``runtime.threads`` is applied before each stage that runs
+with the first one's pid. Before anything is written, the names the run will write there are
+claimed (:mod:`engine.workdir`): what the engine did not write is never replaced. ``runtime.threads`` is applied before each stage that runs
 (:mod:`engine.threads`) and recorded in its report record.
 
 Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) every process runs the
@@ -27,6 +28,10 @@ checkpoint folders in :mod:`engine.stage_cache`, broadcasts and ranks in
 :mod:`engine.distributed`, memory and thread sampling in :mod:`engine.resources`,
 report.json in :mod:`engine.report`, and each artifact saves and loads itself
 (:mod:`engine.artifacts`).
+
+Long module: a stage's whole life (cache lookup, temporary folder, the plugin's call, marker,
+publication, link, records for the main and the other processes) is kept in one place so that
+its order can be read top to bottom; every step it calls lives elsewhere.
 """
 
 from __future__ import annotations
