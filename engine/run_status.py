@@ -288,15 +288,17 @@ def format_status(statuses: list[StageStatus]) -> list[str]:
 
 
 def prepare(plan: Plan, workdir: Path, selection: Selection, models: Mapping[str, str | None], *,
-            use_cache: bool, adopt: bool) -> set[str]:
+            use_cache: bool, adopt: bool) -> dict[str, str | None]:
     """Before a run's first stage: adopt older-layout stage folders (``adopt``: the main
-    process), refuse ``--only`` stages whose inputs are not kept; returns the stages skipped."""
+    process), refuse ``--only`` stages whose inputs are not kept; returns the stages skipped,
+    each with its fingerprint: a kept input of an ``--only`` stage is looked up by a
+    fingerprint computed from theirs, however far upstream they are."""
     if adopt:
         for stage in plan.stages:
             stage_cache.adopt_legacy(workdir, stage.name)
     statuses = plan_status(plan, workdir, selection, use_cache=use_cache, models=models)
     check_only_inputs(statuses, selection)
-    return {s.name for s in statuses if s.action == "skip"}
+    return {s.name: s.fingerprint for s in statuses if s.action == "skip"}
 
 
 def reused_wall_time(records: list[dict[str, Any]]) -> float:
