@@ -61,6 +61,7 @@ from engine.console import make_console, make_progress, run_log
 from engine.context import StageContext
 from engine.distributed import Ranks, init_process_group, share
 from engine.errors import EngineError, OutputRefused
+from engine.evaluation import refuse_unscored
 from engine.inputs import StageInputs
 from engine.plugin_manager import call_observers
 from engine.report import REPORT_FILE
@@ -420,3 +421,4 @@ def _check_artifact(artifact: Any, stage: PlannedStage) -> None:
                           f"a {stage.spec.stage} stage must return {expected.__name__}")
     if isinstance(artifact, ModelArtifact):
         modelio.check_model_folder(artifact.path)
+    refuse_unscored(artifact)  # partial metrics: the stage fails, nothing is kept
