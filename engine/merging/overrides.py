@@ -88,8 +88,8 @@ def resolve_overrides(params: MergeParams) -> list[tuple[re.Pattern[str], MergeP
         try:
             effective = type(params).model_validate({**base, **ov.values})
         except ValidationError as exc:
-            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                               for e in exc.errors())
+            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: "
+                               f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
             raise ValueError(f"{where}: {errors}") from None
         _start_tracking(effective, root=params)  # its reads count as reads of ``params``
         out.append((re.compile(ov.match), effective))
