@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine import estimate, levers, tracking
+from engine import estimate, levers, quantization, tracking
 from engine.adapters import is_adapter_folder
 from engine.context import Runtime
 from engine.data import resolve_data
@@ -194,6 +194,9 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
     if registered is not None:
         with problems.check() as outcome:
             params = _validate_params(registered, spec, source, recipe_dir)
+        if params is not None:
+            with problems.check(f"{where}: "):
+                quantization.check_fsdp(params, runtime)  # QLoRA: what the run would refuse
     data: list[DataSource] = []
     data_ok = True
     for spec_data in spec.data_list():
