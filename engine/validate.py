@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine import estimate, levers, quantization, tracking
+from engine import estimate, levers, quantization, threads, tracking
 from engine.adapters import is_adapter_folder
 from engine.context import Runtime
 from engine.data import resolve_data
@@ -164,6 +164,7 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
             stages.append(planned)
     problems.raise_if_any()
     warnings = estimate.memory_warnings(stages, recipe, model_configs, source)
+    warnings += threads.excess_warnings(recipe, source)
     warnings += [f"{source}: stage {s.name!r}: plugin {s.spec.plugin!r} {hint}" for s in stages
                  if (hint := requirement_hint(s.registered.impl, s.registered.distribution))]
     return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages, warnings=warnings)
