@@ -218,6 +218,8 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
                     line += f": {_escape(item['description'])}"
                 if item.get("needs"):
                     line += f"\n  [yellow]{_escape(item['needs'])}[/]"
+                if item.get("clash"):  # a name another plugin also registers
+                    line += f"\n  [yellow]{_escape(item['clash'])}[/]"
                 lines.append(line)
         regs = "\n".join(lines)
         if row.get("broken"):

@@ -36,6 +36,7 @@ from engine.inputs import DataSource
 from engine.params import PluginParams
 from engine.plugin_info import requirement_hint
 from engine.plugin_manager import Registered, get_implementation
+from engine.plugin_names import clash_warning
 from engine.recipe import (
     INPUT_RULES,
     ModelSpec,
@@ -167,6 +168,8 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
     warnings += threads.excess_warnings(recipe, source)
     warnings += [f"{source}: stage {s.name!r}: plugin {s.spec.plugin!r} {hint}" for s in stages
                  if (hint := requirement_hint(s.registered.impl, s.registered.distribution))]
+    warnings += [f"{source}: stage {s.name!r}: {clash}" for s in recipe.stages  # as written
+                 if (clash := clash_warning(s.stage, s.plugin))]
     return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages, warnings=warnings)
 
 
@@ -191,6 +194,10 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
     registered: Registered | None = None
     with problems.check(f"{where}: ") as outcome:
         registered = get_implementation(spec.stage, spec.plugin)
+    if registered is not None and spec.plugin != registered.unique_name:
+        # one spelling per implementation (qualified when its name has several providers),
+        # so that reports, context.plugin and cache keys say which implementation ran
+        spec = spec.model_copy(update={"plugin": registered.unique_name})
     params: PluginParams | None = None
     if registered is not None:
         with problems.check() as outcome:
