@@ -223,9 +223,9 @@ def evaluate_models(
     * ``max_length`` ``None`` means each model's own context (:func:`context_length`).
     * A model or tokenizer that fails to load or run, or whose plan cannot be built
       (an error other than :class:`DataError`), is logged and reported in ``errors``;
-      the other models are still scored (and their results saved in the evaluation
-      cache). The runner then fails the stage (:func:`refuse_unscored`): metrics with
-      a model missing never become the stage's version. Bad data (:class:`DataError`)
+      the other models are still scored (and saved in the evaluation cache, when it is
+      on). The runner then fails the stage (:func:`refuse_unscored`): metrics with a
+      model missing never become the stage's version. Bad data (:class:`DataError`)
       stops the stage at once, since it would fail every model. When no model at all
       could be scored this function raises with every model's reason.
     * ``context.add_tokens`` counts the positions fed to models (no padding); with

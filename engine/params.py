@@ -59,7 +59,7 @@ def non_finite(value: Any, field: str, *, per_model: bool = False) -> str | None
     if isinstance(value, list | tuple):
         numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
         for i, v in enumerate(value):
-            if numbers and not math.isfinite(v):  # a layer gradient's anchors
+            if numbers and isinstance(v, float) and not math.isfinite(v):  # a gradient anchor
                 return f"{field} must be a finite number, got {v} in the layer gradient {list(value)}"
             why = non_finite(v, f"{field}[{i}]")
             if why is not None:
