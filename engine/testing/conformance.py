@@ -17,9 +17,11 @@ plugin and the property it broke, e.g.::
     merge plugin 'median' breaks 'honours every parameter': weight={'a': 0.25} changed no
     tensor (of 29 whose inputs differ) ...
 
-It returns a :class:`ConformanceReport` of the properties checked and notes (for example
-that a method merges large tensors whole rather than in row slices). The properties of
-each kind are listed in their functions' docstrings and in docs/plugins.md.
+It returns a :class:`ConformanceReport` of the properties checked, those it could not
+check for this plugin with the reason (``skipped``), and notes (for example that a method
+merges large tensors whole rather than in row slices). The properties of each kind are
+listed in their functions' docstrings and in docs/plugins.md; :func:`check_options`
+names the options each kind takes.
 """
 
 from __future__ import annotations
