@@ -307,6 +307,9 @@ def test_merge_refuses_the_same_model_twice(family_dir, tmp_path, capsys):
     assert rc == 2
     assert "is already given as --model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    named = ["--model", f"one={family_dir / 'a'}", "--model", f"two={family_dir / 'a'}"]
+    assert engine_main(["merge", "--method", "task-arithmetic", "--base", str(family_dir / "base"),
+                        *named, "--out", str(tmp_path / "out")]) == 0  # named both: meant
 
 
 def test_merge_replaces_its_own_output_but_not_a_file_dropped_into_it(family_dir, tmp_path, capsys):
