@@ -193,10 +193,10 @@ def _check_function(kind: str) -> Any:
 
 
 def _registered_kind(impl: Any) -> str:
-    from engine.plugin_manager import implementations
+    from engine.plugin_manager import all_implementations
 
-    for kind, impls in implementations().items():
-        for reg in impls.values():
+    for kind, impls in all_implementations().items():  # a shadowed implementation too
+        for reg in impls:
             if reg.impl is impl or (type(reg.impl) is type(impl) and reg.name == impl.name):
                 return kind
     raise TypeError(f"{impl!r} is not a registered implementation: pass its stage kind, "
