@@ -223,8 +223,8 @@ def test_extend_tokenizer_replaces_only_its_own_output_and_only_with_overwrite(t
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tokens", "2147483648"], "--tokens must be between 1 and"),
-    (["--tokens", "0"], "--tokens must be between 1 and"),
+    (["--tokens", "2147483648"], "--tokens must be at least 1 and at most 1000000"),
+    (["--tokens", "0"], "--tokens must be at least 1"),
     (["--min-frequency", "-1"], "--min-frequency must be 0 or more"),
 ])
 def test_extend_tokenizer_bad_numbers_are_refused_before_any_work(tmp_path, model_dir, cyr, capsys,
