@@ -224,8 +224,8 @@ def test_extend_tokenizer_replaces_only_its_own_output_and_only_with_overwrite(t
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tokens", "2147483648"], "--tokens must be between 1 and"),
-    (["--tokens", "0"], "--tokens must be between 1 and"),
+    (["--tokens", "2147483648"], "--tokens must be at least 1 and at most 1000000"),
+    (["--tokens", "0"], "--tokens must be at least 1"),
     (["--min-frequency", "-1"], "--min-frequency must be 0 or more"),
 ])
 def test_extend_tokenizer_bad_numbers_are_refused_before_any_work(tmp_path, model_dir, cyr, capsys,
@@ -308,6 +308,9 @@ def test_merge_refuses_the_same_model_twice(family_dir, tmp_path, capsys):
     assert rc == 2
     assert "is already given as --model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    named = ["--model", f"one={family_dir / 'a'}", "--model", f"two={family_dir / 'a'}"]
+    assert engine_main(["merge", "--method", "task-arithmetic", "--base", str(family_dir / "base"),
+                        *named, "--out", str(tmp_path / "out")]) == 0  # named both: meant
 
 
 def test_merge_replaces_its_own_output_but_not_a_file_dropped_into_it(family_dir, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Plugin controls and plugin errors, through the real CLI in a fresh process (plugins
-load once per process): allow and block lists, hook tracing, and the four ways a
+load once per process): allow and block lists, hook tracing, and the three ways a
 third-party plugin can be broken -- each reported once with its distribution, the
-engine working on without it, ``engine validate`` naming it."""
+engine working on without it, ``engine validate`` naming it. Registering a name a
+built-in also registers is not one of them (tests/test_plugin_names.py)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,6 @@ BROKEN = {
                "ImportError: needs a package that is not installed"),
     "unknown-kind": (GOOD.format(impl="tok", hook="register_tokenizers"),
                      "implements hook 'register_tokenizers', which the engine does not define"),
-    "duplicate": (GOOD.format(impl="ties", hook="register_merge_methods"),
-                  "merge implementation 'ties' is already registered by 'engine_plugins.ties' "
-                  "(distribution lingoforge)"),
     "unroutable": ('''
 from engine.api import PluginParams, hookimpl
 from pydantic import ConfigDict
@@ -141,10 +139,22 @@ def test_validate_names_the_broken_plugin_a_recipe_needs(tmp_path, case, plugin,
     assert "lf-broken" in result.stdout + result.stderr
 
 
-def test_a_duplicate_does_not_shadow_the_first_registration(tmp_path):
-    _distribution(tmp_path, "lf-broken", "lf_broken", BROKEN["duplicate"][0])
+def test_a_name_a_built_in_also_registers_is_a_clash_not_a_breakage(tmp_path):
+    """The installed plugin runs the bare name (with a warning naming both spellings), the
+    built-in is shown shadowed and stays reachable as lingoforge:ties; nothing is broken."""
+    _distribution(tmp_path, "lf-ties", "lf_ties", GOOD.format(impl="ties", hook="register_merge_methods"))
+    rows = _registered(_engine(["plugins", "--json"], tmp_path))
+    assert rows["lf-ties"]["broken"] is None and rows["engine_plugins.ties"]["broken"] is None
+    assert rows["lf-ties"]["registers"]["merge"][0]["shadows"] == ["lingoforge:ties"]
+    assert rows["engine_plugins.ties"]["registers"]["merge"][0]["shadowed_by"] == "lf-ties:ties"
     result = _engine(["validate", str(_recipe(tmp_path, "ties"))], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    said = " ".join((result.stdout + result.stderr).split())
+    assert "the bare name runs lf-ties:ties" in said and "plugin: lingoforge:ties for the built-in" in said
+    assert "broken" not in said
+    result = _engine(["validate", str(_recipe(tmp_path, "lingoforge:ties"))], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning" not in result.stdout + result.stderr
 
 
 def test_a_merge_method_with_a_param_its_arithmetic_never_reads_is_broken_at_registration():

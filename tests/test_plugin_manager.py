@@ -8,7 +8,7 @@ from engine.api import PluginParams, hookimpl
 from engine.core.errors import PluginError
 from engine.registry import manager as plugin_manager
 from engine.registry.info import plugins_info
-from engine.registry.manager import get_implementation, implementations, pm
+from engine.registry.manager import clash_warning, get_implementation, implementations, pm
 
 
 def test_test_plugin_registers_per_stage(test_plugin):
@@ -71,27 +71,81 @@ def test_broken_plugin_is_reported_by_name_not_fatal(test_plugin, plugin, messag
         plugin_manager._broken.pop("broken-one", None)
 
 
-def test_duplicate_name_marks_second_plugin_broken(test_plugin):
-    class Dup:
-        name = "copy-model"
+class _Dup:
+    """Another copy-model."""
+
+    name = "copy-model"
+    Params = PluginParams
+
+    def run(self, context, inputs, params):  # pragma: no cover
+        raise AssertionError
+
+
+class _DupPlugin:
+    @hookimpl
+    def register_language_adapters(self, register):
+        register(_Dup())
+
+
+def test_a_duplicate_name_is_a_clash_ranked_by_qualified_name_not_a_broken_plugin(test_plugin):
+    """Two plugins that are not built in: the qualified name that sorts first runs the
+    bare name (the same on every machine); both are reachable; neither is broken."""
+    for name, runs in (("aa-dup", "aa-dup"), ("zz-dup", "engine-test-plugin")):
+        pm.register(_DupPlugin(), name=name)
+        try:
+            assert get_implementation("adapt-language", "copy-model").plugin == runs
+            assert get_implementation("adapt-language", f"{name}:copy-model").plugin == name
+            assert get_implementation("adapt-language", "engine-test-plugin:copy-model").plugin \
+                == "engine-test-plugin"
+            assert name not in {b.name for b in plugin_manager.broken_plugins()}
+            warning = clash_warning("adapt-language", "copy-model")
+            assert "among plugins of one tier, the qualified name that sorts first wins" in warning
+            assert f"the bare name runs {runs}:copy-model" in warning
+        finally:
+            pm.unregister(name=name)
+    assert clash_warning("adapt-language", "copy-model") is None
+
+
+def test_a_plugin_wins_a_bare_name_over_a_built_in(test_plugin):
+    class Ties:
+        """In-process ties."""
+
+        name = "ties"
         Params = PluginParams
 
         def run(self, context, inputs, params):  # pragma: no cover
             raise AssertionError
 
-    class DupPlugin:
+    class Plugin:
         @hookimpl
-        def register_language_adapters(self, register):
-            register(Dup())
+        def register_merge_methods(self, register):
+            register(Ties())
 
-    pm.register(DupPlugin(), name="dup-plugin")
+    pm.register(Plugin(), name="my-ties")
     try:
-        impls = implementations()
-        assert impls["adapt-language"]["copy-model"].plugin == "engine-test-plugin"
-        assert "already registered" in plugin_manager._broken["dup-plugin"].error
+        assert get_implementation("merge", "ties").plugin == "my-ties"
+        builtin = get_implementation("merge", "lingoforge:ties")
+        assert builtin.plugin == "engine_plugins.ties" and builtin.builtin
+        assert builtin.shadowed_by.qualified == "my-ties:ties"
+        assert builtin.unique_name == "lingoforge:ties"
+        assert implementations()["merge"]["ties"].plugin == "my-ties"
+        assert [r.plugin for r in plugin_manager.all_implementations()["merge"]
+                if r.name == "ties"] == ["my-ties", "engine_plugins.ties"]
     finally:
-        pm.unregister(name="dup-plugin")
-        plugin_manager._broken.pop("dup-plugin", None)
+        pm.unregister(name="my-ties")
+    assert get_implementation("merge", "ties").unique_name == "ties"
+    assert get_implementation("merge", "lingoforge:ties").unique_name == "ties"
+
+
+def test_a_qualified_name_of_a_broken_plugin_says_so(test_plugin):
+    pm.register(_BrokenPlugin(), name="broken-two")
+    try:
+        with pytest.raises(PluginError, match=r"merge plugin 'broken-two:bad' is provided by plugin "
+                                              r"'broken-two' .*which is broken"):
+            get_implementation("merge", "broken-two:bad")
+    finally:
+        pm.unregister(name="broken-two")
+        plugin_manager._broken.pop("broken-two", None)
 
 
 def test_builtins_are_loaded_through_the_plugin_manager():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.core import outputs
 from engine.recipe.spec import load_recipe
 from engine.recipe.validate import plan_recipe
 from engine.registry.manager import pm
@@ -63,8 +64,10 @@ def test_run_writes_outputs_and_report(recipe, tmp_path):
         assert key in rec
     assert rec["tokens"] == 7 and rec["cache"] == "miss"
     assert report["stages"][2]["metrics"]["base"]["lines"] > 0
-    # nothing hidden but the kept versions; each stage folder links to its current one
-    assert [p.name for p in work.iterdir() if p.name.startswith(".")] == [".stages"]
+    # nothing hidden but the kept versions and the workdir's marker; each stage folder links
+    # to its current one
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == [
+        ".lingoforge-workdir.json", ".stages"]
     assert (work / "adapted").is_symlink() and (work / "adapted").resolve().parent == \
         (work / ".stages" / "adapted").resolve()
 
@@ -137,11 +140,15 @@ def test_params_marked_not_in_result_keep_the_cache(tmp_path, tiny_model, text_f
 
 def test_stale_temporary_folders_are_removed(recipe, tmp_path):
     work = tmp_path / "work"
-    stale = work / ".adapted.tmp-abc123"
-    stale.mkdir(parents=True)
+    work.mkdir()
+    stale = outputs.temp_dir(".adapted.tmp-", work)  # one a killed run left
     (stale / "config.json").write_text("{}")
+    mine = work / ".adapted.tmp-abc123"  # named like one, but the user's
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
     run(recipe, work)
     assert not stale.exists()
+    assert (mine / "config.json").read_text() == "{}"
 
 
 def test_model_code_is_imported_before_the_first_stage(recipe, tmp_path):

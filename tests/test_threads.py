@@ -128,7 +128,8 @@ def test_bad_thread_settings_are_recipe_errors(tmp_path, tiny_model, see_threads
 # --- it reaches torch and the report -----------------------------------------------------------
 
 
-def test_threads_reach_torch_and_the_report_per_stage(tmp_path, tiny_model, see_threads):
+def test_threads_reach_torch_and_the_report_per_stage(tmp_path, tiny_model, see_threads, monkeypatch):
+    monkeypatch.setattr(threads, "available_cpus", lambda: 4)  # 2 threads are not capped on 1 core
     before = torch.get_num_threads()  # 1: the suite's autouse fixture
     report = _run(_recipe(tmp_path, tiny_model, "{threads: 2}", "runtime: {threads: 1}"),
                   tmp_path / "w")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import world
+from engine import outputs, world
 from engine.api import DataSource
 from engine.core.errors import DataError, ModelLoadError
 from engine.data.files import detect_format, iter_choices, iter_instructions
@@ -219,10 +219,12 @@ def test_interrupted_build_leaves_nothing_that_looks_done(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         ensure_built(final, killed)
     assert not final.exists()
-    stale = final.parent / ".tiny-base.tmp-dead"  # as left by a build killed with SIGKILL
-    stale.mkdir()
+    stale = outputs.temp_dir(".tiny-base.tmp-", final.parent)  # as left by a build killed with SIGKILL
+    mine = final.parent / ".tiny-base.tmp-mine"  # named like one, but not the engine's
+    mine.mkdir()
     ensure_built(final, lambda folder: (folder / "ok").write_text("1"))
     assert (final / "ok").is_file() and not stale.exists()
+    assert mine.is_dir()
 
 
 def test_cli_prints_hashes(cache, capsys):

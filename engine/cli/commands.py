@@ -191,6 +191,8 @@ def cmd_plugins(args: argparse.Namespace, console: Console) -> int:
                     line += f": {escape(item['description'])}"
                 if item.get("needs"):
                     line += f"\n  [yellow]{escape(item['needs'])}[/]"
+                if item.get("clash"):  # a name another plugin also registers
+                    line += f"\n  [yellow]{escape(item['clash'])}[/]"
                 lines.append(line)
         regs = "\n".join(lines)
         if row.get("broken"):

@@ -137,8 +137,8 @@ def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
     quiet_libraries()
 
     if not 1 <= args.tokens <= MAX_NEW_TOKENS:
-        raise RecipeError(f"engine extend-tokenizer: --tokens must be between 1 and {MAX_NEW_TOKENS}, "
-                          f"not {args.tokens}")
+        raise RecipeError(f"engine extend-tokenizer: --tokens must be at least 1 and at most "
+                          f"{MAX_NEW_TOKENS}, not {args.tokens}")
     if args.min_frequency < 0:
         raise RecipeError(f"engine extend-tokenizer: --min-frequency must be 0 or more, not "
                           f"{args.min_frequency}")

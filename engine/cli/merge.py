@@ -14,7 +14,8 @@ parent, not inside one). An existing ``--out`` is refused unless ``--overwrite``
 then it is replaced only when the engine wrote it and it holds nothing else
 (:mod:`engine.core.outputs`; checked again under a lock just before the rename, so of two merges
 racing to one ``--out`` without ``--overwrite`` the second is refused); a failed merge
-leaves it as it was. The same model given twice is refused. With ``--overwrite``, an ``--out`` that already holds this very merge
+leaves it as it was. The same model given twice is refused unless both are named
+(``--model a=PATH --model b=PATH``): its task vector would silently count twice. With ``--overwrite``, an ``--out`` that already holds this very merge
 (same models, files, method, params and device) is a cache hit and is left as it is
 (``--no-cache`` merges again). No report.json is written beside ``--out``: its parent is
 the user's folder, not a workdir.
@@ -49,7 +50,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("merge", help="merge model folders with one method (no recipe file)")
     p.add_argument("--method", required=True, help="merge plugin: ties, dare-ties, task-arithmetic, "
                                                    "slack-ties, linear, or a third-party one")
-    p.add_argument("--base", help="base model folder (task-vector methods need one)")
+    p.add_argument("--base", metavar="[NAME=]PATH",
+                   help="base model folder (task-vector methods need one); NAME defaults to the "
+                        "folder's name")
     p.add_argument("--model", dest="models", action="append", required=True, metavar="[NAME=]PATH",
                    help="model folder, or PEFT LoRA adapter folder (needs --base), to merge "
                         "(repeatable); NAME defaults to the folder's name")
@@ -76,6 +79,12 @@ def _named(arg: str, taken: set[str]) -> tuple[str, Path]:
         unique, i = f"{name}-{i}", i + 1
     taken.add(unique)
     return unique, Path(path).expanduser().resolve()
+
+
+def _explicit(arg: str) -> bool:
+    """Whether a ``--model``/``--base`` argument names its model (``NAME=PATH``)."""
+    name, sep, _ = arg.partition("=")
+    return bool(sep and name and "/" not in name)
 
 
 def _params(pairs: list[str]) -> dict[str, Any]:
@@ -114,12 +123,14 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
         models[name] = {"path": str(path)}
         stage["base"] = name
     stage["models"] = []
-    seen: dict[Path, str] = {path: "--base" for path in (Path(m["path"]) for m in models.values())}
+    seen: dict[Path, str] = {}  # (the base given as a model too adds a zero task vector: allowed)
     for arg in args.models:
         name, path = _named(arg, taken)
-        if path in seen:  # its task vector would count twice, silently
+        if path in seen and not (_explicit(arg) and _explicit(seen[path].split(" ", 1)[1])):
+            # its task vector would count twice, silently; naming both says it is meant
             raise RecipeError(f"--model {arg}: {path} is already given as {seen[path]}; each model "
-                              "is merged once (weight it with -p 'weight={NAME: 2.0}' instead)")
+                              "is merged once (weight it with -p 'weight={NAME: 2.0}' instead, or "
+                              "name both, --model a=PATH --model b=PATH, to merge it twice on purpose)")
         seen[path] = f"--model {arg}"
         models[name] = {"path": str(path)}
         stage["models"].append(name)

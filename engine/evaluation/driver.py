@@ -53,8 +53,8 @@ __all__ = [
     "ModelScores", "Plan", "Span", "as_scores", "binomial_stderr",
     "SpanScore", "StopRule", "TokenTotals", "batch_order", "context_length",
     "continuation_span", "document_spans", "encode_document", "encode_pair",
-    "evaluate_models", "generate_greedy", "num_batches", "plan_batches", "score_spans",
-    "select_sources", "tokenizer_fingerprint",
+    "evaluate_models", "generate_greedy", "num_batches", "plan_batches", "refuse_unscored",
+    "score_spans", "select_sources", "tokenizer_fingerprint",
 ]
 
 
@@ -224,9 +224,11 @@ def evaluate_models(
     * ``max_length`` ``None`` means each model's own context (:func:`context_length`).
     * A model or tokenizer that fails to load or run, or whose plan cannot be built
       (an error other than :class:`DataError`), is logged and reported in ``errors``;
-      the other models are still scored. Bad data (:class:`DataError`) stops the
-      stage, since it would fail every model. When no model at all could be scored
-      the stage fails with every model's reason.
+      the other models are still scored (and saved in the evaluation cache, when it is
+      on). The runner then fails the stage (:func:`refuse_unscored`): metrics with a
+      model missing never become the stage's version. Bad data (:class:`DataError`)
+      stops the stage at once, since it would fail every model. When no model at all
+      could be scored this function raises with every model's reason.
     * ``context.add_tokens`` counts the positions fed to models (no padding); with
       ``share_prefix`` a context shared by several spans is fed (and counted) once.
     """
@@ -296,6 +298,17 @@ def evaluate_models(
                            metrics={n: results[n].metrics for n in order},
                            counts={n: results[n].counts for n in order}, errors=errors,
                            chance=chance, stderr={n: results[n].stderr for n in order})
+
+
+def refuse_unscored(artifact: object) -> None:
+    """Raise :class:`EngineError` naming each model of metrics ``artifact`` that could not be
+    scored (its ``errors``: why, e.g. the truncated file). The runner calls it before it keeps
+    a stage's output: partial metrics never replace a version nor are cached as one."""
+    errors = artifact.errors if isinstance(artifact, MetricsArtifact) else None
+    if errors:
+        detail = "; ".join(f"model {name!r}: {why}" for name, why in errors.items())
+        what = "a model" if len(errors) == 1 else f"{len(errors)} models"
+        raise EngineError(f"{what} could not be scored, so the stage keeps no result ({detail})")
 
 
 def _score_one(context: StageContext, item: _Todo, bar: Any, label: str, *, batch_size: int,

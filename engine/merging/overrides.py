@@ -89,8 +89,8 @@ def resolve_overrides(params: P) -> list[tuple[re.Pattern[str], P]]:
         try:
             effective = type(params).model_validate({**base, **ov.values})
         except ValidationError as exc:
-            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                               for e in exc.errors())
+            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: "
+                               f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
             raise ValueError(f"{where}: {errors}") from None
         start_tracking(effective, root=params)  # its reads count as reads of ``params``
         out.append((re.compile(ov.match), effective))

@@ -9,14 +9,21 @@ recipe either as one number for every model or as ``{model name: number}``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from engine.core.errors import MergeError
-from engine.core.params import NOT_IN_RESULT, PluginParams
+from engine.core.params import NOT_IN_RESULT, PluginParams, non_finite
 from engine.merging.gradients import (
     Gradient,
     refuse_gradient,
@@ -60,8 +67,7 @@ def _range_check(field: str, low: float | None, high: float | None, low_open: bo
                                  "least one number")
             for x in (v if isinstance(v, list) else [v]):
                 if not math.isfinite(x):  # NaN fails every comparison; inf passes open bounds
-                    within = f" in the layer gradient {v}" if isinstance(v, list) else ""
-                    raise ValueError(f"{field} must be a finite number, got {x}{within}{where}")
+                    raise ValueError(f"{non_finite(v, field)}{where}")
                 if not bounds:
                     continue
                 above = x > low if low_open else x >= low
@@ -110,24 +116,6 @@ def per_model_fields(params_type: type[PluginParams]) -> list[str]:
             if any(isinstance(m, PerModel) for m in info.metadata)]
 
 
-def _refuse_non_finite(value: Any, path: str) -> None:
-    """ValueError naming ``path`` (``lambda``, ``slices[0].scale['o_proj']``) when ``value``
-    is, or holds, a NaN or infinite number."""
-    from pydantic import BaseModel
-
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path} must be a finite number, got {value}")
-    if isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _refuse_non_finite(v, f"{path}[{i}]")
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            _refuse_non_finite(v, f"{path}[{k!r}]")
-    elif isinstance(value, BaseModel):
-        for k in type(value).model_fields:
-            _refuse_non_finite(value.__dict__.get(k), f"{path}.{k}")
-
-
 DtypeName = Literal["float32", "bfloat16", "float16"]
 ComputeDtypeName = Literal["float32", "float64", "bfloat16", "float16"]
 
@@ -174,14 +162,30 @@ class ExecutionParams(PluginParams):
             parse_size(v)
         return v
 
-    @model_validator(mode="after")
-    def _finite_numbers(self) -> ExecutionParams:
-        # NaN or inf in any number (lambda, slack, a slice's scale, a plugin's own float)
-        # would reach the arithmetic and surface as a "not finite" output tensor
-        for name, info in type(self).model_fields.items():
-            if name != "overrides":
-                _refuse_non_finite(self.__dict__.get(name), info.alias or name)  # not a plugin read
-        return self
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite_given(cls, v: Any, info: ValidationInfo) -> Any:
+        return cls._finite(v, info)  # before a range (slack: le=1) gives a vaguer message
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_parsed(cls, v: Any, info: ValidationInfo) -> Any:
+        return cls._finite(v, info)  # a number parsed from text ('nan', '1e999')
+
+    @classmethod
+    def _finite(cls, v: Any, info: ValidationInfo) -> Any:
+        """Every number of a merge param (weight, lambda, density, t, a gradient's anchors,
+        per-model values, a plugin's own floats) is finite; overrides are checked as the
+        params each produces."""
+        name = info.field_name or ""
+        field = cls.model_fields.get(name)
+        if field is None or name == "overrides":
+            return v
+        per_model = any(isinstance(m, PerModel) for m in field.metadata)
+        why = non_finite(v, field.alias or name, per_model=per_model)
+        if why is not None:
+            raise ValueError(why)
+        return v
 
     @model_validator(mode="after")
     def _valid_overrides(self) -> ExecutionParams:

@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["BNB_INSTALL_HINT", "Quantization", "bitsandbytes_available", "bnb_config", "held_bytes",
-           "parameter_count", "quantized_modules"]
+from engine.core.errors import RecipeError
+
+__all__ = ["BNB_INSTALL_HINT", "Quantization", "bitsandbytes_available", "bnb_config", "check_fsdp",
+           "fsdp_conflict", "held_bytes", "parameter_count", "quantized_modules"]
 
 BNB_INSTALL_HINT = "install lingoforge[8bit] (pip install 'lingoforge[8bit]', i.e. bitsandbytes>=0.45)"
 #: modules never quantised: the output head (trained heads and logits stay in full precision)
@@ -55,6 +57,25 @@ class Quantization:
             return "8-bit (bitsandbytes LLM.int8)"
         dq = ", double quantisation" if self.double_quant else ""
         return f"4-bit {self.quant_type.upper()} (bitsandbytes{dq})"
+
+
+def fsdp_conflict(quant: Quantization) -> str:
+    """Why a base held as ``quant`` cannot train under ``runtime.fsdp``: what the run refuses
+    with (:meth:`engine.context.StageContext.load_model`), after ``stage 'NAME': ``."""
+    return (f"{quant.field} holds the base in {quant.bits} bits, which runtime.fsdp cannot shard; "
+            f"set runtime.fsdp: false or {quant.field}: none")
+
+
+def check_fsdp(params: Any, runtime: Any) -> None:
+    """``engine validate``'s check: a stage whose params hold the base quantised (``lora:
+    {quantize: 4bit}``: a param with a ``base_quantization``) under ``runtime.fsdp`` is
+    refused before anything runs, with the message the run would stop with."""
+    if not getattr(runtime, "fsdp", False):
+        return
+    for name in type(params).model_fields:
+        quant = getattr(params.__dict__.get(name), "base_quantization", None)
+        if isinstance(quant, Quantization):
+            raise RecipeError(fsdp_conflict(quant))
 
 
 def bnb_config(quant: Quantization, compute_dtype: torch.dtype,

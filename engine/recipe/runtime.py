@@ -34,7 +34,8 @@ class RuntimeSpec(_Strict):
     load_in_8bit: bool = Field(False, description="Load models that are only read in 8 bit (bitsandbytes).")
     trust_remote_code: bool = Field(False, description="Run model code shipped inside model folders.")
     threads: int | Literal["auto"] | None = Field(
-        "auto", description="CPU threads torch uses: an integer, or 'auto' (torch's default capped at "
+        "auto", description="CPU threads torch uses: an integer (one above the cores this process may "
+        "use is capped at them, with a warning), or 'auto' (torch's default capped at "
         "the cores this process may use, divided among the engine runs alive on this machine); "
         "null leaves torch's own setting as it is. Recorded per stage in report.json.")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(

@@ -32,6 +32,7 @@ from engine.core.params import PluginParams
 from engine.core.stages import SELECT_LAYERS, kind_of, model_kinds
 from engine.core.suggest import did_you_mean
 from engine.data.sources import resolve_data
+from engine.models import quantization
 from engine.models.adapters import is_adapter_folder
 from engine.recipe import estimate
 from engine.recipe.model_checks import (  # MAX_STEPS: re-exported, once here
@@ -52,7 +53,8 @@ from engine.recipe.spec import (
     resolve_model_path,
 )
 from engine.registry.implementation import data_format_error, requirement_hint
-from engine.registry.manager import Registered, get_implementation
+from engine.registry.manager import Registered, clash_warning, get_implementation
+from engine.run import threads
 from engine.run.runtime import Runtime
 from engine.training import levers, tracking
 
@@ -134,8 +136,11 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
             stages.append(planned)
     problems.raise_if_any()
     warnings = estimate.memory_warnings(stages, recipe, model_configs, source)
+    warnings += threads.excess_warnings(recipe, source)
     warnings += [f"{source}: stage {s.name!r}: plugin {s.spec.plugin!r} {hint}" for s in stages
                  if (hint := requirement_hint(s.registered.impl, s.registered.distribution))]
+    warnings += [f"{source}: stage {s.name!r}: {clash}" for s in recipe.stages  # as written
+                 if (clash := clash_warning(s.stage, s.plugin))]
     return Plan(recipe=recipe, source=source, recipe_dir=recipe_dir, stages=stages, warnings=warnings)
 
 
@@ -160,10 +165,17 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
     registered: Registered | None = None
     with problems.check(f"{where}: ") as outcome:
         registered = get_implementation(spec.stage, spec.plugin)
+    if registered is not None and spec.plugin != registered.unique_name:
+        # one spelling per implementation (qualified when its name has several providers),
+        # so that reports, context.plugin and cache keys say which implementation ran
+        spec = spec.model_copy(update={"plugin": registered.unique_name})
     params: PluginParams | None = None
     if registered is not None:
         with problems.check() as outcome:
             params = _validate_params(registered, spec, source, recipe_dir)
+        if params is not None:
+            with problems.check(f"{where}: "):
+                quantization.check_fsdp(params, runtime)  # QLoRA: what the run would refuse
     data: list[DataSource] = []
     data_ok = True
     for spec_data in spec.data_list():

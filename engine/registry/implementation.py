@@ -6,16 +6,18 @@ is missing). Re-exported by :mod:`engine.api`."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from engine.core.artifacts import Artifact
+from engine.core.errors import PluginError
 from engine.core.inputs import DataSource, StageInputs
 from engine.core.params import PluginParams
 from engine.core.stages import EVALUATE
 
-__all__ = ["StageImplementation", "data_format_error", "describe", "missing_requirements",
-           "requirement_hint", "requirements"]
+__all__ = ["StageImplementation", "check_implementation", "data_format_error", "declaration_problems",
+           "describe", "missing_requirements", "requirement_hint", "requirements"]
 
 
 @runtime_checkable
@@ -92,3 +94,45 @@ def requirement_hint(impl: Any, distribution: str = "-") -> str | None:
         spec = f"{distribution}[{extra}]"
         return f"needs extra {spec}: pip install '{spec}'"
     return f"needs module(s) {', '.join(missing)} (not installed)"
+
+
+def check_implementation(impl: Any, kind: str) -> None:
+    """Raise :class:`PluginError` unless ``impl`` is what ``register(...)`` accepts for a
+    ``kind`` stage: a string ``name``, a :class:`PluginParams` ``Params``, a ``run``, and
+    params the engine can route (:func:`declaration_problems`)."""
+    name = getattr(impl, "name", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"a {kind} implementation {impl!r} has no string 'name'")
+    params = getattr(impl, "Params", None)
+    if not (inspect.isclass(params) and issubclass(params, PluginParams)):
+        raise PluginError(f"{kind} implementation {name!r}: Params must subclass engine.api.PluginParams")
+    if not callable(getattr(impl, "run", None)):
+        raise PluginError(f"{kind} implementation {name!r} has no run(context, inputs, params)")
+    problems = declaration_problems(impl)
+    if problems:
+        raise PluginError(f"{kind} implementation {name!r} declares params the engine cannot "
+                          f"route: {'; '.join(problems)}")
+
+
+def declaration_problems(impl: Any) -> list[str]:
+    """Why ``impl.Params`` cannot be routed from a recipe (empty: it can).
+
+    Every param must be writable in YAML and shown by ``engine schema``: its JSON
+    schema must build and its recipe key must be a plain name. An implementation may
+    add its own checks with a ``declaration_problems()`` method returning messages (the
+    merge-method base checks that each param reaches its arithmetic).
+    """
+    params = impl.Params
+    problems: list[str] = []
+    for field_name, info in params.model_fields.items():
+        key = info.alias or field_name
+        if not key.replace("_", "a").replace("-", "a").isalnum() or key.startswith("_"):
+            problems.append(f"params.{key}: not a plain recipe key")
+    try:
+        params.model_json_schema()
+    except Exception as exc:  # pydantic cannot describe a field type to a recipe writer
+        problems.append(f"no JSON schema ({type(exc).__name__}: {exc})")
+    extra = getattr(impl, "declaration_problems", None)
+    if callable(extra):
+        problems += list(extra())
+    return problems

@@ -31,7 +31,8 @@ from engine.registry.implementation import (  # the requirement helpers: importa
     requirements,
 )
 
-__all__ = ["description", "missing_requirements", "plugins_info", "requirement_hint"]
+__all__ = ["clash_fields", "description", "missing_requirements", "plugins_info",
+           "requirement_hint"]
 
 
 def description(impl: Any) -> str:
@@ -51,25 +52,50 @@ def _row(name: str) -> dict[str, Any]:
 
 def _implementation(reg: Any) -> dict[str, Any]:
     """``name`` and ``description``; with ``requires`` declared, also ``requires``, the
-    ``missing`` modules and ``needs`` (the install hint, null when nothing is missing)."""
+    ``missing`` modules and ``needs`` (the install hint, null when nothing is missing);
+    when another plugin registers the same name, also ``qualified`` (the spelling that
+    reaches this one), ``shadowed_by`` (the qualified name the bare name runs instead,
+    null for the one it runs), ``shadows`` (for that one: the others) and ``clash`` (one
+    line saying so)."""
     row: dict[str, Any] = {"name": reg.name, "description": description(reg.impl)}
     if requirements(reg.impl):
         row.update(requires=list(requirements(reg.impl)), missing=missing_requirements(reg.impl),
                    needs=requirement_hint(reg.impl, reg.distribution))
+    row.update(clash_fields(reg))
     return row
+
+
+def clash_fields(reg: Any) -> dict[str, Any]:
+    """What ``engine plugins`` adds to an implementation whose bare name another plugin
+    also registers (nothing when none does): see :func:`_implementation`."""
+    regs = reg.providers
+    if len(regs) < 2:
+        return {}
+    winner = regs[0]
+    if reg.shadowed_by is not None:
+        return {"qualified": reg.qualified, "shadowed_by": winner.qualified, "shadows": [],
+                "clash": f"shadowed by {winner.qualified} for the bare name {reg.name!r}; "
+                         f"reach this one as {reg.qualified}"}
+    others = [r.qualified for r in regs[1:]]
+    return {"qualified": reg.qualified, "shadowed_by": None, "shadows": others,
+            "clash": f"the bare name {reg.name!r} runs this one, shadowing {', '.join(others)}; "
+                     f"qualified: {reg.qualified}"}
 
 
 def plugins_info() -> list[dict[str, Any]]:
     """What ``engine plugins`` shows: each plugin, its distribution and version, what it
     registers (name, description; declared requirements, the missing ones and the install
-    hint where it declares ``requires``), and whether it is broken or kept out by the allow/block lists."""
-    impls = _pm.implementations()
+    hint where it declares ``requires``; the qualified name and who shadows whom where
+    another plugin registers the same name), and whether it is broken or kept out by the
+    allow/block lists. A shadowed implementation is listed under its plugin like any
+    other: a name clash never makes a plugin broken."""
+    every = _pm.all_implementations()
     rows: dict[str, dict[str, Any]] = {}
     for name in (_pm.pm.get_name(p) for p in _pm.pm.get_plugins()):
         if name is not None:
             rows[name] = _row(name)
-    for kind, by_name in impls.items():
-        for reg in by_name.values():
+    for kind, regs in every.items():
+        for reg in regs:
             rows.setdefault(reg.plugin, _row(reg.plugin))["registers"].setdefault(kind, []).append(
                 _implementation(reg))
     for b in _pm.broken_plugins():

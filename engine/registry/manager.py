@@ -4,10 +4,14 @@ Built-ins are ordinary plugin modules listed in :data:`DEFAULT_PLUGINS` and load
 through the same path as third-party ones (datasette's pattern); third parties ship
 a distribution with an entry point in the group ``engine.plugins``. A plugin that
 fails to import, implements a hook the engine does not define (a stage kind that does
-not exist), registers a name another plugin registered first, or declares params the
-engine cannot route is recorded as *broken*: reported once on stderr with its
-distribution, none of its implementations used, and the rest keep working;
-``engine validate`` names it when a recipe asks for what it would have provided.
+not exist), or declares params the engine cannot route is recorded as *broken*:
+reported once on stderr with its distribution, none of its implementations used, and
+the rest keep working; ``engine validate`` names it when a recipe asks for what it
+would have provided.
+
+Two plugins registering one name for a stage kind are a *name clash*, not a breakage:
+each is reachable as ``QUALIFIER:name`` and the bare name goes to one of them by the
+policy of :mod:`engine.registry.names` (docs/plugins.md, "Name clashes").
 
 Environment controls (read once, when plugins first load):
 
@@ -19,13 +23,16 @@ Environment controls (read once, when plugins first load):
 
 Tests and embedding code may ``pm.register(module_or_object, name=...)`` and
 ``pm.unregister(name=...)``; :func:`implementations` always reflects the current set.
+
+Long module: loading, the broken-plugin record, the allow/block lists and the per-name
+registry with its lookups are one piece of state (the pluggy manager and what it collected)
+read and invalidated together; the name policy itself is in :mod:`engine.registry.names`.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -35,11 +42,14 @@ import pluggy
 
 from engine import __version__
 from engine.core.errors import PluginError
-from engine.core.params import PluginParams
 from engine.core.stages import STAGE_KINDS
 from engine.core.suggest import did_you_mean
-from engine.registry import hookspecs
-from engine.registry.implementation import StageImplementation
+from engine.registry import hookspecs, names
+from engine.registry.implementation import StageImplementation, check_implementation
+from engine.registry.implementation import (
+    declaration_problems as declaration_problems,  # re-exported
+)
+from engine.registry.names import split_name
 
 ENTRY_POINT_GROUP = "engine.plugins"
 
@@ -84,6 +94,9 @@ class Registered:
     stage: str
     impl: StageImplementation
     plugin: str
+    #: ``QUALIFIER:name``, which reaches this implementation whatever else registers its
+    #: name (set when implementations are collected: :func:`engine.registry.names.rank`)
+    qualified: str = ""
 
     @property
     def name(self) -> str:
@@ -92,6 +105,28 @@ class Registered:
     @property
     def distribution(self) -> str:
         return plugin_distribution(self.plugin)
+
+    @property
+    def builtin(self) -> bool:
+        """Registered by one of :data:`DEFAULT_PLUGINS` (the ``lingoforge`` distribution)."""
+        return self.plugin in _builtins
+
+    @property
+    def providers(self) -> list[Registered]:
+        """Every implementation of this one's bare name and stage kind, the winner first."""
+        return providers(self.stage, self.name) or [self]
+
+    @property
+    def shadowed_by(self) -> Registered | None:
+        """The implementation the bare name runs instead of this one (None: this one)."""
+        winner = self.providers[0]
+        return None if winner.plugin == self.plugin else winner
+
+    @property
+    def unique_name(self) -> str:
+        """What plans, reports and cache keys record: the bare name, or the qualified one
+        when another plugin registers the name (one provider's result is never another's)."""
+        return self.name if len(self.providers) < 2 else self.qualified or self.name
 
 
 @dataclass
@@ -118,6 +153,8 @@ _distributions: dict[str, str] = {}
 _skipped: dict[str, str] = {}
 #: broken plugins already reported on stderr (each is reported once per process)
 _reported: set[str] = set()
+#: plugin names loaded from DEFAULT_PLUGINS (they lose a bare name to any other plugin)
+_builtins: set[str] = set()
 _loaded = False
 
 
@@ -174,6 +211,8 @@ def _load(name: str, loader: Any, version: str, distribution: str, *, builtin: b
         return
     _versions[name] = version
     _distributions[name] = distribution
+    if builtin:
+        _builtins.add(name)
     why = _selected(name, distribution, builtin)
     if why is not None:
         _skipped[name] = why
@@ -231,16 +270,40 @@ def plugin_distribution(name: str) -> str:
 
 
 def implementations() -> dict[str, dict[str, Registered]]:
-    """Every registered implementation: ``{stage kind: {name: Registered}}``.
+    """The implementation each bare name runs: ``{stage kind: {name: Registered}}``.
 
-    Registration problems (a non-conforming object, a name another plugin registered
-    first, an exception in the hook, params the engine cannot route) mark the plugin at
-    fault as broken: none of its implementations is used, it is reported once on
-    stderr with its distribution, and the rest keep working.
+    Registration problems (a non-conforming object, an exception in the hook, params the
+    engine cannot route) mark the plugin at fault as broken: none of its implementations
+    is used, it is reported once on stderr with its distribution, and the rest keep
+    working. A name several plugins register maps to the winner of the name policy
+    (:mod:`engine.registry.names`); :func:`providers` lists them all.
 
     The result is kept while the set of registered plugins stays the same (validation
     asks once per stage, and registering calls every hook and probes every merge method).
     """
+    found = _registry()
+    return {kind: {name: regs[0] for name, regs in by_name.items()} for kind, by_name in found.items()}
+
+
+def providers(stage: str, name: str) -> list[Registered]:
+    """Every implementation registered as the bare ``name`` for ``stage``: the one the
+    bare name runs first, then the shadowed ones (:mod:`engine.registry.names`)."""
+    return list(_registry().get(stage, {}).get(name, ()))
+
+
+def all_implementations() -> dict[str, list[Registered]]:
+    """Every registered implementation, shadowed ones included: ``{stage kind: [...]}``
+    (names in registration order, each name's providers in precedence order)."""
+    return {kind: [r for regs in by_name.values() for r in regs]
+            for kind, by_name in _registry().items()}
+
+
+_found: dict[str, dict[str, list[Registered]]] | None = None
+_found_for: tuple[tuple[str | None, object], ...] = ()
+
+
+def _registry() -> dict[str, dict[str, list[Registered]]]:
+    """``{stage kind: {bare name: [providers, winner first]}}``, kept while the plugins stay."""
     global _found, _found_for
     load_plugins()
     # the plugin objects themselves are the key (held, so no id is reused while cached)
@@ -248,14 +311,10 @@ def implementations() -> dict[str, dict[str, Registered]]:
     if _found is None or len(key) != len(_found_for) or any(
             a[0] != b[0] or a[1] is not b[1] for a, b in zip(key, _found_for)):
         _found, _found_for = _collect(), key
-    return {kind: dict(impls) for kind, impls in _found.items()}
+    return _found
 
 
-_found: dict[str, dict[str, Registered]] | None = None
-_found_for: tuple[tuple[str | None, object], ...] = ()
-
-
-def _collect() -> dict[str, dict[str, Registered]]:
+def _collect() -> dict[str, dict[str, list[Registered]]]:
     pending: dict[str, list[tuple[str, StageImplementation]]] = {}
     failed: dict[str, tuple[str, tuple[str, ...]]] = {}
     for kind, entry in STAGE_KINDS.items():
@@ -267,7 +326,7 @@ def _collect() -> dict[str, dict[str, Registered]]:
                 trace(f"{entry.hook}() in {plugin_name}: registered "
                       f"{[getattr(i, 'name', repr(i)) for i in got]}")
                 for impl in got:
-                    _check_impl(impl, kind)
+                    check_implementation(impl, kind)
             except Exception as exc:
                 names = tuple(n for n in (getattr(i, "name", None) for i in got) if isinstance(n, str))
                 failed.setdefault(plugin_name, (f"{type(exc).__name__}: {exc}", names))
@@ -279,74 +338,35 @@ def _collect() -> dict[str, dict[str, Registered]]:
             _check_hooks(plugin_name, plugin)
         except PluginError as exc:
             failed.setdefault(plugin_name, (f"PluginError: {exc}", ()))
-    found: dict[str, dict[str, Registered]] = {kind: {} for kind in STAGE_KINDS}
-    for plugin_name, impls in pending.items():  # registration order: the first one wins a name
+    found: dict[str, dict[str, list[Registered]]] = {kind: {} for kind in STAGE_KINDS}
+    for plugin_name, impls in pending.items():
         if plugin_name in failed:
             continue
-        clash = next(((k, i.name) for k, i in impls if i.name in found[k]), None)
-        if clash is not None:
-            kind, impl_name = clash
-            other = found[kind][impl_name]
-            failed[plugin_name] = (
-                f"PluginError: {kind} implementation {impl_name!r} is already registered by "
-                f"{other.plugin!r} (distribution {other.distribution})",
-                tuple(i.name for _, i in impls))
-            continue
-        for kind, impl in impls:
-            found[kind][impl.name] = Registered(kind, impl, plugin_name)
+        own = {(kind, impl.name): impl for kind, impl in impls}  # one name twice: the last counts
+        for (kind, name), impl in own.items():
+            found[kind].setdefault(name, []).append(Registered(kind, impl, plugin_name))
+    for by_name in found.values():  # qualified names, and the bare name's winner first
+        for regs in by_name.values():
+            names.rank(regs, trace)
     for plugin_name, (error, names) in failed.items():
         _mark_broken(plugin_name, error, names)
     return found
 
 
-def _check_impl(impl: Any, kind: str) -> None:
-    name = getattr(impl, "name", None)
-    if not isinstance(name, str) or not name:
-        raise PluginError(f"a {kind} implementation {impl!r} has no string 'name'")
-    params = getattr(impl, "Params", None)
-    if not (inspect.isclass(params) and issubclass(params, PluginParams)):
-        raise PluginError(f"{kind} implementation {name!r}: Params must subclass engine.api.PluginParams")
-    if not callable(getattr(impl, "run", None)):
-        raise PluginError(f"{kind} implementation {name!r} has no run(context, inputs, params)")
-    problems = declaration_problems(impl)
-    if problems:
-        raise PluginError(f"{kind} implementation {name!r} declares params the engine cannot "
-                          f"route: {'; '.join(problems)}")
-
-
-def declaration_problems(impl: Any) -> list[str]:
-    """Why ``impl.Params`` cannot be routed from a recipe (empty: it can).
-
-    Every param must be writable in YAML and shown by ``engine schema``: its JSON
-    schema must build and its recipe key must be a plain name. An implementation may
-    add its own checks with a ``declaration_problems()`` method returning messages (the
-    merge-method base checks that each param reaches its arithmetic).
-    """
-    params = impl.Params
-    problems: list[str] = []
-    for field_name, info in params.model_fields.items():
-        key = info.alias or field_name
-        if not key.replace("_", "a").replace("-", "a").isalnum() or key.startswith("_"):
-            problems.append(f"params.{key}: not a plain recipe key")
-    try:
-        params.model_json_schema()
-    except Exception as exc:  # pydantic cannot describe a field type to a recipe writer
-        problems.append(f"no JSON schema ({type(exc).__name__}: {exc})")
-    extra = getattr(impl, "declaration_problems", None)
-    if callable(extra):
-        problems += list(extra())
-    return problems
-
-
 def get_implementation(stage: str, name: str) -> Registered:
-    """The implementation a recipe names, or an error that lists the alternatives and
-    names the broken or unloaded plugin that would have provided it."""
+    """The implementation a recipe names (a bare name, or ``QUALIFIER:name``: see
+    :mod:`engine.registry.names`), or an error that lists the alternatives and names the
+    broken or unloaded plugin that would have provided it."""
     if stage not in STAGE_KINDS:
         raise PluginError(f"unknown stage kind {stage!r}; known: {', '.join(STAGE_KINDS)}"
                           f"{did_you_mean(stage, STAGE_KINDS)}")
     impls = implementations()[stage]
     if name in impls:
         return impls[name]
+    qual, bare = split_name(name)
+    if qual is not None:
+        return names.resolve_qualified(stage, name, qual, bare, _registry()[stage], _unavailable(),
+                                       broken=broken_plugins(), version=plugin_version)
     for b in _broken.values():
         if name in b.names:
             raise PluginError(
@@ -354,14 +374,19 @@ def get_implementation(stage: str, name: str) -> Registered:
                 f"{b.distribution} {plugin_version(b.name)}), which is broken: {b.error}")
     msg = (f"no {stage} plugin named {name!r}; available: {', '.join(sorted(impls)) or 'none'}"
            f"{did_you_mean(name, impls)}")
+    raise PluginError(msg + _unavailable())
+
+
+def _unavailable() -> str:
+    """The broken and unloaded plugins, appended to a 'no such plugin' error."""
+    msg = ""
     if _broken:
         listed = ", ".join(f"{b.name} ({b.distribution})" for b in sorted(_broken.values(),
                                                                          key=lambda b: b.name))
         msg += f" (broken plugins: {listed}; see 'engine plugins')"
     if _skipped:
-        listed = ", ".join(f"{n} ({why})" for n, why in sorted(_skipped.items()))
-        msg += f" (not loaded: {listed})"
-    raise PluginError(msg)
+        msg += f" (not loaded: {', '.join(f'{n} ({why})' for n, why in sorted(_skipped.items()))})"
+    return msg
 
 
 def call_observers(hook_name: str, **kwargs: Any) -> None:
@@ -377,3 +402,9 @@ def call_observers(hook_name: str, **kwargs: Any) -> None:
             name = pm.get_name(hookimpl.plugin)
             print(f"warning: plugin {name!r} failed in {hook_name}: {exc}", file=sys.stderr)
 
+
+def clash_warning(stage: str, name: str) -> str | None:
+    """What ``engine validate`` says about a recipe's ``plugin: name`` when the bare name
+    has several providers (:func:`engine.registry.names.clash_warning`); None for a
+    qualified name, a name one plugin registers, or an unknown one."""
+    return names.clash_warning(name, providers(stage, name), plugin_version)

@@ -62,6 +62,7 @@ from engine.core.errors import EngineError, OutputRefused
 from engine.core.inputs import StageInputs
 from engine.core.stages import STAGE_KINDS, training_kinds
 from engine.data import token_cache
+from engine.evaluation.driver import refuse_unscored
 from engine.models import card as model_card
 from engine.models import modelio
 from engine.recipe.plan import Plan, PlannedStage
@@ -424,3 +425,4 @@ def _check_artifact(artifact: Any, stage: PlannedStage) -> None:
                           f"a {stage.spec.stage} stage must return {expected.__name__}")
     if isinstance(artifact, ModelArtifact):
         modelio.check_model_folder(artifact.path)
+    refuse_unscored(artifact)  # partial metrics: the stage fails, nothing is kept

@@ -18,6 +18,12 @@ makes both use their share from their next stage on. Other programs' load is not
 counted: the one-minute load average lags by a minute and would make thread counts,
 and so the last bits of results, depend on what ran before.
 
+An integer is used as given up to the cores this process may run on; a larger one (a
+recipe written for a bigger machine, or a typo such as 4096) is capped at those cores,
+said by ``engine validate``/``engine run`` (:func:`excess_warnings`) and in the stage's
+report record: threads beyond the cores only contend (4096 on 2 cores started 8,194
+threads and drove the load to 1,600).
+
 Inter-op threads can be set only once per process, before any parallel work; the engine
 tries once and records what torch actually uses.
 """
@@ -28,6 +34,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,8 +151,28 @@ def plan_threads(setting: int | str | None) -> ThreadPlan | None:
     if setting == "auto":
         n, reason = auto_threads(default, available_cpus(), live_runs())
     else:
-        n, reason = int(setting), "set in the recipe"
+        n, reason = capped_threads(int(setting), available_cpus())
     return ThreadPlan(setting, n, _interop_for(n), reason)
+
+
+def capped_threads(setting: int, cpus: int) -> tuple[int, str]:
+    """An integer ``runtime.threads`` as used: at most ``cpus``. Returns (threads, reason)."""
+    if setting > cpus:
+        return cpus, f"set in the recipe to {setting}, capped at the {cpus} cores available"
+    return setting, "set in the recipe"
+
+
+def excess_warnings(recipe: Any, source: str) -> list[str]:
+    """A warning for each ``runtime.threads`` of ``recipe`` (the recipe's, a stage's own)
+    above the cores this process may use, naming the field and the core count."""
+    cpus = available_cpus()
+    found = [("", recipe.runtime.threads)]
+    found += [(f"stage {spec.name!r}: ", spec.runtime.threads) for spec in recipe.stages
+              if spec.runtime is not None and "threads" in spec.runtime.model_fields_set]
+    return [f"{source}: {where}runtime.threads: {value} is more than the {cpus} cores this process "
+            f"may use (os.sched_getaffinity); {cpus} threads are used instead"
+            for where, value in found
+            if isinstance(value, int) and not isinstance(value, bool) and value > cpus]
 
 
 def _interop_for(intra: int) -> int:

@@ -51,6 +51,7 @@ COUNTS = "refuses other model counts"
 OVERRIDES = "overrides change only matching tensors"
 OVERRIDES_REFUSED = "refuses overrides it cannot apply"
 
+
 def check_merge_method(impl: Any, *, params: Mapping[str, Any] | None = None,
                        variations: Mapping[str, Any] | None = None,
                        family: Mapping[str, Path] | None = None,

@@ -17,9 +17,11 @@ plugin and the property it broke, e.g.::
     merge plugin 'median' breaks 'honours every parameter': weight={'a': 0.25} changed no
     tensor (of 29 whose inputs differ) ...
 
-It returns a :class:`ConformanceReport` of the properties checked and notes (for example
-that a method merges large tensors whole rather than in row slices). The properties of
-each kind are listed in their functions' docstrings and in docs/plugins.md.
+It returns a :class:`ConformanceReport` of the properties checked, those it could not
+check for this plugin with the reason (``skipped``), and notes (for example that a method
+merges large tensors whole rather than in row slices). The properties of each kind are
+listed in their functions' docstrings and in docs/plugins.md; :func:`check_options`
+names the options each kind takes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.stages import ADAPT_LANGUAGE, ALIGN, EVALUATE, MERGE, SELECT_LAYERS, kind_of
-from engine.registry.manager import implementations
+from engine.registry.manager import all_implementations
 from engine.testing import _merge, _score, _train
 from engine.testing._checks import (  # noqa: F401 - the helpers below are importable from here too
     Checker,
@@ -99,8 +101,8 @@ def _check_function(kind: str) -> Any:
 
 
 def _registered_kind(impl: Any) -> str:
-    for kind, impls in implementations().items():
-        for reg in impls.values():
+    for kind, impls in all_implementations().items():  # a shadowed implementation too
+        for reg in impls:
             if reg.impl is impl or (type(reg.impl) is type(impl) and reg.name == impl.name):
                 return kind
     raise TypeError(f"{impl!r} is not a registered implementation: pass its stage kind, "

@@ -42,8 +42,9 @@ from engine.data.sources import iter_texts
 from engine.models.modelio import load_tokenizer
 from engine.recipe.spec import resolve_model_path
 
-__all__ = ["LONG_WORD_TOKENS", "MAX_BYTES", "MAX_DOCUMENTS", "SKIP_ENV", "THRESHOLDS", "Coverage",
-           "coverage_warnings", "load_backend", "measure", "measure_file", "poor_coverage"]
+__all__ = ["LONG_WORD_TOKENS", "MAX_BYTES", "MAX_DOCUMENTS", "NO_TEXT", "SKIP_ENV", "THRESHOLDS",
+           "Coverage", "coverage_warnings", "load_backend", "measure", "measure_file", "no_text",
+           "poor_coverage"]
 
 MAX_DOCUMENTS = 2000
 MAX_BYTES = 1 << 20
@@ -193,8 +194,21 @@ def measure_file(tokenizer: Any, path: Path, **bounds: int) -> Coverage:
     return measure(tokenizer, sample(DataSource(path=path), **bounds))
 
 
+#: what :func:`poor_coverage` says of a file without a word of text (nothing was measured)
+NO_TEXT = "holds no text (no words to measure the tokenizer's coverage on)"
+
+
+def no_text(cov: Coverage) -> bool:
+    """Whether the measured sample had no word at all (an empty file, blank lines only,
+    empty ``text`` fields): its zero ratios mean nothing, and nothing would train on it."""
+    return cov.words == 0
+
+
 def poor_coverage(cov: Coverage, reference: Coverage | None = None) -> list[str]:
-    """Why ``cov`` counts as poor coverage (empty: it does not)."""
+    """Why ``cov`` counts as poor coverage (empty: it does not); a sample with no text
+    gets :data:`NO_TEXT` alone."""
+    if no_text(cov):
+        return [NO_TEXT]
     why = []
     if cov.byte_share > THRESHOLDS["byte_share"]:
         why.append(f"{cov.byte_share:.0%} of its tokens are single bytes (over "
@@ -259,7 +273,11 @@ def coverage_warnings(plan: Any) -> list[str]:
             measured.append((stage, source, folder, cov))
     lines = []
     for stage, source, folder, cov in measured:
-        others = [(s, c) for st, s, f, c in measured if f == folder and s.label != source.label]
+        if no_text(cov):
+            lines.append(f"stage {stage.name!r}: data {source.path} {NO_TEXT}")
+            continue
+        others = [(s, c) for st, s, f, c in measured
+                  if f == folder and s.label != source.label and not no_text(c)]
         ref = min(others, key=lambda sc: sc[1].tokens_per_word, default=None)
         why = poor_coverage(cov, ref[1] if ref else None)
         if not why:
