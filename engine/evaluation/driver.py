@@ -6,10 +6,9 @@ metrics), a :class:`~engine.evaluation.generation.GenerationPlan` (prompts to co
 plus how to turn the texts into metrics), or a list of both. :func:`evaluate_models`
 does the rest for every model of the stage: load one model at a time, run each part
 of the plan on it, merge the metrics and counts, keep going when one model fails.
-The pieces live in :mod:`engine.evaluation.spans` (texts to spans, sliding windows),
-:mod:`engine.evaluation.scoring` (batching, shared-prefix KV-cache scoring) and
-:mod:`engine.evaluation.generation` (batched greedy generation); their names are re-exported
-here, the documented place plugins import from.
+The pieces live in :mod:`engine.evaluation.spans` (spans, sliding windows), :mod:`engine.evaluation.scoring`
+(shared-prefix KV-cache scoring) and :mod:`engine.evaluation.generation` (greedy generation);
+their names are re-exported here, the documented place plugins import from.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ from engine import __version__
 from engine.core.errors import PluginError
 from engine.core.stages import STAGE_KINDS
 from engine.core.suggest import did_you_mean
-from engine.registry import hookspecs, names
+from engine.registry import hookspecs
+from engine.registry import names as name_policy
 from engine.registry.implementation import StageImplementation, check_implementation
 from engine.registry.implementation import (
     declaration_problems as declaration_problems,  # re-exported
@@ -347,7 +348,7 @@ def _collect() -> dict[str, dict[str, list[Registered]]]:
             found[kind].setdefault(name, []).append(Registered(kind, impl, plugin_name))
     for by_name in found.values():  # qualified names, and the bare name's winner first
         for regs in by_name.values():
-            names.rank(regs, trace)
+            name_policy.rank(regs, trace)
     for plugin_name, (error, names) in failed.items():
         _mark_broken(plugin_name, error, names)
     return found
@@ -365,7 +366,7 @@ def get_implementation(stage: str, name: str) -> Registered:
         return impls[name]
     qual, bare = split_name(name)
     if qual is not None:
-        return names.resolve_qualified(stage, name, qual, bare, _registry()[stage], _unavailable(),
+        return name_policy.resolve_qualified(stage, name, qual, bare, _registry()[stage], _unavailable(),
                                        broken=broken_plugins(), version=plugin_version)
     for b in _broken.values():
         if name in b.names:
@@ -407,4 +408,4 @@ def clash_warning(stage: str, name: str) -> str | None:
     """What ``engine validate`` says about a recipe's ``plugin: name`` when the bare name
     has several providers (:func:`engine.registry.names.clash_warning`); None for a
     qualified name, a name one plugin registers, or an unknown one."""
-    return names.clash_warning(name, providers(stage, name), plugin_version)
+    return name_policy.clash_warning(name, providers(stage, name), plugin_version)
