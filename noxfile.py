@@ -6,7 +6,7 @@ requirement on a machine without torch would pull the newest CUDA build.
 
 The plugin matrix (``nox -s "plugin(plugin='ties')"``) gives each built-in plugin its
 own environment with only the extras it needs, and runs its conformance case
-(tests/test_conformance.py) and its unit tests, selected by node id: every test
+(tests/testing/test_conformance.py) and its unit tests, selected by node id: every test
 function of its files whose name starts with ``test_<plugin>_`` (the suite's naming
 convention), read from the files' syntax tree, plus files that are the plugin's alone.
 """
@@ -49,43 +49,43 @@ class Plugin:
     whole: tuple[str, ...] = ()
     prefix: str | None = None
     exclude: tuple[str, ...] = field(default_factory=tuple)
-    #: its other conformance cases (tests/test_conformance.py VARIANTS)
+    #: its other conformance cases (tests/testing/test_conformance.py VARIANTS)
     variants: tuple[str, ...] = ()
 
 
 PLUGINS: dict[str, Plugin] = {
     "ct": Plugin("adapt-language", ("lora", "8bit"),
-                 ("test_plugins_adapt.py", "test_lora_training.py", "test_checkpoint.py",
-                  "test_distributed.py"), variants=("layers", "lora", "frozen_8bit")),
-    "sft": Plugin("adapt-language", ("lora",), ("test_plugins_adapt.py", "test_lora_training.py"),
+                 ("training/test_plugins_adapt.py", "training/test_lora_training.py", "training/test_checkpoint.py",
+                  "training/test_distributed.py"), variants=("layers", "lora", "frozen_8bit")),
+    "sft": Plugin("adapt-language", ("lora",), ("training/test_plugins_adapt.py", "training/test_lora_training.py"),
                   variants=("lora-adapter",)),
-    "elo": Plugin("adapt-language", (), ("test_plugins_adapt.py", "test_architectures.py",
-                                         "test_training.py"), exclude=("test_elo_align",),
+    "elo": Plugin("adapt-language", (), ("training/test_plugins_adapt.py", "models/test_architectures.py",
+                                         "training/test_training.py"), exclude=("test_elo_align",),
                   variants=("train_embeddings",)),
-    "elo-align": Plugin("align", (), ("test_plugins_adapt.py",)),
-    "first-last": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
-    "indices": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
-    "layer-importance": Plugin("select-layers", (), ("test_plugins_adapt.py",)),
-    "linear": Plugin("merge", (), ("test_cli_merge.py", "test_merge_math.py", "test_merge_plugins.py")),
-    "task-arithmetic": Plugin("merge", (), ("test_merge_math.py", "test_merge_plugins.py",
-                                            "test_merge_slices.py")),
-    "ties": Plugin("merge", (), ("test_cli_merge.py", "test_merge_inputs.py", "test_merge_math.py",
-                                 "test_merge_plugins.py", "test_merge_slices.py")),
-    "slack-ties": Plugin("merge", (), ("test_merge_math.py", "test_merge_plugins.py",
-                                       "test_merge_slices.py")),
-    "dare-ties": Plugin("merge", (), ("test_merge_math.py", "test_merge_plugins.py")),
-    "breadcrumbs": Plugin("merge", (), ("test_merge_bands.py",), whole=("test_breadcrumbs.py",),
+    "elo-align": Plugin("align", (), ("training/test_plugins_adapt.py",)),
+    "first-last": Plugin("select-layers", (), ("training/test_plugins_adapt.py",)),
+    "indices": Plugin("select-layers", (), ("training/test_plugins_adapt.py",)),
+    "layer-importance": Plugin("select-layers", (), ("training/test_plugins_adapt.py",)),
+    "linear": Plugin("merge", (), ("merging/test_cli_merge.py", "merging/test_merge_math.py", "merging/test_merge_plugins.py")),
+    "task-arithmetic": Plugin("merge", (), ("merging/test_merge_math.py", "merging/test_merge_plugins.py",
+                                            "merging/test_merge_slices.py")),
+    "ties": Plugin("merge", (), ("merging/test_cli_merge.py", "merging/test_merge_inputs.py", "merging/test_merge_math.py",
+                                 "merging/test_merge_plugins.py", "merging/test_merge_slices.py")),
+    "slack-ties": Plugin("merge", (), ("merging/test_merge_math.py", "merging/test_merge_plugins.py",
+                                       "merging/test_merge_slices.py")),
+    "dare-ties": Plugin("merge", (), ("merging/test_merge_math.py", "merging/test_merge_plugins.py")),
+    "breadcrumbs": Plugin("merge", (), ("merging/test_merge_bands.py",), whole=("merging/test_breadcrumbs.py",),
                           exclude=("test_breadcrumbs_ties",)),
-    "breadcrumbs-ties": Plugin("merge", (), ("test_merge_bands.py",), whole=("test_breadcrumbs.py",)),
-    "slerp": Plugin("merge", (), ("test_merge_methods_more.py",)),
-    "model-stock": Plugin("merge", (), ("test_merge_methods_more.py",)),
-    "della": Plugin("merge", (), ("test_merge_methods_more.py",)),
-    "della-linear": Plugin("merge", (), ("test_merge_methods_more.py",), prefix="della"),
-    "passthrough": Plugin("merge", (), ("test_merge_methods_more.py",)),
-    "perplexity": Plugin("evaluate", (), ("test_evaluate.py",)),
-    "task-accuracy": Plugin("evaluate", ("8bit",), ("test_evaluate.py",), whole=("test_generation.py",)),
-    "retention": Plugin("evaluate", (), whole=("test_retention.py",)),
-    "lm-eval": Plugin("evaluate", ("lm-eval",), whole=("test_lm_eval.py",)),
+    "breadcrumbs-ties": Plugin("merge", (), ("merging/test_merge_bands.py",), whole=("merging/test_breadcrumbs.py",)),
+    "slerp": Plugin("merge", (), ("merging/test_merge_methods_more.py",)),
+    "model-stock": Plugin("merge", (), ("merging/test_merge_methods_more.py",)),
+    "della": Plugin("merge", (), ("merging/test_merge_methods_more.py",)),
+    "della-linear": Plugin("merge", (), ("merging/test_merge_methods_more.py",), prefix="della"),
+    "passthrough": Plugin("merge", (), ("merging/test_merge_methods_more.py",)),
+    "perplexity": Plugin("evaluate", (), ("evaluation/test_evaluate.py",)),
+    "task-accuracy": Plugin("evaluate", ("8bit",), ("evaluation/test_evaluate.py",), whole=("evaluation/test_generation.py",)),
+    "retention": Plugin("evaluate", (), whole=("evaluation/test_retention.py",)),
+    "lm-eval": Plugin("evaluate", ("lm-eval",), whole=("evaluation/test_lm_eval.py",)),
 }
 
 
@@ -106,8 +106,8 @@ def plugin_tests(name: str) -> list[str]:
     """The node ids the matrix runs for built-in plugin ``name``."""
     spec = PLUGINS[name]
     prefix = f"test_{(spec.prefix or name).replace('-', '_')}_"
-    ids = [f"tests/test_conformance.py::test_builtin_conforms[{spec.kind}/{name}]"]
-    ids += [f"tests/test_conformance.py::test_builtin_variant_conforms[{name}+{v}]"
+    ids = [f"tests/testing/test_conformance.py::test_builtin_conforms[{spec.kind}/{name}]"]
+    ids += [f"tests/testing/test_conformance.py::test_builtin_variant_conforms[{name}+{v}]"
             for v in spec.variants]
     for file in spec.files:
         for test in _test_functions(ROOT / "tests" / file):
@@ -153,9 +153,9 @@ def oldest(session: nox.Session) -> None:
     session.install(*OLDEST, "-e", ".[lora,8bit]", *TEST_TOOLS)
     session.run("pip", "list", "--format=freeze")
     session.run("pytest", *(session.posargs or (
-        "tests/test_conformance.py", "tests/test_plugins_adapt.py", "tests/test_merge_plugins.py",
-        "tests/test_lora_training.py", "tests/test_evaluate.py", "tests/test_runner.py",
-        "tests/test_recipe.py")))
+        "tests/testing/test_conformance.py", "tests/training/test_plugins_adapt.py", "tests/merging/test_merge_plugins.py",
+        "tests/training/test_lora_training.py", "tests/evaluation/test_evaluate.py", "tests/run/test_runner.py",
+        "tests/recipe/test_recipe.py")))
 
 
 @nox.session
@@ -236,7 +236,7 @@ def mergekit_oracle(session: nox.Session) -> None:
     mk = Path(session.virtualenv.location).parent / "mergekit"
     session.run("python", "-m", "venv", str(mk), external=True)
     session.run(str(mk / "bin/pip"), "install", TORCH, "mergekit==0.1.5", external=True)
-    session.run("pytest", "tests/test_mergekit_oracle.py", "-rs",
+    session.run("pytest", "tests/merging/test_mergekit_oracle.py", "-rs",
                 env={"LINGOFORGE_MERGEKIT": str(mk / "bin/mergekit-yaml")})
 
 

@@ -7,7 +7,8 @@ for what plugins import. docs/architecture.md draws its packages and their layer
 Old import paths: 0.6 moved the engine's modules into packages. Every module path the docs,
 the changelog or the API reference showed before (``engine.tasks``, ``engine.modelio``,
 ``engine.cli_merge``, ...) still imports for one minor release, through the one table
-below, with a :class:`DeprecationWarning` naming the new path; they go in
+below, with a :class:`DeprecationWarning` naming the new path (the old path *is* the new
+module; one whose module was split is a view that finds each name); they go in
 :data:`OLD_PATHS_REMOVED_IN`. ``python -m`` works on them too (``python -m engine.cli_merge``).
 Other internal paths moved without an alias: only ``engine.api*`` and ``engine.testing``
 are promised to plugin authors.
@@ -112,42 +113,33 @@ def _warn(old: str, instead: str) -> None:
                   f"{OLD_PATHS_REMOVED_IN})", DeprecationWarning, stacklevel=_stacklevel())
 
 
-class _OldPath(types.ModuleType):
-    """An old module path: every attribute is read from (and written to) the module that
-    holds it now, so ``engine.tasks.X`` is ``engine.evaluation.choices.X``."""
+#: old paths whose module was split: they are read through a view (:class:`_SplitPath`)
+_SPLIT = frozenset(old for old, _ in MOVED_NAMES)
+
+
+class _SplitPath(types.ModuleType):
+    """An old path whose module was split: a read-only view that finds each name where it
+    lives now (``engine.tasks.X`` in :mod:`engine.evaluation.choices`, or in the module
+    :data:`MOVED_NAMES` names). Every other old path is the new module itself."""
 
     def __init__(self, old: str) -> None:
         super().__init__(old, f"Deprecated: {old} moved to {MOVED_MODULES[old]}.")
 
-    def _home(self, name: str) -> types.ModuleType:
-        return importlib.import_module(MOVED_NAMES.get((self.__name__, name), MOVED_MODULES[self.__name__]))
-
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name != "__all__":
             raise AttributeError(name)
+        home = importlib.import_module(MOVED_MODULES[self.__name__])
         if name == "__all__":  # ``from engine.tasks import *``: the new module's public names
-            home = importlib.import_module(MOVED_MODULES[self.__name__])
             return list(getattr(home, "__all__", [n for n in vars(home) if not n.startswith("_")]))
         moved = MOVED_NAMES.get((self.__name__, name))
         if moved is not None:
             _warn(f"{self.__name__}.{name}", f"import {name} from {moved}")
+            home = importlib.import_module(moved)
         try:
-            return getattr(self._home(name), name)
+            return getattr(home, name)
         except AttributeError:
             raise AttributeError(f"module {self.__name__!r} (now {MOVED_MODULES[self.__name__]}) has "
                                  f"no attribute {name!r}") from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("__"):  # the import system's own attributes stay on the alias
-            super().__setattr__(name, value)
-        else:  # monkeypatching an old path patches the module that uses the name
-            setattr(self._home(name), name, value)
-
-    def __delattr__(self, name: str) -> None:
-        if name.startswith("__"):
-            super().__delattr__(name)
-        else:
-            delattr(self._home(name), name)
 
     def __dir__(self) -> list[str]:
         return sorted(set(dir(importlib.import_module(MOVED_MODULES[self.__name__])))
@@ -163,12 +155,16 @@ class _OldPathFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         return importlib.machinery.ModuleSpec(fullname, self, origin=f"alias of {MOVED_MODULES[fullname]}")
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         _warn(spec.name, f"import {MOVED_MODULES[spec.name]}")
-        return _OldPath(spec.name)
+        return _SplitPath(spec.name) if spec.name in _SPLIT else None
 
     def exec_module(self, module: types.ModuleType) -> None:
-        """Nothing to run: the alias reads everything from the new module."""
+        """The old path becomes the new module itself (the import system reads the module
+        back from ``sys.modules``), so that ``engine.modelio is engine.models.modelio`` and a
+        monkeypatch through the old path patches what the engine uses."""
+        if not isinstance(module, _SplitPath):
+            sys.modules[module.__name__] = importlib.import_module(MOVED_MODULES[module.__name__])
 
     def get_code(self, fullname: str) -> types.CodeType | None:
         """The new module's code, for ``python -m OLD.PATH`` (runpy asks the loader)."""

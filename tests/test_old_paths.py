@@ -72,6 +72,8 @@ def test_an_old_module_path_warns_and_is_the_new_module(old):
         alias = _fresh_import(old)
     assert OLD_PATHS_REMOVED_IN in str(seen[0].message)
     assert seen[0].filename == __file__  # the warning points at the import, not the engine
+    if not any(m == old for m, _ in MOVED_NAMES):
+        assert alias is new  # the old path is the new module itself
     public = getattr(new, "__all__", None) or [n for n in vars(new) if not n.startswith("_")]
     for name in public:
         if (old, name) not in MOVED_NAMES:
@@ -93,15 +95,19 @@ def test_a_name_that_left_its_module_warns_and_is_found(old, name):
     assert found is getattr(importlib.import_module(home), name)
 
 
-def test_an_old_path_is_monkeypatched_where_the_name_lives(monkeypatch):
-    """Patching ``engine.modelio.load_model`` patches what the engine calls."""
+def test_an_old_path_is_monkeypatched_where_the_name_lives():
+    """Patching ``engine.modelio.load_model`` patches what the engine calls, and undoing the
+    patch puts the engine's function back."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import engine.modelio as old
     from engine.models import modelio
 
-    monkeypatch.setattr(old, "load_model", "patched")
-    assert modelio.load_model == "patched"
+    loader = modelio.load_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(old, "load_model", "patched")
+        assert modelio.load_model == "patched"
+    assert modelio.load_model is loader
 
 
 def test_an_unknown_name_is_an_attribute_error_naming_both_paths():

@@ -2,7 +2,7 @@
 
 Every figure in the page is computed here from Llama-3.1-8B's shape by
 :mod:`engine.recipe.estimate` (memory) and :func:`flops_per_token` (the relative cost of a
-step); tests/test_estimate.py checks that the page equals this output.
+step); tests/recipe/test_estimate.py checks that the page equals this output.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ most {estimate.HEADROOM:.0%} of {DEVICE_GIB} GiB (the rest is left to the CUDA c
 kernels' workspaces and allocator fragmentation).
 
 **No GPU figure exists yet.** The memory model is checked on the CPU against
-autograd's saved tensors of real transformers Llama models (tests/test_estimate.py,
+autograd's saved tensors of real transformers Llama models (tests/recipe/test_estimate.py,
 within 2%) and its parameter counts against real models (and 8,030,261,248 for
 this shape); the bf16 activation figures are that element count at 2 bytes, not a
 measurement. `benchmarks/speed/gpu_check.py` measures peak GPU memory next to this

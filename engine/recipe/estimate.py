@@ -16,7 +16,7 @@ The model of a training stage's peak::
   4 bytes each (fp32), 1 byte each for the 8-bit optimizers;
 * saved activations per token and decoder layer, counted in elements (derived from
   the tensors a transformers Llama layer hands autograd; checked against
-  ``torch.autograd.graph.saved_tensors_hooks`` in tests/test_estimate.py)::
+  ``torch.autograd.graph.saved_tensors_hooks`` in tests/recipe/test_estimate.py)::
 
       8*hidden + 2*kv_dim + 4*intermediate + heads + 2
 

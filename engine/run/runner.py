@@ -91,7 +91,7 @@ class StageFailed(EngineError):
 
 
 class Runner:
-    """Executes a :class:`~engine.recipe.validate.Plan` into ``workdir``.
+    """Executes a :class:`~engine.recipe.plan.Plan` into ``workdir``.
 
     ``outputs`` maps a stage name to the folder its output goes to instead of
     ``<workdir>/<name>`` (:func:`run_stage`); its temporary folder is made beside it.

@@ -56,7 +56,7 @@ STAGES_DIR = ".stages"
 
 
 class PlannedStage(Protocol):
-    """What a fingerprint reads of a planned stage (:class:`engine.recipe.validate.PlannedStage`):
+    """What a fingerprint reads of a planned stage (:class:`engine.recipe.plan.PlannedStage`):
     its recipe entry, validated params, resolved data and effective runtime."""
 
     spec: Any

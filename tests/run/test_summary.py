@@ -2,7 +2,7 @@
 
 The reports here are built by hand (the shape the runner writes: report.json's
 ``stages``, ``models`` and ``lineage``), so that each case pins one rule; the real run
-folder is exercised in tests/test_report.py.
+folder is exercised in tests/run/test_report.py.
 """
 
 from __future__ import annotations

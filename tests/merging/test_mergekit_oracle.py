@@ -19,7 +19,7 @@ MERGEKIT = os.environ.get("LINGOFORGE_MERGEKIT")
 @pytest.mark.skipif(not MERGEKIT, reason="set LINGOFORGE_MERGEKIT to a mergekit-yaml executable "
                                          "(mergekit in its own venv) to run the oracle")
 def test_every_merge_method_agrees_with_mergekit(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "speed"))
     try:
         import mergekit_oracle
     finally:

@@ -262,7 +262,7 @@ def test_paged_adamw_8bit_trains_a_step_on_cpu(make_context, tiny_model, tiny_to
     assert "optimizer: paged-adamw-8bit" in ctx.stats.notes["slow_paths"]
 
 
-# --- FSDP (the 2-process run is tests/test_distributed.py) ---------------------------------
+# --- FSDP (the 2-process run is tests/training/test_distributed.py) ---------------------------------
 
 
 def test_fsdp_refuses_what_it_cannot_shard(make_context, tiny_model):

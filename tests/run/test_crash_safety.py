@@ -6,7 +6,7 @@ resumes from its checkpoint; merge and evaluation redo their stage).
 
 Starting a Python process that imports torch and transformers costs about two CPU seconds,
 more than a tiny stage. So the kills go to children of a *fork server*: this module, run
-as a script (``python tests/test_crash_safety.py serve``), imports the engine once and
+as a script (``python tests/run/test_crash_safety.py serve``), imports the engine once and
 then forks one child per command; each child runs ``engine.cli.main`` and the server
 SIGKILLs it after the delay the test asks for. Each child is a real process killed with
 kill -9 mid-write, exactly as an OOM killer or a pre-empted node would.

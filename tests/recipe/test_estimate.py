@@ -139,7 +139,7 @@ def test_device_memory_defaults_to_ram_on_cpu():
 def test_scaling_doc_is_what_the_estimate_computes():
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root / "benchmarks" / "speed"))
     import scaling_doc
 

@@ -33,7 +33,7 @@ from engine.registry.manager import implementations, pm
 from engine.run.runner import Runner
 from engine_plugins.ties import Ties
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 
 #: docs/examples/lingoforge_median.py as it was before MergeMethod (verbatim)
 LEGACY_MEDIAN = '''

@@ -30,7 +30,7 @@ from engine_plugins.elo import ELO
 from engine_plugins.elo_align import ELOAlign
 from engine_plugins.sft import SFT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N_DOCS = 40
 
 

@@ -20,7 +20,7 @@ from engine.recipe.validate import plan_recipe
 from engine.run.runner import CHECKPOINTS_DIR, Runner
 from engine.training.loop import KILL_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recipe(tmp_path: Path, tiny_model: Path, text_file: Path) -> Path:

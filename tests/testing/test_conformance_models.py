@@ -33,7 +33,7 @@ from engine.testing import check_plugin
 from engine.testing._merge import COUNTS, OVERRIDES, OVERRIDES_REFUSED
 from engine.testing.conformance import quiet_context
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 
 
 def _merged(report) -> str:

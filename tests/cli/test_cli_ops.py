@@ -214,7 +214,7 @@ def _doc_blocks(text: str, lang: str) -> list[str]:
 
 def test_the_operations_guide_runs_as_written(tmp_path, monkeypatch, capsys):
     """docs/operations.md's example: its recipe and commands, with their printed status lines."""
-    doc = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    doc = (Path(__file__).parent.parent.parent / "docs" / "operations.md").read_text()
     (tmp_path / "ops-demo.yaml").write_text(_doc_blocks(doc, "yaml")[0])
     monkeypatch.chdir(tmp_path)
     session = _doc_blocks(doc, "console")[0].splitlines()

@@ -160,7 +160,7 @@ def test_docs_positionwise_plugin_example_runs_and_equals_ties(tiny_model_family
     import re
     from pathlib import Path
 
-    text = (Path(__file__).parents[1] / "docs" / "merging.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "merging.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class MyTies" in b)
     namespace: dict = {}
     exec(compile(block, "docs/merging.md", "exec"), namespace)

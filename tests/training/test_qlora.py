@@ -31,7 +31,7 @@ from engine_plugins.sft import SFT
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (lingoforge[8bit])")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = {"steps": 4, "batch_size": 2, "seq_len": 16, "lr": 1e-2, "log_every": 1}
 QLORA = {"r": 4, "alpha": 8, "quantize": "4bit"}
 

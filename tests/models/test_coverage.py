@@ -19,7 +19,7 @@ from engine.models.tokenizer.coverage import (
     poor_coverage,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "docs" / "examples"))
 from own_language_data import cyrillic  # noqa: E402
 
 
@@ -114,7 +114,7 @@ def test_validate_warns_per_stage_and_can_skip(tmp_path, capsys, monkeypatch):
 
 
 def test_quickstart_has_no_coverage_warning(capsys):
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
     assert main(["validate", str(recipe)]) == 0
     assert "covers" not in capsys.readouterr().err
 

@@ -41,7 +41,7 @@ from engine.registry.manager import implementations
 from engine.testing import ConformanceError, check_plugin, write_text_file
 from engine.testing.conformance import quiet_context
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 
 #: per built-in: what check_plugin needs besides the implementation
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -618,7 +618,7 @@ def test_the_nox_matrix_has_a_session_for_every_builtin_and_its_variants():
 
     pytest.importorskip("nox")
     spec = importlib.util.spec_from_file_location(
-        "noxfile_under_test", Path(__file__).resolve().parents[1] / "noxfile.py")
+        "noxfile_under_test", Path(__file__).resolve().parents[2] / "noxfile.py")
     noxfile = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = noxfile  # dataclasses look their module up
     try:

@@ -14,7 +14,7 @@ from engine.api import DataSource
 from engine.core.stages import STAGE_KINDS
 from engine.testing import check_options, check_plugin, write_text_file
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 
 
 def _documented() -> dict[str, tuple[str, ...]]:

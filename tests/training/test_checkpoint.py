@@ -25,7 +25,7 @@ from engine.training.checkpoint import CheckpointDir
 from engine.training.examples import Batch
 from engine.training.loop import KILL_ENV, LOG_FILE, TrainerParams, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recipe(tmp_path: Path, tiny_model: Path, text_file: Path, plugin: str = "ct", extra: str = "") -> Path:

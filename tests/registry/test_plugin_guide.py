@@ -15,7 +15,7 @@ from engine.recipe.validate import plan_recipe
 from engine.registry.manager import pm
 from engine.run.runner import Runner
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 
 
 @pytest.fixture
