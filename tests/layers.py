@@ -11,7 +11,7 @@ numbers, ``python tests/layers.py --write`` rewrites the diagram in docs/archite
 The order, each layer importing only layers to its left (and itself)::
 
     core < reporting < models < world < data < runtime < recipe < registry
-         < {training, evaluation, merging, tokenizer} < plan < run < cli < {api, testing}
+         < {training, evaluation, merging, tokenizer} < search < plan < run < cli < {api, testing}
 
 Layers in braces share a rank and import none of each other. ``reporting`` imports only
 ``core``; ``api`` and ``testing`` are faces: nothing in the engine imports them.
@@ -32,8 +32,8 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 #: layer -> rank; a module may import modules of its own layer or of a lower rank
 RANKS: dict[str, int] = {
     "core": 0, "reporting": 1, "models": 2, "world": 3, "data": 4, "runtime": 5, "recipe": 6,
-    "registry": 7, "training": 8, "evaluation": 8, "merging": 8, "tokenizer": 8, "plan": 9,
-    "run": 10, "cli": 11, "api": 12, "testing": 12,
+    "registry": 7, "training": 8, "evaluation": 8, "merging": 8, "tokenizer": 8, "search": 9,
+    "plan": 10, "run": 11, "cli": 12, "api": 13, "testing": 13,
 }
 
 #: module path (or a package's path, for everything under it) -> layer; the longest
@@ -65,6 +65,7 @@ LAYER_OF: dict[str, str] = {
     "engine.training": "training",
     "engine.evaluation": "evaluation",
     "engine.merging": "merging",
+    "engine.merging.search": "search",
     "engine.cli": "cli",
     "engine.api": "api",
     "engine.testing": "testing",

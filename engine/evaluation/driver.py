@@ -332,7 +332,9 @@ def _score_one(context: StageContext, item: _Todo, bar: Any, label: str, *, batc
     alive: Callable[[], Any] = _nothing
     try:
         model = context.load_model(item.artifact)
-        alive = weakref.ref(model)
+        keeps = getattr(context, "keeps", None)
+        if keeps is None or not keeps(model):  # a search's candidate stays loaded between trials
+            alive = weakref.ref(model)
         _report_capabilities(context, name, probe(model))
         scores = ModelScores({}, {})
         for part in item.parts:

@@ -353,13 +353,13 @@ class MergeMethod:
             every = [*configs.get("base", []), *configs.get("models", [])]
             self._variants(params, names, layer_count(every))
 
-    def run(self, context: StageContext, inputs: StageInputs, params: ExecutionParams
-            ) -> ModelArtifact:
-        """Resolve and check the params, then stream the merge (the stage's ``run``)."""
-        names = [m.name for m in inputs.models]
-        if not names:
-            raise MergeError(f"{self.name} needs at least one model (recipe key 'models')")
-        variants = self._variants(params, names, _input_layers(inputs))
+    def tensor_merge(self, params: ExecutionParams, names: Sequence[str], n_layers: int | None
+                     ) -> tuple[PositionwiseMerge, Counter]:
+        """Resolve and check ``params`` for models ``names`` and return the per-tensor
+        merge ``(tensor name, stacked [m, ...]) -> merged`` (a delta for task-vector
+        methods) with the tally :meth:`report` reads. The streamed merge (:meth:`run`) and
+        a search's in-memory candidates (:mod:`engine.merging.search`) both merge through it."""
+        variants = self._variants(params, names, n_layers)
         tally: Counter = Counter()
         steps = [(pattern, {k: _MethodStep(self, p, self._bands(p), tally) for k, p in family.items()})
                  for pattern, family in variants]
@@ -370,11 +370,19 @@ class MergeMethod:
             return family[layer_index(name)] if len(family) > 1 and layer_index(name) in family \
                 else family[None]
 
+        return PositionwiseMerge(select), tally
+
+    def run(self, context: StageContext, inputs: StageInputs, params: ExecutionParams
+            ) -> ModelArtifact:
+        """Resolve and check the params, then stream the merge (the stage's ``run``)."""
+        names = [m.name for m in inputs.models]
+        if not names:
+            raise MergeError(f"{self.name} needs at least one model (recipe key 'models')")
+        whole, tally = self.tensor_merge(params, names, _input_layers(inputs))
         merge: Callable[[str, torch.Tensor], torch.Tensor]
         if self.positionwise:
-            merge = PositionwiseMerge(select)
+            merge = whole
         else:
-            whole = PositionwiseMerge(select)
             merge = lambda name, stacked: whole(name, stacked)  # noqa: E731 - never sliced
         return execute_merge(context, inputs, params, merge, task_vectors=self.task_vectors,
                              meta=lambda: self.report(context, params, names, tally))

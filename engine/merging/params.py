@@ -33,7 +33,7 @@ from engine.merging.reads import note_read, start_tracking, tracked_fields
 from engine.models.tensorio import parse_size
 
 __all__ = [
-    "ExecutionParams", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
+    "Bounds", "ExecutionParams", "SearchRange", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
     "Layered", "TaskVectorParams", "TiesParams", "check_weight_sum", "layered_range", "per_model_fields",
     "per_model_range", "resolve_per_model",
 ]
@@ -48,6 +48,29 @@ class PerModel:
 
 #: a number, or a layer gradient: a list of numbers spread over the decoder layers
 Layered = float | list[float]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a param's validator accepts (metadata of :func:`per_model_range` and
+    :func:`layered_range`), which ``search:`` samples unless the recipe narrows it."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    """Where a merge ``search:`` samples a param whose validator accepts any number
+    (``Annotated[float, SearchRange(0.5, 2.0)]``): the method's declared search range. A
+    recipe may name any other range; a searched number with neither bounds nor this has no
+    usable range and is refused at validate time."""
+
+    low: float
+    high: float
+    log: bool = False
 
 
 def _range_check(field: str, low: float | None, high: float | None, low_open: bool,
@@ -87,7 +110,8 @@ def per_model_range(field: str, low: float, high: float, *, low_open: bool = Fal
     place (``[0.2, 0.8]``, :mod:`engine.merging.gradients`), and rejects a value outside
     ``(0, 1]`` with one error naming the field, the range, the value and the model."""
     check = _range_check(field, low, high, low_open, high_open, meaning)
-    return Annotated[Layered | dict[str, Layered], AfterValidator(check), PerModel(), Gradient()]
+    return Annotated[Layered | dict[str, Layered], AfterValidator(check), PerModel(), Gradient(),
+                     Bounds(low, high, low_open, high_open)]
 
 
 def layered_range(field: str, low: float, high: float, *, low_open: bool = False,
@@ -99,13 +123,14 @@ def layered_range(field: str, low: float, high: float, *, low_open: bool = False
     error naming the field, the range and the value; ``Field(..., description=...)`` makes
     it required (slerp's ``t``). ``p.t`` in ``merge`` is the number at the tensor's layer."""
     check = _range_check(field, low, high, low_open, high_open, meaning)
-    return Annotated[Layered, AfterValidator(check), Gradient()]
+    return Annotated[Layered, AfterValidator(check), Gradient(), Bounds(low, high, low_open, high_open)]
 
 
 #: a number for all models or ``{model name: number}``, either of them a layer gradient
+#: (searched in [0, 2] unless a recipe says otherwise)
 PerModelFloat = Annotated[Layered | dict[str, Layered],
                           AfterValidator(_range_check("weight", None, None, False, False, "")),
-                          PerModel(), Gradient()]
+                          PerModel(), Gradient(), SearchRange(0.0, 2.0)]
 #: a kept fraction in (0, 1], for all models or ``{model name: fraction}``
 PerModelDensity = per_model_range("density", 0, 1, low_open=True, meaning="the kept fraction")
 
@@ -217,7 +242,7 @@ class MergeParams(ExecutionParams):
 class TaskVectorParams(MergeParams):
     """Methods that merge task vectors (model minus base)."""
 
-    lambda_: float = Field(
+    lambda_: Annotated[float, SearchRange(0.5, 2.0)] = Field(
         1.0, alias="lambda", description="Scale of the merged task vector before it is added "
                                          "to the base.")
     normalize: bool = Field(

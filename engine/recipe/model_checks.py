@@ -86,7 +86,7 @@ def static_check(impl: StageImplementation, spec: StageSpec, params: PluginParam
     names: dict[str, list[str]] = {}
     paths: dict[str, list[Path | None]] = {}
     for key, refs in spec.references().items():
-        if key == "layers":
+        if key in ("layers", "search"):  # search: the models a search's evaluators score
             continue
         found = [root_config(r, recipe, configs) for r in refs]
         by_key[key] = [c for c in found if c is not None]

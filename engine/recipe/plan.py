@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine.core.inputs import DataSource
 from engine.core.params import PluginParams
+from engine.merging.search.plan import PlannedSearch
 from engine.recipe.spec import ModelSpec, Recipe, StageSpec
 from engine.registry.manager import Registered
 from engine.run.runtime import Runtime
@@ -30,6 +31,8 @@ class PlannedStage:
     data: list[DataSource]
     runtime: Runtime
     depends_on: list[str] = field(default_factory=list)
+    #: a merge stage's ``search:``, resolved (None: a plain merge)
+    search: PlannedSearch | None = None
 
     @property
     def name(self) -> str:

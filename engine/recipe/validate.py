@@ -32,6 +32,7 @@ from engine.core.params import PluginParams
 from engine.core.stages import SELECT_LAYERS, kind_of, model_kinds
 from engine.core.suggest import did_you_mean
 from engine.data.sources import resolve_data
+from engine.merging.search import checks as search_checks
 from engine.models import quantization
 from engine.models.adapters import is_adapter_folder
 from engine.recipe import estimate
@@ -134,6 +135,11 @@ def plan_recipe(recipe: Recipe, recipe_dir: Path, source: str = "<recipe>") -> P
                               model_configs, models_ok, problems, inputs_ok[spec.name])
         if planned is not None:
             stages.append(planned)
+    searches = {s.name: s.search for s in stages if s.search is not None}
+    if searches:
+        test_data = {s.name: s.data for s in stages if s.spec.stage == "evaluate"}
+        for line in search_checks.overlap_problems(recipe, searches, test_data, source):
+            problems.add(line)
     problems.raise_if_any()
     warnings = estimate.memory_warnings(stages, recipe, model_configs, source)
     warnings += threads.excess_warnings(recipe, source)
@@ -195,10 +201,15 @@ def _plan_stage(spec: StageSpec, recipe: Recipe, recipe_dir: Path, source: str,
             check_limits(spec, params, recipe, model_configs, where)
             static_check(registered.impl, spec, params, recipe, model_configs, where, recipe_dir)
         ok &= outcome.ok
+    search = None
+    if spec.search is not None:
+        with problems.check() as outcome:
+            search = search_checks.plan_search(spec, recipe, recipe_dir, source)
+        ok &= outcome.ok
     if not (ok and data_ok):
         return None
     deps = sorted({r for refs in spec.references().values() for r in refs if r in kinds})
-    return PlannedStage(spec, registered, params, data, runtime, deps)
+    return PlannedStage(spec, registered, params, data, runtime, deps, search)
 
 
 def effective_runtime(base: RuntimeSpec, override: RuntimeSpec | None) -> Runtime:

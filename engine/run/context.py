@@ -212,6 +212,12 @@ class StageContext:
         self.slow_path("attention", subject, slow_paths.attention_path(loaded))
         return loaded
 
+    def keeps(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` (from :meth:`load_model`) stays loaded after its user is done
+        with it, so that freeing it must not be waited for: False here; a merge search's
+        context keeps its candidate (:mod:`engine.merging.search.scoring`)."""
+        return False
+
     def load_tokenizer(self, model: ModelArtifact | Path) -> Any:
         """The tokenizer of a model folder (a pure-Python one is said and recorded)."""
         path = model.path if isinstance(model, ModelArtifact) else Path(model)

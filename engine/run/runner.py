@@ -63,6 +63,7 @@ from engine.core.inputs import StageInputs
 from engine.core.stages import STAGE_KINDS, training_kinds
 from engine.data import token_cache
 from engine.evaluation.driver import refuse_unscored
+from engine.merging.search.stage import run_search
 from engine.models import card as model_card
 from engine.models import modelio
 from engine.recipe.plan import Plan, PlannedStage
@@ -358,7 +359,11 @@ class Runner:
         t0 = time.perf_counter()
         try:
             with sampler, progress, token_cache.reporting_to(context):
-                artifact = stage.registered.impl.run(context, self._inputs(stage), stage.params)
+                if getattr(stage, "search", None) is not None:
+                    artifact = run_search(context, self._inputs(stage), stage.search, stage.spec.params,
+                                          self.artifacts, self.fingerprints)
+                else:
+                    artifact = stage.registered.impl.run(context, self._inputs(stage), stage.params)
             _check_artifact(artifact, stage)
             wall = time.perf_counter() - t0
             record = report.stage_record(stage, context, artifact, wall, sampler, fingerprint)

@@ -81,6 +81,7 @@ def stage_components(stage: PlannedStage, fingerprints: Mapping[str, str]) -> di
         "data": [data_key(d) for d in stage.data],
         # thread counts change speed, not what a stage computes: not part of the key
         "runtime": {k: v for k, v in vars(stage.runtime).items() if k not in _NOT_RESULTS},
+        **({"search": search.key()} if (search := getattr(stage, "search", None)) is not None else {}),
     }
 
 

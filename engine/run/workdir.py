@@ -1,7 +1,7 @@
 """Which names in a workdir the engine may write, checked before a run writes anything.
 
 ``engine run --workdir W`` writes a fixed set of names into ``W``: one per stage (a link into
-``.stages``), ``.stages/``, ``.checkpoints/``, ``.eval-cache/``, ``logs/``, ``report.json``, ``report.md``,
+``.stages``), ``.stages/``, ``.checkpoints/``, ``.eval-cache/``, ``.search/`` (search studies), ``logs/``, ``report.json``, ``report.md``,
 ``report/``, ``run.log`` and its lock file. ``W`` may be a folder that already holds a
 user's files; those are never replaced nor deleted. Before the first write, under the
 workdir lock, :func:`claim` checks every name the run will write:
@@ -34,8 +34,8 @@ __all__ = ["ENGINE_NAMES", "WORKDIR_FILE", "check_report_names", "claim", "claim
 #: the workdir's marker: the names the engine has claimed in it
 WORKDIR_FILE = ".lingoforge-workdir.json"
 #: names every run may write besides its stages (the lock file is handled by the lock)
-ENGINE_NAMES = (STAGES_DIR, CHECKPOINTS_DIR, ".eval-cache", "logs", "report.json", "report.md", "report",
-                "run.log")
+ENGINE_NAMES = (STAGES_DIR, CHECKPOINTS_DIR, ".eval-cache", ".search", "logs", "report.json", "report.md",
+                "report", "run.log")
 _REPORT_NAMES = ("report.md", "report")
 
 

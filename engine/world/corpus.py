@@ -105,6 +105,22 @@ def held_out_questions() -> list[Question]:
             for i, animal in enumerate(animals) for j in pairs[i % len(pairs)]]
 
 
+def dev_questions() -> list[Question]:
+    """Dev questions (128 items) for tuning on, e.g. a merge search: two of each animal's
+    three *trained* attributes (the facts task-train.jsonl covers), so they never ask a
+    test question; four choices each, drawn apart from the test questions' draw."""
+    rng = random.Random("lingoforge-world-dev-questions")
+    facts = world_facts()
+    held_out = {(q.animal, q.attr) for q in held_out_questions()}
+    out = []
+    for animal in ANIMALS:
+        trained = [a for a in ATTRIBUTE_ORDER if (animal, a) not in held_out]
+        for attr in rng.sample(trained, 2):
+            out.append(_choices(rng, facts, animal, attr))
+    rng.shuffle(out)
+    return out
+
+
 def fact_sentence(lang: str, animal: str, attr: str) -> str:
     """The plain sentence stating one fact; every train.txt contains each one verbatim."""
     r = Realiser(lang)
@@ -243,6 +259,14 @@ def task_test_records(lang: str) -> list[dict[str, object]]:
             for q in held_out_questions()]
 
 
+def task_dev_records(lang: str) -> list[dict[str, object]]:
+    """The dev questions (:func:`dev_questions`) in ``lang``, multiple choice."""
+    r = Realiser(lang)
+    return [{"prompt": r.question(q.attr, q.animal),
+             "choices": [" " + r.word(c) for c in q.choices], "label": q.label}
+            for q in dev_questions()]
+
+
 def task_generation_records(lang: str) -> list[dict[str, object]]:
     """The same held-out questions for greedy generation scored by exact match."""
     r = Realiser(lang)
@@ -267,6 +291,7 @@ def data_files() -> dict[str, str]:
         files[f"{lang}/test.txt"] = _text(eval_lines(lang, train[lang]))
         files[f"{lang}/task-test.jsonl"] = _jsonl(task_test_records(lang))
         files[f"{lang}/task-test-gen.jsonl"] = _jsonl(task_generation_records(lang))
+        files[f"{lang}/task-dev.jsonl"] = _jsonl(task_dev_records(lang))
     for lang in TASK_LANGUAGES:
         files[f"{lang}/task-train.jsonl"] = _jsonl(task_train_records(lang))
     rng = random.Random("lingoforge-world-align")
@@ -279,7 +304,8 @@ def data_files() -> dict[str, str]:
 def data_names() -> tuple[str, ...]:
     """Every valid built-in data name, without generating anything."""
     names = [f"{lang}/{split}" for lang in GRAMMARS
-             for split in ("train.txt", "test.txt", "task-test.jsonl", "task-test-gen.jsonl")]
+             for split in ("train.txt", "test.txt", "task-test.jsonl", "task-test-gen.jsonl",
+                           "task-dev.jsonl")]
     names += [f"{lang}/{split}" for lang in TASK_LANGUAGES
               for split in ("task-train.jsonl",)]
     names += ["mix/align.txt"]
