@@ -76,6 +76,11 @@ class Perplexity:
                 raise ValueError(f"stride {params.stride} must be below the window of "
                                  f"{window} tokens (max_length or the model's context)")
 
+    def produces(self, data: list[Any], params: Params) -> list[str]:
+        """The metric names it reports per model for ``data`` (a merge search's check)."""
+        kinds = ("ppl", "bpb") if params.bits_per_byte else ("ppl",)
+        return [f"{k}/{d.label}" for d in data if d.format == "text" for k in kinds]
+
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> MetricsArtifact:
         sources = select_sources(context, inputs.data, "text")
         texts = read_documents(sources, params.max_documents, context.stage_name)

@@ -91,6 +91,15 @@ class Retention:
             raise ValueError(f"retention: reference {params.reference!r} is not among the "
                              f"stage's models ({', '.join(names)}); add it to 'models'")
 
+    def produces(self, data: list[Any], params: Params) -> list[str]:
+        """The metric names it reports per model for ``data`` (a merge search's check):
+        ``retention_<m>`` for text metrics, ``delta_<m>`` for accuracies."""
+        out = []
+        for m in params.metrics:
+            fmt, name = ("text", f"retention_{m}") if m in RATIO_METRICS else ("choice", f"delta_{m}")
+            out += [f"{name}/{d.label}" for d in data if d.format == fmt]
+        return out
+
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> MetricsArtifact:
         names = [m.name for m in inputs.models]
         if params.reference not in names:

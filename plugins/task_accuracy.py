@@ -128,6 +128,11 @@ class TaskAccuracy:
                 raise ValueError("an empty stop string would stop every generation at once")
             return value
 
+    def produces(self, data: list[Any], params: Params) -> list[str]:
+        """The metric names it reports per model for ``data`` (a merge search's check)."""
+        kinds = {"choice": ("acc", "acc_norm"), "generation": ("exact_match",)}
+        return [f"{k}/{d.label}" for d in data for k in kinds.get(d.format, ())]
+
     def run(self, context: StageContext, inputs: StageInputs, params: Params) -> MetricsArtifact:
         sources = select_sources(context, inputs.data, FORMATS)
         match = AnswerMatch(params.ignore_case, params.ignore_punctuation)

@@ -332,9 +332,7 @@ def _score_one(context: StageContext, item: _Todo, bar: Any, label: str, *, batc
     alive: Callable[[], Any] = _nothing
     try:
         model = context.load_model(item.artifact)
-        keeps = getattr(context, "keeps", None)
-        if keeps is None or not keeps(model):  # a search's candidate stays loaded between trials
-            alive = weakref.ref(model)
+        alive = _nothing if context.keeps(model) else weakref.ref(model)  # a search's candidate stays
         _report_capabilities(context, name, probe(model))
         scores = ModelScores({}, {})
         for part in item.parts:

@@ -11,5 +11,11 @@ ordinary merge output. docs/search.md is the guide.
 * :mod:`engine.merging.search.study` -- the study: storage, workers, budget, pruning, resume;
 * :mod:`engine.merging.search.front` -- trials as records, the Pareto front, the choice, warm starts;
 * :mod:`engine.merging.search.stage` -- the stage: search, choose, write, report;
-* :mod:`engine.merging.search.checks` -- what ``engine validate`` refuses.
+* :mod:`engine.merging.search.checks` -- what ``engine validate`` refuses;
+* :mod:`engine.merging.search.plan` -- a search as validation resolves it.
+
+This ``__init__`` imports nothing, so that the plan (which reads :mod:`~engine.merging.search.plan`)
+never loads Optuna: its public names are the modules, imported by name.
 """
+
+__all__ = ["candidate", "checks", "front", "plan", "scoring", "space", "stage", "study"]
