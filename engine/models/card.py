@@ -58,6 +58,20 @@ def card_text(*, recipe: str, stage: Any, record: Mapping[str, Any],
         lines += ["## Params", "", "| param | value |", "|---|---|"]
         lines += [f"| {k} | {_value(v)} |" for k, v in params.items()]
         lines.append("")
+    search = (record.get("notes") or {}).get("search")
+    if isinstance(search, Mapping) and isinstance(search.get("chosen"), Mapping):
+        chosen, counts = search["chosen"], search.get("counts") or {}
+        values = ", ".join(f"`{k}` {v:.4g}" for k, v in (chosen.get("metrics") or {}).items()
+                           if isinstance(v, (int, float)))
+        lines += ["## Search", "",
+                  f"These weights are the candidate a merge search chose: trial {chosen.get('number')} "
+                  f"of study `{search.get('study')}` ({len(search.get('trials') or [])} trials: "
+                  f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+                  f"{counts.get('fail', 0)} failed; {search.get('search_s')} s), method "
+                  f"`{chosen.get('method')}`, scored on the search's dev data: {values or '-'}.", "",
+                  "| searched param | chosen value |", "|---|---|"]
+        lines += [f"| {k} | {_value(v)} |" for k, v in (chosen.get("params") or {}).items()]
+        lines += ["", "Its scores on held-out test data are those of the recipe's evaluate stages.", ""]
     lines += ["## Cost", "", "| wall time s | tokens | trainable params | forward params |",
               "|---|---|---|---|",
               f"| {record.get('wall_time_s', '-')} | {record.get('tokens') or 0} | "

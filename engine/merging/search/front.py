@@ -25,7 +25,7 @@ def trial_records(trials: Sequence[Any]) -> list[dict[str, Any]]:
             "metrics": a.get("metrics"), "stderr": a.get("stderr"), "seconds": a.get("seconds"),
             "merge_s": a.get("merge_s"), "fingerprint": a.get("fingerprint"),
         }
-        for key in ("constraints", "rung", "error", "warm_start", "retry_of"):
+        for key in ("constraints", "rung", "error", "warm_start", "retry_of", "worker"):
             if key in a:
                 record[key] = a[key]
         record["feasible"] = is_feasible(t)

@@ -133,7 +133,8 @@ def _storage(url: str) -> Any:
 def _sampler(spec: SearchSpec, seed: int) -> Any:
     import optuna  # imported here for start-up speed: only a search needs optuna
 
-    constraints = _constraint_values if spec.constraints else None
+    # Optuna 5 reads constraints set on the trial; older releases take a constraints_func
+    constraints = _constraint_values if spec.constraints and not _trial_constraints() else None
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials,
                                           multivariate=True, constraints_func=constraints)
@@ -142,6 +143,12 @@ def _sampler(spec: SearchSpec, seed: int) -> Any:
     if spec.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec.startup_trials)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _trial_constraints() -> bool:
+    import optuna  # imported here for start-up speed: only a search needs optuna
+
+    return hasattr(optuna.trial.Trial, "set_constraint")
 
 
 def _constraint_values(trial: Any) -> Sequence[float]:
@@ -195,6 +202,7 @@ def _objective(job: SearchJob, merger: Any, scorer: Any) -> Callable[[Any], Any]
         method, drawn = job.space.suggest(trial)
         trial.set_user_attr("method", method)
         trial.set_user_attr("params", drawn)
+        trial.set_user_attr("worker", os.getpid())
         try:
             params = job.params_for(method, drawn)
             fp = job.fingerprint(method, params)
@@ -222,7 +230,11 @@ def _objective(job: SearchJob, merger: Any, scorer: Any) -> Callable[[Any], Any]
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("stderr", stderr)
         if job.constraints:
-            trial.set_user_attr("constraints", [c.violation(metrics[c.metric]) for c in job.constraints])
+            violations = [c.violation(metrics[c.metric]) for c in job.constraints]
+            trial.set_user_attr("constraints", violations)
+            if hasattr(trial, "set_constraint"):
+                for c, v in zip(job.constraints, violations):
+                    trial.set_constraint(str(c), v)
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
         return values[0] if len(values) == 1 else tuple(values)
 
@@ -255,7 +267,7 @@ def prepare(job: SearchJob, study: Any, warm: Sequence[dict[str, Any]] = ()) -> 
         if (stale or interrupted) and t.number not in retried and t.params:
             if stale:
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=True)
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             again.append(t.number)
     if again:
         study.set_user_attr("retried", sorted(retried | set(again)))
