@@ -24,6 +24,7 @@ from engine.cli import coverage as cli_coverage
 from engine.cli import merge as cli_merge
 from engine.cli import ops as cli_ops
 from engine.cli import report as cli_report
+from engine.cli import vocab as cli_vocab
 from engine.cli.common import (
     EXIT_STAGE_FAILED,
     EXIT_USER_ERROR,
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_report.add_parser(sub)
     cli_ops.add_parsers(sub)
     cli_coverage.add_parsers(sub)
+    cli_vocab.add_parsers(sub)
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema (plugin params included)")
     schema.add_argument("--markdown", action="store_true", help="print the recipe reference instead")
@@ -216,6 +218,7 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "s
             "merge": cli_merge.cmd_merge, "report": cli_report.cmd_report,
             "status": cli_ops.cmd_status, "cache": cli_ops.cmd_cache}
 COMMANDS.update(cli_coverage.COMMANDS)
+COMMANDS.update(cli_vocab.COMMANDS)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ from engine.data.files import detect_format
 from engine.data.sources import iter_texts
 from engine.models.tokenizer import coverage
 from engine.models.tokenizer.extend import extend_tokenizer
+from engine.models.tokenizer.inits import get_init, parse_init_params
 
 BUILTIN = "builtin:"
 #: the most tokens one extension adds (the BPE trainer allocates for the whole request up front)
@@ -55,6 +56,17 @@ def add_parsers(sub: Any) -> None:
     ext.add_argument("--overwrite", action="store_true",
                      help="replace --output if it is an earlier output of lingoforge (a folder "
                           "lingoforge did not write is never replaced)")
+    add_init_flags(ext)
+
+
+def add_init_flags(parser: argparse.ArgumentParser) -> None:
+    """``--init``, ``--init-param`` and ``--seed``: how the rows of new tokens are made."""
+    parser.add_argument("--init", default="mean", metavar="METHOD",
+                        help="how the rows of new tokens are made: mean (default), omp, focus, random, "
+                             "or a plugin's method (docs/extend-tokenizer.md)")
+    parser.add_argument("--init-param", dest="init_params", action="append", default=[],
+                        metavar="KEY=VALUE", help="an option of the init method (repeatable), e.g. k=8")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init method (default 0)")
 
 
 def _model_folder(name: str) -> Path:
@@ -156,11 +168,17 @@ def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
             raise DataError(f"{path}: extend-tokenizer reads text data (.txt, or .jsonl with 'text')")
         texts.extend(iter_texts(DataSource(path=path)))
     before = [coverage.measure_file(coverage.load_backend(folder), p) for p in args.data]
+    init_params = parse_init_params(args.init_params)
+    get_init(args.init)  # an unknown method or a missing package, before any work
     result = extend_tokenizer(folder, texts, out, new_tokens=args.tokens,
-                              min_frequency=args.min_frequency, overwrite=args.overwrite)
+                              min_frequency=args.min_frequency, overwrite=args.overwrite,
+                              init=args.init, init_params=init_params, seed=args.seed)
     after_tok = coverage.load_backend(result.folder)
     console.print(f"[green]ok[/] {result.folder}: {len(result.added)} tokens added, vocabulary "
-                  f"{result.old_size} -> {result.new_size}", highlight=False, soft_wrap=True)
+                  f"{result.old_size} -> {result.new_size}, rows by {result.init} in "
+                  f"{result.seconds:.1f}s", highlight=False, soft_wrap=True)
+    if result.notes:
+        console.print(f"  init: {escape(format_notes(result.notes))}", highlight=False, soft_wrap=True)
     for path, old in zip(args.data, before):
         new = coverage.measure_file(after_tok, path)
         console.print(f"  {path.name}: {old.tokens_per_word:.2f} -> {new.tokens_per_word:.2f} tokens/word, "
@@ -169,6 +187,11 @@ def cmd_extend_tokenizer(args: argparse.Namespace, console: Console) -> int:
     console.print("  train it with train_embeddings: true (docs/extend-tokenizer.md)", highlight=False)
     sys.stdout.flush()
     return 0
+
+
+def format_notes(notes: dict[str, Any]) -> str:
+    """An init method's notes on one line: ``key value, ...``."""
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in notes.items())
 
 
 COMMANDS = {"coverage": cmd_coverage, "extend-tokenizer": cmd_extend_tokenizer}

@@ -82,6 +82,24 @@ for _kind in STAGE_KINDS.values():
 del _kind
 
 
+# --- tool hooks --------------------------------------------------------------------
+
+
+@hookspec
+def register_embedding_inits(register: Register) -> None:
+    """Register ways to initialise the embedding rows of tokens a model's vocabulary gains.
+
+    ``engine extend-tokenizer``, ``engine transplant-tokenizer`` and the ``vocabulary``
+    stage call one of them for every token the new tokenizer has and the old one lacks
+    (tokens both have keep their rows exactly). An implementation has ``name`` (what
+    ``--init`` names), ``Params`` (a :class:`engine.api.PluginParams` of its options) and
+    ``init_rows(problem, params)``, which receives an
+    :class:`engine.models.tokenizer.inits.InitProblem` (the old embedding and head, the new
+    tokens with their split under the old tokenizer, both tokenizers, the target text) and
+    returns an :class:`engine.models.tokenizer.inits.InitRows`. Not a stage kind: an
+    initialisation never runs on its own, it fills rows inside one of those commands."""
+
+
 # --- lifecycle hooks ---------------------------------------------------------------
 
 

@@ -6,22 +6,22 @@ the merges it learned (and the tokens they make) after the old ones, so every te
 old tokenizer handled still gets the same ids, and writes a new model folder: the
 embedding (and an untied output head) grows by one row per new token, each initialised
 to the mean of the rows of the old tokens the new one replaces (what the old tokenizer
-split it into). ``engine extend-tokenizer`` is this function; docs/extend-tokenizer.md
+split it into), or by another init method (:mod:`engine.models.tokenizer.inits`).
+``engine extend-tokenizer`` is this function; docs/extend-tokenizer.md
 shows the whole route (measure, extend, train with ``train_embeddings: true``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.core import outputs
 from engine.core.errors import ModelLoadError
-from engine.models import modelio
+from engine.models.tokenizer.transplant import change_vocabulary
 
 __all__ = ["Extended", "extend_tokenizer", "extended_tokenizer_json"]
 
@@ -32,6 +32,9 @@ class Extended:
     old_size: int
     new_size: int
     added: list[str]
+    init: str = "mean"
+    notes: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def extended_tokenizer_json(spec: dict[str, Any], texts: Iterable[str], new_tokens: int,
@@ -81,17 +84,16 @@ def extended_tokenizer_json(spec: dict[str, Any], texts: Iterable[str], new_toke
 
 
 def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *, new_tokens: int = 1000,
-                     min_frequency: int = 2, overwrite: bool = False) -> Extended:
+                     min_frequency: int = 2, overwrite: bool = False, init: str = "mean",
+                     init_params: Mapping[str, Any] | None = None, seed: int = 0) -> Extended:
     """Write ``output_dir``: ``model_dir``'s model with its tokenizer extended by up to
-    ``new_tokens`` tokens learned from ``texts``, and its embeddings resized to match.
+    ``new_tokens`` tokens learned from ``texts``, and its embeddings resized to match; the
+    new rows are made by init method ``init`` (default ``mean``: the mean of the rows of the
+    old tokens the new one replaces; :mod:`engine.models.tokenizer.inits`).
 
     The folder is written to a temporary folder beside it and published only when complete
     (:func:`engine.core.outputs.publish`): ``output_dir`` must lie apart from ``model_dir``, and an
     existing one is replaced only with ``overwrite`` and only when lingoforge wrote it."""
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir, output_dir = Path(model_dir), Path(output_dir).absolute()
     outputs.check_disjoint(output_dir, [("model", model_dir)], flag="--output")
     outputs.check_target(output_dir, flag="--output", overwrite=overwrite)
@@ -106,38 +108,7 @@ def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *,
     if not added:
         raise ModelLoadError(f"{model_dir}: the text taught no token the tokenizer lacks "
                              "(it covers the language already, or there is too little text)")
-    old = Tokenizer.from_str(json.dumps(spec))
-    new = Tokenizer.from_str(json.dumps(new_spec))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    emb = model.get_input_embeddings().weight.detach().clone()
-    head = model.get_output_embeddings()
-    tied = head is None or head.weight is model.get_input_embeddings().weight
-    head_w = None if tied else head.weight.detach().clone()
-    size = max(emb.shape[0], new.get_vocab_size(with_added_tokens=True))
-    model.resize_token_embeddings(size, mean_resizing=False)
-    with torch.no_grad():
-        for token in added:
-            tid = new.token_to_id(token)
-            # the old tokenizer's split of the same piece (BPE on the raw token string)
-            parts = [t.id for t in old.model.tokenize(token)] or [0]
-            model.get_input_embeddings().weight[tid] = emb[parts].mean(0)
-            if head_w is not None:
-                model.get_output_embeddings().weight[tid] = head_w[parts].mean(0)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outputs.temp_dir(f".{output_dir.name}.tmp-", output_dir.parent)  # unique per process
-    try:
-        for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        (tmp / "tokenizer.json").write_text(json.dumps(new_spec, ensure_ascii=False), encoding="utf-8")
-        tokenizer = AutoTokenizer.from_pretrained(str(tmp))
-        meta = {"kind": "extended-tokenizer", "source_model": str(model_dir.resolve()),
-                "added_tokens": len(added), "old_vocab_size": int(emb.shape[0]), "vocab_size": size}
-        modelio.save_model(model, tokenizer, tmp, meta=meta)
-        outputs.settle_modes(tmp)
-        outputs.mark_output(tmp, "extended-tokenizer")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    outputs.publish(tmp, output_dir, flag="--output", overwrite=overwrite)
-    return Extended(output_dir, int(emb.shape[0]), size, added)
+    done = change_vocabulary(model_dir, output_dir, new_spec, tokenizer_from=model_dir, texts=texts,
+                             init=init, init_params=init_params, seed=seed, extension=True,
+                             overwrite=overwrite, kind="extended-tokenizer")
+    return Extended(output_dir, done.old_size, done.new_size, added, init, done.notes, done.seconds)

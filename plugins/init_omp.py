@@ -1,0 +1,147 @@
+"""``omp``: each new token as a sparse combination of old tokens, by orthogonal matching pursuit.
+
+The combination is fitted in a space where the new token and old tokens are both known,
+then the same coefficients combine the old tokens' rows of the model:
+
+* ``space: donor``: the donor model's own embedding, when the new tokenizer came from a
+  model folder with weights (the donor has a row for the new token and for every token
+  both vocabularies share; the head is fitted in the donor's head where both have one);
+* ``space: aux``: fastText vectors learned on the target text
+  (:mod:`engine.models.tokenizer.auxiliary`, as ``focus``; needs gensim);
+* ``auto`` (default): ``donor`` where there is one, else ``aux``.
+
+For each new token the ``neighbors`` most similar candidates (cosine) are taken and
+matching pursuit picks at most ``k`` of them, refitting their coefficients by least
+squares after each pick (mergekit's tokensurgeon fits the same way, kNN then OMP, in a
+donor's embedding space).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from engine.api import hookimpl
+from engine.api.errors import RecipeError
+from engine.models.tokenizer import auxiliary
+from engine.models.tokenizer.inits import InitProblem, InitRows, piece_mean, random_rows
+from engine.models.tokenizer.sparse import omp
+
+
+class OmpInit:
+    """A sparse least-squares combination of old tokens (matching pursuit), fitted in a donor's
+    embedding or in fastText vectors learned on the target text."""
+
+    name = "omp"  # space: aux needs gensim; train_aux says so (space: donor does not)
+
+    class Params(auxiliary.AuxParams):
+        space: Literal["auto", "donor", "aux"] = Field(
+            "auto", description="Where the combination is fitted: `donor` (the donor model's embedding), "
+            "`aux` (fastText vectors of the target text), `auto`: donor when there is one.")
+        k: int = Field(8, ge=1, le=256, description="Most old tokens in one combination.")
+        neighbors: int = Field(64, ge=1, le=4096, description="Candidates (most similar old tokens) "
+                               "matching pursuit chooses from.")
+
+    def init_rows(self, problem: InitProblem, params: Params) -> InitRows:
+        began = time.perf_counter()
+        space = params.space
+        if space == "auto":
+            space = "donor" if problem.donor_input is not None else "aux"
+        if space == "donor":
+            if problem.donor_input is None:
+                raise RecipeError("init method omp: space 'donor' needs a tokenizer folder with model "
+                                  "weights (a donor model); use space: aux")
+            rows_in, rows_out, notes = _donor_rows(problem, params)
+        else:
+            rows_in, rows_out, notes = _aux_rows(problem, params)
+        notes.update(space=space, k=params.k, seconds=round(time.perf_counter() - began, 3))
+        return InitRows(rows_in, rows_out, notes)
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-8)
+
+
+def _fit(atoms: np.ndarray, unit_atoms: np.ndarray, y: np.ndarray, params: OmpInit.Params
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate indices into atoms, coefficients): kNN by cosine, then matching pursuit."""
+    sims = unit_atoms @ (y / max(float(np.linalg.norm(y)), 1e-8))
+    near = np.argsort(-sims)[: params.neighbors]
+    chosen, coef = omp(atoms[near].T, y, params.k)
+    return near[chosen], coef
+
+
+def _combine(rows: torch.Tensor, idx: np.ndarray, coef: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(coef.astype(np.float32)) @ rows[torch.from_numpy(idx)]
+
+
+def _donor_rows(problem: InitProblem, params: OmpInit.Params
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    shared_new = list(problem.shared.keys())
+    shared_old = torch.tensor([problem.shared[i] for i in shared_new])
+    if not shared_new:
+        raise RecipeError("init method omp: the two vocabularies share no token, so no donor row "
+                          "can be written in the model's old tokens")
+    assert problem.donor_input is not None
+    spaces = [(problem.donor_input, problem.old_input)]
+    if problem.old_output is not None:
+        donor_head = problem.donor_output if problem.donor_output is not None else problem.donor_input
+        spaces.append((donor_head, problem.old_output))
+    results: list[torch.Tensor] = []
+    sizes: list[int] = []
+    for donor, old in spaces:
+        atoms = donor[shared_new].numpy().astype(np.float64)
+        unit = _unit(atoms)
+        base = old[shared_old]
+        rows = []
+        for token in problem.new_tokens:
+            idx, coef = _fit(atoms, unit, donor[token.id].numpy().astype(np.float64), params)
+            sizes.append(len(idx))
+            rows.append(_combine(base, idx, coef))
+        results.append(torch.stack(rows))
+    notes = {"shared_atoms": len(shared_new), "mean_old_tokens_used": round(float(np.mean(sizes)), 2)}
+    return results[0], results[1] if len(results) > 1 else None, notes
+
+
+def _aux_rows(problem: InitProblem, params: OmpInit.Params
+              ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    space = auxiliary.train_aux(problem, params)
+    ids, atoms = auxiliary.dictionary(problem, space)
+    atoms = atoms.astype(np.float64)
+    old_in = problem.old_input[ids]
+    old_out = None if problem.old_output is None else problem.old_output[ids]
+    tokens = problem.new_tokens
+    if params.fallback == "mean":
+        fall_in = piece_mean(problem.old_input, tokens)
+        fall_out = None if old_out is None else piece_mean(problem.old_output, tokens)
+    else:
+        gen = torch.Generator().manual_seed(problem.seed)
+        fall_in = random_rows(problem.old_input, len(tokens), gen)
+        fall_out = None if old_out is None else random_rows(problem.old_output, len(tokens), gen)
+    rows_in, rows_out, sizes, rare = [], [], [], 0
+    for n, token in enumerate(tokens):
+        v = auxiliary.target(problem, space, token)
+        if v is None:
+            rare += 1
+            rows_in.append(fall_in[n])
+            if fall_out is not None:
+                rows_out.append(fall_out[n])
+            continue
+        idx, coef = _fit(atoms, atoms, v.astype(np.float64), params)
+        sizes.append(len(idx))
+        rows_in.append(_combine(old_in, idx, coef))
+        if old_out is not None:
+            rows_out.append(_combine(old_out, idx, coef))
+    notes = {"aux_tokens": len(space.index), "old_tokens_with_vectors": len(ids), "fallback_rows": rare,
+             "fallback": params.fallback,
+             "mean_old_tokens_used": round(float(np.mean(sizes)), 2) if sizes else 0.0}
+    return torch.stack(rows_in), torch.stack(rows_out) if old_out is not None else None, notes
+
+
+@hookimpl
+def register_embedding_inits(register):
+    register(OmpInit())
