@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,6 +23,7 @@ from pydantic import (
 
 from engine.core.errors import MergeError
 from engine.core.params import NOT_IN_RESULT, PluginParams, non_finite
+from engine.merging.declared import Bounds, PerModel, SearchRange
 from engine.merging.gradients import (
     Gradient,
     refuse_gradient,
@@ -39,38 +39,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class PerModel:
-    """Marks a field as per-model (``Annotated[..., PerModel()]``): a recipe writes one
-    number for every model or ``{model name: number}``, and
-    :class:`~engine.merging.method.MergeMethod` hands the arithmetic one value per model,
-    in model order (models a dict does not name get the field's default)."""
-
 #: a number, or a layer gradient: a list of numbers spread over the decoder layers
 Layered = float | list[float]
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The range a param's validator accepts (metadata of :func:`per_model_range` and
-    :func:`layered_range`), which ``search:`` samples unless the recipe narrows it."""
-
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-
-
-@dataclass(frozen=True)
-class SearchRange:
-    """Where a merge ``search:`` samples a param whose validator accepts any number
-    (``Annotated[float, SearchRange(0.5, 2.0)]``): the method's declared search range. A
-    recipe may name any other range; a searched number with neither bounds nor this has no
-    usable range and is refused at validate time."""
-
-    low: float
-    high: float
-    log: bool = False
 
 
 def _range_check(field: str, low: float | None, high: float | None, low_open: bool,

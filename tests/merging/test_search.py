@@ -229,6 +229,14 @@ def test_a_search_writes_the_chosen_candidate_and_records_every_trial(tiny_model
     again = run_recipe(dev, tmp_path / "check")
     scored = next(s for s in again["stages"] if s["name"] == "dev-scores")["metrics"]["searched"]
     assert scored["acc/dev"] == pytest.approx(chosen["metrics"]["acc/dev"])
+    # report.md has the search's section and chart
+    from engine.run.report.files import make_report
+
+    make_report(tmp_path / "w")
+    md = (tmp_path / "w" / "report.md").read_text()
+    assert "## Searches" in md and f"chosen: trial {chosen['number']}" in md
+    svg = (tmp_path / "w" / "report" / "search-searched.svg").read_text()
+    assert svg.count('class="trial"') == 6 and svg.count('class="chosen"') == 1
     # the model card names the search
     card = (tmp_path / "w" / "searched" / "README.md").read_text()
     assert "search" in card.lower() and f"trial {chosen['number']}" in card
@@ -278,3 +286,23 @@ def test_warm_start_queues_the_previous_best_trials_first(tiny_model_family, tas
     for got, want in zip(warm, best[:2]):
         for model in ("a", "b"):
             assert got["params"]["weight"][model] == pytest.approx(want["params"]["weight"][model])
+
+
+def test_the_cost_table_counts_a_search_in_the_merge_it_chose():
+    from engine.run.report.cost import cost_blocks, merges_built_on, methods
+
+    lineage = {"ct": {"stage": "adapt-language", "plugin": "ct", "inputs": ["base"], "languages": {"lum": 1.0}},
+               "sft": {"stage": "adapt-language", "plugin": "sft", "inputs": ["base"], "languages": {"en": 1.0}},
+               "m": {"stage": "merge", "plugin": "ties", "inputs": ["base", "ct", "sft"]}}
+    trials = [{"number": i, "state": "complete"} for i in range(40)]
+    report = {"lineage": lineage, "stages": [
+        {"name": "ct", "plugin": "ct", "wall_time_s": 10.0, "tokens": 100, "trainable_params": 5},
+        {"name": "sft", "plugin": "sft", "wall_time_s": 5.0, "tokens": 50, "trainable_params": 5},
+        {"name": "m", "plugin": "ties", "wall_time_s": 31.5, "tokens": 0,
+         "notes": {"search": {"trials": trials, "search_s": 30.25}}}]}
+    found = methods(report, "lum")
+    merges = merges_built_on(report, found)
+    assert merges[0].plugins == ["ct", "sft", "ties (search: 40 trials, 30.2 s)"]
+    assert merges[0].wall_time_s == 46.5  # the training it is built from, plus the search and the merge
+    note = cost_blocks(found, merges)[1].text
+    assert "A searched merge's time includes its search" in note

@@ -32,9 +32,9 @@ from typing import Any, Literal
 import annotated_types
 
 from engine.core.errors import RecipeError
+from engine.merging.declared import Bounds, PerModel, SearchRange
 from engine.merging.gradients import Gradient
 from engine.merging.overrides import EXECUTION_FIELDS
-from engine.merging.params import Bounds, PerModel, SearchRange
 
 __all__ = ["Dimension", "MethodSpace", "SearchSpace", "build_space", "param_range"]
 

@@ -101,8 +101,12 @@ def merges_built_on(report: dict[str, Any], found: list[Method]) -> list[Method]
         costed = [s for s in chain if s in records and (s == name or lineage[s].get("stage")
                                                          in TRAINING_KINDS + ("select-layers",))]
         trained = [s for s in costed if lineage[s].get("stage") in TRAINING_KINDS]
+        merge = records[name]["plugin"]
+        search = (records[name].get("notes") or {}).get("search")
+        if isinstance(search, dict) and isinstance(search.get("trials"), list):
+            merge += f" (search: {len(search['trials'])} trials, {float(search.get('search_s') or 0):.1f} s)"
         out.append(Method(
-            name, costed, [records[s]["plugin"] for s in trained] + [records[name]["plugin"]],
+            name, costed, [records[s]["plugin"] for s in trained] + [merge],
             sum(float(records[s].get("wall_time_s") or 0) for s in costed),
             sum(int(records[s].get("tokens") or 0) for s in costed),
             [int(records[s].get("trainable_params") or 0) for s in trained]))
@@ -126,7 +130,9 @@ def cost_blocks(found: list[Method], merges: list[Method] | None = None) -> list
         Note(f"× is relative to the most expensive method, {top.name}; trainable lists each "
              "training stage's count (× compares the first)."
              + (" A merge's cost is every training stage it is built from (any language) plus "
-                "the merge." if merges else "")),
+                "the merge." if merges else "")
+             + (" A searched merge's time includes its search (every trial)."
+                if any("(search:" in p for m in merges or [] for p in m.plugins) else "")),
     ]
     words = [f"{m.name} ({' + '.join(m.plugins)}) took {ratio(m.wall_time_s, top.wall_time_s)} the "
              f"wall time of {top.name} ({m.wall_time_s:.1f} s vs {top.wall_time_s:.1f} s), "

@@ -28,6 +28,7 @@ from engine.core import outputs
 from engine.core.errors import EngineError
 from engine.run.report import charts as svg_charts
 from engine.run.report.metrics import direction, format_number, format_params, legend, order_columns
+from engine.run.report.search import search_markdown, search_stages, search_svg
 from engine.run.report.summary import Evidence, compare, gather, summarize
 
 REPORT_MD = "report.md"
@@ -170,6 +171,8 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
             lines.append("")
     if "metrics" in charts:
         lines += [f"![scores per model and language]({_rel(charts['metrics'], run.folder)})", ""]
+    searched = {k[len("search:"):]: v for k, v in charts.items() if k.startswith("search:")}
+    lines += search_markdown(r, searched, lambda p: _rel(p, run.folder))
     lines += ["## Cost per stage", "",
               "A cached stage's time is that of the run that made the output it reuses.", ""]
     rows = [[s["name"], s.get("plugin", "-"), _format4(s.get("wall_time_s")), _format4(s.get("tokens")),
@@ -220,7 +223,8 @@ def _rel(path: Path, folder: Path) -> str:
 
 
 def write_charts(run: RunData, out_dir: Path) -> dict[str, Path]:
-    """SVG charts into ``out_dir``: ``metrics``, ``cost`` and ``loss`` (each when it has data)."""
+    """SVG charts into ``out_dir``: ``metrics``, ``cost`` and ``loss`` (each when it has data),
+    and ``search:<stage>`` for each searched merge."""
     out_dir.mkdir(parents=True, exist_ok=True)
     charts: dict[str, Path] = {}
     evidence = run.evidence
@@ -236,6 +240,8 @@ def write_charts(run: RunData, out_dir: Path) -> dict[str, Path]:
         after = {s: info["inputs"][0] for s, info in lineage.items()  # align continues its input
                  if info.get("stage") == "align" and info.get("inputs")}
         charts["loss"] = svg_charts.loss_svg(run.logs, out_dir / "loss.svg", after)
+    for stage, search in search_stages(run.report).items():
+        charts[f"search:{stage}"] = search_svg(stage, search, out_dir / f"search-{stage}.svg")
     return charts
 
 
