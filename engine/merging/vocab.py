@@ -18,6 +18,13 @@ silently throw the new language away, so lingoforge merges such inputs by one ru
 * the output's ``vocab_size`` is the largest input's, and its tokenizer files are
   that input's (the union, since the tokenizers extend one another).
 
+Models whose tokenizers do not extend one another (a model given another tokenizer, or
+models from different families) are not merged row by row: the error names the two models
+and the command that gives one the other's tokenizer first (``engine transplant-tokenizer
+MODEL --tokenizer OTHER``, :mod:`engine.models.tokenizer.transplant`: shared tokens keep
+their rows, the others are initialised), after which they merge as usual
+(docs/extend-tokenizer.md, "Merging across tokenizers").
+
 Where rows came from is recorded in the stage notes (report.json) and lingoforge.json.
 """
 
@@ -33,10 +40,17 @@ import torch
 
 from engine.core.errors import MergeError
 
-__all__ = ["VocabPlan", "check_tokenizers", "plan_vocab", "tail_rows", "token_ids"]
+__all__ = ["TokenIds", "VocabPlan", "check_tokenizers", "plan_vocab", "tail_rows", "token_ids",
+           "transplant_hint"]
 
 
-def token_ids(folder: Path) -> dict[str, int] | None:
+class TokenIds(dict):
+    """token -> id of one model's tokenizer, and the folder it was read from."""
+
+    folder: Path | None = None
+
+
+def token_ids(folder: Path) -> TokenIds | None:
     """token -> id from ``tokenizer.json`` (model vocab and added tokens); None if absent."""
     f = Path(folder) / "tokenizer.json"
     if not f.is_file():
@@ -50,7 +64,20 @@ def token_ids(folder: Path) -> dict[str, int] | None:
                            else {entry[0]: i for i, entry in enumerate(vocab)})  # Unigram: list
     for tok in data.get("added_tokens") or []:
         ids[tok["content"]] = int(tok["id"])
-    return ids
+    out = TokenIds(ids)
+    out.folder = Path(folder)
+    return out
+
+
+def transplant_hint(name: str, ids: dict[str, int], other: str, other_ids: dict[str, int]) -> str:
+    """What to run so that model ``name`` takes model ``other``'s tokenizer."""
+    src = getattr(ids, "folder", None) or f"<{name}'s folder>"
+    dst = getattr(other_ids, "folder", None) or f"<{other}'s folder>"
+    out = f"<{name}-on-{other}>"
+    return (f"give model {name!r} the tokenizer of model {other!r} first: engine transplant-tokenizer "
+            f"{src} --tokenizer {dst} --output {out} (shared tokens keep their rows; add --init omp "
+            "or focus to choose how the others start), then merge that folder instead "
+            "(docs/extend-tokenizer.md, 'Merging across tokenizers')")
 
 
 def check_tokenizers(tokenizers: Sequence[tuple[str, dict[str, int] | None]]) -> str | None:
@@ -68,15 +95,17 @@ def check_tokenizers(tokenizers: Sequence[tuple[str, dict[str, int] | None]]) ->
             theirs = big.get(tok)
             if theirs == i:
                 continue
+            hint = transplant_hint(name, ids, big_name, big)
             if theirs is not None:
                 raise MergeError(f"tokenizers conflict: token {tok!r} has id {i} in model {name!r} "
                                  f"but id {theirs} in model {big_name!r}; models whose tokenizers "
-                                 "do not extend one another cannot be merged")
+                                 f"do not extend one another cannot be merged: {hint}")
             other = by_id.get(i)
             raise MergeError(f"tokenizers conflict: id {i} is token {tok!r} in model {name!r} "
                              + (f"but {other!r} in model {big_name!r}" if other is not None
                                 else f"and model {big_name!r} lacks that token")
-                             + "; models whose tokenizers do not extend one another cannot be merged")
+                             + "; models whose tokenizers do not extend one another cannot be merged: "
+                             + hint)
     return big_name
 
 
