@@ -13,13 +13,17 @@ Two ways to make it cheaper:
   (bitsandbytes LLM.int8) while the chosen layers train in full precision. The output
   is written from the input folder with only the trained layers replaced, so the
   frozen weights are the input's, bit for bit, never a dequantised copy.
+* ``train_only``: only the input embedding and the output head learn (``embeddings``), or
+  only the rows a tokenizer change made (``new-rows``, read from the model's
+  lingoforge.json); every other weight stays the input's, bit for bit. What a model with
+  a new tokenizer needs first (docs/extend-tokenizer.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -30,9 +34,11 @@ from engine.api.training import (
     LoraParams,
     TrainerParams,
     apply_lora,
+    new_rows_of,
     require_format,
     save_lora_result,
     train,
+    train_only_embeddings,
     training_batches,
     training_dtype,
 )
@@ -73,12 +79,21 @@ class CT:
             False, description="With a layer selection: hold the frozen layers in 8 bits (bitsandbytes "
             "LLM.int8) while the chosen layers train in full precision; the output's frozen tensors are "
             "copied from the input unchanged. Needs lingoforge[8bit]; not with lora.")
+        train_only: Literal["embeddings", "new-rows"] | None = Field(
+            None, description="Train only the input embedding and the output head (`embeddings`), or only "
+            "their rows of the tokens a tokenizer change added (`new-rows`: the rows engine extend-tokenizer "
+            "or transplant-tokenizer made, from the model's lingoforge.json); every other weight stays the "
+            "input's. Not with layers, lora or frozen_8bit.")
 
         @model_validator(mode="after")
         def _frozen_8bit_usable(self) -> CT.Params:
             if self.frozen_8bit and self.lora is not None:
                 raise ValueError("frozen_8bit and lora cannot be combined: frozen_8bit trains chosen layers "
                                  "in full precision; with lora the base is frozen already")
+            if self.train_only is not None and (self.layers is not None or self.lora is not None
+                                                or self.frozen_8bit):
+                raise ValueError("train_only trains the embedding and head alone; it cannot be combined "
+                                 "with layers, lora or frozen_8bit")
             if self.frozen_8bit and not _bitsandbytes_available():
                 raise ValueError("frozen_8bit needs bitsandbytes, which is not installed: "
                                  "install lingoforge[8bit]")
@@ -127,13 +142,27 @@ class CT:
             assert chosen is not None
             return self._run_frozen_8bit(context, source, tokenizer, batches, params, chosen, meta)
 
+        if chosen is not None and params.train_only is not None:
+            raise TrainingError(f"stage {context.stage_name!r}: train_only trains the embedding and head "
+                                "alone; it cannot be combined with a layer selection")
+        rows = (new_rows_of(models.read_meta(source), f"stage {context.stage_name!r}: {source}")
+                if params.train_only == "new-rows" else None)
         model = context.load_model(source, load_in_8bit=False, dtype=training_dtype(context),
                                    quantize=params.lora.base_quantization if params.lora else None)
+        learning = None
         if params.lora is not None:
             model = apply_lora(model, params.lora, layers=chosen, seed=params.seed)
         elif chosen is not None:
             models.train_only_layers(model, chosen)
+        elif params.train_only is not None:
+            learning = train_only_embeddings(model, rows)
+            meta["train_only"] = params.train_only
+            context.note("train_only", {"what": params.train_only, "learning_params": learning,
+                                        **({"rows": len(rows)} if rows is not None else {})})
         result = train(context, model, batches, params)
+        if learning is not None:  # the loop counted whole tensors; only these rows learned
+            context.set_param_counts(trainable=learning,
+                                     forward=sum(p.numel() for p in result.model.parameters()))
         if params.lora is not None:
             return save_lora_result(context, result.model, tokenizer, params.lora, base=source, meta=meta)
         return context.save_model(result.model, tokenizer, meta=meta)

@@ -16,31 +16,41 @@ import numpy as np
 import torch
 
 from engine.api import hookimpl
-from engine.models.tokenizer import auxiliary
-from engine.models.tokenizer.inits import InitProblem, InitRows, piece_mean, random_rows
-from engine.models.tokenizer.sparse import sparsemax
+from engine.api.models import (
+    AUX_EXTRA,
+    AUX_REQUIRES,
+    AuxParams,
+    InitProblem,
+    InitRows,
+    aux_atoms,
+    aux_vector,
+    piece_mean,
+    random_rows,
+    sparsemax,
+    train_aux,
+)
 
 
 class FocusInit:
     """Sparsemax-weighted old rows, by similarity in fastText vectors learned on the target text."""
 
     name = "focus"
-    requires = auxiliary.REQUIRES
-    extra = auxiliary.EXTRA
+    requires = AUX_REQUIRES
+    extra = AUX_EXTRA
 
-    class Params(auxiliary.AuxParams):
+    class Params(AuxParams):
         pass
 
     def init_rows(self, problem: InitProblem, params: Params) -> InitRows:
         began = time.perf_counter()
-        space = auxiliary.train_aux(problem, params)
-        ids, atoms = auxiliary.dictionary(problem, space)
+        space = train_aux(problem, params)
+        ids, atoms = aux_atoms(problem, space)
         old_in = problem.old_input[ids]
         old_out = None if problem.old_output is None else problem.old_output[ids]
         fall_in, fall_out = _fallback(problem, params.fallback)
         rows_in, rows_out, used, rare = [], [], [], 0
         for n, token in enumerate(problem.new_tokens):
-            v = auxiliary.target(problem, space, token)
+            v = aux_vector(problem, space, token)
             if v is None:
                 rare += 1
                 rows_in.append(fall_in[n])

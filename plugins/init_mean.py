@@ -8,7 +8,7 @@ row the mean of their head rows. Needs no text and no optional package.
 from __future__ import annotations
 
 from engine.api import PluginParams, hookimpl
-from engine.models.tokenizer.inits import InitProblem, InitRows, piece_mean
+from engine.api.models import InitProblem, InitRows, piece_mean
 
 
 class MeanInit:

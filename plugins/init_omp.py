@@ -27,9 +27,17 @@ from pydantic import Field
 
 from engine.api import hookimpl
 from engine.api.errors import RecipeError
-from engine.models.tokenizer import auxiliary
-from engine.models.tokenizer.inits import InitProblem, InitRows, piece_mean, random_rows
-from engine.models.tokenizer.sparse import omp
+from engine.api.models import (
+    AuxParams,
+    InitProblem,
+    InitRows,
+    aux_atoms,
+    aux_vector,
+    omp,
+    piece_mean,
+    random_rows,
+    train_aux,
+)
 
 
 class OmpInit:
@@ -38,7 +46,7 @@ class OmpInit:
 
     name = "omp"  # space: aux needs gensim; train_aux says so (space: donor does not)
 
-    class Params(auxiliary.AuxParams):
+    class Params(AuxParams):
         space: Literal["auto", "donor", "aux"] = Field(
             "auto", description="Where the combination is fitted: `donor` (the donor model's embedding), "
             "`aux` (fastText vectors of the target text), `auto`: donor when there is one.")
@@ -109,8 +117,8 @@ def _donor_rows(problem: InitProblem, params: OmpInit.Params
 
 def _aux_rows(problem: InitProblem, params: OmpInit.Params
               ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    space = auxiliary.train_aux(problem, params)
-    ids, atoms = auxiliary.dictionary(problem, space)
+    space = train_aux(problem, params)
+    ids, atoms = aux_atoms(problem, space)
     atoms = atoms.astype(np.float64)
     old_in = problem.old_input[ids]
     old_out = None if problem.old_output is None else problem.old_output[ids]
@@ -124,7 +132,7 @@ def _aux_rows(problem: InitProblem, params: OmpInit.Params
         fall_out = None if old_out is None else random_rows(problem.old_output, len(tokens), gen)
     rows_in, rows_out, sizes, rare = [], [], [], 0
     for n, token in enumerate(tokens):
-        v = auxiliary.target(problem, space, token)
+        v = aux_vector(problem, space, token)
         if v is None:
             rare += 1
             rows_in.append(fall_in[n])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from engine.api import PluginParams, hookimpl
-from engine.models.tokenizer.inits import InitProblem, InitRows, random_rows
+from engine.api.models import InitProblem, InitRows, random_rows
 
 
 class RandomInit:

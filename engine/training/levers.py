@@ -16,10 +16,15 @@ cannot be taken:
 * :func:`make_optimizer` / :func:`paged_optimizer_path`: ``optimizer`` (AdamW, 8-bit,
   paged 8-bit; paging needs CUDA unified memory).
 * :func:`check_runtime`: what ``engine validate`` checks of these settings.
+* :func:`train_only_embeddings`: ``ct``'s ``train_only``: only the input embedding and the
+  output head learn (``embeddings``), or only some of their rows (``new-rows``: the rows a
+  tokenizer change made, from the model's lingoforge.json: :func:`new_rows_of`); everything
+  else is frozen and stays bit-identical.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,7 +36,12 @@ if TYPE_CHECKING:
     from engine.training.params import TrainerParams
 
 __all__ = ["cpu_autocast_problem", "disable_checkpointing", "check_runtime", "enable_checkpointing",
-           "make_optimizer", "paged_optimizer_path", "resolve_mixed_precision"]
+           "make_optimizer", "new_rows_of", "paged_optimizer_path", "resolve_mixed_precision",
+           "train_only_embeddings"]
+
+#: set on a parameter of which only some rows train: it gets no weight decay (decoupled decay
+#: would shrink the frozen rows, whose gradient is zero)
+ROWS_ONLY = "_lingoforge_rows_only"
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (the model itself otherwise)."""
@@ -97,9 +107,10 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
 
 def make_optimizer(params: list[torch.nn.Parameter], hp: TrainerParams) -> torch.optim.Optimizer:
     """AdamW over ``params``; matrices decay, vectors (biases, norms) do not."""
+    decays = [p.ndim >= 2 and not getattr(p, ROWS_ONLY, False) for p in params]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decays) if d], "weight_decay": hp.weight_decay},
+        {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     if hp.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
@@ -147,3 +158,43 @@ def check_runtime(runtime: Any, loads_models: bool = True) -> None:
 def checkpointing_status(model: Any) -> bool:
     """Whether any module of ``model`` has activation checkpointing on (for tests and notes)."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in _base_model(model).modules())
+
+
+def new_rows_of(meta: dict[str, Any], where: str) -> list[int]:
+    """The ids of the rows a tokenizer change made, from a model's lingoforge.json
+    (``new_rows``: ``[start, end)`` ranges, written by ``engine extend-tokenizer`` and
+    ``engine transplant-tokenizer``)."""
+    ranges = meta.get("new_rows")
+    if not ranges:
+        raise TrainingError(f"{where}: train_only: new-rows trains the rows a tokenizer change made, but "
+                            "the model's lingoforge.json records none (write the model with engine "
+                            "extend-tokenizer or transplant-tokenizer, or use train_only: embeddings)")
+    return [i for a, b in ranges for i in range(int(a), int(b))]
+
+
+def train_only_embeddings(model: torch.nn.Module, rows: Sequence[int] | None = None) -> int:
+    """Freeze every parameter but the input embedding and the output head (one tensor when
+    tied); with ``rows``, a gradient hook zeroes every other row's gradient, so only those
+    rows move (AdamW's update of a row whose gradient was always zero is zero, and the
+    tensors get no weight decay). Returns the number of parameters that learn."""
+    base = _base_model(model)
+    inp = base.get_input_embeddings().weight
+    head_module = base.get_output_embeddings()
+    tensors = [inp] + ([head_module.weight] if head_module is not None
+                       and head_module.weight is not inp else [])
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for t in tensors:
+        t.requires_grad_(True)
+    if rows is None:
+        return sum(t.numel() for t in tensors)
+    index = torch.as_tensor(sorted(set(rows)), dtype=torch.long)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= inp.shape[0]):
+        raise TrainingError(f"train_only: new-rows: row {int(index.max())} is beyond the embedding's "
+                            f"{inp.shape[0]} rows")
+    for t in tensors:
+        mask = torch.zeros((t.shape[0], 1), dtype=t.dtype, device=t.device)
+        mask[index.to(t.device)] = 1
+        t.register_hook(lambda grad, m=mask: grad * m.to(grad.dtype))
+        setattr(t, ROWS_ONLY, True)
+    return int(index.numel()) * sum(t.shape[1] for t in tensors)

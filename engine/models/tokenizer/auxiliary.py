@@ -26,11 +26,12 @@ from engine.core.errors import ModelLoadError
 from engine.core.params import PluginParams
 from engine.models.tokenizer.inits import InitProblem, NewToken
 
-__all__ = ["EXTRA", "REQUIRES", "AuxParams", "AuxSpace", "aux_corpus", "dictionary", "target", "train_aux"]
+__all__ = ["AUX_EXTRA", "AUX_REQUIRES", "AuxParams", "AuxSpace", "aux_atoms", "aux_corpus", "aux_vector",
+           "train_aux"]
 
 #: what ``requires`` and the install hint of a method that uses the space name
-REQUIRES = ("gensim",)
-EXTRA = "vocab"
+AUX_REQUIRES = ("gensim",)
+AUX_EXTRA = "vocab"
 
 
 class AuxParams(PluginParams):
@@ -122,7 +123,7 @@ def train_aux(problem: InitProblem, params: AuxParams) -> AuxSpace:
     return AuxSpace({k: i for i, k in enumerate(keys)}, vectors, counts)
 
 
-def dictionary(problem: InitProblem, space: AuxSpace) -> tuple[list[int], np.ndarray]:
+def aux_atoms(problem: InitProblem, space: AuxSpace) -> tuple[list[int], np.ndarray]:
     """The old tokens with an auxiliary vector (the atoms a new token is made of): their
     old ids and unit vectors."""
     ids, rows = [], []
@@ -139,6 +140,6 @@ def dictionary(problem: InitProblem, space: AuxSpace) -> tuple[list[int], np.nda
     return ids, np.stack(rows)
 
 
-def target(problem: InitProblem, space: AuxSpace, token: NewToken) -> np.ndarray | None:
+def aux_vector(problem: InitProblem, space: AuxSpace, token: NewToken) -> np.ndarray | None:
     """A new token's unit vector (None: it occurred fewer than min_count times)."""
     return space.vector(problem.surface_key(token.surface)) if token.surface else None
