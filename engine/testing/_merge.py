@@ -36,6 +36,7 @@ from engine.testing._instrument import (
     _size,
 )
 from engine.testing._merge_inputs import Models, choose_models
+from engine.testing._search import check_searchable
 
 #: the tensors the override check targets
 OVERRIDE_MATCH = r"\.mlp\."
@@ -215,6 +216,7 @@ class _MergeChecks:
         self.counts()
         self.honours(out, base_state)
         self.overrides(out)
+        check_searchable(self)
 
     def counts(self) -> None:
         """Fewer models than ``min_models`` or more than ``max_models``: an error."""

@@ -1,13 +1,14 @@
 """A search's candidates, merged in memory: no model is written to disk per trial.
 
 :class:`InMemoryMerge` loads the base and each input model once, keeps the base's
-tensors and one task vector (``model - base``) per input, and turns a set of params into
-a candidate by writing ``base + merge(task vectors)`` into one live model, tensor by
-tensor, with the very per-tensor merge the streamed merge uses
+tensors and each input's, and turns a set of params into a candidate by writing
+``base + merge(task vectors)`` (the task vectors ``model - base`` taken per tensor, as the
+streamed merge takes them) into one live model, tensor by tensor, with the very
+per-tensor merge the streamed merge uses
 (:meth:`~engine.merging.method.MergeMethod.tensor_merge`). A candidate's scores are
 therefore the scores of the model the stage writes with the same params.
 
-Memory: the live model, the base's tensors and one task vector per input, in the merge's
+Memory: the live model, the base's tensors and one copy per input, in the merge's
 ``compute_dtype``; one stacked tensor ``[m, ...]`` at a time besides.
 """
 
@@ -39,7 +40,7 @@ def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class InMemoryMerge:
-    """The base, one task vector per input model, and the live candidate model."""
+    """The base, each input model's tensors, and the live candidate model."""
 
     def __init__(self, context: StageContext, inputs: StageInputs, compute_dtype: str = "float32") -> None:
         t0 = time.perf_counter()
@@ -55,11 +56,12 @@ class InMemoryMerge:
         live = _parameters(self.model)
         self.tensors = list(live)
         self.base = {n: p.detach().to(self.dtype, copy=True) for n, p in live.items()}
-        self.deltas: list[dict[str, torch.Tensor]] = []
+        #: each input model's tensors by name, in the compute dtype
+        self.inputs: list[dict[str, torch.Tensor]] = []
         for artifact in inputs.models:
             other = context.load_model(artifact, load_in_8bit=False, dtype=self.dtype)
             theirs = _parameters(other)
-            delta: dict[str, torch.Tensor] = {}
+            theirs_kept: dict[str, torch.Tensor] = {}
             for n in self.tensors:
                 t = theirs.get(n)
                 if t is None:
@@ -71,11 +73,8 @@ class InMemoryMerge:
                         f"{list(t.shape)}, the {'base' if self.has_base else 'first model'}'s "
                         f"{list(self.base[n].shape)}; a search merges models of one shape in memory "
                         "(a merge stage without 'search' handles differing vocabularies)")
-                d = t.detach().to(self.dtype, copy=True).to(self.base[n].device)
-                if self.has_base:
-                    d -= self.base[n]
-                delta[n] = d
-            self.deltas.append(delta)
+                theirs_kept[n] = t.detach().to(self.dtype, copy=True).to(self.base[n].device)
+            self.inputs.append(theirs_kept)
             del other, theirs
             gc.collect()
         config = modelio.read_config(reference.path)
@@ -93,9 +92,9 @@ class InMemoryMerge:
         live = _parameters(self.model)
         with torch.no_grad():
             for n in self.tensors:
-                stacked = torch.stack([d[n] for d in self.deltas])
-                if not method.task_vectors and self.has_base:
-                    stacked += self.base[n]  # the models' own tensors
+                stacked = torch.stack([d[n] for d in self.inputs])
+                if method.task_vectors:
+                    stacked -= self.base[n]  # task vectors, exactly as the streamed merge takes them
                 out = merge(n, stacked)
                 if method.task_vectors:
                     out = out.to(self.dtype) + self.base[n]
@@ -106,9 +105,9 @@ class InMemoryMerge:
         return dict(tally)
 
     def memory_bytes(self) -> int:
-        """Bytes of the tensors kept: the live model, the base and the task vectors."""
+        """Bytes of the tensors kept: the live model, the base and the inputs."""
         def size(ts: Sequence[torch.Tensor]) -> int:
             return sum(t.numel() * t.element_size() for t in ts)
 
         return (size(list(_parameters(self.model).values())) + size(list(self.base.values()))
-                + sum(size(list(d.values())) for d in self.deltas))
+                + sum(size(list(d.values())) for d in self.inputs))
