@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from engine.core.stages import INPUT_KEYS, STAGE_KINDS
+from engine.recipe.search import ConstraintSpec, ObjectiveSpec, SearchEvaluatorSpec, SearchSpec
 from engine.recipe.spec import DataSpec, ModelSpec, Recipe, RuntimeSpec, StageSpec
 from engine.registry.hookspecs import _ARTIFACT_CLASS
 from engine.registry.implementation import describe
@@ -111,6 +112,14 @@ def markdown() -> str:
         *stage_kinds_table(),
     ]
     out += ["", "## `data` entries", "", *fields_table(DataSpec), ""]
+    out += ["## `search` (merge stages)", "",
+            "Search the merge's params on dev data and write the chosen candidate "
+            "([search](search.md)).", "", *fields_table(SearchSpec), "",
+            "### `search.evaluate[]`", "", *fields_table(SearchEvaluatorSpec), "",
+            "### `search.objectives[]`", "", *fields_table(ObjectiveSpec), "",
+            "### `search.constraints[]`", "",
+            "A string `METRIC >= NUMBER` (or `<=`, `>`, `<`), or the mapping:", "",
+            *fields_table(ConstraintSpec), ""]
     out += ["## Plugins and their `params`", ""]
     impls = implementations()
     for kind in STAGE_KINDS:

@@ -166,6 +166,11 @@ class SearchSpec(_Strict):
     storage: str | None = Field(
         None, description="Optuna storage URL shared by workers on several machines (e.g. "
                           "postgresql://...); default: a SQLite file in the workdir.")
+    study: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The study's name in the storage; default: derived from the inputs, space, "
+                    "evaluators and objectives (a changed search starts a new study). Give the "
+                    "same name on every machine that shares a 'storage'.")
     choose: str | None = Field(
         None, description="With several objectives: the objective (metric) whose best point on "
                           "the feasible Pareto front is written; default: the first objective.")

@@ -43,7 +43,7 @@ class PlannedSearch:
         """What the search computes from, for the stage's fingerprint (the budget, seed and
         sampler included: another budget is another result)."""
         return {
-            "spec": self.spec.model_dump(mode="json", exclude={"warm_start", "storage", "workers"}),
+            "spec": self.spec.model_dump(mode="json", exclude={"warm_start", "storage", "workers", "study"}),
             "space": [d.describe() for d in self.space.dimensions()],
             "evaluators": [{"plugin": e.plugin, "params": e.params.result_key(),
                             "data": [data_key(d) for d in e.data], "models": e.models}

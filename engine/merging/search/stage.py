@@ -66,7 +66,7 @@ def run_search(context: StageContext, inputs: StageInputs, planned: PlannedSearc
         output_dir=Path(context.output_dir), runtime=context.runtime, inputs=inputs,
         methods=dict(planned.methods), default=planned.default, stage_params=dict(stage_params),
         space=planned.space, evaluators=evaluators, spec=spec,
-        study_name=planned.study_key(stage_params, inputs_fp),
+        study_name=spec.study or planned.study_key(stage_params, inputs_fp),
         storage=study.storage_url(Path(context.workdir), context.stage_name, spec),
         input_fingerprints=inputs_fp, threads=threads,
         deadline=(time.time() + spec.seconds) if spec.seconds is not None else None)
