@@ -306,3 +306,9 @@ def test_the_cost_table_counts_a_search_in_the_merge_it_chose():
     assert merges[0].wall_time_s == 46.5  # the training it is built from, plus the search and the merge
     note = cost_blocks(found, merges)[1].text
     assert "A searched merge's time includes its search" in note
+
+
+def test_validate_names_a_param_without_a_usable_range(tiny_model_family, task_files, tmp_path):
+    recipe = _recipe(tiny_model_family, task_files, plugin="slack-ties", search={"space": {"protect": "auto"}})
+    with pytest.raises(RecipeError, match=r"stage 'searched' search: space.protect: 'protect' has no usable range"):
+        _plan(recipe, tmp_path)
