@@ -312,3 +312,12 @@ def test_validate_names_a_param_without_a_usable_range(tiny_model_family, task_f
     recipe = _recipe(tiny_model_family, task_files, plugin="slack-ties", search={"space": {"protect": "auto"}})
     with pytest.raises(RecipeError, match=r"stage 'searched' search: space.protect: 'protect' has no usable range"):
         _plan(recipe, tmp_path)
+
+
+def test_a_seeded_search_is_reproducible(tiny_model_family, task_files, tmp_path):
+    runs = [_search_notes(run_recipe(_recipe(tiny_model_family, task_files, search={"seed": 3}), tmp_path / w))
+            for w in ("one", "two")]
+    assert [t["params"] for t in runs[0]["trials"]] == [t["params"] for t in runs[1]["trials"]]
+    assert [t["values"] for t in runs[0]["trials"]] == [t["values"] for t in runs[1]["trials"]]
+    other = _search_notes(run_recipe(_recipe(tiny_model_family, task_files, search={"seed": 4}), tmp_path / "three"))
+    assert [t["params"] for t in other["trials"]] != [t["params"] for t in runs[0]["trials"]]
