@@ -9,6 +9,9 @@ The public helpers a merge plugin uses (built-in or third-party):
 * :mod:`engine.merging.method` -- :class:`MergeMethod`, the base class of a merge
   method: it declares ``name`` and ``Params`` and writes the arithmetic on one tensor;
   the engine resolves and checks every param, trims and streams;
+* :mod:`engine.merging.declared` -- the markers a ``Params`` field carries: per model, the
+  range its validator accepts, a declared search range (``SearchRange``, for a number any
+  value of which is valid) that a merge ``search:`` samples;
 * :mod:`engine.merging.counts` -- how many models a method merges (``min_models``,
   ``max_models``) and the refusal of other counts;
 * :mod:`engine.merging.gradients` -- layer gradients: a param written as a list of
@@ -46,6 +49,7 @@ from engine.merging.arithmetic import (
     ties_combine,
     ties_delta,
 )
+from engine.merging.declared import Bounds, SearchRange
 from engine.merging.execute import (
     MergeSummary,
     Positionwise,
@@ -78,7 +82,7 @@ from engine.merging.preflight import check_configs, check_merge_inputs, check_st
 from engine.merging.trims import BandSelector, MagnitudeBand, magnitude_band
 
 __all__ = [
-    "BandSelector", "ExecutionParams", "Gradient", "Layered", "MagnitudeBand", "MergeMethod", "PerModel",
+    "BandSelector", "Bounds", "SearchRange", "ExecutionParams", "Gradient", "Layered", "MagnitudeBand", "MergeMethod", "PerModel",
     "ResolvedParams", "TensorSlice", "magnitude_band",
     "LoraAdapter", "MagnitudeThreshold", "MergeParams", "MergePlan", "MergeSummary", "PerModelDensity",
     "PerModelFloat", "Positionwise", "PositionwiseMerge", "SlackTiesResult", "StackPlan", "TaskVectorParams",
