@@ -168,9 +168,10 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def wheel(session: nox.Session) -> None:
     """The built wheel in a fresh environment, not the editable install: build it from a
-    clean copy of the tree, install it with its dependencies, and dry-run the quickstart
-    from outside the repository (tests/test_wheel.py does the same, borrowing the test
-    environment's dependencies)."""
+    clean copy of the tree, install it with its dependencies, check that it carries the
+    shipped world (``python -m engine.world --shipped``: tiny-base against its manifest)
+    and dry-run the quickstart from outside the repository (tests/test_wheel.py does the
+    dry run too, borrowing the test environment's dependencies)."""
     tmp = Path(session.create_tmp())
     source = tmp / "source"
     shutil.rmtree(source, ignore_errors=True)
@@ -182,6 +183,7 @@ def wheel(session: nox.Session) -> None:
     (built,) = (tmp / "dist").glob("lingoforge-*.whl")
     session.install("-c", "constraints.txt", str(built))
     session.chdir(tmp)
+    session.run("python", "-m", "engine.world", "--shipped")
     session.run("engine", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--dry-run",
                 "--workdir", str(tmp / "runs"))
 

@@ -3,19 +3,29 @@
 Four languages state the same facts about sixty-four animals: English (``en``, the
 source language, whose instructions the low-resource recipes use) and three invented
 languages, ``vel``, ``dor`` and ``lum``; ``lum`` is the low-resource target (a small
-raw-text split, little of it in the base model's pretraining). Everything is
-generated deterministically at first use and cached under :func:`cache_dir`, so
-recipes and tests run without downloading anything. See docs/world.md.
+raw-text split, little of it in the base model's pretraining). The data is generated
+deterministically at first use; the base model ships with the package, built once
+from this code (``engine/world/shipped-models/``), and is copied next to the data at first
+use. Both are cached under :func:`cache_dir`, so recipes and tests run without
+downloading or pretraining anything. See docs/world.md.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from engine.core.errors import DataError, ModelLoadError
-from engine.world.cache import WORLD_VERSION, cache_dir, ensure_built, world_dir
+from engine.world.cache import (
+    WORLD_VERSION,
+    cache_dir,
+    ensure_built,
+    install_shipped,
+    shipped_problem,
+    world_dir,
+)
 from engine.world.corpus import SOURCE_LANGUAGE, TARGET_LANGUAGE, data_names, write_data
 from engine.world.lexicon import LANGUAGES
 
@@ -53,7 +63,13 @@ def _check_model_name(name: str) -> None:
             f"unknown built-in model {name!r}; valid names: {', '.join(BUILTIN_MODELS)}")
 
 
+#: printed to stderr before the base model is pretrained on this machine
+_BUILD_MESSAGE = ("building the built-in tiny world: pretraining tiny-base on this machine "
+                 "(its time on one machine is in docs/benchmarks.md)...")
+
+
 def _build_model(folder: Path) -> None:
+    """Train the tokenizer and pretrain the base model into ``folder`` (minutes)."""
     from transformers.utils import logging as hf_logging
 
     # imported here for start-up speed: the pretraining code imports torch, which reading
@@ -69,16 +85,30 @@ def _build_model(folder: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
+def _install_model(folder: Path) -> None:
+    """The shipped build of the base model copied into ``folder``; pretrained here
+    instead when this installation ships none or a damaged one (said on stderr)."""
+    problem = shipped_problem("tiny-base")
+    if problem is None:
+        install_shipped("tiny-base", folder)
+        return
+    print(f"built-in world: {problem}", file=sys.stderr, flush=True)
+    print(_BUILD_MESSAGE, file=sys.stderr, flush=True)
+    _build_model(folder)
+
+
 def model_path(name: str, *, rebuild: bool = False) -> Path:
-    """A Hugging Face folder of a built-in model, built (tokenizer + pretraining, about
-    see docs/benchmarks.md for a measured time) and cached on first use; later calls return at once."""
+    """A Hugging Face folder of a built-in model in the world cache. Its first use copies
+    in the build the package ships (well under a second); ``rebuild`` pretrains it on
+    this machine instead (minutes, see docs/benchmarks.md). Later calls return at once."""
     _check_model_name(name)
     final = world_dir() / "models" / name
     complete = (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     data_dir()
     return ensure_built(
-        final, _build_model, force=rebuild or (final.is_dir() and not complete),
-        message="building the built-in tiny world (first use; its time on one machine is in docs/benchmarks.md)...",
+        final, _build_model if rebuild else _install_model,
+        force=rebuild or (final.is_dir() and not complete),
+        message=_BUILD_MESSAGE if rebuild else None,
     )
 
 

@@ -11,6 +11,12 @@ truncated or edited file, a file missing), is rebuilt, with one line on stderr n
 runs once per folder and process. Caches of older world versions live in their own
 ``world-v<N>`` folders and are never read; the first build of a new version says that
 an older one was found and left alone.
+
+The model is not normally built at all: the package ships a finished build of it in
+``engine/world/shipped-models/<name>/`` (see :data:`ASSETS`), with a manifest of the same form,
+and its first use copies that into the cache and checks the copy (well under a second).
+Only an installation without it (or with a damaged one) and ``python -m engine.world
+--rebuild`` pretrain it on the user's machine.
 """
 
 from __future__ import annotations
@@ -67,6 +73,15 @@ def write_manifest(folder: Path) -> None:
                                               indent=1, sort_keys=True))
 
 
+def read_manifest(folder: Path) -> dict[str, dict[str, object]] | None:
+    """The ``files`` table of ``folder``'s manifest (None when it has none or it is unreadable)."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
 def manifest_problem(folder: Path) -> str | None:
     """Why ``folder`` does not match its manifest (None when it does). A folder without
     one cannot be vouched for (a build from before manifests, or from a development
@@ -82,6 +97,11 @@ def manifest_problem(folder: Path) -> str | None:
         return f"{path} is unreadable"
     if version != WORLD_VERSION:
         return f"{folder} was built by world version {version}, this is {WORLD_VERSION}"
+    return _files_problem(folder, files)
+
+
+def _files_problem(folder: Path, files: dict) -> str | None:
+    """The first file of a manifest's ``files`` table that ``folder`` lacks or holds changed."""
     for rel, want in sorted(files.items()):
         f = folder / rel
         if not f.is_file():
@@ -89,6 +109,68 @@ def manifest_problem(folder: Path) -> str | None:
         if f.stat().st_size != want["size"] or sha256_file(f) != want["sha256"]:
             return f"{f} does not match its checksum (damaged or edited)"
     return None
+
+
+# -- the build that ships with the package ---------------------------------------------
+
+#: the package's own copy of the built world: ``<name>/`` (a model folder exactly as
+#: ``python -m engine.world --rebuild`` writes it, plus its manifest) and ``<name>.build.json``
+#: (what it was built from and where); listed in pyproject.toml's package-data
+ASSETS = Path(__file__).resolve().with_name("shipped-models")
+
+
+def shipped_dir(name: str) -> Path:
+    """The folder of the shipped build of built-in model ``name`` (it may be absent)."""
+    return ASSETS / name
+
+
+def shipped_problem(name: str) -> str | None:
+    """Why the shipped build of ``name`` cannot be used (None when it matches its manifest)."""
+    folder = shipped_dir(name)
+    if not (folder / MANIFEST).is_file():
+        return f"this installation ships no build of {name} ({folder / MANIFEST} is missing)"
+    return manifest_problem(folder)
+
+
+def install_shipped(name: str, folder: Path) -> None:
+    """Copy the shipped build of ``name`` into ``folder`` (a build's temporary folder) and
+    check the copies against the shipped manifest; raises OSError when they differ."""
+    source = shipped_dir(name)
+    files = read_manifest(source) or {}
+    for rel in sorted(files):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, folder / rel)  # the umask's modes, not the package's
+    problem = _files_problem(folder, files)
+    if problem:
+        raise OSError(f"copying the shipped {name} into the world cache failed: {problem}")
+
+
+def differs_from_shipped(name: str, folder: Path) -> list[str] | None:
+    """The files of the finished ``folder`` (from its manifest) that are not the shipped
+    build's (``[]``: it is the shipped build, bit for bit); None when nothing is shipped."""
+    shipped, own = read_manifest(shipped_dir(name)), read_manifest(folder)
+    if shipped is None:
+        return None
+    own = own or {}
+    return sorted(rel for rel in set(shipped) | set(own) if shipped.get(rel) != own.get(rel))
+
+
+def write_shipped(name: str, source: Path, record: dict[str, object]) -> Path:
+    """Make the finished model folder ``source`` the build the package ships (maintainers,
+    ``python -m engine.world --write-shipped``): its files and a fresh manifest into
+    :func:`shipped_dir`, ``record`` into ``<name>.build.json`` beside it."""
+    final = shipped_dir(name)
+    tmp = ASSETS / f".{name}.tmp-shipping"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for rel in file_hashes(source):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, tmp / rel)
+    write_manifest(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    (ASSETS / f"{name}.build.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return final
 
 
 def _intact(final: Path) -> bool:

@@ -1,14 +1,18 @@
-"""The built-in base model: a tiny Llama pretrained on the world at first use.
+"""The built-in base model: a tiny Llama pretrained on the world.
 
-The loop is plain PyTorch on purpose: it must not depend on the engine's trainer
-(which users tune and plugins change), so that the base model every demo starts
-from stays the same. It runs seeded, with deterministic algorithms on, on the
-pretraining mixture packed into 128-token sequences; rebuilding on the same machine
-and torch version gives a byte-identical ``model.safetensors``.
+The package ships one build of it (``engine/world/shipped-models/tiny-base/``, written by
+``python -m engine.world --write-shipped``); this module is what made it, and what
+``python -m engine.world --rebuild`` runs on a user's machine. The loop is plain
+PyTorch on purpose: it must not depend on the engine's trainer (which users tune and
+plugins change), so that the base model every demo starts from stays the same. It runs
+seeded, with deterministic algorithms on, on the pretraining mixture packed into
+128-token sequences; rebuilding on the same kind of CPU with the same torch version and
+thread count gives a byte-identical ``model.safetensors``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import sys
@@ -86,6 +90,28 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def pretraining_data(n_sequences: int = PRETRAIN_STEPS * BATCH_SIZE, seed: int = SEED,
+                     save_to: Path | None = None) -> tuple[Any, torch.Tensor]:
+    """The tokenizer trained on the pretraining mixture (saved into ``save_to`` as soon as
+    it is trained, before it encodes anything), and the ``n_sequences`` packed rows the
+    pretraining steps consume in order (a few seconds, no training)."""
+    mixture = corpus.pretrain_lines()
+    texts = [line for lang in sorted(mixture) for line in mixture[lang]]
+    tokenizer = train_tokenizer(texts)
+    if save_to is not None:
+        tokenizer.save_pretrained(str(save_to))
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return tokenizer, pack_sequences(docs, n_sequences, seed)
+
+
+def rows_digest(rows: torch.Tensor) -> str:
+    """sha256 of packed rows (shape and int64 values), recorded with the shipped build so a
+    test sees, without pretraining, whether the code would still feed it the same data."""
+    h = hashlib.sha256(repr(tuple(rows.shape)).encode())
+    h.update(rows.to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
 def build_base_model(folder: Path, *, steps: int = PRETRAIN_STEPS, batch_size: int = BATCH_SIZE,
                      lr: float = PEAK_LR, seed: int = SEED, verbose: bool = False) -> dict[str, Any]:
     """Train the tokenizer and pretrain the base model into ``folder``.
@@ -98,12 +124,7 @@ def build_base_model(folder: Path, *, steps: int = PRETRAIN_STEPS, batch_size: i
     started = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    mixture = corpus.pretrain_lines()
-    texts = [line for lang in sorted(mixture) for line in mixture[lang]]
-    tokenizer = train_tokenizer(texts)
-    tokenizer.save_pretrained(str(folder))
-    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    data = pack_sequences(docs, steps * batch_size, seed)
+    tokenizer, data = pretraining_data(steps * batch_size, seed, save_to=folder)
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     losses: list[float] = []

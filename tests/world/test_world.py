@@ -1,7 +1,8 @@
 """The built-in tiny world: names, formats, determinism, coverage, safe builds.
 
-Every test points ``LINGOFORGE_CACHE`` at its own temporary folder. Only the test
-marked slow pretrains the full base model; the others build with a few steps.
+Every test points ``LINGOFORGE_CACHE`` at its own temporary folder. No test pretrains
+the full base model (the package ships it, tests/world/test_shipped.py); builds on this
+machine run a few steps.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import outputs, world
+from engine import world
 from engine.api import DataSource
+from engine.core import outputs
 from engine.core.errors import DataError, ModelLoadError
 from engine.data.files import detect_format, iter_choices, iter_instructions
 from engine.data.sources import iter_texts
@@ -187,8 +189,10 @@ def test_small_model_build_is_deterministic_and_loadable(tmp_path):
 
 
 @pytest.fixture
-def fast_builds(monkeypatch) -> list[Path]:
-    """Model builds shortened to one step; returns the folders built, in order."""
+def fast_builds(monkeypatch, tmp_path) -> list[Path]:
+    """An installation that ships no built model, so the model is pretrained on this
+    machine, in one step; returns the folders built, in order."""
+    monkeypatch.setattr(cache_module, "ASSETS", tmp_path / "no-shipped-build")
     calls: list[Path] = []
 
     def fast_build(folder: Path) -> None:
@@ -202,7 +206,8 @@ def fast_builds(monkeypatch) -> list[Path]:
 def test_model_path_builds_once(cache, fast_builds, capsys):
     calls = fast_builds
     path = world.model_path("tiny-base")
-    assert "building the built-in tiny world" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ships no build of tiny-base" in err and "building the built-in tiny world" in err
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     assert world.model_path("tiny-base") == path and len(calls) == 1
     assert world.model_config("tiny-base") == json.loads((path / "config.json").read_text())
@@ -237,9 +242,8 @@ def test_cli_prints_hashes(cache, capsys):
 
 @pytest.mark.slow
 def test_full_base_model():
-    """The base model users get, from the shared world cache (the quickstart tests build or
-    reuse the same one): building a second world in a private cache only for this check
-    cost a full world build (about 6 minutes) in every fresh CI run."""
+    """The base model users get, from the shared world cache (the quickstart tests use the
+    same one; a first use copies in the build the package ships)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.world.pretrain import perplexity
