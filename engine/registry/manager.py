@@ -75,7 +75,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "engine_plugins.retention",
     "engine_plugins.lm_eval",
     "engine_plugins.init_mean", "engine_plugins.init_random",
-    "engine_plugins.init_omp", "engine_plugins.init_focus",
+    "engine_plugins.init_omp", "engine_plugins.init_focus", "engine_plugins.vocabulary",
 )
 
 

@@ -30,7 +30,9 @@ def test_the_guide_runs_and_coverage_improves(tmp_path, capsys):
     commands = doc_blocks.commands(DOC)
     assert [c[:2] for c in commands] == [["python", "docs/examples/own_language_data.py"],
                                          ["engine", "coverage"], ["engine", "extend-tokenizer"],
-                                         ["engine", "coverage"], ["engine", "run"]]
+                                         ["engine", "coverage"], ["engine", "run"],
+                                         ["engine", "extend-tokenizer"], ["engine", "transplant-tokenizer"],
+                                         ["engine", "transplant-tokenizer"]]
     for argv in commands:
         extra = SHORT if argv[1] == "run" else None
         assert doc_blocks.run(argv, tmp_path, extra) == 0, capsys.readouterr().err
@@ -64,6 +66,13 @@ def test_the_guide_runs_and_coverage_improves(tmp_path, capsys):
     torch.testing.assert_close(emb[new.token_to_id(token)], base_w["model.embed_tokens.weight"][pieces].mean(0))
     head = model.get_output_embeddings().weight.detach()
     torch.testing.assert_close(head[new.token_to_id(token)], base_w["lm_head.weight"][pieces].mean(0))
+
+    # sections 4 and 5: an init method, a learned tokenizer, a donor's tokenizer with omp
+    for name, init in (("base-omp", "omp"), ("base-lum", "mean"), ("lum-on-ext", "omp")):
+        meta = json.loads((tmp_path / "models" / name / "lingoforge.json").read_text())
+        assert meta["init"] == init and meta["added_tokens"] > 0, name
+    assert json.loads((tmp_path / "models" / "lum-on-ext" / "lingoforge.json").read_text())[
+        "init_notes"]["space"] == "donor"
 
     # it trained: losses logged, and the new tokens' rows moved
     run = tmp_path / "runs" / "extended"

@@ -52,6 +52,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "della": {"params": {"density": 0.5}, "variations": {"epsilon": 0.05, "seed": 1}},
     "della-linear": {"params": {"density": 0.5}, "variations": {"epsilon": 0.05, "seed": 1}},
     "model-stock": {"variations": {"filter_wise": True}},
+    "vocabulary": {"params": {"init": "random", "new_tokens": 200}},  # mean ignores the seed
     "slerp": {"params": {"t": 0.3}, "variations": {"t": 0.7}},
     "passthrough": {"params": {"slices": [{"model": "a", "layers": [0, 2]},
                                           {"model": "b", "layers": [2, 3]},

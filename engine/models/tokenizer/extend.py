@@ -35,6 +35,7 @@ class Extended:
     init: str = "mean"
     notes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    params: int = 0
 
 
 def extended_tokenizer_json(spec: dict[str, Any], texts: Iterable[str], new_tokens: int,
@@ -85,7 +86,8 @@ def extended_tokenizer_json(spec: dict[str, Any], texts: Iterable[str], new_toke
 
 def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *, new_tokens: int = 1000,
                      min_frequency: int = 2, overwrite: bool = False, init: str = "mean",
-                     init_params: Mapping[str, Any] | None = None, seed: int = 0) -> Extended:
+                     init_params: Mapping[str, Any] | None = None, seed: int = 0,
+                     into: bool = False, params_where: str = "--init-param") -> Extended:
     """Write ``output_dir``: ``model_dir``'s model with its tokenizer extended by up to
     ``new_tokens`` tokens learned from ``texts``, and its embeddings resized to match; the
     new rows are made by init method ``init`` (default ``mean``: the mean of the rows of the
@@ -93,10 +95,13 @@ def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *,
 
     The folder is written to a temporary folder beside it and published only when complete
     (:func:`engine.core.outputs.publish`): ``output_dir`` must lie apart from ``model_dir``, and an
-    existing one is replaced only with ``overwrite`` and only when lingoforge wrote it."""
+    existing one is replaced only with ``overwrite`` and only when lingoforge wrote it.
+    ``into``: write straight into the empty folder ``output_dir``, which the caller publishes
+    (a stage's output)."""
     model_dir, output_dir = Path(model_dir), Path(output_dir).absolute()
     outputs.check_disjoint(output_dir, [("model", model_dir)], flag="--output")
-    outputs.check_target(output_dir, flag="--output", overwrite=overwrite)
+    if not into:
+        outputs.check_target(output_dir, flag="--output", overwrite=overwrite)
     source = model_dir / "tokenizer.json"
     if not source.is_file():
         raise ModelLoadError(f"{model_dir}: no tokenizer.json (a fast BPE tokenizer is needed)")
@@ -110,5 +115,7 @@ def extend_tokenizer(model_dir: Path, texts: Iterable[str], output_dir: Path, *,
                              "(it covers the language already, or there is too little text)")
     done = change_vocabulary(model_dir, output_dir, new_spec, tokenizer_from=model_dir, texts=texts,
                              init=init, init_params=init_params, seed=seed, extension=True,
-                             overwrite=overwrite, kind="extended-tokenizer")
-    return Extended(output_dir, done.old_size, done.new_size, added, init, done.notes, done.seconds)
+                             overwrite=overwrite, kind="extended-tokenizer", into=into,
+                             params_where=params_where)
+    return Extended(output_dir, done.old_size, done.new_size, added, init, done.notes, done.seconds,
+                    done.params)

@@ -147,11 +147,12 @@ def _retarget(config: dict[str, Any], specials: dict[str, int | None], old_ids: 
 
 def write_model(source: Path, tmp: Path, tensors: VocabTensors, new_input: torch.Tensor,
                 new_output: torch.Tensor | None, spec: dict[str, Any], tokenizer_from: Path,
-                old_ids: dict[int, int]) -> None:
+                old_ids: dict[int, int]) -> int:
     """Write into the (temporary) folder ``tmp``: ``source``'s weights with the vocabulary
     tensors replaced, its config with the new size and special ids, and the new tokenizer
     (``spec``, with the other tokenizer files of ``tokenizer_from``). ``old_ids``: old id ->
-    new id of the tokens both vocabularies have (special ids with no tokenizer_config entry)."""
+    new id of the tokens both vocabularies have (special ids with no tokenizer_config entry).
+    Returns the number of parameters written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -160,7 +161,7 @@ def write_model(source: Path, tmp: Path, tensors: VocabTensors, new_input: torch
         if new_output is None:
             raise ModelLoadError(f"{source}: the head is not tied, but no head rows were made")
         replace[tensors.output_name] = new_output
-    total = 0
+    total = count = 0
     for file in weight_files(source):
         with safe_open(str(file), framework="pt", device="cpu") as fh:
             out: dict[str, torch.Tensor] = {}
@@ -168,6 +169,7 @@ def write_model(source: Path, tmp: Path, tensors: VocabTensors, new_input: torch
                 t = replace[key].to(tensors.dtype).contiguous() if key in replace else fh.get_tensor(key)
                 out[key] = t
                 total += t.numel() * t.element_size()
+                count += t.numel()
             save_file(out, str(tmp / file.name), metadata=fh.metadata() or {"format": "pt"})
         del out
     if (source / INDEX_FILE).is_file():
@@ -195,3 +197,4 @@ def write_model(source: Path, tmp: Path, tensors: VocabTensors, new_input: torch
         gen = _retarget(gen, specials, old_ids, size)
         gen.pop("vocab_size", None)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return count

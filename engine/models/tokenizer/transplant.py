@@ -55,6 +55,8 @@ class Changed:
     init: str
     notes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: parameters of the model written
+    params: int = 0
 
 
 def new_row_ranges(ids: Iterable[int]) -> list[list[int]]:
@@ -96,16 +98,23 @@ def change_vocabulary(model_dir: Path, output_dir: Path, new_spec: dict[str, Any
                       init_params: Mapping[str, Any] | None = None, seed: int = 0,
                       extension: bool = False, donor: Path | None = None, overwrite: bool = False,
                       kind: str = "transplanted-tokenizer", flag: str = "--output",
-                      params_where: str = "--init-param", meta: Mapping[str, Any] | None = None
-                      ) -> Changed:
+                      params_where: str = "--init-param", meta: Mapping[str, Any] | None = None,
+                      into: bool = False) -> Changed:
     """Write ``output_dir``: ``model_dir``'s model with tokenizer ``new_spec`` (its other
     tokenizer files from ``tokenizer_from``), shared rows copied, the others made by
-    ``init``. ``extension``: ``new_spec`` extends the model's tokenizer id for id."""
+    ``init``. ``extension``: ``new_spec`` extends the model's tokenizer id for id.
+    ``into``: ``output_dir`` is an empty folder its caller publishes (a stage's output,
+    which the runner renames into place): write straight into it."""
     began = time.perf_counter()
     model_dir, output_dir = Path(model_dir), Path(output_dir).absolute()
     outputs.check_disjoint(output_dir, [("model", model_dir), *([("tokenizer", donor)] if donor else [])],
                            flag=flag)
-    outputs.check_target(output_dir, flag=flag, overwrite=overwrite)
+    held = [n for n in ("config.json", "tokenizer.json", "model.safetensors") if (output_dir / n).exists()]
+    if into and held:
+        raise ModelLoadError(f"{output_dir}: already holds {', '.join(held)}; a tokenizer change writes "
+                             "into a folder without a model")
+    if not into:
+        outputs.check_target(output_dir, flag=flag, overwrite=overwrite)
     old = Vocabulary.from_spec(_read_spec(model_dir, "a tokenizer change"), str(model_dir / "tokenizer.json"))
     new = Vocabulary.from_spec(new_spec, str(tokenizer_from / "tokenizer.json"))
     tensors = read_vocab_tensors(model_dir)
@@ -138,34 +147,39 @@ def change_vocabulary(model_dir: Path, output_dir: Path, new_spec: dict[str, Any
                   and made.output is not None else None)
     old_ids = {o: n for n, o in vmap.shared.items()}
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outputs.temp_dir(f".{output_dir.name}.tmp-", output_dir.parent)  # unique per process
+    tmp = output_dir if into else outputs.temp_dir(f".{output_dir.name}.tmp-", output_dir.parent)
     seconds = time.perf_counter() - began
     record = {"kind": kind, "source_model": str(model_dir.resolve()),
               "tokenizer_from": str(Path(tokenizer_from).resolve()),
               "init": init, "init_params": dict(init_params or {}), "seed": seed,
               "old_vocab_size": rows, "vocab_size": vmap.size, "shared_tokens": len(vmap.shared),
               "added_tokens": len(vmap.new_tokens), "new_rows": new_row_ranges(vmap.new_ids),
+              "hidden_size": int(tensors.input.shape[1]), "vocab_tensors": 1 if new_output is None else 2,
               "init_notes": made.notes, **dict(meta or {})}
     try:
-        write_model(model_dir, tmp, tensors, new_input, new_output, new_spec, Path(tokenizer_from), old_ids)
+        params = write_model(model_dir, tmp, tensors, new_input, new_output, new_spec, Path(tokenizer_from),
+                             old_ids)
         seconds = time.perf_counter() - began
         record["seconds"] = round(seconds, 3)
         write_meta(tmp, record)
-        outputs.settle_modes(tmp)
-        outputs.mark_output(tmp, kind)
+        if not into:
+            outputs.settle_modes(tmp)
+            outputs.mark_output(tmp, kind)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not into:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    outputs.publish(tmp, output_dir, flag=flag, overwrite=overwrite)
+    if not into:
+        outputs.publish(tmp, output_dir, flag=flag, overwrite=overwrite)
     return Changed(output_dir, rows, vmap.size, [t.token for t in vmap.new_tokens], len(vmap.shared),
-                   init, made.notes, seconds)
+                   init, made.notes, seconds, params)
 
 
 def transplant_tokenizer(model_dir: Path, output_dir: Path, *, tokenizer: Path | None = None,
                          vocab_size: int | None = None, texts: Iterable[str] = (), init: str = "mean",
                          init_params: Mapping[str, Any] | None = None, seed: int = 0,
                          min_frequency: int = 2, overwrite: bool = False, flag: str = "--output",
-                         params_where: str = "--init-param") -> Changed:
+                         params_where: str = "--init-param", into: bool = False) -> Changed:
     """Write ``output_dir``: ``model_dir``'s model with another tokenizer, either the one in
     the folder ``tokenizer`` (a donor model's, or a tokenizer folder) or a BPE of
     ``vocab_size`` tokens learned on ``texts`` with the model's own pre-tokenizer and
@@ -192,4 +206,4 @@ def transplant_tokenizer(model_dir: Path, output_dir: Path, *, tokenizer: Path |
     meta = {"learned_vocab_size": vocab_size} if vocab_size is not None else {}
     return change_vocabulary(model_dir, output_dir, spec, tokenizer_from=source, texts=texts, init=init,
                              init_params=init_params, seed=seed, donor=tokenizer, overwrite=overwrite,
-                             flag=flag, params_where=params_where, meta=meta)
+                             flag=flag, params_where=params_where, meta=meta, into=into)
