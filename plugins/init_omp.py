@@ -74,11 +74,24 @@ def _unit(m: np.ndarray) -> np.ndarray:
     return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-8)
 
 
-def _fit(atoms: np.ndarray, unit_atoms: np.ndarray, y: np.ndarray, params: OmpInit.Params
+def _candidates(unit_atoms: np.ndarray, targets: np.ndarray, neighbors: int, block: int = 1024
+                ) -> np.ndarray:
+    """Per target row, the indices of its ``neighbors`` most similar atoms (cosine), computed
+    a block of targets at a time in float32 (one matrix product per block)."""
+    atoms32 = unit_atoms.astype(np.float32)
+    k = min(neighbors, atoms32.shape[0])
+    out = np.empty((targets.shape[0], k), dtype=np.int64)
+    for a in range(0, targets.shape[0], block):
+        sims = _unit(targets[a:a + block].astype(np.float32)) @ atoms32.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+        out[a:a + block] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def _fit(atoms: np.ndarray, near: np.ndarray, y: np.ndarray, params: OmpInit.Params
          ) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate indices into atoms, coefficients): kNN by cosine, then matching pursuit."""
-    sims = unit_atoms @ (y / max(float(np.linalg.norm(y)), 1e-8))
-    near = np.argsort(-sims)[: params.neighbors]
+    """(indices into atoms, coefficients): matching pursuit among the candidates ``near``."""
     chosen, coef = omp(atoms[near].T, y, params.k)
     return near[chosen], coef
 
@@ -101,13 +114,15 @@ def _donor_rows(problem: InitProblem, params: OmpInit.Params
         spaces.append((donor_head, problem.old_output))
     results: list[torch.Tensor] = []
     sizes: list[int] = []
+    new_ids = [t.id for t in problem.new_tokens]
     for donor, old in spaces:
         atoms = donor[shared_new].numpy().astype(np.float64)
-        unit = _unit(atoms)
+        targets = donor[new_ids].numpy()
+        near = _candidates(_unit(atoms), targets, params.neighbors)
         base = old[shared_old]
         rows = []
-        for token in problem.new_tokens:
-            idx, coef = _fit(atoms, unit, donor[token.id].numpy().astype(np.float64), params)
+        for n in range(len(new_ids)):
+            idx, coef = _fit(atoms, near[n], targets[n].astype(np.float64), params)
             sizes.append(len(idx))
             rows.append(_combine(base, idx, coef))
         results.append(torch.stack(rows))
@@ -130,16 +145,18 @@ def _aux_rows(problem: InitProblem, params: OmpInit.Params
         gen = torch.Generator().manual_seed(problem.seed)
         fall_in = random_rows(problem.old_input, len(tokens), gen)
         fall_out = None if old_out is None else random_rows(problem.old_output, len(tokens), gen)
+    vectors = [aux_vector(problem, space, token) for token in tokens]
+    known = [v for v in vectors if v is not None]
+    near = iter(_candidates(atoms, np.stack(known), params.neighbors) if known else [])
     rows_in, rows_out, sizes, rare = [], [], [], 0
-    for n, token in enumerate(tokens):
-        v = aux_vector(problem, space, token)
+    for n, v in enumerate(vectors):
         if v is None:
             rare += 1
             rows_in.append(fall_in[n])
             if fall_out is not None:
                 rows_out.append(fall_out[n])
             continue
-        idx, coef = _fit(atoms, atoms, v.astype(np.float64), params)
+        idx, coef = _fit(atoms, next(near), v.astype(np.float64), params)
         sizes.append(len(idx))
         rows_in.append(_combine(old_in, idx, coef))
         if old_out is not None:
