@@ -116,7 +116,7 @@ def _donor_rows(problem: InitProblem, params: OmpInit.Params
     sizes: list[int] = []
     new_ids = [t.id for t in problem.new_tokens]
     for donor, old in spaces:
-        atoms = donor[shared_new].numpy().astype(np.float64)
+        atoms = donor[shared_new].numpy()  # float32: a 128k x 4096 donor stays a few GiB
         targets = donor[new_ids].numpy()
         near = _candidates(_unit(atoms), targets, params.neighbors)
         base = old[shared_old]

@@ -203,6 +203,70 @@ its tokens (`steps x batch_size x seq_len`) divided by its tokens/s, which
 `benchmarks/speed/gpu_check.py` measures for CT, ELO and CT with 8-bit frozen layers on the
 1B shape and on 8 of the 8B shape's layers; the step-cost column above says how the
 stages should compare at 8B.
+
+{tokenizer_section()}"""
+
+
+#: a transplant onto a same-size vocabulary of which this share is new (the rest shared)
+NEW_SHARE = 0.25
+#: the largest safetensors shard of Llama-3.1-8B's published files, in bytes (about 5 GB)
+SHARD_BYTES = 4.98e9
+#: sustained float32 matrix-product rate assumed for the CPU, FLOP/s (a few cores' sgemm)
+CPU_FLOPS = 1e11
+
+
+def tokenizer_section() -> str:
+    """Tokenizer transfer at 8B (engine extend-tokenizer / transplant-tokenizer and
+    train_only): host memory and work from the shape; nothing here is a measurement."""
+    s = LLAMA_8B
+    rows, d = s.vocab, s.hidden
+    f32 = rows * d * 4
+    new = int(rows * NEW_SHARE)
+    shared = rows - new
+    held = 2 * f32 + 2 * f32 + 2 * rows * d * 2 + SHARD_BYTES  # old + new float32, bf16 copies, a shard
+    weights = s.params * 2  # bf16 files
+    omp_flops = 2 * 2 * new * shared * d  # candidates: one similarity row per new token, embedding and head
+    emb = _full(trained_layers=())
+    emb_est = estimate.estimate_training(s, emb)
+    ct = flops_per_token(s, ROWS[0].setup)
+    return f"""## Tokenizer transfer
+
+`engine extend-tokenizer` and `engine transplant-tokenizer` run on the host (no GPU) and
+hold only the vocabulary tensors whole. For Llama-3.1-8B's untied {rows}x{d} embedding
+and head, given a vocabulary of the same size of which {NEW_SHARE:.0%} is new ({new:,}
+rows made, {shared:,} shared):
+
+| part | host memory GiB |
+|---|---|
+| old embedding and head, float32 | {2 * f32 / GiB:.1f} |
+| new embedding and head, float32 | {2 * f32 / GiB:.1f} |
+| their bf16 copies while written | {2 * rows * d * 2 / GiB:.1f} |
+| one shard passing through (about 5 GB) | {SHARD_BYTES / GiB:.1f} |
+| **peak** | **{held / GiB:.1f}** |
+
+Every shard is read and written once: {weights / 1e9:.0f} GB each way in bf16, about
+{2 * weights / 1e9 / 1.0:.0f} s at 1 GB/s of disk. The init methods add:
+
+- `mean`, `random`: one gather or draw per new row, {new * d * 3 / 1e9:.1f} GFLOP: seconds;
+- `omp` in a donor's space: one similarity row per new token against the {shared:,} shared
+  rows, for the embedding and the head: {omp_flops / 1e12:.0f} TFLOP of float32 matrix
+  products (in blocks of 1,024 tokens), about {omp_flops / CPU_FLOPS / 60:.0f} minutes at
+  {CPU_FLOPS / 1e9:.0f} GFLOP/s, plus {new:,} least-squares fits of at most 8 of 64
+  candidates (under a minute). The donor's embedding and head (float32) and copies of its
+  shared rows (plain and normalised) add {(2 * f32 + 2 * shared * d * 4) / GiB:.1f} GiB to the peak;
+- `focus` and `omp` in the auxiliary space: fastText on the target text, linear in its
+  tokens and `epochs` (one worker), then one similarity row per new token against the old
+  tokens seen in that text (dimension 100: seconds). On the built-in world the whole
+  command's time is measured in [benchmarks](benchmarks.md#vocabulary-transfer).
+
+Training the new rows (`ct` with `train_only: embeddings` or `new-rows`) keeps the whole
+model's forward and backward pass (the gradient reaches the input embedding through every
+layer) but trains and keeps AdamW state for the embedding and head only (`new-rows` masks
+the gradient of the other rows; the optimizer state is still the whole tensors'):
+
+| stage | weights | grads | optimizer | activations | logit grads | total GiB | step cost vs full CT |
+|---|---|---|---|---|---|---|---|
+| CT, train_only: embeddings or new-rows | {_gib(emb_est.parts['weights'])} | {_gib(emb_est.parts['grads'])} | {_gib(emb_est.parts['optimizer'])} | {_gib(emb_est.parts['activations'])} | {_gib(emb_est.parts['logit grads'])} | {_gib(emb_est.total)} | {flops_per_token(s, emb) / ct:.2f} |
 """
 
 
