@@ -23,8 +23,7 @@ from engine.api.models import extend_tokenizer, transplant_tokenizer
 
 
 class Vocabulary:
-    """Extend the model's BPE with tokens learned on the data, or replace it with one learned
-    there; new rows by an init method."""
+    """A tokenizer for the data's language (extended or learned); new rows by an init method."""
 
     name = "vocabulary"
     data_formats = ("text",)
