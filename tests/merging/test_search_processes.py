@@ -47,12 +47,16 @@ def _recipe(tmp_path: Path, family: dict[str, Path], *, trials: int, workers: in
     return path
 
 
-def _trials(db: Path) -> dict[int, str]:
+def _trials(db: Path, *, drawn: bool = False) -> dict[int, str]:
+    """Trial number -> state (``drawn``: only trials whose params are drawn)."""
     if not db.is_file():
         return {}
+    query = "SELECT number, state FROM trials"
+    if drawn:
+        query += " WHERE trial_id IN (SELECT trial_id FROM trial_params)"
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return dict(con.execute("SELECT number, state FROM trials").fetchall())
+            return dict(con.execute(query).fetchall())
     except sqlite3.OperationalError:  # the tables are not created yet
         return {}
 
@@ -67,7 +71,7 @@ def _wait_for(proc: subprocess.Popen, db: Path, complete: int, timeout: float = 
     """Until the study holds ``complete`` finished trials and one running."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        states = _trials(db)
+        states = _trials(db, drawn=True)  # a running trial with its params drawn
         if sum(s == "COMPLETE" for s in states.values()) >= complete and "RUNNING" in states.values():
             return states
         if proc.poll() is not None:
@@ -93,7 +97,7 @@ def test_a_search_killed_mid_trial_resumes_without_losing_a_finished_trial(tiny_
         run_recipe(recipe, workdir)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    before = _trials(db)
+    before = _trials(db, drawn=True)
     running = [n for n, s in before.items() if s == "RUNNING"]
     assert running, before  # killed mid-trial
     import optuna

@@ -11,14 +11,26 @@ from typing import Any
 from engine.core.errors import EngineError
 from engine.recipe.search import SEARCH_DIR, ObjectiveSpec
 
-__all__ = ["best_so_far", "choose", "feasible", "pareto_front", "trial_records", "warm_params"]
+__all__ = ["trial_attrs", "best_so_far", "choose", "feasible", "pareto_front", "trial_records", "warm_params"]
+
+
+def trial_attrs(trial: Any) -> dict[str, Any]:
+    """What a trial recorded: its ``candidate`` (method, params, worker, fingerprint) and
+    ``result`` (metrics, standard errors, constraint violations, seconds, the first-rung
+    score, an error) attributes, with the others (``retry_of``, ``warm_start``) beside."""
+    a = trial.user_attrs
+    out = {k: v for k, v in a.items() if k not in ("candidate", "result")}
+    for key in ("candidate", "result"):
+        if isinstance(a.get(key), dict):
+            out.update(a[key])
+    return out
 
 
 def trial_records(trials: Sequence[Any]) -> list[dict[str, Any]]:
     """Each trial (Optuna ``FrozenTrial``) as JSON-ready data, in trial order."""
     out = []
     for t in sorted(trials, key=lambda t: t.number):
-        a = t.user_attrs
+        a = trial_attrs(t)
         record: dict[str, Any] = {
             "number": t.number, "state": t.state.name.lower(), "method": a.get("method"),
             "params": a.get("params"), "values": list(t.values) if t.values is not None else None,
@@ -43,7 +55,7 @@ def is_feasible(trial: Any) -> bool:
         return False
     if any(not math.isfinite(v) for v in trial.values):
         return False
-    return all(v <= 0 for v in trial.user_attrs.get("constraints", []))
+    return all(v <= 0 for v in trial_attrs(trial).get("constraints", []))
 
 
 def feasible(trials: Sequence[Any]) -> list[Any]:

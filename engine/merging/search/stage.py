@@ -125,8 +125,9 @@ def run_search(context: StageContext, inputs: StageInputs, planned: PlannedSearc
     chosen = front.choose(trials, spec.objectives, spec.choose)
     pareto = [t.number for t in front.pareto_front(trials, spec.objectives)]
     search_s = time.perf_counter() - started
-    method = chosen.user_attrs["method"]
-    params = job.params_for(method, chosen.user_attrs["params"])
+    got = front.trial_attrs(chosen)
+    method = got["method"]
+    params = job.params_for(method, got["params"])
     counts = {s: sum(r["state"] == s for r in records) for s in ("complete", "pruned", "fail")}
     context.log(f"search: {len(records)} trial(s) ({counts['complete']} complete, {counts['pruned']} "
                 f"pruned, {counts['fail']} failed) in {search_s:.1f}s; chose trial {chosen.number} "
@@ -145,8 +146,8 @@ def run_search(context: StageContext, inputs: StageInputs, planned: PlannedSearc
         "constraints": [str(c) for c in spec.constraints],
         "space": [d.describe() for d in planned.space.dimensions()],
         "trials": records, "counts": counts, "reused": before, "pareto": pareto,
-        "chosen": {"number": chosen.number, "method": method, "params": chosen.user_attrs["params"],
-                   "metrics": chosen.user_attrs.get("metrics"),
+        "chosen": {"number": chosen.number, "method": method, "params": got["params"],
+                   "metrics": got.get("metrics"),
                    "values": list(chosen.values)},
         "search_s": round(search_s, 3), "write_s": round(time.perf_counter() - t1, 3),
     }

@@ -40,6 +40,7 @@ from engine.core.fingerprint import fingerprint_hash
 from engine.core.inputs import StageInputs
 from engine.merging.overrides import EXECUTION_FIELDS
 from engine.merging.search.candidate import InMemoryMerge
+from engine.merging.search.front import trial_attrs
 from engine.merging.search.scoring import Scorer
 from engine.merging.search.space import SearchSpace
 from engine.recipe.search import SEARCH_DIR, ConstraintSpec, ObjectiveSpec, SearchSpec
@@ -123,11 +124,27 @@ def _storage(url: str) -> Any:
     import optuna  # imported here for start-up speed: only a search needs optuna
 
     if url.startswith("sqlite:"):
-        # two local processes write one file: wait for the lock rather than fail
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        # two local processes write one file: wait for the lock rather than fail; write-ahead
+        # logging lets readers and the writer go on together, and commits do not wait for the
+        # disk (a killed process loses nothing committed; a power cut may lose the last trials)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            from sqlalchemy import event  # imported here for start-up speed: only a search needs it
+
+            event.listen(engine, "connect", _sqlite_pragmas)
+            engine.dispose()  # the connection that created the tables goes without them
+        return storage
     return optuna.storages.RDBStorage(
         url, heartbeat_interval=30, grace_period=120,
         failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+
+
+def _sqlite_pragmas(connection: Any, record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _sampler(spec: SearchSpec, seed: int) -> Any:
@@ -152,7 +169,7 @@ def _trial_constraints() -> bool:
 
 
 def _constraint_values(trial: Any) -> Sequence[float]:
-    return trial.user_attrs.get("constraints", [math.inf])
+    return trial_attrs(trial).get("constraints", [math.inf])
 
 
 def open_study(job: SearchJob, seed: int) -> Any:
@@ -176,7 +193,7 @@ def counted(trial: Any) -> bool:
     )
 
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-        trial.state == TrialState.FAIL and "error" in trial.user_attrs)
+        trial.state == TrialState.FAIL and "error" in trial_attrs(trial))
 
 
 def finished_count(study: Any) -> int:
@@ -198,44 +215,48 @@ def _objective(job: SearchJob, merger: Any, scorer: Any) -> Callable[[Any], Any]
     import optuna  # imported here for start-up speed: only a search needs optuna
 
     def objective(trial: Any) -> Any:
+        # what a trial records goes into two user attributes, written once each (every
+        # write is a database transaction): "candidate" before the merge, "result" at the end
         t0 = time.perf_counter()
         method, drawn = job.space.suggest(trial)
-        trial.set_user_attr("method", method)
-        trial.set_user_attr("params", drawn)
-        trial.set_user_attr("worker", os.getpid())
+        candidate = {"method": method, "params": drawn, "worker": os.getpid(), "fingerprint": None}
+        result: dict[str, Any] = {}
+
+        def finish(**values: Any) -> None:
+            result.update(values, seconds=round(time.perf_counter() - t0, 4))
+            trial.set_user_attr("result", result)
+
         try:
             params = job.params_for(method, drawn)
-            fp = job.fingerprint(method, params)
-            trial.set_user_attr("fingerprint", fp)
+            candidate["fingerprint"] = fp = job.fingerprint(method, params)
+            trial.set_user_attr("candidate", candidate)
             merger.apply(job.methods[method], params)
-            trial.set_user_attr("merge_s", round(time.perf_counter() - t0, 4))
+            result["merge_s"] = round(time.perf_counter() - t0, 4)
             if job.pruning and scorer.rungs is not None:
                 rung, _ = scorer.score(fp, rung=True)
                 value = _values(job, rung)[0]
-                trial.set_user_attr("rung", value)
+                result["rung"] = value
                 trial.report(value, 0)
                 if trial.should_prune():
-                    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
+                    finish()
                     raise optuna.TrialPruned()
             metrics, stderr = scorer.score(fp)
         except TrialFailure as exc:
-            trial.set_user_attr("error", str(exc))
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
+            trial.set_user_attr("candidate", candidate)
+            finish(error=str(exc))
             raise
         except MergeError as exc:  # params the method refuses, NaN in a merged tensor
-            trial.set_user_attr("error", str(exc))
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
+            trial.set_user_attr("candidate", candidate)
+            finish(error=str(exc))
             raise TrialFailure(str(exc)) from None
         values = _values(job, metrics)
-        trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("stderr", stderr)
         if job.constraints:
             violations = [c.violation(metrics[c.metric]) for c in job.constraints]
-            trial.set_user_attr("constraints", violations)
+            result["constraints"] = violations
             if hasattr(trial, "set_constraint"):
                 for c, v in zip(job.constraints, violations):
                     trial.set_constraint(str(c), v)
-        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
+        finish(metrics=metrics, stderr=stderr)
         return values[0] if len(values) == 1 else tuple(values)
 
     return objective
@@ -263,10 +284,10 @@ def prepare(job: SearchJob, study: Any, warm: Sequence[dict[str, Any]] = ()) -> 
     local = job.storage.startswith("sqlite:")  # under the workdir lock: no one else runs
     for t in study.get_trials(deepcopy=False):
         stale = t.state == TrialState.RUNNING and local
-        interrupted = t.state == TrialState.FAIL and "error" not in t.user_attrs
+        interrupted = t.state == TrialState.FAIL and "error" not in trial_attrs(t)
+        if stale:  # killed before it drew its params, it has nothing to try again
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if (stale or interrupted) and t.number not in retried and t.params:
-            if stale:
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             again.append(t.number)
     if again:
