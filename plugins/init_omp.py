@@ -41,8 +41,7 @@ from engine.api.models import (
 
 
 class OmpInit:
-    """A sparse least-squares combination of old tokens (matching pursuit), fitted in a donor's
-    embedding or in fastText vectors learned on the target text."""
+    """A sparse combination of old tokens by matching pursuit, in a donor's or a fastText space."""
 
     name = "omp"  # space: aux needs gensim; train_aux says so (space: donor does not)
 

@@ -84,7 +84,8 @@ def clash_fields(reg: Any) -> dict[str, Any]:
 
 def plugins_info() -> list[dict[str, Any]]:
     """What ``engine plugins`` shows: each plugin, its distribution and version, what it
-    registers (name, description; declared requirements, the missing ones and the install
+    registers (per stage kind, and ``embedding-init`` for init methods of new vocabulary
+    rows; name, description; declared requirements, the missing ones and the install
     hint where it declares ``requires``; the qualified name and who shadows whom where
     another plugin registers the same name), and whether it is broken or kept out by the
     allow/block lists. A shadowed implementation is listed under its plugin like any
@@ -98,6 +99,19 @@ def plugins_info() -> list[dict[str, Any]]:
         for reg in regs:
             rows.setdefault(reg.plugin, _row(reg.plugin))["registers"].setdefault(kind, []).append(
                 _implementation(reg))
+    for impl in _pm.pm.hook.register_embedding_inits.get_hookimpls():  # not a stage kind
+        plugin = _pm.pm.get_name(impl.plugin) or repr(impl.plugin)
+        got: list[Any] = []
+        try:
+            impl.function(register=got.append)
+        except Exception:  # the commands that use init methods report it
+            continue
+        for method in got:
+            item = {"name": getattr(method, "name", repr(method)), "description": description(method)}
+            if requirements(method):
+                item.update(requires=list(requirements(method)), missing=missing_requirements(method),
+                            needs=requirement_hint(method, _pm.plugin_distribution(plugin)))
+            rows.setdefault(plugin, _row(plugin))["registers"].setdefault("embedding-init", []).append(item)
     for b in _pm.broken_plugins():
         rows.setdefault(b.name, _row(b.name))["broken"] = b.error
         rows[b.name]["registers"] = {}

@@ -18,6 +18,7 @@ from engine.models.tokenizer.inits import get_init, init_methods, parse_init_par
 from engine.models.tokenizer.sparse import omp, sparsemax
 from engine.models.tokenizer.transplant import transplant_tokenizer
 from engine.models.tokenizer.vocabmap import Vocabulary
+from engine.registry.info import plugins_info
 from engine.registry.manager import pm
 
 
@@ -254,6 +255,10 @@ def test_a_third_party_method_runs_and_wins_a_bare_name(vocab_models, tmp_path, 
     new_in, new_out = _rows(out)
     assert (new_in[ids] == 0.5).all() and (new_out[ids] == 0.5).all()
     assert "'tp-broken-inits'" in capsys.readouterr().err  # reported, skipped; the rest work
+    listed = {r["name"]: r["registers"].get("embedding-init", []) for r in plugins_info()}
+    assert [i["name"] for i in listed["tp-inits"]] == ["zeros", "mean", "wrong-shape"]
+    assert [i["name"] for i in listed["engine_plugins.init_focus"]] == ["focus"]
+    assert listed["engine_plugins.init_focus"][0]["requires"] == ["gensim"]
     assert isinstance(get_init("mean"), ShadowMean)  # a third party wins the bare name
     builtin = get_init("engine_plugins.init_mean:mean")
     assert type(builtin).__name__ == "MeanInit"
