@@ -262,15 +262,65 @@ def part_time(work: Path, data: Path) -> dict[str, Any]:
     return out
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md's section from a results file."""
+    out = []
+    ext = results.get("extend")
+    if ext:
+        out.append(f"Held-out Cyrillic lum bits per byte (untouched model: {ext['untouched']:.3f}), "
+                   "mean ± sd over seeds:\n")
+        out.append("| init | step 0 | 20 steps | 40 steps | 80 steps |\n|---|---:|---:|---:|---:|")
+        for init in INITS:
+            out.append(f"| {init} | " + " | ".join(fmt(ext[init][k]) for k in ("0", *map(str, STEPS))) + " |")
+        out.append("")
+    tp = results.get("transplant")
+    if tp:
+        u = tp["untouched"]
+        v = tp["vocab"]
+        out.append(f"Transplant (learned BPE: {v['size']} tokens, {v['shared']} shared with the world's, "
+                   f"{v['made']} made): bits per byte; untouched model lum {u['bpb/lum']:.3f}, en "
+                   f"{u['bpb/en']:.3f}:\n")
+        out.append("| model | lum, step 0 | en, step 0 | en vs untouched | lum, 40 steps | en, 40 steps |\n"
+                   "|---|---:|---:|---:|---:|---:|")
+        for k in [*INITS, "extend-mean"]:
+            s0, s40 = tp["step0"][k], tp["step40"][k]
+            ratio = statistics.mean(s0["en"]) / u["bpb/en"]
+            out.append(f"| {k} | {fmt(s0['lum'])} | {fmt(s0['en'])} | {ratio:.2f}x | {fmt(s40['lum'])} | "
+                       f"{fmt(s40['en'])} |")
+        out.append("")
+    mg = results.get("merge")
+    if mg:
+        out.append(f"Merge across tokenizers (init {mg['init']}): task accuracy (multiple choice), "
+                   "mean ± sd over seeds:\n")
+        out.append("| model | lum | en |\n|---|---:|---:|")
+        for k, label in (("sft", "English SFT (original vocabulary)"), ("ct", "CT, original vocabulary"),
+                         ("shared", "merge, shared original tokenizer"), ("sft-t", "English SFT, transplanted"),
+                         ("ct-t", "CT, transplanted vocabulary"), ("transplanted", "merge, transplanted tokenizer")):
+            out.append(f"| {label} | {fmt(mg[k]['lum'])} | {fmt(mg[k]['en'])} |")
+        out.append("")
+    tm = results.get("time")
+    if tm:
+        out.append("| command | init | in-process s | whole command s |\n|---|---|---:|---:|")
+        for key, v in tm.items():
+            what, init = key.split("/")
+            out.append(f"| {what} | {init} | {v['in_process_s']:.2f} | {v['command_s']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-2", help="e.g. 0-2 or 0,3")
     parser.add_argument("--parts", default="time,extend,transplant,merge")
     parser.add_argument("--keep", type=Path, help="keep the work folder here (default: a temporary one)")
     parser.add_argument("--smoke", action="store_true", help="2 training steps everywhere: check the script runs")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of the last results and stop")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return
     if args.smoke:
-        global RESULTS
         STEPS[:] = [2]
         SFT["steps"] = 2
         BUDGET.update(rows=2, ct=2)
