@@ -40,7 +40,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _papers import (  # noqa: E402
-    ROOT,
     fmt,
     machine,
     markdown_table,
