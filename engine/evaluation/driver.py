@@ -9,6 +9,9 @@ of the plan on it, merge the metrics and counts, keep going when one model fails
 The pieces live in :mod:`engine.evaluation.spans` (spans, sliding windows), :mod:`engine.evaluation.scoring`
 (shared-prefix KV-cache scoring) and :mod:`engine.evaluation.generation` (greedy generation);
 their names are re-exported here, the documented place plugins import from.
+
+Long module: the driver (plans per tokenizer, the evaluation cache, failures kept per
+model, progress) is one loop every evaluator runs; splitting it would split that loop.
 """
 
 from __future__ import annotations
@@ -259,7 +262,13 @@ def evaluate_models(
                     continue
             plan_key = (tokenizer_fingerprint(artifact.path), length)
             if plan_key not in plans:
-                plans[plan_key] = _parts(build_plan(tokenizer, length))
+                # a merge search scores the same plan on every trial: its context keeps plans
+                kept = getattr(context, "plan_cache", None) if stage_key is not None else None
+                where = (repr(sorted(stage_key.items())), plan_key) if kept is not None else None
+                plans[plan_key] = (kept.get(where) if kept is not None else None) or \
+                    _parts(build_plan(tokenizer, length))
+                if kept is not None:
+                    kept[where] = plans[plan_key]
             todo.append(_Todo(artifact, tokenizer, plans[plan_key], key))
         except DataError:
             raise

@@ -4,7 +4,8 @@ The candidate is an in-memory model (:mod:`engine.merging.search.candidate`). Th
 exactly as in an evaluate stage, through a :class:`SearchContext` that hands them the
 live model for the candidate, so any evaluate plugin can define an objective.
 
-The candidate's artifact points at a small folder holding the base's config and
+Each evaluator's plan (its tokenized items) is built on the first trial and reused by
+the later ones. The candidate's artifact points at a small folder holding the base's config and
 tokenizer files and a stage marker whose fingerprint is the trial's (method, params,
 inputs): the evaluation cache (:mod:`engine.evaluation.cache`) then keeps each trial's
 metrics by that fingerprint, so a re-run, a larger budget or a warm start that draws
@@ -59,7 +60,8 @@ class SearchContext(StageContext):
     """The context an evaluator runs in during a search: the candidate's artifact loads as
     the live in-memory model; tokenizers are loaded once; nothing is printed."""
 
-    def __init__(self, parent: StageContext, plugin: str, candidate: Path, live: torch.nn.Module) -> None:
+    def __init__(self, parent: StageContext, plugin: str, candidate: Path, live: torch.nn.Module,
+                 plan_cache: dict[Any, Any] | None = None) -> None:
         super().__init__(run_name=parent.run_name, stage_name=parent.stage_name, stage_kind="evaluate",
                          plugin=plugin, workdir=parent.workdir, output_dir=parent.output_dir,
                          runtime=parent.runtime, console=Console(stderr=True, quiet=True),
@@ -67,6 +69,9 @@ class SearchContext(StageContext):
         self._candidate = Path(candidate).resolve()
         self._live = live
         self._tokenizers: dict[Path, Any] = {}
+        #: evaluation plans by evaluator, data and tokenizer, built on the first trial and
+        #: reused by every later one (:func:`engine.evaluation.driver.evaluate_models`)
+        self.plan_cache = plan_cache if plan_cache is not None else {}
 
     def _is_candidate(self, model: ModelArtifact | Path) -> bool:
         path = model.path if isinstance(model, ModelArtifact) else Path(model)
@@ -117,6 +122,7 @@ class Scorer:
         self.folder = candidate_folder(folder, reference.path)
         self.candidate = ModelArtifact(name=context.stage_name, path=self.folder)
         self.rungs: list[list[DataSource]] | None = None
+        self.plans: dict[Any, Any] = {}
         if rung_fraction is not None:
             self.rungs = [[_rung_source(d, rung_fraction) for d in e.data if d.shards == ()]
                           for e in self.evaluators]
@@ -140,7 +146,7 @@ class Scorer:
         owner: dict[str, str] = {}
         for i, e in enumerate(self.evaluators):
             data = self.rungs[i] if rung and self.rungs is not None else e.data
-            ctx = SearchContext(self.context, e.plugin, self.folder, self.live)
+            ctx = SearchContext(self.context, e.plugin, self.folder, self.live, self.plans)
             inputs = StageInputs(models=[self.candidate, *e.models], data=list(data))
             art = e.impl.run(ctx, inputs, e.params)
             if not isinstance(art, MetricsArtifact):
