@@ -86,6 +86,7 @@ def _notes(report: dict) -> dict:
     return next(s for s in report["stages"] if s["name"] == "searched")["notes"]["search"]
 
 
+@pytest.mark.slow
 def test_a_search_killed_mid_trial_resumes_without_losing_a_finished_trial(tiny_model_family, tmp_path):
     recipe = _recipe(tmp_path, tiny_model_family, trials=10, items=64)
     workdir = tmp_path / "w"
@@ -117,6 +118,7 @@ def test_a_search_killed_mid_trial_resumes_without_losing_a_finished_trial(tiny_
     assert len(counted) == 10
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_study_and_prints_the_command_that_resumes(tiny_model_family, tmp_path):
     recipe = _recipe(tmp_path, tiny_model_family, trials=10, items=64)
     workdir = tmp_path / "w"
@@ -133,6 +135,7 @@ def test_ctrl_c_keeps_the_study_and_prints_the_command_that_resumes(tiny_model_f
     assert notes["reused"] >= 2 and len([t for t in notes["trials"] if t["state"] == "complete"]) >= 10
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_study(tiny_model_family, tmp_path):
     recipe = _recipe(tmp_path, tiny_model_family, trials=14, workers=2, items=160)
     notes = _notes(run_recipe(recipe, tmp_path / "w"))
