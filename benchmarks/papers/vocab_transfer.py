@@ -48,6 +48,8 @@ from _papers import ROOT, machine  # noqa: E402
 
 INITS = ["random", "mean", "omp", "focus"]
 STEPS = [20, 40, 80]
+#: the models of the transplant part trained for BUDGET["rows"] steps (the init fixed in advance)
+TRAINED = ("focus", "extend-mean")
 #: embeddings-only steps after a transplant, and CT steps before a merge
 BUDGET = {"rows": 40, "ct": 80}
 CT = {"batch_size": 8, "seq_len": 128, "lr": 2.0e-3, "log_every": 10, "checkpoint_every": 0}
@@ -80,14 +82,33 @@ def fmt_of(name: str) -> str:
     return "text" if name.endswith(".txt") else detect_format(Path(name)) if Path(name).is_file() else "choice"
 
 
-def train(work: Path, name: str, model: Path, data: list, steps: int, seed: int, **extra: Any) -> Path:
+def train(work: Path, name: str, model: Path, data: list, steps: int, seed: int, *,
+          snapshots: tuple[int, ...] = (), **extra: Any) -> Path | dict[int, Path]:
+    """A ``ct`` stage; with ``snapshots``, also the model after each of those steps of the
+    same run (from its checkpoints): ``{step: folder}`` with ``steps`` the final one."""
+    from safetensors.torch import load_file
+
     from engine.api import ModelArtifact, StageInputs
+    from engine.models.modelio import save_updated_copy
+    from engine.training.checkpoint import CheckpointDir
     from engine_plugins.ct import CT as Ct
 
     c = ctx(work, name)
+    every = {}
+    if snapshots:
+        c.checkpoint_dir = work / f"ck-{name}"
+        every = {"checkpoint_every": snapshots[0], "keep_checkpoints": len(snapshots) + 1}
     art = Ct().run(c, StageInputs(model=ModelArtifact("m", model), data=data),
-                   Ct.Params(**CT, steps=steps, seed=seed, **extra))
-    return Path(art.path)
+                   Ct.Params(**{**CT, **every}, steps=steps, seed=seed, **extra))
+    if not snapshots:
+        return Path(art.path)
+    ckpts = CheckpointDir(c.checkpoint_dir)
+    out = {steps: Path(art.path)}
+    for step in snapshots:
+        folder = work / f"{name}-at-{step}"
+        save_updated_copy(Path(art.path), folder, load_file(str(ckpts.path(step) / "trainable.safetensors")))
+        out[step] = folder
+    return out
 
 
 def bpb(work: Path, models: dict[str, Path], data: list) -> dict[str, dict[str, float]]:
@@ -141,9 +162,9 @@ def part_extend(work: Path, data: Path, base: Path, seeds: list[int]) -> dict[st
         for seed in seeds:
             folder = work / f"ext-{init}-{seed}"
             extend_tokenizer(base, lum, folder, new_tokens=500, init=init, seed=seed)
-            row = {0: folder}
-            for steps in STEPS:
-                row[steps] = train(work, f"ct-{init}-{seed}-{steps}", folder, mix, steps, seed)
+            # one run of STEPS[-1] steps, read after each of STEPS (its checkpoints)
+            row = {0: folder, **train(work, f"ct-{init}-{seed}", folder, mix, STEPS[-1], seed,
+                                      snapshots=tuple(STEPS[:-1]))}
             scores = bpb(work, {str(k): v for k, v in row.items()}, test)
             for k in row:
                 out.setdefault(init, {}).setdefault(str(k), []).append(scores[str(k)]["bpb/lum"])
@@ -176,16 +197,17 @@ def part_transplant(work: Path, data: Path, base: Path, seeds: list[int]) -> dic
         models0["extend-mean"] = ext
         scores0 = bpb(work, {k: v for k, v in models0.items()}, test)
         trained = {k: train(work, f"tp-emb-{k}-{seed}", v, mix, BUDGET["rows"], seed,
-                         train_only="embeddings")
-                   for k, v in models0.items()}
+                            train_only="embeddings")
+                   for k, v in models0.items() if k in TRAINED}
         scores40 = bpb(work, trained, test)
         for k in models0:
             for lang in ("lum", "en"):
                 out["step0"].setdefault(k, {}).setdefault(lang, []).append(scores0[k][f"bpb/{lang}"])
-                out["step40"].setdefault(k, {}).setdefault(lang, []).append(scores40[k][f"bpb/{lang}"])
+                if k in scores40:
+                    out["step40"].setdefault(k, {}).setdefault(lang, []).append(scores40[k][f"bpb/{lang}"])
         print(f"  transplant seed {seed}: step 0 " + ", ".join(
             f"{k} lum {scores0[k]['bpb/lum']:.3f} en {scores0[k]['bpb/en']:.3f}" for k in models0)
-            + "; step 40 " + ", ".join(f"{k} lum {scores40[k]['bpb/lum']:.3f}" for k in models0), flush=True)
+            + "; step 40 " + ", ".join(f"{k} lum {scores40[k]['bpb/lum']:.3f}" for k in scores40), flush=True)
     return out
 
 
@@ -283,10 +305,10 @@ def markdown(results: dict[str, Any]) -> str:
         out.append("| model | lum, step 0 | en, step 0 | en vs untouched | lum, 40 steps | en, 40 steps |\n"
                    "|---|---:|---:|---:|---:|---:|")
         for k in [*INITS, "extend-mean"]:
-            s0, s40 = tp["step0"][k], tp["step40"][k]
+            s0, s40 = tp["step0"][k], tp["step40"].get(k)
             ratio = statistics.mean(s0["en"]) / u["bpb/en"]
-            out.append(f"| {k} | {fmt(s0['lum'])} | {fmt(s0['en'])} | {ratio:.2f}x | {fmt(s40['lum'])} | "
-                       f"{fmt(s40['en'])} |")
+            late = f"{fmt(s40['lum'])} | {fmt(s40['en'])}" if s40 else "- | -"
+            out.append(f"| {k} | {fmt(s0['lum'])} | {fmt(s0['en'])} | {ratio:.2f}x | {late} |")
         out.append("")
     mg = results.get("merge")
     if mg:
@@ -313,8 +335,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-2", help="e.g. 0-2 or 0,3")
     parser.add_argument("--parts", default="time,extend,transplant,merge")
+    parser.add_argument("--merge-seeds", help="seeds of the merge part (default: --seeds)")
     parser.add_argument("--keep", type=Path, help="keep the work folder here (default: a temporary one)")
     parser.add_argument("--smoke", action="store_true", help="2 training steps everywhere: check the script runs")
+    parser.add_argument("--keep-results", action="store_true",
+                        help="keep the parts of the results file this run does not measure")
     parser.add_argument("--markdown", action="store_true", help="print the tables of the last results and stop")
     args = parser.parse_args()
     if args.markdown:
@@ -327,6 +352,7 @@ def main() -> None:
         RESULTS = RESULTS.with_name("vocab_transfer_smoke.json")
     a, _, b = args.seeds.partition("-")
     seeds = list(range(int(a), int(b) + 1)) if b else [int(s) for s in args.seeds.split(",")]
+    merge_seeds = [int(x) for x in args.merge_seeds.split(",")] if args.merge_seeds else seeds
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     from engine import world
 
@@ -334,13 +360,16 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="lingoforge-vocab-"))
     work.mkdir(parents=True, exist_ok=True)
     data = prepare(work)
-    results: dict[str, Any] = {"machine": machine(), "seeds": seeds, "torch_threads": torch.get_num_threads()}
+    results: dict[str, Any] = {"machine": machine(), "seeds": seeds, "merge_seeds": merge_seeds,
+                               "torch_threads": torch.get_num_threads()}
+    if RESULTS.is_file() and args.keep_results:  # parts measured by an earlier run are kept
+        results = {**json.loads(RESULTS.read_text()), **results}
     t0 = time.perf_counter()
     for part in args.parts.split(","):
         print(f"{part} ...", flush=True)
         fn = {"time": lambda: part_time(work, data), "extend": lambda: part_extend(work, data, base, seeds),
               "transplant": lambda: part_transplant(work, data, base, seeds),
-              "merge": lambda: part_merge(work, data, base, seeds)}[part]
+              "merge": lambda: part_merge(work, data, base, merge_seeds)}[part]
         results[part] = fn()
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({**results, "seconds": round(time.perf_counter() - t0)}, indent=1))
