@@ -295,6 +295,15 @@ def markdown(results: dict[str, Any]) -> str:
         for init in INITS:
             out.append(f"| {init} | " + " | ".join(fmt(ext[init][k]) for k in ("0", *map(str, STEPS))) + " |")
         out.append("")
+        for k in ("0", "40"):
+            best = min(("omp", "focus"), key=lambda m: statistics.mean(ext[m][k]))
+            gain = statistics.mean(ext["mean"][k]) - statistics.mean(ext[best][k])
+            spread = max(statistics.stdev(ext[m][k]) if len(ext[m][k]) > 1 else 0.0 for m in ("mean", best))
+            verdict = "below mean by more than the seed spread" if gain > spread else (
+                "below mean, but not by more than the seed spread" if gain > 0 else "not below mean")
+            out.append(f"- after {k} steps: the better new method is {best}, {gain:+.3f} bpb against mean "
+                       f"(largest seed sd of the two {spread:.3f}): {verdict}.")
+        out.append("")
     tp = results.get("transplant")
     if tp:
         u = tp["untouched"]
@@ -309,6 +318,16 @@ def markdown(results: dict[str, Any]) -> str:
             ratio = statistics.mean(s0["en"]) / u["bpb/en"]
             late = f"{fmt(s40['lum'])} | {fmt(s40['en'])}" if s40 else "- | -"
             out.append(f"| {k} | {fmt(s0['lum'])} | {fmt(s0['en'])} | {ratio:.2f}x | {late} |")
+        out.append("")
+        for k in INITS:
+            ratio = statistics.mean(tp["step0"][k]["en"]) / u["bpb/en"]
+            out.append(f"- {k}: English at step 0 is {ratio:.2f}x the untouched model's bpb "
+                       f"({'within' if ratio <= 1.10 else 'not within'} 10%).")
+        for k in TRAINED:
+            if k != "extend-mean" and k in tp["step40"] and "extend-mean" in tp["step40"]:
+                a, b = statistics.mean(tp["step40"][k]["lum"]), statistics.mean(tp["step40"]["extend-mean"]["lum"])
+                out.append(f"- after {BUDGET['rows']} embeddings-only steps, lum: transplant ({k}) {a:.3f} against "
+                           f"extend-tokenizer (mean) {b:.3f}: {'at least as good' if a <= b else 'worse'}.")
         out.append("")
     mg = results.get("merge")
     if mg:
