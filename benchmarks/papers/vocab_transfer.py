@@ -57,6 +57,10 @@ SFT = {"steps": 100, "batch_size": 16, "seq_len": 48, "lr": 5.0e-5, "checkpoint_
 RESULTS = ROOT / "benchmarks" / "results" / "vocab_transfer.json"
 
 
+def PARTIAL(part: str, value: Any) -> None:  # noqa: N802 - replaced by main() with a writer
+    """Record a part's results so far (main() makes it write the results file)."""
+
+
 def fmt(xs: list[float], digits: int = 3) -> str:
     if len(xs) < 2:
         return f"{xs[0]:.{digits}f}"
@@ -158,8 +162,8 @@ def part_extend(work: Path, data: Path, base: Path, seeds: list[int]) -> dict[st
     test = sources(data, ("test.txt", "lum", 1.0))
     mix = sources(data, ("train.txt", "lum", 9.0), ("en-train.txt", "en", 1.0))
     out: dict[str, Any] = {"untouched": bpb(work, {"base": base}, test)["base"]["bpb/lum"]}
-    for init in INITS:
-        for seed in seeds:
+    for seed in seeds:  # every init of a seed before the next seed: a stopped run still compares them
+        for init in INITS:
             folder = work / f"ext-{init}-{seed}"
             extend_tokenizer(base, lum, folder, new_tokens=500, init=init, seed=seed)
             # one run of STEPS[-1] steps, read after each of STEPS (its checkpoints)
@@ -170,6 +174,7 @@ def part_extend(work: Path, data: Path, base: Path, seeds: list[int]) -> dict[st
                 out.setdefault(init, {}).setdefault(str(k), []).append(scores[str(k)]["bpb/lum"])
             print(f"  extend {init} seed {seed}: " + ", ".join(
                 f"{k}: {scores[str(k)]['bpb/lum']:.3f}" for k in row), flush=True)
+            PARTIAL("extend", out)
     return out
 
 
@@ -208,6 +213,7 @@ def part_transplant(work: Path, data: Path, base: Path, seeds: list[int]) -> dic
         print(f"  transplant seed {seed}: step 0 " + ", ".join(
             f"{k} lum {scores0[k]['bpb/lum']:.3f} en {scores0[k]['bpb/en']:.3f}" for k in models0)
             + "; step 40 " + ", ".join(f"{k} lum {scores40[k]['bpb/lum']:.3f}" for k in scores40), flush=True)
+        PARTIAL("transplant", out)
     return out
 
 
@@ -256,6 +262,7 @@ def part_merge(work: Path, data: Path, base: Path, seeds: list[int], init: str =
         for k, v in scores.items():
             for lang in ("lum", "en"):
                 out.setdefault(k, {}).setdefault(lang, []).append(v[f"acc/{lang}"])
+        PARTIAL("merge", out)
         print(f"  merge seed {seed}: " + ", ".join(
             f"{k} lum {v['acc/lum']:.3f} en {v['acc/en']:.3f}" for k, v in scores.items()), flush=True)
     return out
@@ -292,10 +299,12 @@ def markdown(results: dict[str, Any]) -> str:
         out.append(f"Held-out Cyrillic lum bits per byte (untouched model: {ext['untouched']:.3f}), "
                    "mean ± sd over seeds:\n")
         out.append("| init | step 0 | 20 steps | 40 steps | 80 steps |\n|---|---:|---:|---:|---:|")
-        for init in INITS:
+        for init in (i for i in INITS if i in ext):
             out.append(f"| {init} | " + " | ".join(fmt(ext[init][k]) for k in ("0", *map(str, STEPS))) + " |")
         out.append("")
-        for k in ("0", "40"):
+        if ext.get("partial"):
+            out.append(f"(stopped early: {len(ext['mean']['0']) if 'mean' in ext else 0} seed(s) of mean)\n")
+        for k in (("0", "40") if all(m in ext for m in ("mean", "omp", "focus")) else ()):
             best = min(("omp", "focus"), key=lambda m: statistics.mean(ext[m][k]))
             gain = statistics.mean(ext["mean"][k]) - statistics.mean(ext[best][k])
             spread = max(statistics.stdev(ext[m][k]) if len(ext[m][k]) > 1 else 0.0 for m in ("mean", best))
@@ -384,6 +393,13 @@ def main() -> None:
     if RESULTS.is_file() and args.keep_results:  # parts measured by an earlier run are kept
         results = {**json.loads(RESULTS.read_text()), **results}
     t0 = time.perf_counter()
+
+    def partial(part: str, value: Any) -> None:
+        RESULTS.write_text(json.dumps({**results, part: {**value, "partial": True},
+                                       "seconds": round(time.perf_counter() - t0)}, indent=1))
+
+    global PARTIAL
+    PARTIAL = partial
     for part in args.parts.split(","):
         print(f"{part} ...", flush=True)
         fn = {"time": lambda: part_time(work, data), "extend": lambda: part_extend(work, data, base, seeds),
