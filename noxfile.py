@@ -63,6 +63,7 @@ PLUGINS: dict[str, Plugin] = {
                                          "training/test_training.py"), exclude=("test_elo_align",),
                   variants=("train_embeddings",)),
     "elo-align": Plugin("align", (), ("training/test_plugins_adapt.py",)),
+    "vocabulary": Plugin("adapt-language", ("vocab",), whole=("models/tokenizer/test_vocab_recipes.py",)),
     "first-last": Plugin("select-layers", (), ("training/test_plugins_adapt.py",)),
     "indices": Plugin("select-layers", (), ("training/test_plugins_adapt.py",)),
     "layer-importance": Plugin("select-layers", (), ("training/test_plugins_adapt.py",)),
