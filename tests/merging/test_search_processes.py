@@ -62,9 +62,12 @@ def _trials(db: Path, *, drawn: bool = False) -> dict[int, str]:
 
 
 def _start(recipe: Path, workdir: Path) -> subprocess.Popen:
+    # SIGINT back to its default: a pytest-xdist worker ignores it, and a child that starts
+    # with SIGINT ignored gets no KeyboardInterrupt from Python
     return subprocess.Popen([sys.executable, "-m", "engine", "run", str(recipe), "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc: subprocess.Popen, db: Path, complete: int, timeout: float = 240) -> dict[int, str]:
