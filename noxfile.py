@@ -125,11 +125,17 @@ def _install(session: nox.Session, extras: str = "dev", *, constrained: bool = T
     session.install(*pins, "-e", f".[{extras}]" if extras else ".")
 
 
+#: how the whole suite runs (README, .ci/run, docs/development.md): two pytest-xdist workers,
+#: each running its part of the tests in collection order, the idle one taking over the end
+#: of the other's queue; posargs may override (``-- -n 0`` runs in one process)
+PARALLEL = ("-n", "2", "--dist", "worksteal")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite."""
+    """The whole test suite, on two workers."""
     _install(session)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *PARALLEL, *session.posargs)
 
 
 @nox.session
@@ -138,7 +144,7 @@ def newest(session: nox.Session) -> None:
     pinned to the local CPU wheel): what a fresh ``pip install`` gets next month."""
     _install(session, constrained=False)
     session.run("pip", "list", "--format=freeze")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *PARALLEL, *session.posargs)
 
 
 @nox.session

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 import engine.testing as _testing
+
+
+def pytest_configure(config):
+    """Per test process (the suite runs on pytest-xdist workers, docs/development.md):
+
+    - SIGINT handled again where the process was started with it ignored (a background job
+      of a non-interactive shell is; an ignored signal stays ignored through fork and exec,
+      and a Python started so never raises KeyboardInterrupt), so that the engine runs the
+      tests start and interrupt with SIGINT stop as they would at a terminal;
+    - on a worker, the processes the tests start (``engine run``, torchrun, scripts) get
+      this worker's share of the cores as torch's default thread count: a second worker
+      busy on the other core would otherwise make their OpenMP threads wait on each other.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
 
 
 @pytest.fixture(autouse=True)

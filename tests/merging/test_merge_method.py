@@ -29,6 +29,7 @@ from engine.core.errors import EngineError, MergeError, RecipeError
 from engine.merging import MergeMethod, MergeParams, TiesParams, execute
 from engine.recipe.spec import load_recipe
 from engine.recipe.validate import plan_recipe
+from engine.registry import manager as plugin_manager
 from engine.registry.manager import implementations, pm
 from engine.run.runner import Runner
 from engine_plugins.ties import Ties
@@ -126,6 +127,7 @@ def register(tmp_path):
     for name in names:
         pm.unregister(name=name)
         sys.modules.pop(name, None)
+        plugin_manager._broken.pop(name, None)  # a plugin validate marked broken: gone with it
 
 
 def _recipe(tmp_path: Path, fam, plugin: str, params: str, models: str = "[a, b, c]") -> Path:
