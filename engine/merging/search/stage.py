@@ -94,8 +94,7 @@ def run_search(context: StageContext, inputs: StageInputs, planned: PlannedSearc
             shown = [min(before, total) if total else before]
             bar.advance(shown[0])
 
-            def on_trial(s: Any, trial: Any) -> None:
-                trials = s.get_trials(deepcopy=False)
+            def on_trial(trials: list[Any], trial: Any) -> None:
                 done = sum(study.counted(t) for t in trials)
                 step = (min(done, total) if total else done) - shown[0]
                 shown[0] += step

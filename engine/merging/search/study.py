@@ -200,14 +200,19 @@ def finished_count(study: Any) -> int:
     return sum(counted(t) for t in study.get_trials(deepcopy=False))
 
 
-class _Budget:
-    """Stops ``study.optimize`` once the study holds ``trials`` counted trials."""
+class _AfterTrial:
+    """After each of this process's trials: read the study's trials once, hand them to
+    ``on_trial`` (the progress bar) and stop ``study.optimize`` once the study holds
+    ``trials`` counted trials."""
 
-    def __init__(self, trials: int | None) -> None:
-        self.trials = trials
+    def __init__(self, trials: int | None, on_trial: Callable[[list[Any], Any], None] | None) -> None:
+        self.trials, self.on_trial = trials, on_trial
 
     def __call__(self, study: Any, trial: Any) -> None:
-        if self.trials is not None and finished_count(study) >= self.trials:
+        trials = study.get_trials(deepcopy=False)
+        if self.on_trial is not None:
+            self.on_trial(trials, trial)
+        if self.trials is not None and sum(counted(t) for t in trials) >= self.trials:
             study.stop()
 
 
@@ -300,7 +305,7 @@ def prepare(job: SearchJob, study: Any, warm: Sequence[dict[str, Any]] = ()) -> 
 
 
 def optimize(job: SearchJob, context: StageContext, seed: int,
-             on_trial: Callable[[Any, Any], None] | None = None) -> None:
+             on_trial: Callable[[list[Any], Any], None] | None = None) -> None:
     """Run trials of ``job`` in this process until the budget is spent."""
     import optuna  # imported here for start-up speed: only a search needs optuna
 
@@ -313,9 +318,7 @@ def optimize(job: SearchJob, context: StageContext, seed: int,
     folder = Path(job.workdir) / SEARCH_DIR / f"{job.stage_name}.candidate-{os.getpid()}"
     scorer = Scorer(context, job.evaluators, merger.model, reference, folder,
                     rung_fraction=job.spec.prune_fraction if job.pruning else None)
-    callbacks: list[Any] = [_Budget(job.spec.trials)]
-    if on_trial is not None:
-        callbacks.append(on_trial)
+    callbacks = [_AfterTrial(job.spec.trials, on_trial)]
     timeout = None if job.deadline is None else max(0.0, job.deadline - time.time())
     try:
         if timeout == 0.0:
