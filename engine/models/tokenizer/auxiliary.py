@@ -80,19 +80,33 @@ def aux_corpus(problem: InitProblem, mix: float, seed: int) -> list[list[str]]:
     """The target text as sentences of token keys (see the module docstring)."""
     rng = random.Random(seed)
     new = problem.new_tokenizer
+    # a text repeats its words: each word's keys are worked out once per tokenizer
+    by_old: dict[bytes, list[str]] = {}
+    by_new: dict[bytes, list[str]] = {}
+
+    def spelled(surface: bytes, old: bool) -> list[str]:
+        memo = by_old if old else by_new
+        keys = memo.get(surface)
+        if keys is None:
+            if old:
+                keys = _keys(problem.old_split(surface), problem.old_surfaces, problem.surface_key)
+            else:
+                keys = _keys(problem.new_split(surface), problem.new_surfaces, problem.surface_key)
+            memo[surface] = keys
+        return keys
+
+    words_of: list[list[bytes]] = []
+    for text in problem.texts:
+        norm = new.normalizer.normalize_str(text) if new.normalizer is not None else text
+        words = (new.pre_tokenizer.pre_tokenize_str(norm) if new.pre_tokenizer is not None
+                 else [(norm, (0, len(norm)))])
+        words_of.append([norm[a:b].encode("utf-8") for _, (a, b) in words])
     sentences: list[list[str]] = []
     for copy in ((0.0, mix) if mix > 0 else (0.0,)):
-        for text in problem.texts:
-            norm = new.normalizer.normalize_str(text) if new.normalizer is not None else text
-            words = (new.pre_tokenizer.pre_tokenize_str(norm) if new.pre_tokenizer is not None
-                     else [(norm, (0, len(norm)))])
+        for surfaces in words_of:
             sentence: list[str] = []
-            for _, (a, b) in words:
-                surface = norm[a:b].encode("utf-8")
-                if copy and rng.random() < copy:
-                    sentence += _keys(problem.old_split(surface), problem.old_surfaces, problem.surface_key)
-                else:
-                    sentence += _keys(problem.new_split(surface), problem.new_surfaces, problem.surface_key)
+            for surface in surfaces:
+                sentence += spelled(surface, bool(copy) and rng.random() < copy)
             if sentence:
                 sentences.append(sentence)
     return sentences

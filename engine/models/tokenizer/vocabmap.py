@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -48,8 +48,14 @@ def byte_level(spec: dict[str, Any]) -> bool:
 
 def key_of(surface: bytes) -> str:
     """The one spelling of a surface every map here uses: GPT-2's byte alphabet."""
+    return surface.decode("latin-1").translate(_byte_table())
+
+
+@lru_cache(maxsize=1)
+def _byte_table() -> dict[int, str]:
+    """``str.translate``'s table of :func:`_byte_alphabet` (Latin-1 code point -> character)."""
     chars, _ = _byte_alphabet()
-    return "".join(chars[b] for b in surface)
+    return dict(chars)
 
 
 @dataclass
@@ -60,6 +66,10 @@ class Vocabulary:
     backend: Any
     surfaces: dict[int, bytes | None]
     special: dict[str, int]
+    #: spelled in GPT-2's byte alphabet (see :func:`byte_level`)
+    levels: bool = False
+    #: surface -> split, filled by :meth:`split` (a corpus repeats its words many times)
+    _splits: dict[bytes, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], where: str) -> Vocabulary:
@@ -83,7 +93,7 @@ class Vocabulary:
                 special[added["content"]] = i
             else:
                 surfaces[i] = added["content"].encode("utf-8")
-        return cls(spec, backend, surfaces, special)
+        return cls(spec, backend, surfaces, special, levels)
 
     @property
     def size(self) -> int:
@@ -94,10 +104,15 @@ class Vocabulary:
         pre-tokenizer: a token's text is one word to it)."""
         if not surface:
             return []
-        if byte_level(self.spec):
-            return [t.id for t in self.backend.model.tokenize(key_of(surface))]
-        text = surface.decode("utf-8", errors="replace")
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+        known = self._splits.get(surface)
+        if known is None:
+            if self.levels:
+                known = tuple(t.id for t in self.backend.model.tokenize(key_of(surface)))
+            else:
+                text = surface.decode("utf-8", errors="replace")
+                known = tuple(self.backend.encode(text, add_special_tokens=False).ids)
+            self._splits[surface] = known
+        return list(known)
 
 
 def _surface(token: str, levels: bool, to_byte: dict[str, int]) -> bytes:
