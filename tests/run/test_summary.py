@@ -183,3 +183,19 @@ def test_the_cost_table_lists_merges_with_every_training_stage_they_are_built_fr
     assert "ct + sft + ties" in row and "43.5" in row and "1.36×" in row and "1,500" in row, row
     assert "A merge's cost is every training stage it is built from" in flat(text)
     assert not any(m.name == "merge-ties" for m in methods(report, "xx"))  # a merge is no method
+
+
+def test_two_evaluate_stages_scoring_different_models_and_metrics_of_one_language():
+    # one stage scores accuracy on every model, another perplexity only on two of them:
+    # each metric's words name only the models that have it (no model is looked up twice)
+    report = _report({"base": {"acc/xx": 0.26}, "elo-xx-aligned": {"acc/xx": 0.27},
+                      "ct-xx": {"acc/xx": 0.60}}, n=200, chance={"acc/xx": 0.25})
+    report["stages"].append({"name": "ppl", "stage": "evaluate", "plugin": "perplexity", "wall_time_s": 1.0,
+                             "metrics": {"ct-xx": {"ppl/xx": 3.1}, "merged": {"ppl/xx": 3.4}},
+                             "counts": {"ct-xx": {"ppl/xx": 50}, "merged": {"ppl/xx": 50}}})
+    s = summarize(report)
+    text = flat(s.text())
+    assert "Not above chance beyond noise: base, elo-xx-aligned." in text
+    assert "lowest ct-xx 3.10, next merged 3.40" in text
+    table = next(line for line in s.text().splitlines() if line.strip().startswith("merged "))
+    assert table.split()[1] == "-"  # merged has no accuracy: a dash, not an error

@@ -183,6 +183,8 @@ def _head_to_head(ev: Evidence, found: list[Method], metrics: list[str]) -> list
 
 def _metric_words(ev: Evidence, metric: str, models: list[str], base: str | None,
                   comp: Comparison | None) -> str:
+    # a language's table may hold models another evaluate stage scored on other metrics
+    models = [m for m in models if metric in ev.values.get(m, {})]
     n = sorted({ev.counts.get(m, {}).get(metric) for m in models} - {None})
     about = [f"chance {ev.chance[metric]:g}"] if metric in ev.chance else []
     if n:
