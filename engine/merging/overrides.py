@@ -41,7 +41,7 @@ __all__ = ["EXECUTION_FIELDS", "TensorOverride", "for_tensor", "per_tensor", "re
 
 #: params that describe how a merge runs, identical for every tensor
 EXECUTION_FIELDS = frozenset({"out_dtype", "compute_dtype", "device", "shard_size",
-                              "prefetch", "overrides"})
+                              "prefetch", "overrides", "tokenizer"})
 
 T = TypeVar("T")
 B = TypeVar("B")

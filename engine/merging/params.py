@@ -33,7 +33,7 @@ from engine.merging.reads import note_read, start_tracking, tracked_fields
 from engine.models.tensorio import parse_size
 
 __all__ = [
-    "Bounds", "ExecutionParams", "SearchRange", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
+    "Bounds", "ExecutionParams", "OntoTokenizer", "SearchRange", "MergeParams", "PerModel", "PerModelDensity", "PerModelFloat",
     "Layered", "TaskVectorParams", "TiesParams", "check_weight_sum", "layered_range", "per_model_fields",
     "per_model_range", "resolve_per_model",
 ]
@@ -115,6 +115,19 @@ DtypeName = Literal["float32", "bfloat16", "float16"]
 ComputeDtypeName = Literal["float32", "float64", "bfloat16", "float16"]
 
 
+class OntoTokenizer(PluginParams):
+    """``tokenizer:`` of a merge: every input whose tokenizer differs from one input's is
+    given that tokenizer first (:mod:`engine.merging.transplant`)."""
+
+    model: str = Field(..., description="The input model (the base or a merged model) whose tokenizer "
+                       "every input takes.")
+    init: str = Field("mean", description="Init method of the rows a transplanted model gains: mean, "
+                      "random, omp (fitted in the tokenizer model's own embedding), or a plugin's; focus "
+                      "needs target text, which a merge does not read.")
+    init_params: dict[str, Any] = Field({}, description="The init method's options, e.g. {k: 8}.")
+    seed: int = Field(0, description="Seed of the init method.")
+
+
 class ExecutionParams(PluginParams):
     """What every merge method takes: how the merge is executed, and per-tensor
     ``overrides``. A method without model weights declares its ``Params`` on this class
@@ -139,6 +152,12 @@ class ExecutionParams(PluginParams):
                     "the current one merges, up to this many bytes of raw tensors in flight, "
                     "e.g. '64MB'; 0 (the default) reads and merges in turn (leaner; no clear "
                     "speed difference measured on 2 cores).")
+    tokenizer: OntoTokenizer | None = Field(
+        None, description="Merge models whose tokenizers do not extend one another: every input "
+                          "with another tokenizer is first given the tokenizer of input `model` (shared "
+                          "tokens keep their rows, the others are made by `init`), e.g. "
+                          "{model: ct-lum, init: omp} (docs/extend-tokenizer.md, 'Merging across "
+                          "tokenizers').")
     overrides: list[TensorOverride] = Field(
         default_factory=list,
         description="Per-tensor params: [{match: REGEX, <param>: value, ...}]; match is searched "

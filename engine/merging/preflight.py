@@ -239,7 +239,14 @@ def check_static(configs: Mapping[str, Any], params: ExecutionParams) -> list[st
     names of the merged models (empty when unknown).
     """
     check_configs(configs)
-    _check_headers(configs)
+    onto = params.__dict__.get("tokenizer")
+    if onto is None:
+        _check_headers(configs)
+    else:  # the inputs' tokenizers and vocabulary rows differ until the merge gives them one
+        every = [*getattr(configs, "names", {}).get("base", []), *getattr(configs, "names", {}).get("models", [])]
+        if every and onto.model not in every:
+            raise MergeError(f"params.tokenizer.model: {onto.model!r} is not an input of the merge "
+                             f"(inputs: {', '.join(every)})")
     names = list(getattr(configs, "names", {}).get("models", []))
     if not names:
         return names

@@ -23,7 +23,7 @@ _READS: dict[int, set[str]] = {}
 _ROOT: dict[int, int] = {}
 _TRACKED: dict[type, frozenset[str]] = {}
 #: params that say how the merge runs; the engine honours them itself
-RUN_FIELDS = frozenset({"out_dtype", "compute_dtype", "device", "shard_size", "prefetch"})
+RUN_FIELDS = frozenset({"out_dtype", "compute_dtype", "device", "shard_size", "prefetch", "tokenizer"})
 
 
 def tracked_fields(cls: type) -> frozenset[str]:

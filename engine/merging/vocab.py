@@ -22,8 +22,9 @@ Models whose tokenizers do not extend one another (a model given another tokeniz
 models from different families) are not merged row by row: the error names the two models
 and the command that gives one the other's tokenizer first (``engine transplant-tokenizer
 MODEL --tokenizer OTHER``, :mod:`engine.models.tokenizer.transplant`: shared tokens keep
-their rows, the others are initialised), after which they merge as usual
-(docs/extend-tokenizer.md, "Merging across tokenizers").
+their rows, the others are initialised), after which they merge as usual; a merge's
+``params.tokenizer`` does that transplant itself (:mod:`engine.run.transplant`;
+docs/extend-tokenizer.md, "Merging across tokenizers").
 
 Where rows came from is recorded in the stage notes (report.json) and lingoforge.json.
 """
@@ -76,7 +77,8 @@ def transplant_hint(name: str, ids: dict[str, int], other: str, other_ids: dict[
     out = f"<{name}-on-{other}>"
     return (f"give model {name!r} the tokenizer of model {other!r} first: engine transplant-tokenizer "
             f"{src} --tokenizer {dst} --output {out} (shared tokens keep their rows; add --init omp "
-            "or focus to choose how the others start), then merge that folder instead "
+            "or focus to choose how the others start), then merge that folder instead; or let the "
+            f"merge do it: params tokenizer: {{model: {other}, init: omp}} "
             "(docs/extend-tokenizer.md, 'Merging across tokenizers')")
 
 

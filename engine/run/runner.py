@@ -60,7 +60,7 @@ from engine.core.artifacts import (  # LAYERS_FILE, METRICS_FILE: re-exported, t
 from engine.core.console import make_console, make_progress, run_log
 from engine.core.errors import EngineError, OutputRefused
 from engine.core.inputs import StageInputs
-from engine.core.stages import STAGE_KINDS, training_kinds
+from engine.core.stages import MERGE, STAGE_KINDS, training_kinds
 from engine.data import token_cache
 from engine.evaluation.driver import refuse_unscored
 from engine.merging.search.stage import run_search
@@ -79,6 +79,7 @@ from engine.run.lock import WorkdirLock
 from engine.run.record import REPORT_FILE
 from engine.run.resources import MemorySampler, threads_record
 from engine.run.stage_cache import CHECKPOINTS_DIR, STAGE_FILE
+from engine.run.transplant import onto_one_tokenizer
 
 __all__ = ["CHECKPOINTS_DIR", "LAYERS_FILE", "METRICS_FILE", "REPORT_FILE", "STAGE_FILE",
            "TRAINING_KINDS", "Runner", "StageFailed", "run_stage"]
@@ -358,12 +359,14 @@ class Runner:
         sampler = MemorySampler()
         t0 = time.perf_counter()
         try:
-            with sampler, progress, token_cache.reporting_to(context):
+            onto = stage.spec.params.get("tokenizer") if stage.spec.stage == MERGE else None
+            with sampler, progress, token_cache.reporting_to(context), \
+                    onto_one_tokenizer(context, self._inputs(stage), onto) as given:
                 if getattr(stage, "search", None) is not None:
-                    artifact = run_search(context, self._inputs(stage), stage.search, stage.spec.params,
+                    artifact = run_search(context, given, stage.search, stage.spec.params,
                                           self.artifacts, self.fingerprints)
                 else:
-                    artifact = stage.registered.impl.run(context, self._inputs(stage), stage.params)
+                    artifact = stage.registered.impl.run(context, given, stage.params)
             _check_artifact(artifact, stage)
             wall = time.perf_counter() - t0
             record = report.stage_record(stage, context, artifact, wall, sampler, fingerprint)

@@ -44,3 +44,60 @@ def test_merging_across_tokenizers_suggests_the_transplant_then_merges(tmp_path,
         torch.testing.assert_close(merged[name], (a[name] + b[name]) / 2)
     assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"] == \
         json.loads((target / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def _recipe(tmp_path: Path, mine: Path, theirs: Path, params: str) -> Path:
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(f"""name: across
+models:
+  mine: {{path: {mine}}}
+  theirs: {{path: {theirs}}}
+stages:
+  - name: merged
+    stage: merge
+    plugin: linear
+    models: [mine, theirs]
+    params: {params}
+""")
+    return recipe
+
+
+def test_a_merge_with_params_tokenizer_transplants_first_and_the_result_generates(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mine = build_tiny_llama(tmp_path / "mine", seed=1)
+    theirs = build_tiny_llama(tmp_path / "theirs", seed=2,
+                              tokenizer=build_tokenizer(tmp_path / "tok", texts=OTHER + TINY_TEXT))
+    work = tmp_path / "run"
+    # without the param the run is refused before any work, and the error names the param
+    code = main(["run", str(_recipe(tmp_path, mine, theirs, "{}")), "--workdir", str(work)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "tokenizers conflict" in err
+    assert re.search(r"params tokenizer: \{model: (mine|theirs), init: omp\}", err), err
+    # a model that is not an input of the merge is named at validate time
+    code = main(["validate", str(_recipe(tmp_path, mine, theirs, "{tokenizer: {model: thiers}}"))])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "'thiers' is not an input of the merge" in err
+
+    recipe = _recipe(tmp_path, mine, theirs, "{tokenizer: {model: theirs, init: omp}}")
+    assert main(["run", str(recipe), "--workdir", str(work)]) == 0, capsys.readouterr().err
+    out = work / "merged"
+    # the same transplant by hand, then the plain mean: bitwise what the stage wrote
+    moved = tmp_path / "moved"
+    assert main(["transplant-tokenizer", str(mine), "--tokenizer", str(theirs), "--init", "omp",
+                 "--output", str(moved)]) == 0
+    merged, a, b = (load_file(f / "model.safetensors") for f in (out, moved, theirs))
+    for name in merged:
+        torch.testing.assert_close(merged[name], (a[name] + b[name]) / 2, rtol=0, atol=0)
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"] == \
+        json.loads((theirs / "tokenizer.json").read_text())["model"]["vocab"]
+    # nothing of the transplant is left beside the output; the report says what was moved
+    assert not [p for p in work.iterdir() if ".tmp-" in p.name]
+    notes = next(s for s in json.loads((work / "report.json").read_text())["stages"]
+                 if s["name"] == "merged")["notes"]
+    assert notes["tokenizer:mine"]["onto"] == "theirs" and notes["tokenizer:mine"]["rows_made"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("кошка сидит", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 4
