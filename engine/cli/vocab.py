@@ -49,6 +49,9 @@ def add_parsers(sub: Any) -> None:
                    help="the new model folder (apart from the model, the tokenizer and the data)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output if it is an earlier output of lingoforge")
+    p.add_argument("--allow-disjoint", action="store_true",
+                   help="go on when --tokenizer shares no token with the model's (every row is then made "
+                        "by the init method; refused by default)")
     add_init_flags(p)
 
 
@@ -87,7 +90,8 @@ def cmd_transplant_tokenizer(args: argparse.Namespace, console: Console) -> int:
     before = [coverage.measure_file(coverage.load_backend(folder), p) for p in args.data]
     result = transplant_tokenizer(folder, out, tokenizer=donor, vocab_size=args.vocab_size, texts=texts,
                                   init=args.init, init_params=init_params, seed=args.seed,
-                                  min_frequency=args.min_frequency, overwrite=args.overwrite)
+                                  min_frequency=args.min_frequency, overwrite=args.overwrite,
+                                  allow_disjoint=args.allow_disjoint)
     console.print(f"[green]ok[/] {result.folder}: vocabulary {result.old_size} -> {result.new_size}; "
                   f"{result.shared} tokens shared (rows copied), {len(result.added)} rows by "
                   f"{result.init} in {result.seconds:.1f}s", highlight=False, soft_wrap=True)

@@ -73,6 +73,10 @@ def new_row_ranges(ids: Iterable[int]) -> list[list[int]]:
 def _read_spec(folder: Path, what: str) -> dict[str, Any]:
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
+        if (Path(folder) / "tokenizer.model").is_file():
+            raise ModelLoadError(f"{folder}: only a SentencePiece tokenizer.model, no tokenizer.json ({what} "
+                                 "reads the fast tokenizer's file; write one with transformers: "
+                                 "AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
         raise ModelLoadError(f"{folder}: no tokenizer.json ({what} needs a fast BPE tokenizer)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -99,12 +103,13 @@ def change_vocabulary(model_dir: Path, output_dir: Path, new_spec: dict[str, Any
                       extension: bool = False, donor: Path | None = None, overwrite: bool = False,
                       kind: str = "transplanted-tokenizer", flag: str = "--output",
                       params_where: str = "--init-param", meta: Mapping[str, Any] | None = None,
-                      into: bool = False) -> Changed:
+                      into: bool = False, allow_disjoint: bool = False) -> Changed:
     """Write ``output_dir``: ``model_dir``'s model with tokenizer ``new_spec`` (its other
     tokenizer files from ``tokenizer_from``), shared rows copied, the others made by
     ``init``. ``extension``: ``new_spec`` extends the model's tokenizer id for id.
     ``into``: ``output_dir`` is an empty folder its caller publishes (a stage's output,
-    which the runner renames into place): write straight into it."""
+    which the runner renames into place): write straight into it. A tokenizer that shares
+    no token (special tokens aside) with the model's is refused unless ``allow_disjoint``."""
     began = time.perf_counter()
     model_dir, output_dir = Path(model_dir), Path(output_dir).absolute()
     outputs.check_disjoint(output_dir, [("model", model_dir), *([("tokenizer", donor)] if donor else [])],
@@ -123,6 +128,12 @@ def change_vocabulary(model_dir: Path, output_dir: Path, new_spec: dict[str, Any
         raise ModelLoadError(f"{model_dir}: its tokenizer has {old.size} ids but the embedding "
                              f"{tensors.input_name!r} only {rows} rows")
     vmap = vocabulary_map(old, new, rows=rows, extension=extension)
+    if not extension and not allow_disjoint and not any(
+            new.surfaces.get(n) is not None for n in vmap.shared):
+        raise ModelLoadError(f"{tokenizer_from / 'tokenizer.json'}: shares no token with the tokenizer of "
+                             f"{model_dir}, so no row would be kept and every one made by {init!r}; "
+                             "a different model family's tokenizer? Pass --allow-disjoint (allow_disjoint) "
+                             "to go on anyway")
     donor_in, donor_out = _donor_rows(donor, vmap.size) if donor is not None else (None, None)
     problem = InitProblem(
         old_input=tensors.input, old_output=tensors.output, new_tokens=vmap.new_tokens,
@@ -179,7 +190,8 @@ def transplant_tokenizer(model_dir: Path, output_dir: Path, *, tokenizer: Path |
                          vocab_size: int | None = None, texts: Iterable[str] = (), init: str = "mean",
                          init_params: Mapping[str, Any] | None = None, seed: int = 0,
                          min_frequency: int = 2, overwrite: bool = False, flag: str = "--output",
-                         params_where: str = "--init-param", into: bool = False) -> Changed:
+                         params_where: str = "--init-param", into: bool = False,
+                         allow_disjoint: bool = False) -> Changed:
     """Write ``output_dir``: ``model_dir``'s model with another tokenizer, either the one in
     the folder ``tokenizer`` (a donor model's, or a tokenizer folder) or a BPE of
     ``vocab_size`` tokens learned on ``texts`` with the model's own pre-tokenizer and
@@ -206,4 +218,5 @@ def transplant_tokenizer(model_dir: Path, output_dir: Path, *, tokenizer: Path |
     meta = {"learned_vocab_size": vocab_size} if vocab_size is not None else {}
     return change_vocabulary(model_dir, output_dir, spec, tokenizer_from=source, texts=texts, init=init,
                              init_params=init_params, seed=seed, donor=tokenizer, overwrite=overwrite,
-                             flag=flag, params_where=params_where, meta=meta, into=into)
+                             flag=flag, params_where=params_where, meta=meta, into=into,
+                             allow_disjoint=allow_disjoint)

@@ -5,6 +5,7 @@ published by the engine's rules, and bad input is a one-line error."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,34 @@ def test_extend_tokenizer_takes_an_init_method(vocab_models, tmp_path, other_tex
     assert "no init method named 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
+
+
+def _disjoint_tokenizer(folder: Path) -> Path:
+    """A whole-word BPE of Cyrillic words: not one token the tiny models' tokenizer has."""
+    folder.mkdir()
+    words = ["кошка", "собака", "сидит", "бежит", "на", "в", "ковре", "парке"]
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "vocab": {w: i for i, w in enumerate(words)}, "merges": []}}
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def test_a_tokenizer_sharing_no_token_is_refused_unless_asked(vocab_models, tmp_path):
+    src = vocab_models["model"]
+    other = _disjoint_tokenizer(tmp_path / "cyrillic")
+    with pytest.raises(ModelLoadError, match="shares no token with the tokenizer of .*--allow-disjoint"):
+        transplant_tokenizer(src, tmp_path / "o", tokenizer=other)
+    assert not (tmp_path / "o").exists()
+    done = transplant_tokenizer(src, tmp_path / "o", tokenizer=other, allow_disjoint=True)
+    assert done.shared == 0 and done.new_size == 8 and len(done.added) == 8
+
+
+def test_a_sentencepiece_only_folder_is_named_with_the_way_out(vocab_models, tmp_path):
+    sp = tmp_path / "sp"
+    sp.mkdir()
+    (sp / "tokenizer.model").write_bytes(b"\x0a\x00")
+    with pytest.raises(ModelLoadError, match="only a SentencePiece tokenizer.model, no tokenizer.json"):
+        transplant_tokenizer(vocab_models["model"], tmp_path / "o", tokenizer=sp)
