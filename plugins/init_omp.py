@@ -33,7 +33,7 @@ from engine.api.models import (
     InitRows,
     aux_atoms,
     aux_vector,
-    omp,
+    omp_batch,
     piece_mean,
     random_rows,
     train_aux,
@@ -88,15 +88,14 @@ def _candidates(unit_atoms: np.ndarray, targets: np.ndarray, neighbors: int, blo
     return out
 
 
-def _fit(atoms: np.ndarray, near: np.ndarray, y: np.ndarray, params: OmpInit.Params
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """(indices into atoms, coefficients): matching pursuit among the candidates ``near``."""
-    chosen, coef = omp(atoms[near].T, y, params.k)
-    return near[chosen], coef
-
-
 def _combine(rows: torch.Tensor, idx: np.ndarray, coef: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(coef.astype(np.float32)) @ rows[torch.from_numpy(idx)]
+    """Row ``t``: ``sum_j coef[t, j] * rows[idx[t, j]]`` (``idx`` -1 where a fit stopped early)."""
+    gathered = rows[torch.from_numpy(np.maximum(idx, 0))]          # [t, k, hidden]
+    return torch.einsum("tk,tkh->th", torch.from_numpy(coef.astype(np.float32)), gathered)
+
+
+def _sizes(idx: np.ndarray) -> list[int]:
+    return [int(n) for n in (idx >= 0).sum(axis=1)]
 
 
 def _donor_rows(problem: InitProblem, params: OmpInit.Params
@@ -118,13 +117,9 @@ def _donor_rows(problem: InitProblem, params: OmpInit.Params
         atoms = donor[shared_new].numpy()  # float32: a 128k x 4096 donor stays a few GiB
         targets = donor[new_ids].numpy()
         near = _candidates(_unit(atoms), targets, params.neighbors)
-        base = old[shared_old]
-        rows = []
-        for n in range(len(new_ids)):
-            idx, coef = _fit(atoms, near[n], targets[n].astype(np.float64), params)
-            sizes.append(len(idx))
-            rows.append(_combine(base, idx, coef))
-        results.append(torch.stack(rows))
+        idx, coef = omp_batch(atoms, near, targets, params.k)
+        sizes += _sizes(idx)
+        results.append(_combine(old[shared_old], idx, coef))
     notes = {"shared_atoms": len(shared_new), "mean_old_tokens_used": round(float(np.mean(sizes)), 2)}
     return results[0], results[1] if len(results) > 1 else None, notes
 
@@ -145,25 +140,23 @@ def _aux_rows(problem: InitProblem, params: OmpInit.Params
         fall_in = random_rows(problem.old_input, len(tokens), gen)
         fall_out = None if old_out is None else random_rows(problem.old_output, len(tokens), gen)
     vectors = [aux_vector(problem, space, token) for token in tokens]
-    known = [v for v in vectors if v is not None]
-    near = iter(_candidates(atoms, np.stack(known), params.neighbors) if known else [])
-    rows_in, rows_out, sizes, rare = [], [], [], 0
-    for n, v in enumerate(vectors):
-        if v is None:
-            rare += 1
-            rows_in.append(fall_in[n])
-            if fall_out is not None:
-                rows_out.append(fall_out[n])
-            continue
-        idx, coef = _fit(atoms, next(near), v.astype(np.float64), params)
-        sizes.append(len(idx))
-        rows_in.append(_combine(old_in, idx, coef))
-        if old_out is not None:
-            rows_out.append(_combine(old_out, idx, coef))
+    have = [n for n, v in enumerate(vectors) if v is not None]
+    rows_in = fall_in.clone()
+    rows_out = None if old_out is None or fall_out is None else fall_out.clone()
+    sizes: list[int] = []
+    if have:
+        known = np.stack([vectors[n] for n in have])
+        idx, coef = omp_batch(atoms, _candidates(atoms, known, params.neighbors), known, params.k)
+        sizes = _sizes(idx)
+        where = torch.tensor(have)
+        rows_in[where] = _combine(old_in, idx, coef)
+        if rows_out is not None and old_out is not None:
+            rows_out[where] = _combine(old_out, idx, coef)
+    rare = len(tokens) - len(have)
     notes = {"aux_tokens": len(space.index), "old_tokens_with_vectors": len(ids), "fallback_rows": rare,
              "fallback": params.fallback,
              "mean_old_tokens_used": round(float(np.mean(sizes)), 2) if sizes else 0.0}
-    return torch.stack(rows_in), torch.stack(rows_out) if old_out is not None else None, notes
+    return rows_in, rows_out, notes
 
 
 @hookimpl

@@ -40,12 +40,12 @@ from engine.models.tokenizer.auxiliary import (
 )
 from engine.models.tokenizer.extend import extend_tokenizer
 from engine.models.tokenizer.inits import InitProblem, InitRows, NewToken, piece_mean, random_rows
-from engine.models.tokenizer.sparse import omp, sparsemax
+from engine.models.tokenizer.sparse import omp, omp_batch, sparsemax
 from engine.models.tokenizer.transplant import transplant_tokenizer
 
 __all__ = [
     "AUX_EXTRA", "AUX_REQUIRES", "AuxParams", "AuxSpace", "InitProblem", "InitRows", "NewToken",
-    "aux_atoms", "aux_vector", "extend_tokenizer", "omp", "piece_mean", "random_rows", "sparsemax",
+    "aux_atoms", "aux_vector", "extend_tokenizer", "omp", "omp_batch", "piece_mean", "random_rows", "sparsemax",
     "train_aux", "transplant_tokenizer",
     "META_FILE", "LayerIndexError", "check_int8_split", "check_supported", "choose_layers",
     "decoder_layers", "embeddings", "is_adapter_folder", "layer_module_names", "layer_of_key",

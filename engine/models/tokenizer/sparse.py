@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["omp", "sparsemax"]
+__all__ = ["omp", "omp_batch", "sparsemax"]
 
 
 def sparsemax(scores: np.ndarray) -> np.ndarray:
@@ -30,20 +30,91 @@ def sparsemax(scores: np.ndarray) -> np.ndarray:
 
 def omp(atoms: np.ndarray, y: np.ndarray, k: int, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``k`` columns of ``atoms`` ([dim, n]) and their coefficients approximating ``y``
-    ([dim]) by least squares: ``(indices, coefficients)``."""
+    ([dim]) by least squares: ``(indices, coefficients)``.
+
+    Worked in the Gram space: with ``G = AᵀA`` and ``c = Aᵀy`` computed once, the
+    correlation of every atom with the residual is ``c - G[:, S] x`` and the refit solves
+    the ``|S| x |S|`` normal equations, so no step touches the ``dim``-long vectors again
+    (the same picks and, up to rounding, the same coefficients as refitting with
+    ``lstsq`` on ``A[:, S]``)."""
     a = np.asarray(atoms, dtype=np.float64)
     target = np.asarray(y, dtype=np.float64)
-    norms = np.maximum(np.linalg.norm(a, axis=0), 1e-12)
-    residual = target.copy()
+    gram = a.T @ a
+    corr = a.T @ target
+    norms = np.maximum(np.sqrt(np.maximum(np.diag(gram), 0.0)), 1e-12)
+    energy = float(target @ target)
+    limit = (tol * max(np.sqrt(energy), 1e-12)) ** 2
     chosen: list[int] = []
     coef = np.zeros(0)
-    scale = max(float(np.linalg.norm(target)), 1e-12)
+    residual_corr = corr.copy()
     for _ in range(min(k, a.shape[1])):
-        scores = np.abs(a.T @ residual) / norms
+        scores = np.abs(residual_corr) / norms
         scores[chosen] = -1.0
         chosen.append(int(np.argmax(scores)))
-        coef, *_ = np.linalg.lstsq(a[:, chosen], target, rcond=None)
-        residual = target - a[:, chosen] @ coef
-        if np.linalg.norm(residual) <= tol * scale:
+        sub = gram[np.ix_(chosen, chosen)]
+        try:
+            coef = np.linalg.solve(sub, corr[chosen])
+        except np.linalg.LinAlgError:  # a picked atom repeats another: least squares still answers
+            coef, *_ = np.linalg.lstsq(sub, corr[chosen], rcond=None)
+        residual_corr = corr - gram[:, chosen] @ coef
+        if energy - float(coef @ corr[chosen]) <= limit:
             break
     return np.asarray(chosen, dtype=np.int64), coef
+
+
+def omp_batch(atoms: np.ndarray, near: np.ndarray, targets: np.ndarray, k: int, tol: float = 1e-6,
+              block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`omp` for many targets at once: target ``t`` ([dim], a row of ``targets``) is
+    fitted with the rows ``near[t]`` of ``atoms`` ([atoms, dim]) as its candidates.
+
+    Returns ``(indices, coefficients)``, both ``[targets, k]``: indices into ``atoms``
+    (``-1`` past a target's last pick) and coefficients (``0`` there). The picks and the
+    stopping rule are :func:`omp`'s, worked for a block of targets per numpy call (the Gram
+    matrices of a block's candidates, the batched normal equations), so the cost is a few
+    array operations per step instead of Python work per target."""
+    atoms = np.asarray(atoms, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    n_targets, width = near.shape
+    steps = min(k, width)
+    out_idx = np.full((n_targets, k), -1, dtype=np.int64)
+    out_coef = np.zeros((n_targets, k))
+    for start in range(0, n_targets, block):
+        cand = near[start:start + block]
+        a = atoms[cand]                                    # [b, width, dim]
+        y = targets[start:start + block]                   # [b, dim]
+        gram = a @ a.transpose(0, 2, 1)                    # [b, width, width]
+        corr = np.einsum("bwd,bd->bw", a, y)
+        norms = np.maximum(np.sqrt(np.maximum(np.einsum("bww->bw", gram), 0.0)), 1e-12)
+        energy = np.einsum("bd,bd->b", y, y)
+        limit = (tol * np.maximum(np.sqrt(energy), 1e-12)) ** 2
+        picked = np.zeros((len(cand), steps), dtype=np.int64)   # positions within the candidates
+        coef = np.zeros((len(cand), steps))
+        size = np.zeros(len(cand), dtype=np.int64)
+        live = np.arange(len(cand))
+        residual = corr.copy()
+        for s in range(steps):
+            scores = np.abs(residual[live]) / norms[live]
+            if s:
+                np.put_along_axis(scores, picked[live, :s], -1.0, axis=1)
+            picked[live, s] = np.argmax(scores, axis=1)
+            sel = picked[live, :s + 1]                           # [l, s+1]
+            g_live = gram[live]
+            sub = np.take_along_axis(np.take_along_axis(g_live, sel[:, :, None], 1), sel[:, None, :], 2)
+            rhs = np.take_along_axis(corr[live], sel, 1)
+            try:
+                x = np.linalg.solve(sub, rhs[..., None])[..., 0]
+            except np.linalg.LinAlgError:  # a pick repeats another: least squares, row by row
+                x = np.stack([np.linalg.lstsq(m, r, rcond=None)[0] for m, r in zip(sub, rhs)])
+            coef[live, :s + 1] = x
+            size[live] = s + 1
+            cols = np.take_along_axis(g_live, np.broadcast_to(sel[:, None, :], (len(live), width, s + 1)), 2)
+            residual[live] = corr[live] - np.einsum("lws,ls->lw", cols, x)
+            left = energy[live] - np.einsum("ls,ls->l", x, rhs)
+            live = live[left > limit[live]]
+            if not len(live):
+                break
+        for row in range(len(cand)):
+            n = size[row]
+            out_idx[start + row, :n] = cand[row, picked[row, :n]]
+            out_coef[start + row, :n] = coef[row, :n]
+    return out_idx, out_coef
