@@ -275,3 +275,26 @@ def test_a_tied_model_gets_no_head_rows(vocab_models, tmp_path, third_party):
         weights = load_file(out / "model.safetensors")
         assert "lm_head.weight" not in weights
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_omp_batch_picks_what_omp_picks_token_by_token():
+    import numpy as np
+
+    from engine.models.tokenizer.sparse import omp, omp_batch
+
+    rng = np.random.default_rng(0)
+    atoms = rng.standard_normal((200, 32))
+    near = np.stack([rng.choice(200, 24, replace=False) for _ in range(300)])
+    targets = rng.standard_normal((300, 32))
+    # every third target is exactly 3 of its candidates: its fit stops after 3 picks
+    exact = rng.standard_normal((100, 3))
+    targets[::3] = np.einsum("tk,tkd->td", exact, atoms[near[::3, :3]])
+    idx, coef = omp_batch(atoms, near, targets, k=6, block=64)
+    for t in range(300):
+        chosen, want = omp(atoms[near[t]].T, targets[t], 6)
+        n = len(chosen)
+        assert list(idx[t, :n]) == list(near[t][chosen]) and (idx[t, n:] == -1).all()
+        np.testing.assert_allclose(coef[t, :n], want, rtol=1e-9, atol=1e-9)
+        assert (coef[t, n:] == 0).all()
+        if t % 3 == 0:
+            assert n == 3
