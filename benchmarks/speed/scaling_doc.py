@@ -251,8 +251,9 @@ Every shard is read and written once: {weights / 1e9:.0f} GB each way in bf16, a
 - `omp` in a donor's space: one similarity row per new token against the {shared:,} shared
   rows, for the embedding and the head: {omp_flops / 1e12:.0f} TFLOP of float32 matrix
   products (in blocks of 1,024 tokens), about {omp_flops / CPU_FLOPS / 60:.0f} minutes at
-  {CPU_FLOPS / 1e9:.0f} GFLOP/s, plus {new:,} least-squares fits of at most 8 of 64
-  candidates (under a minute). The donor's embedding and head (float32) and copies of its
+  {CPU_FLOPS / 1e9:.0f} GFLOP/s, plus matching pursuit over each token's 64 candidates, worked a block
+  of tokens per numpy call in the candidates' Gram space (blocks kept near 128 MB: 64
+  tokens at dimension 4096), under a minute. The donor's embedding and head (float32) and copies of its
   shared rows (plain and normalised) add {(2 * f32 + 2 * shared * d * 4) / GiB:.1f} GiB to the peak;
 - `focus` and `omp` in the auxiliary space: fastText on the target text, linear in its
   tokens and `epochs` (one worker), then one similarity row per new token against the old

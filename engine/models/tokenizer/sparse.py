@@ -76,6 +76,9 @@ def omp_batch(atoms: np.ndarray, near: np.ndarray, targets: np.ndarray, k: int, 
     targets = np.asarray(targets, dtype=np.float64)
     n_targets, width = near.shape
     steps = min(k, width)
+    # a block's gathered candidates ([block, width, dim] float64) stay near 128 MB (an 8B
+    # model's donor space, dim 4096 and 64 candidates: 64 targets a block)
+    block = max(1, min(block, (128 << 20) // max(1, width * atoms.shape[1] * 8)))
     out_idx = np.full((n_targets, k), -1, dtype=np.int64)
     out_coef = np.zeros((n_targets, k))
     for start in range(0, n_targets, block):
