@@ -28,6 +28,7 @@ _WHERE: dict[str, str] = {
     "build_tiny_llama": "engine.testing.builders",
     "build_tokenizer": "engine.testing.builders",
     "check_aligner": "engine.testing.conformance",
+    "check_embedding_init": "engine.testing.conformance",
     "check_evaluator": "engine.testing.conformance",
     "check_layer_selector": "engine.testing.conformance",
     "check_merge_method": "engine.testing.conformance",
@@ -51,7 +52,7 @@ _WHERE: dict[str, str] = {
 
 __all__ = [
     "FAMILY_NAMES", "TINY_TEXT", "ConformanceError", "ConformanceReport", "build_family",
-    "build_tiny_llama", "build_tokenizer", "check_aligner", "check_evaluator",
+    "build_tiny_llama", "build_tokenizer", "check_aligner", "check_embedding_init", "check_evaluator",
     "check_layer_selector", "check_merge_method", "check_options", "check_params", "check_plugin",
     "check_trainer", "family_names", "make_stage_context", "run_recipe", "saved_activation_bytes", "shared_family", "write_choice_file",
     "write_instructions_file", "write_text_file",

@@ -69,11 +69,11 @@ def build_tokenizer(out_dir: Path, texts: list[str] | None = None) -> PreTrained
 
 def build_tiny_llama(out_dir: Path, *, num_layers: int = 4, hidden: int = 32, seed: int = 0,
                      tokenizer: PreTrainedTokenizerFast | None = None,
-                     vocab_size: int | None = None) -> Path:
+                     vocab_size: int | None = None, tied: bool = False) -> Path:
     """A Llama initialised from ``torch.manual_seed(seed)``, saved to ``out_dir`` (returned)
     as a Hugging Face folder (config.json, model.safetensors, tokenizer files): ``num_layers``
     decoder layers, hidden size ``hidden`` (MLP ``2 * hidden``, 4 heads, 2 key/value heads),
-    untied embeddings. ``tokenizer`` defaults to a new :func:`build_tokenizer` in
+    untied embeddings (``tied``: the head tied to the input embedding). ``tokenizer`` defaults to a new :func:`build_tokenizer` in
     ``out_dir``; ``vocab_size`` to the tokenizer's length."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,7 +87,7 @@ def build_tiny_llama(out_dir: Path, *, num_layers: int = 4, hidden: int = 32, se
         vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -46,9 +46,10 @@ from engine.testing._checks import (  # noqa: F401 - the helpers below are impor
     quiet_context,
     single_thread,
 )
+from engine.testing._inits import check_embedding_init
 
 __all__ = [
-    "ConformanceError", "ConformanceReport", "check_aligner", "check_evaluator",
+    "ConformanceError", "ConformanceReport", "check_aligner", "check_embedding_init", "check_evaluator",
     "check_layer_selector", "check_merge_method", "check_options", "check_params", "check_plugin",
     "check_trainer",
 ]

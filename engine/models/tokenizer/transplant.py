@@ -31,15 +31,16 @@ from engine.core import outputs
 from engine.core.artifacts import write_meta
 from engine.core.errors import ModelLoadError
 from engine.models.tokenizer.inits import InitProblem, initialise
-from engine.models.tokenizer.rewrite import read_vocab_tensors, write_model
+from engine.models.tokenizer.rewrite import VocabTensors, read_vocab_tensors, write_model
 from engine.models.tokenizer.vocabmap import (
     Vocabulary,
+    VocabularyMap,
     key_of,
     trained_tokenizer_json,
     vocabulary_map,
 )
 
-__all__ = ["Changed", "change_vocabulary", "new_row_ranges", "transplant_tokenizer"]
+__all__ = ["Changed", "change_vocabulary", "init_problem", "new_row_ranges", "transplant_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,32 @@ def _donor_rows(folder: Path, size: int) -> tuple[torch.Tensor | None, torch.Ten
     return tensors.input, tensors.output
 
 
+def init_problem(model_dir: Path, new_spec: dict[str, Any], *, tokenizer_from: Path,
+                 texts: Iterable[str] = (), seed: int = 0, extension: bool = False,
+                 donor: Path | None = None) -> tuple[InitProblem, VocabularyMap, VocabTensors]:
+    """What an init method is asked when ``model_dir``'s model takes tokenizer ``new_spec``:
+    the :class:`InitProblem`, the id map and the model's vocabulary tensors (read, not
+    changed). :func:`change_vocabulary` fills the rows from it; the init-method conformance
+    check (:func:`engine.testing.conformance.check_embedding_init`) asks a method with it."""
+    model_dir = Path(model_dir)
+    old = Vocabulary.from_spec(_read_spec(model_dir, "a tokenizer change"), str(model_dir / "tokenizer.json"))
+    new = Vocabulary.from_spec(new_spec, str(Path(tokenizer_from) / "tokenizer.json"))
+    tensors = read_vocab_tensors(model_dir)
+    rows = int(tensors.input.shape[0])
+    if old.size > rows:
+        raise ModelLoadError(f"{model_dir}: its tokenizer has {old.size} ids but the embedding "
+                             f"{tensors.input_name!r} only {rows} rows")
+    vmap = vocabulary_map(old, new, rows=rows, extension=extension)
+    donor_in, donor_out = _donor_rows(Path(donor), vmap.size) if donor is not None else (None, None)
+    problem = InitProblem(
+        old_input=tensors.input, old_output=tensors.output, new_tokens=vmap.new_tokens,
+        shared=vmap.shared, old_tokenizer=old.backend, new_tokenizer=new.backend,
+        texts=list(texts), seed=seed, donor_input=donor_in, donor_output=donor_out,
+        surface_key=key_of, old_split=old.split, new_split=new.split,
+        old_surfaces=old.surfaces, new_surfaces=new.surfaces)
+    return problem, vmap, tensors
+
+
 def change_vocabulary(model_dir: Path, output_dir: Path, new_spec: dict[str, Any], *,
                       tokenizer_from: Path, texts: Iterable[str] = (), init: str = "mean",
                       init_params: Mapping[str, Any] | None = None, seed: int = 0,
@@ -120,27 +147,15 @@ def change_vocabulary(model_dir: Path, output_dir: Path, new_spec: dict[str, Any
                              "into a folder without a model")
     if not into:
         outputs.check_target(output_dir, flag=flag, overwrite=overwrite)
-    old = Vocabulary.from_spec(_read_spec(model_dir, "a tokenizer change"), str(model_dir / "tokenizer.json"))
-    new = Vocabulary.from_spec(new_spec, str(tokenizer_from / "tokenizer.json"))
-    tensors = read_vocab_tensors(model_dir)
+    problem, vmap, tensors = init_problem(model_dir, new_spec, tokenizer_from=tokenizer_from, texts=texts,
+                                          seed=seed, extension=extension, donor=donor)
     rows = int(tensors.input.shape[0])
-    if old.size > rows:
-        raise ModelLoadError(f"{model_dir}: its tokenizer has {old.size} ids but the embedding "
-                             f"{tensors.input_name!r} only {rows} rows")
-    vmap = vocabulary_map(old, new, rows=rows, extension=extension)
     if not extension and not allow_disjoint and not any(
-            new.surfaces.get(n) is not None for n in vmap.shared):
+            vmap.new.surfaces.get(n) is not None for n in vmap.shared):
         raise ModelLoadError(f"{tokenizer_from / 'tokenizer.json'}: shares no token with the tokenizer of "
                              f"{model_dir}, so no row would be kept and every one made by {init!r}; "
                              "a different model family's tokenizer? Pass --allow-disjoint (allow_disjoint) "
                              "to go on anyway")
-    donor_in, donor_out = _donor_rows(donor, vmap.size) if donor is not None else (None, None)
-    problem = InitProblem(
-        old_input=tensors.input, old_output=tensors.output, new_tokens=vmap.new_tokens,
-        shared=vmap.shared, old_tokenizer=old.backend, new_tokenizer=new.backend,
-        texts=list(texts), seed=seed, donor_input=donor_in, donor_output=donor_out,
-        surface_key=key_of, old_split=old.split, new_split=new.split,
-        old_surfaces=old.surfaces, new_surfaces=new.surfaces)
     made = initialise(init, problem, init_params, where=params_where)
 
     def assemble(old_rows: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:

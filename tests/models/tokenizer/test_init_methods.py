@@ -298,3 +298,45 @@ def test_omp_batch_picks_what_omp_picks_token_by_token():
         assert (coef[t, n:] == 0).all()
         if t % 3 == 0:
             assert n == 3
+
+
+@pytest.mark.parametrize("name", ["mean", "random", "omp", "focus"])
+def test_every_builtin_init_method_passes_the_conformance_check(name, tmp_path):
+    from engine.models.tokenizer.inits import get_init
+    from engine.testing import check_embedding_init
+
+    # omp has no donor here: its default space is the auxiliary one (gensim), as focus's
+    report = check_embedding_init(get_init(name), folder=tmp_path)
+    assert report.passed == ["declares its parts", "a row per new token", "leaves its inputs alone",
+                             "reproducible", "its rows make a model that runs"]
+
+
+def test_the_conformance_check_names_a_method_that_breaks_a_property(tmp_path):
+    import torch as _torch
+
+    from engine.core.params import PluginParams
+    from engine.models.tokenizer.inits import InitRows
+    from engine.testing import ConformanceError, check_embedding_init
+
+    class Sloppy:
+        name = "sloppy"
+
+        class Params(PluginParams):
+            pass
+
+        def init_rows(self, problem, params):  # head rows forgotten, and not reproducible
+            return InitRows(_torch.randn(len(problem.new_tokens), problem.hidden), None)
+
+    with pytest.raises(ConformanceError, match="'sloppy' breaks 'a row per new token': untied head: no head rows"):
+        check_embedding_init(Sloppy(), folder=tmp_path)
+
+    class Scribbler(Sloppy):
+        name = "scribbler"
+
+        def init_rows(self, problem, params):  # writes into the embedding it was handed
+            problem.old_input.mul_(0)
+            rows = _torch.zeros(len(problem.new_tokens), problem.hidden)
+            return InitRows(rows, None if problem.tied else rows.clone())
+
+    with pytest.raises(ConformanceError, match="'scribbler' breaks 'leaves its inputs alone'"):
+        check_embedding_init(Scribbler(), folder=tmp_path / "b")
