@@ -59,7 +59,10 @@ import _harness as h  # noqa: E402
 
 LAYERS, HIDDEN, VOCAB, INTER = 16, 256, 4096, 1024
 MODES = ("ct", "elo", "plain")
-NAMES = {"ct": "full CT (engine)", "elo": "ELO stage 1 (engine)", "plain": "full CT (plain PyTorch)"}
+#: with --unfused: full CT through the loop with torch's default AdamW (the loop before it took the fused kernel)
+UNFUSED = "ct-unfused"
+NAMES = {"ct": "full CT (engine)", "elo": "ELO stage 1 (engine)", "plain": "full CT (plain PyTorch)",
+         UNFUSED: "full CT (engine, torch's default AdamW)"}
 PHASES = ("data", "forward", "backward", "clip", "optimizer", "host")
 RESULTS = h.ROOT / "benchmarks" / "results" / "elo_throughput.json"
 #: AdamW's least traffic per trained parameter and step: read param, grad, exp_avg,
@@ -173,6 +176,10 @@ def child(mode: str, model_dir: Path, steps: int, warmup: int, batch: int, seq_l
 
     torch.set_num_threads(2)
     base_rss = h.peak_rss_mb()
+    if mode == UNFUSED:
+        from engine.training import levers
+
+        levers.adamw_kernel = lambda params: ("default", "benchmark: torch's default AdamW")
     if mode == "elo":
         model, _ = arch.load_submodel(model_dir, [0, LAYERS - 1])
         arch.train_only_layers(model, [0, 1])
@@ -240,9 +247,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=4, help="rounds, each CT, ELO, plain in fresh processes")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of a few steps, no JSON")
+    ap.add_argument("--unfused", action="store_true", help=f"a fourth mode each round: {NAMES[UNFUSED]}")
     ap.add_argument("--json", type=Path, default=None, help=f"write the results here (default {RESULTS}, "
                     "not with --quick)")
     a = ap.parse_args()
+    if a.child == "probe":
+        return print(json.dumps(probe_machine()))
     if a.child:
         steps = a.elo_steps if a.child == "elo" else a.steps
         return child(a.child, Path(a.model), steps, a.warmup, a.batch, a.seq_len)
@@ -251,29 +261,31 @@ def main() -> None:
     out_json = a.json or (None if a.quick else RESULTS)
     model = h.build_llama(h.scratch() / "m", layers=LAYERS, hidden=HIDDEN, vocab=VOCAB, intermediate=INTER)
     load_before = os.getloadavg()
-    probes = [probe_machine()]
+    probes = [h.run_child(Path(__file__), "probe", [])]  # a child: the parent's peak RSS is inherited
     args = ["--model", str(model), "--steps", str(a.steps), "--elo-steps", str(a.elo_steps), "--warmup",
             str(a.warmup), "--batch", str(a.batch), "--seq-len", str(a.seq_len)]
     began = time.perf_counter()
-    res = h.alternate(Path(__file__), list(MODES), a.reps, args, same_order=True)
+    modes = [*MODES, *([UNFUSED] if a.unfused else [])]
+    res = h.alternate(Path(__file__), modes, a.reps, args, same_order=True)
     wall = time.perf_counter() - began
-    probes.append(probe_machine())
+    probes.append(h.run_child(Path(__file__), "probe", []))
     load_after = os.getloadavg()
     tokens = a.batch * a.seq_len
     probe = {k: statistics.median(p[k] for p in probes) for k in probes[0]}
     cpu = h.lscpu()
     bound = step_flops(LAYERS, a.seq_len, True) / step_flops(2, a.seq_len, False)
-    tok = {m: [r["tok_s"] for r in res[m]] for m in MODES}
+    tok = {m: [r["tok_s"] for r in res[m]] for m in modes}
     ratios = {"ct/plain": spread([c / p for c, p in zip(tok["ct"], tok["plain"])]),
               "elo/plain": spread([e / p for e, p in zip(tok["elo"], tok["plain"])]),
               "elo/ct": spread([e / c for e, c in zip(tok["elo"], tok["ct"])])}
-    phase = {m: {p: statistics.median(r["phase_ms"][p] for r in res[m]) for p in PHASES} for m in MODES}
-    flops = {"ct": step_flops(LAYERS, a.seq_len, True), "plain": step_flops(LAYERS, a.seq_len, True),
-             "elo": step_flops(2, a.seq_len, False)}
-    fwd_flops = {"ct": forward_flops(LAYERS, a.seq_len), "plain": forward_flops(LAYERS, a.seq_len),
-                 "elo": forward_flops(2, a.seq_len)}
+    if a.unfused:
+        ratios["ct/ct-unfused"] = spread([c / u for c, u in zip(tok["ct"], tok[UNFUSED])])
+    phase = {m: {p: statistics.median(r["phase_ms"][p] for r in res[m]) for p in PHASES} for m in modes}
+    flops = {m: step_flops(2, a.seq_len, False) if m == "elo" else step_flops(LAYERS, a.seq_len, True)
+             for m in modes}
+    fwd_flops = {m: forward_flops(2 if m == "elo" else LAYERS, a.seq_len) for m in modes}
     state: dict[str, dict[str, float]] = {}
-    for m in MODES:
+    for m in modes:
         r = res[m][0]
         state[m] = {"weights_mb": r["forward_params"] * 4 / 2**20, "grads_mb": r["trainable"] * 4 / 2**20,
                     "adam_state_mb": r["trainable"] * 8 / 2**20,
@@ -285,11 +297,11 @@ def main() -> None:
                f"capability {torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs, {h.machine()}")
     print(f"\nELO stage 1 vs full CT vs plain PyTorch, {LAYERS}-layer Llama, hidden {HIDDEN}, intermediate "
           f"{INTER}, vocab {VOCAB}, batch {a.batch} x seq {a.seq_len}, document-packed; {a.steps} timed steps "
-          f"(ELO {a.elo_steps}) after {a.warmup} warm-up, {a.reps} rounds CT, ELO, plain (medians); {machine}; "
+          f"(ELO {a.elo_steps}) after {a.warmup} warm-up, {a.reps} rounds {', '.join(modes)} (medians); {machine}; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {wall:.0f} s\n")
     print("| run | trainable / forward params | tokens/s | s/step | peak RSS MB | RSS before model MB |")
     print("|---|---|---|---|---|---|")
-    for m in MODES:
+    for m in modes:
         rows = res[m]
         r = rows[0]
         print(f"| {NAMES[m]} | {r['trainable']:,} / {r['forward_params']:,} | {h.median(rows, 'tok_s'):.0f} | "
@@ -298,7 +310,7 @@ def main() -> None:
     print("\nms per step by phase (median over rounds of each run's mean):\n")
     print("| run | " + " | ".join(PHASES) + " | step |")
     print("|---|" + "---|" * (len(PHASES) + 1))
-    for m in MODES:
+    for m in modes:
         print(f"| {NAMES[m]} | " + " | ".join(f"{phase[m][p]:.1f}" for p in PHASES)
               + f" | {sum(phase[m].values()):.1f} |")
     print("\n| ratio of tokens/s | median | min-max | rounds |")
@@ -315,14 +327,14 @@ def main() -> None:
     print("| run | weights MB | grads MB | AdamW state MB | forward GFLOP/s | forward+backward GFLOP/s | "
           "optimizer GB/s at AdamW's least traffic |")
     print("|---|---|---|---|---|---|---|")
-    for m in MODES:
+    for m in modes:
         s = state[m]
         print(f"| {NAMES[m]} | {s['weights_mb']:.1f} | {s['grads_mb']:.1f} | {s['adam_state_mb']:.1f} | "
               f"{s['fwd_gflops']:.1f} | {s['fwd_bwd_gflops']:.1f} | {s['optimizer_min_gbs']:.1f} |")
-    print("\noptimizers: " + "; ".join(f"{m}: {json.dumps(res[m][0]['optimizer'])}" for m in MODES))
+    print("\noptimizers: " + "; ".join(f"{m}: {json.dumps(res[m][0]['optimizer'])}" for m in modes))
     cmd = ("flock /tmp/lingoforge-heavy.lock python benchmarks/speed/bench_elo_throughput.py"
            + (" --quick" if a.quick else f" --steps {a.steps} --elo-steps {a.elo_steps} --warmup {a.warmup} "
-              f"--batch {a.batch} --seq-len {a.seq_len} --reps {a.reps}"))
+              f"--batch {a.batch} --seq-len {a.seq_len} --reps {a.reps}") + (" --unfused" if a.unfused else ""))
     print(f"\ncommand: {cmd}")
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
