@@ -123,7 +123,7 @@ class PhaseClock:
 
     def _opt_pre(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._mark("opt0", time.perf_counter())
-        if not self.optimizer:
+        if not self.optimizer and self.now is not None:  # a training step's, not a capability probe's
             d = optimizer.defaults
             self.optimizer = {"class": type(optimizer).__name__, "foreach": d.get("foreach"),
                               "fused": d.get("fused"), "weight_decay": [g["weight_decay"] for g in
