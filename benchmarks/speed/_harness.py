@@ -72,11 +72,13 @@ def run_child(script: Path, mode: str, args: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def alternate(script: Path, modes: list[str], reps: int, args: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """ABAB...: ``reps`` rounds, each running every mode once in a fresh process."""
+def alternate(script: Path, modes: list[str], reps: int, args: list[str], *,
+              same_order: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """ABBA...: ``reps`` rounds, each running every mode once in a fresh process; the
+    order reverses every other round unless ``same_order`` (ABCABC...)."""
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for r in range(reps):
-        for m in modes if r % 2 == 0 else list(reversed(modes)):
+        for m in modes if r % 2 == 0 or same_order else list(reversed(modes)):
             res = run_child(script, m, args)
             results[m].append(res)
             print(f"  round {r + 1} {m}: {json.dumps(res)}", file=sys.stderr)
@@ -90,6 +92,19 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 def machine() -> str:
     return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {date.today().isoformat()}")
+
+
+def lscpu() -> dict[str, str]:
+    """``lscpu``'s fields (``Model name``, ``L2 cache``, ``Flags`` ...); empty where it is missing."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+def cpu_name() -> str:
+    return lscpu().get("Model name") or platform.processor() or "unknown CPU"
 
 
 def scratch() -> Path:

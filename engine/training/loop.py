@@ -234,6 +234,7 @@ def train(context: StageContext, model: torch.nn.Module, batches: Iterator[Batch
     if params.gradient_checkpointing:
         levers.enable_checkpointing(model, f"stage {context.stage_name!r}")
     optimizer = make_optimizer(trainable, params)
+    context.slow_path("optimizer", "adamw", levers.adamw_kernel(trainable)[1] if params.optimizer == "adamw" else None)
     flat = fit_packing(batches, model, context)  # probes the model before the first batch
     evaluator = Evaluator.build(context, params, batches, eval_batches, flat, sharded=twin is not None)
     log_path = live_log_path(context)
