@@ -9,10 +9,10 @@ How sequences are scored
   ``batch_size``, so a batch holds sequences of similar length (little padding) and the
   largest batch runs first (an out-of-memory error shows at once, not after an hour).
   With ``max_tokens`` a batch of short spans takes more of them, as many as fit in
-  ``max_tokens`` padded positions (never fewer than ``batch_size``): a forward over a
-  few hundred positions leaves most of a CPU's matrix units idle and pays the per-layer
-  overhead again, so many short documents (one line each, say) score several times
-  faster in batches of a couple of thousand positions. Memory is at most that of
+  ``max_tokens`` padded positions (never fewer than ``batch_size``): fewer, larger
+  forwards use a CPU's matrix units better and pay each layer's fixed cost less often
+  (1500 one-line documents scored in three quarters of the time with 2048 positions per
+  pass, docs/benchmarks.md). Memory is at most that of
   ``batch_size`` spans of the longest length or of ``max_tokens`` positions.
   A batch is right-padded with an attention mask: every real token keeps its position
   ids 0..n-1 and causal attention never lets a real token see a pad, so padded and
