@@ -45,6 +45,12 @@ class Perplexity:
 
     class Params(PluginParams):
         batch_size: int = Field(8, ge=1, description="Sequences (windows) per forward pass.")
+        batch_tokens: int | None = Field(
+            2048, ge=1,
+            description="Padded positions a forward pass may fill with short windows: a "
+                        "batch holds batch_size windows, or more short ones while they fit "
+                        "in batch_tokens positions. Results do not depend on it. None: "
+                        "always batch_size windows.")
         max_length: int | None = Field(
             None, ge=2,
             description="Window length in tokens; default: the model's context "
@@ -88,7 +94,8 @@ class Perplexity:
         def build_plan(tokenizer: Any, max_length: int) -> EvalPlan:
             stride = params.stride or max(1, max_length // 2)
             return plan_perplexity(tokenizer, sources, texts, max_length, stride,
-                                   bits_per_byte=params.bits_per_byte)
+                                   bits_per_byte=params.bits_per_byte,
+                                   max_tokens=params.batch_tokens)
 
         return evaluate_models(context, inputs.models, build_plan,
                                batch_size=params.batch_size, max_length=params.max_length,

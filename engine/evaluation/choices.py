@@ -71,8 +71,11 @@ def ratio_stderr(numerators: list[float], denominators: list[int | float]) -> fl
 
 
 def plan_perplexity(tokenizer: Any, sources: list[DataSource], texts: dict[str, list[str]],
-                    max_length: int, stride: int, *, bits_per_byte: bool = False) -> EvalPlan:
-    """Spans for every document of every source, and the per-source aggregation.
+                    max_length: int, stride: int, *, bits_per_byte: bool = False,
+                    max_tokens: int | None = None) -> EvalPlan:
+    """Spans for every document of every source, and the per-source aggregation;
+    ``max_tokens`` is the plan's (:class:`EvalPlan`), the padded positions a plain batch
+    of short documents may fill.
 
     Standard errors treat documents as the sampled units: the per-document log-loss
     ratio estimator's error (:func:`ratio_stderr`) of the token-weighted mean NLL ``L``,
@@ -124,7 +127,7 @@ def plan_perplexity(tokenizer: Any, sources: list[DataSource], texts: dict[str, 
                     out.stderr[key] = se / math.log(2)
         return out
 
-    return EvalPlan(spans, summarize)
+    return EvalPlan(spans, summarize, max_tokens=max_tokens)
 
 
 # --- multiple choice ---------------------------------------------------------------

@@ -140,11 +140,14 @@ class EvalPlan:
     """Spans to score for one tokenizer and window, and how to turn scores into metrics.
 
     ``summarize(scores)`` receives one :class:`SpanScore` per span, in order, and
-    returns :class:`ModelScores` or ``(metrics, counts)`` for one model.
+    returns :class:`ModelScores` or ``(metrics, counts)`` for one model. ``max_tokens``
+    lets a plain batch of short spans hold more than ``batch_size`` of them, up to that
+    many padded positions (:func:`~engine.evaluation.scoring.score_spans`).
     """
 
     spans: list[Span]
     summarize: Callable[[list[SpanScore]], ModelScores | Result]
+    max_tokens: int | None = None
 
     def num_steps(self) -> int:
         """Progress units :meth:`run` reports: one per span, whichever path scores it."""
@@ -153,7 +156,8 @@ class EvalPlan:
     def num_batches(self, batch_size: int, share_prefix: bool = True) -> int:
         """Batches :meth:`run` takes for a model with a KV cache (shared-prefix ones
         included); a model without one runs every span in plain batches."""
-        return len(plan_batches(self.spans, batch_size, share_prefix=share_prefix))
+        return len(plan_batches(self.spans, batch_size, share_prefix=share_prefix,
+                                max_tokens=self.max_tokens))
 
     def run(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int,
             device: torch.device | str, share_prefix: bool = True,
@@ -166,7 +170,7 @@ class EvalPlan:
 
         scores = score_spans(model, self.spans, batch_size=batch_size, device=device,
                              pad_id=tokenizer.pad_token_id, share_prefix=share_prefix,
-                             on_batch=advance)
+                             on_batch=advance, max_tokens=self.max_tokens)
         return self.summarize(scores)
 
 

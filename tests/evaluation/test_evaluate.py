@@ -186,7 +186,8 @@ def test_perplexity_matches_plain_transformers(tiny_model, tiny_tokenizer, docs_
 
 def test_perplexity_batching_equals_batch_size_one(tiny_model, docs_file, make_context):
     source = [DataSource(docs_file, "text")]
-    one, _ = run_plugin(Perplexity(), make_context, {"m": tiny_model}, source, batch_size=1)
+    one, _ = run_plugin(Perplexity(), make_context, {"m": tiny_model}, source, batch_size=1,
+                        batch_tokens=None)  # one document per forward pass
     many, _ = run_plugin(Perplexity(), make_context, {"m": tiny_model}, source, batch_size=4)
     assert set(one.metrics["m"]) == {"ppl/docs"}  # label = file stem
     assert many.metrics["m"]["ppl/docs"] == pytest.approx(one.metrics["m"]["ppl/docs"], rel=1e-5)
