@@ -139,6 +139,19 @@ def _load(readers: Sequence[ModelReader], name: str) -> list[torch.Tensor]:
     return raws
 
 
+def _into(row: torch.Tensor, raw: torch.Tensor, base: torch.Tensor | None) -> None:
+    """``row = raw - base`` (``raw`` itself without a base), in ``row``'s dtype and device.
+    One pass when ``raw`` is already in that dtype and device (the same subtraction, bit
+    for bit, as copying and then subtracting in place); otherwise ``raw`` is cast first,
+    then the base subtracted, so the rounding stays that of the compute dtype."""
+    if base is not None and raw.dtype == row.dtype and raw.device == row.device:
+        torch.sub(raw, base, out=row)
+        return
+    row.copy_(raw)
+    if base is not None:
+        row.sub_(base)
+
+
 def _output(merged: torch.Tensor, target: PlannedTensor) -> torch.Tensor:
     """A merged tensor (or rows of one) cast to its output dtype on the CPU, refused when
     the cast overflows."""
@@ -169,6 +182,22 @@ def _why_whole(target: PlannedTensor, plan: MergePlan, merge: TensorMerge,
     if not all(hasattr(r, "get_rows") for r in readers):
         return "an input cannot be read by rows"
     return None
+
+
+def _count_slice(selectors: Sequence[BandSelector | None], stacked: torch.Tensor,
+                 count_pass: int) -> None:
+    """Feed one slice of each model's task vector to its selector's counting pass."""
+    for sel, delta in zip(selectors, stacked):
+        if sel is not None:
+            bits = _magnitude_bits(delta)
+            (sel.count_high if count_pass == 0 else sel.count_low)(bits)
+
+
+def _trim_slice(selectors: Sequence[BandSelector | None], stacked: torch.Tensor) -> None:
+    """Zero, in place, the entries of one slice that each model's band drops."""
+    for sel, delta in zip(selectors, stacked):
+        if sel is not None:
+            delta.masked_fill_(sel.dropped(_magnitude_bits(delta)), 0)
 
 
 def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
@@ -210,10 +239,8 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
             raw = r.get_rows(name, a, b)
             if check:
                 _check_finite(raw, r.label, name)
-            stacked[i].copy_(raw)
+            _into(stacked[i], raw, base if step.task_vectors else None)
             del raw
-            if step.task_vectors:
-                stacked[i].sub_(base)
         return base, stacked
 
     selectors: list[BandSelector | None] = []
@@ -228,16 +255,11 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
         for count_pass in (0, 1):
             for a, b in slices:
                 _, stacked = read(a, b, check=count_pass == 0)
-                for sel, delta in zip(selectors, stacked):
-                    if sel is not None:
-                        bits = _magnitude_bits(delta)
-                        (sel.count_high if count_pass == 0 else sel.count_low)(bits)
+                _count_slice(selectors, stacked, count_pass)
                 del stacked
     for a, b in slices:
         base, stacked = read(a, b, check=not counting)
-        for sel, delta in zip(selectors, stacked):
-            if sel is not None:
-                delta.masked_fill_(sel.dropped(_magnitude_bits(delta)), 0)
+        _trim_slice(selectors, stacked)
         merged = pos.apply(stacked, name, a, b, tuple(target.shape))
         del stacked
         if tuple(merged.shape) != (b - a, *target.shape[1:]):
@@ -290,10 +312,8 @@ class _Step:
         # entries (not rebinding names) is what actually frees each raw tensor.
         stacked = torch.empty((len(raws) - offset, *shape), dtype=self.cdtype, device=self.dev)
         for i in range(len(raws) - offset):
-            stacked[i].copy_(cut(raws[i + offset]))
+            _into(stacked[i], cut(raws[i + offset]), base_t if self.task_vectors else None)
             raws[i + offset] = None  # type: ignore[call-overload]
-            if self.task_vectors:
-                stacked[i].sub_(base_t)
         merged = self.merge(name, stacked)
         del stacked
         if tuple(merged.shape) != tuple(shape):
