@@ -184,11 +184,36 @@ def _why_whole(target: PlannedTensor, plan: MergePlan, merge: TensorMerge,
     return None
 
 
+#: a sliced tensor's magnitude trims count in one pass around a threshold guessed from
+#: about this many entries, read as rows spread evenly over the tensor
+SAMPLE_ELEMENTS = 2**18
+
+
+def _sample_rows(rows: int, per_row: int) -> list[tuple[int, int]] | None:
+    """Row ranges ``[a, b)`` of about :data:`SAMPLE_ELEMENTS` entries, evenly spread (a
+    few rows per read); None for a tensor less than 4 times that (counted as usual)."""
+    want = SAMPLE_ELEMENTS // per_row
+    if want < 1 or 4 * want > rows:
+        return None
+    group = min(want, -(-1024 // per_row))  # rows per read: at least 1024 entries
+    count = max(1, want // group)
+    stride = rows // count
+    return [(i * stride, i * stride + group) for i in range(count)]
+
+
+def _count_bracket(selectors: Sequence[BandSelector | None], bracketed: Sequence[bool],
+                   stacked: torch.Tensor) -> None:
+    """Feed one slice of each model's task vector to its selector's bracket pass."""
+    for sel, used, delta in zip(selectors, bracketed, stacked):
+        if used and sel is not None:
+            sel.count_bracket(_magnitude_bits(delta))
+
+
 def _count_slice(selectors: Sequence[BandSelector | None], stacked: torch.Tensor,
                  count_pass: int) -> None:
     """Feed one slice of each model's task vector to its selector's counting pass."""
     for sel, delta in zip(selectors, stacked):
-        if sel is not None:
+        if sel is not None and not sel.counted:
             bits = _magnitude_bits(delta)
             (sel.count_high if count_pass == 0 else sel.count_low)(bits)
 
@@ -204,9 +229,13 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
                      writer: ShardedWriter, chunk_elements: int) -> None:
     """Merge one large tensor of a :class:`PositionwiseMerge` slice by slice.
 
-    With trims, two counting passes over the task vectors' slices find each model's
-    exact band of magnitude ranks (:class:`~engine.merging.trims.BandSelector`) before
-    the merging pass; inputs are re-read for each pass (from the page cache).
+    With trims, counting passes over the task vectors' slices find each model's exact
+    band of magnitude ranks (:class:`~engine.merging.trims.BandSelector`) before the
+    merging pass; inputs are re-read for each pass (from the page cache). For a top-``k``
+    trim one pass usually does: rows spread over the tensor give a guess of the
+    threshold's bits, and one pass counts around it (:func:`~engine.merging.trims.
+    bracket_guess`); where the guess missed, the two passes of the radix select follow.
+    The trim is the same either way, bit for bit.
     Peak memory: a few slices of ``SLICE_ELEMENTS`` (or ``chunk_elements`` if smaller)
     per input.
     """
@@ -251,12 +280,29 @@ def _merge_in_slices(step: _Step, target: PlannedTensor, readers: Sequence[Any],
             selectors.append(BandSelector(start, stop, step.dev)
                              if start > 0 or stop < numel else None)
     counting = any(s is not None for s in selectors)
+    checked = False
     if counting:
-        for count_pass in (0, 1):
-            for a, b in slices:
-                _, stacked = read(a, b, check=count_pass == 0)
-                _count_slice(selectors, stacked, count_pass)
-                del stacked
+        sample = _sample_rows(rows, per_row)
+        if sample is not None:
+            stacked = torch.cat([read(a, b, check=False)[1] for a, b in sample], dim=1)
+            bracketed = [sel is not None and sel.bracket(_magnitude_bits(delta), numel)
+                         for sel, delta in zip(selectors, stacked)]
+            del stacked
+            if any(bracketed):
+                for a, b in slices:
+                    _, stacked = read(a, b, check=True)
+                    _count_bracket(selectors, bracketed, stacked)
+                    del stacked
+                checked = True
+                for sel, used in zip(selectors, bracketed):
+                    if used and sel is not None:
+                        sel.finish_bracket()  # when the guess missed, counted as below
+        if not all(sel is None or sel.counted for sel in selectors):
+            for count_pass in (0, 1):
+                for a, b in slices:
+                    _, stacked = read(a, b, check=count_pass == 0 and not checked)
+                    _count_slice(selectors, stacked, count_pass)
+                    del stacked
     for a, b in slices:
         base, stacked = read(a, b, check=not counting)
         _trim_slice(selectors, stacked)
