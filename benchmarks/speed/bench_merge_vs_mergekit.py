@@ -105,7 +105,8 @@ def explain_mismatches(out_a: Path, out_b: Path, inputs: list[Path], density: fl
             "tensor_models_with_ambiguous_ties": ambiguous_tensors}
 
 
-def measured(cmd: list[str], child_json: bool = False) -> dict[str, Any]:
+def measured(cmd: list[str], child_json: bool = False,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` in a fresh wrapper; its wall time and its peak RSS (children only),
     with ``child_json`` also the JSON object the command printed last."""
     probe = ("import resource,subprocess,sys,time,json;t=time.perf_counter();"
@@ -113,7 +114,7 @@ def measured(cmd: list[str], child_json: bool = False) -> dict[str, Any]:
              "print(json.dumps({'rc':r,'wall_s':time.perf_counter()-t,"
              "'peak_rss_mb':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True,
-                         text=True)
+                         text=True, env=env)
     lines = out.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     if result["rc"] != 0:
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also time lingoforge's TIES merge in-process (no interpreter start-up, "
                          "no runner) warm, once per round, and once instrumented per part")
+    ap.add_argument("--baseline-src", type=Path,
+                    help="with --profile: also time the in-process merge of an earlier lingoforge "
+                         "(a folder holding its engine/ and .pypath/engine_plugins) in each "
+                         "round, and check its output is bitwise this one's")
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--reps", type=int, default=1,
                     help="rounds of every tool (order rotated); wall time: the median "
@@ -225,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
             label: {mode: [] for mode in modes} for label in labels}
         cached_reads: list[float] = []
         in_process: list[dict[str, Any]] = []
+        baseline: list[dict[str, Any]] = []
+        baseline_env = baseline_cmd = None
+        if args.baseline_src is not None:
+            src = args.baseline_src.resolve()
+            baseline_env = {**os.environ, "PYTHONPATH": f"{src}:{src / '.pypath'}"}
+            baseline_cmd = [a if a != str(root / "lf-inproc") else str(root / "lf-baseline")
+                            for a in in_proc]
         for rep in range(args.reps):
             plain_read(files)
             cached_reads.append(plain_read(files))
@@ -239,10 +251,17 @@ def main(argv: list[str] | None = None) -> int:
                     samples[label][mode].append(r)
                     print(label, mode, rep, json.dumps(r), flush=True)
             if args.profile:
-                plain_read(files)
-                r = measured(in_proc, child_json=True)
-                in_process.append(r)
-                print("lingoforge in-process (warm)", rep, json.dumps(r), flush=True)
+                for which in ("this", "baseline")[:: 1 if rep % 2 == 0 else -1]:
+                    if which == "baseline" and args.baseline_src is None:
+                        continue
+                    plain_read(files)
+                    if which == "this":
+                        r = measured(in_proc, child_json=True)
+                        in_process.append(r)
+                    else:
+                        r = measured(baseline_cmd, child_json=True, env=baseline_env)
+                        baseline.append(r)
+                    print(f"lingoforge in-process (warm, {which})", rep, json.dumps(r), flush=True)
         results["page_cache_read"] = {**_stats(cached_reads, "s"),
                                       "gb_per_s": size / 1e9 / statistics.median(cached_reads)}
         page_s = results["page_cache_read"]["s"]
@@ -267,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
                     part: t / page_s for part, t in profiled["parts_s"].items()}}}
             same, _ = compare(root / "lf", root / "lf-inproc", rtol=0, atol=0)
             results["lingoforge_in_process_warm"]["bitwise_equal_to_engine_merge"] = same
+            if baseline:
+                merge_b = [r["merge_s"] for r in baseline]
+                same, _ = compare(root / "lf-inproc", root / "lf-baseline", rtol=0, atol=0)
+                results["baseline_in_process_warm"] = {
+                    "src": str(args.baseline_src), **_stats(merge_b, "merge_s"),
+                    "x_page_cache_read": statistics.median(merge_b) / page_s,
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in baseline), "runs": baseline,
+                    "bitwise_equal_to_this": same,
+                    "this_over_baseline": statistics.median(merge_s) / statistics.median(merge_b)}
         mode = modes[0]
         lf = results["lingoforge"][mode]
         results["vs_lingoforge_ties"] = {
