@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BandSelector", "MagnitudeBand", "MagnitudeThreshold", "band_trim_", "keep_count",
-           "magnitude_band", "magnitude_trim"]
+__all__ = ["BRACKET_WIDTH", "BandSelector", "MagnitudeBand", "MagnitudeThreshold", "band_trim_",
+           "bracket_guess", "keep_count", "magnitude_band", "magnitude_trim"]
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -133,6 +133,36 @@ class MagnitudeThreshold:
         # then no piece needs to count its ties
         self._keep_all_ties = self._ties_left == int(above[j]) - (int(above[j - 1]) if j else 0)
 
+    # --- one counting pass around a guess (the threshold sought in [lo, hi] only) ---
+
+    def bracket(self, lo: int, hi: int) -> None:
+        """Count the next pass's pieces (:meth:`count_bracket`) at full resolution, but
+        only for magnitude bits in ``[lo, hi]`` (a guess that should hold the threshold),
+        plus how many fall above. One pass in place of the two of the radix select."""
+        if not 0 <= lo <= hi < lo + BRACKET_WIDTH:
+            raise ValueError(f"a bracket needs 0 <= lo <= hi < lo + {BRACKET_WIDTH}, got [{lo}, {hi}]")
+        self._lo, self._width = lo, hi - lo + 1
+        self._bracket = torch.zeros(self._width + 2, dtype=torch.int64, device=self._low.device)
+
+    def count_bracket(self, bits: Tensor) -> None:
+        """The bracket pass over a piece (bin 0: below ``lo``; ``width + 1``: above ``hi``)."""
+        idx = (bits.reshape(-1) - (self._lo - 1)).clamp_(0, self._width + 1)
+        self._bracket += torch.bincount(idx, minlength=self._width + 2)
+
+    def finish_bracket(self) -> bool:
+        """Fix the threshold from the bracket pass; False (and nothing fixed) when the
+        ``k``-th largest magnitude lies outside ``[lo, hi]``: then count as usual."""
+        above = self._bracket.flip(0).cumsum(0)  # above[j]: entries in bins >= width + 1 - j
+        self._bracket = None
+        if int(above[0]) >= self.k or int(above[-2]) < self.k:
+            return False
+        j = int(torch.searchsorted(above, self.k))  # 1 <= j <= width
+        self.threshold = self._lo + self._width - j
+        greater = int(above[j - 1])
+        self._ties_left = self.k - greater
+        self._keep_all_ties = self._ties_left == int(above[j]) - greater
+        return True
+
     def dropped(self, bits: Tensor) -> Tensor:
         """The mask of entries the trim zeroes in the next piece (pieces in flat order,
         each exactly once)."""
@@ -175,11 +205,59 @@ class BandSelector:
         if self._outliers is not None:
             self._outliers.count_low(bits, high)
 
+    @property
+    def counted(self) -> bool:
+        """Whether the band's ends are fixed (by a bracket pass), so no counting is left."""
+        return self._top.threshold is not None
+
+    def bracket(self, sample: Tensor, numel: int) -> bool:
+        """Guess a bracket of the threshold from ``sample`` (magnitude bits of entries
+        spread over the whole tensor of ``numel``) for a one-pass count
+        (:meth:`count_bracket`, then :meth:`finish_bracket`). False when none is worth
+        it: a band with outliers, or a guess too wide for a small table."""
+        if self._outliers is not None:
+            return False
+        guess = bracket_guess(sample, self.stop, numel)
+        if guess is None:
+            return False
+        self._top.bracket(*guess)
+        return True
+
+    def count_bracket(self, bits: Tensor) -> None:
+        self._top.count_bracket(bits)
+
+    def finish_bracket(self) -> bool:
+        return self._top.finish_bracket()
+
     def dropped(self, bits: Tensor) -> Tensor:
         drop = self._top.dropped(bits)
         if self._outliers is not None:
             drop |= ~self._outliers.dropped(bits)
         return drop
+
+
+#: a bracket pass counts at most this many distinct magnitude bit patterns (a table of
+#: 2 MB of counts per model); a wider guess is not worth it
+BRACKET_WIDTH = 2**18
+
+
+def bracket_guess(sample: Tensor, k: int, numel: int, z: float = 4.0) -> tuple[int, int] | None:
+    """Magnitude bits ``(lo, hi)`` that hold the ``k``-th largest of ``numel`` entries
+    unless ``sample`` (magnitude bits of entries spread evenly over them) misleads more
+    than ``z`` standard deviations of a sample quantile; None when the bracket would be
+    unbounded or wider than :data:`BRACKET_WIDTH` bit patterns. Only a guess: the
+    count finds out whether it held (:meth:`MagnitudeThreshold.finish_bracket`)."""
+    n_s = sample.numel()
+    if n_s == 0 or not 0 < k < numel:
+        return None
+    p = k / numel
+    expected, margin = p * n_s, z * (n_s * p * (1 - p)) ** 0.5 + 2
+    top, bottom = int(expected - margin), int(expected + margin) + 1  # ranks, 1 = largest
+    if top < 1 or bottom > n_s:
+        return None
+    ranked = torch.topk(sample.reshape(-1), bottom, sorted=True).values
+    hi, lo = int(ranked[top - 1]), int(ranked[bottom - 1])
+    return (lo, hi) if hi - lo + 1 <= BRACKET_WIDTH else None
 
 
 def band_trim_(delta: Tensor, start: int, stop: int) -> Tensor:
