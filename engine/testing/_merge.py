@@ -41,7 +41,8 @@ from engine.testing._search import check_searchable
 #: the tensors the override check targets
 OVERRIDE_MATCH = r"\.mlp\."
 #: merge params the suite does not vary: where the arithmetic runs, not what it computes
-NOT_VARIED = {"compute_dtype": "changes rounding only", "device": "where the arithmetic runs"}
+NOT_VARIED = {"compute_dtype": "changes rounding only", "device": "where the arithmetic runs",
+              "tokenizer": "the runner gives the inputs one tokenizer before the method runs"}
 #: the shared params each of which must change every tensor whose inputs differ
 SHARED = ("weight", "lambda", "density", "normalize")
 #: how many models the suite merges when the method allows it
