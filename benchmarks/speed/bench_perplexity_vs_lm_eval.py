@@ -52,19 +52,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
 
 WARMUP_DOCS = 16
 LANGUAGES = ("en", "vel", "dor", "lum")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def prepare(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -244,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "flock /tmp/lingoforge-heavy.lock python benchmarks/speed/bench_perplexity_vs_lm_eval.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+        "machine": {"cpu": _harness.cpu_name(), "logical_cpus": os.cpu_count(),
                     "torch_threads": args.threads, **versions()},
         "model": {"arch": "Llama (random init, seed 0)", "layers": args.layers, "hidden": args.hidden,
                   "intermediate": args.intermediate, "vocab": args.vocab, "context": 1024},
