@@ -53,10 +53,6 @@ def _problem(folder: Path, *, tied: bool, seed: int) -> tuple[inits.InitProblem,
     return problem, vmap, tensors, model
 
 
-def _rows_of(method: Any, problem: inits.InitProblem, params: PluginParams) -> inits.InitRows:
-    return method.init_rows(problem, params)
-
-
 def check_embedding_init(method: Any, *, params: Mapping[str, Any] | None = None,
                          folder: Path | None = None) -> ConformanceReport:
     """Check an init method (the object its plugin registers) against the properties in
@@ -80,7 +76,7 @@ def check_embedding_init(method: Any, *, params: Mapping[str, Any] | None = None
                 if before[1] is not None:
                     assert torch.equal(problem.old_output, before[1]), f"{which}: the old head changed"
             with c.prop("reproducible"):
-                again = _rows_of(method, _problem(root, tied=tied, seed=0)[0], parsed)
+                again = method.init_rows(_problem(root, tied=tied, seed=0)[0], parsed)
                 assert torch.equal(rows.input.float(), again.input.float()), \
                     f"{which}: the same problem and seed gave other input rows"
                 if rows.output is not None:
@@ -96,7 +92,7 @@ def check_embedding_init(method: Any, *, params: Mapping[str, Any] | None = None
 def _check_rows(c: Checker, method: Any, problem: inits.InitProblem, params: PluginParams,
                 which: str) -> inits.InitRows:
     with c.prop("a row per new token"):
-        rows = _rows_of(method, problem, params)
+        rows = method.init_rows(problem, params)
         assert isinstance(rows, inits.InitRows), f"init_rows returned {type(rows).__name__}, not InitRows"
         want = (len(problem.new_tokens), problem.hidden)
         got = tuple(getattr(rows.input, "shape", ()))

@@ -30,36 +30,12 @@ def sparsemax(scores: np.ndarray) -> np.ndarray:
 
 def omp(atoms: np.ndarray, y: np.ndarray, k: int, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``k`` columns of ``atoms`` ([dim, n]) and their coefficients approximating ``y``
-    ([dim]) by least squares: ``(indices, coefficients)``.
-
-    Worked in the Gram space: with ``G = AᵀA`` and ``c = Aᵀy`` computed once, the
-    correlation of every atom with the residual is ``c - G[:, S] x`` and the refit solves
-    the ``|S| x |S|`` normal equations, so no step touches the ``dim``-long vectors again
-    (the same picks and, up to rounding, the same coefficients as refitting with
-    ``lstsq`` on ``A[:, S]``)."""
+    ([dim]) by least squares: ``(indices, coefficients)`` (:func:`omp_batch` for one target,
+    every column a candidate)."""
     a = np.asarray(atoms, dtype=np.float64)
-    target = np.asarray(y, dtype=np.float64)
-    gram = a.T @ a
-    corr = a.T @ target
-    norms = np.maximum(np.sqrt(np.maximum(np.diag(gram), 0.0)), 1e-12)
-    energy = float(target @ target)
-    limit = (tol * max(np.sqrt(energy), 1e-12)) ** 2
-    chosen: list[int] = []
-    coef = np.zeros(0)
-    residual_corr = corr.copy()
-    for _ in range(min(k, a.shape[1])):
-        scores = np.abs(residual_corr) / norms
-        scores[chosen] = -1.0
-        chosen.append(int(np.argmax(scores)))
-        sub = gram[np.ix_(chosen, chosen)]
-        try:
-            coef = np.linalg.solve(sub, corr[chosen])
-        except np.linalg.LinAlgError:  # a picked atom repeats another: least squares still answers
-            coef, *_ = np.linalg.lstsq(sub, corr[chosen], rcond=None)
-        residual_corr = corr - gram[:, chosen] @ coef
-        if energy - float(coef @ corr[chosen]) <= limit:
-            break
-    return np.asarray(chosen, dtype=np.int64), coef
+    idx, coef = omp_batch(a.T, np.arange(a.shape[1])[None, :], np.asarray(y, dtype=np.float64)[None, :], k, tol)
+    n = int((idx[0] >= 0).sum())
+    return idx[0, :n], coef[0, :n]
 
 
 def omp_batch(atoms: np.ndarray, near: np.ndarray, targets: np.ndarray, k: int, tol: float = 1e-6,

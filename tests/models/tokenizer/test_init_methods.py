@@ -277,10 +277,30 @@ def test_a_tied_model_gets_no_head_rows(vocab_models, tmp_path, third_party):
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
 
 
+def _reference_omp(a, y, k, tol=1e-6):
+    """Textbook matching pursuit: residuals in the data space, a least-squares refit each step."""
+    import numpy as np
+
+    norms = np.maximum(np.linalg.norm(a, axis=0), 1e-12)
+    residual, chosen, coef = y.copy(), [], np.zeros(0)
+    for _ in range(min(k, a.shape[1])):
+        scores = np.abs(a.T @ residual) / norms
+        scores[chosen] = -1.0
+        chosen.append(int(np.argmax(scores)))
+        coef, *_ = np.linalg.lstsq(a[:, chosen], y, rcond=None)
+        residual = y - a[:, chosen] @ coef
+        if np.linalg.norm(residual) <= tol * max(float(np.linalg.norm(y)), 1e-12):
+            break
+    return np.asarray(chosen), coef
+
+
 def test_omp_batch_picks_what_omp_picks_token_by_token():
     import numpy as np
 
-    from engine.models.tokenizer.sparse import omp, omp_batch
+    from engine.models.tokenizer.sparse import omp_batch
+
+    def omp(a, y, k):  # the independent reference, not the engine's one-target wrapper
+        return _reference_omp(a, y, k)
 
     rng = np.random.default_rng(0)
     atoms = rng.standard_normal((200, 32))
