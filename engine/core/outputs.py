@@ -9,7 +9,8 @@ this module:
    caught), naming both paths.
 2. :func:`temp_dir` makes the temporary folder the output is written into, beside its final
    place. It carries :data:`TEMP_FILE`, so a later clean-up deletes only temporaries the
-   engine made (:func:`is_engine_temp`), never a user's ``.draft.tmp-2024``.
+   engine made (:func:`is_engine_temp`), never a user's ``.draft.tmp-2024``; it first clears
+   the temporaries of its prefix that a dead process of this host left.
 3. :func:`mark_output` writes :data:`OWNER_FILE` into the finished folder: the engine's own
    marker, listing every file and folder it wrote there.
 4. :func:`publish` moves the finished folder into place under an exclusive lock on the
@@ -33,9 +34,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import glob
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -48,7 +51,7 @@ from engine.core.errors import OutputRefused
 
 __all__ = [
     "LEGACY_MARKERS", "OWNER_FILE", "TEMP_FILE", "check_disjoint", "check_target", "current_umask",
-    "foreign_entries", "is_engine_output", "is_engine_temp", "lock_folder", "mark_output",
+    "foreign_entries", "is_engine_output", "is_engine_temp", "lock_folder", "mark_output", "mark_temp",
     "publish", "read_owner", "remove_engine_temp", "settle_modes", "temp_dir", "temp_file",
 ]
 
@@ -73,12 +76,44 @@ def current_umask() -> int:
     return mask
 
 
+def mark_temp(folder: Path | str) -> None:
+    """Mark ``folder`` as an engine temporary (:data:`TEMP_FILE`, holding the writing process
+    and its host), so clean-ups may delete it once that process is gone."""
+    (Path(folder) / TEMP_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+
+
+def _writer_gone(path: Path) -> bool:
+    """Whether the process that made the engine temporary ``path`` is dead: it ran on this
+    host (by its marker) and no process of its id is alive. Unknown means alive."""
+    try:
+        pid, host = (path / TEMP_FILE).read_text().split()[:2]
+        pid_n = int(pid)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname() or pid_n == os.getpid():
+        return False
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def temp_dir(prefix: str, dir: Path | str) -> Path:  # noqa: A002 - tempfile's name
     """A new empty temporary folder in ``dir``, mode ``0o777 & ~umask``, carrying
-    :data:`TEMP_FILE` (which :func:`publish` removes) so clean-ups can tell it is the engine's."""
+    :data:`TEMP_FILE` (which :func:`publish` removes) so clean-ups can tell it is the engine's.
+
+    Temporaries of the same prefix that a killed process left (an ``engine merge --out``
+    killed mid-write leaves ``.OUT.tmp-*``) are removed first: only engine temporaries whose
+    writer, by their marker, ran on this host and is no longer alive."""
+    for stale in Path(dir).glob(f"{glob.escape(prefix)}*"):
+        if is_engine_temp(stale) and _writer_gone(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
     os.chmod(path, 0o777 & ~current_umask())
-    (path / TEMP_FILE).write_text(f"{os.getpid()}\n")
+    mark_temp(path)
     return path
 
 
@@ -284,17 +319,26 @@ def publish(tmp: Path | str, final: Path | str, *, flag: str, overwrite: bool) -
     try:
         with lock_folder(final.parent):
             check_target(final, flag=flag, overwrite=overwrite)
-            (tmp / TEMP_FILE).unlink(missing_ok=True)
+            # at every moment a kill may come, whatever sits under a temporary name carries
+            # the marker, so a clean-up can tell it is the engine's: the marker leaves the new
+            # output only once it is in place, and the old output gets one before it is set
+            # aside (a kill in between leaves a marker file in ``final``, which every reader
+            # of an output ignores)
             if not final.exists():
                 if not _renameat2(tmp, final, _RENAME_NOREPLACE):
                     os.rename(tmp, final)
+                (final / TEMP_FILE).unlink(missing_ok=True)
                 return
+            if read_owner(final) is not None:  # (an empty folder is left unmarked: no data)
+                mark_temp(final)
             if _renameat2(tmp, final, _RENAME_EXCHANGE):
+                (final / TEMP_FILE).unlink(missing_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
                 return
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(f".{final.name}.tmp-old-{os.getpid()}")
             os.rename(final, old)
             os.rename(tmp, final)
+            (final / TEMP_FILE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if tmp.exists():

@@ -198,7 +198,7 @@ def make_current(workdir: Path, name: str, fingerprint: str) -> None:
     if link.is_dir() and not link.is_symlink():  # an older layout's stage folder (checked above)
         trash = Path(workdir) / f".{name}.tmp-old-{os.getpid()}"
         os.replace(link, trash)
-        (trash / outputs.TEMP_FILE).write_text(f"{os.getpid()}\n")  # a killed run's leftover goes
+        outputs.mark_temp(trash)  # a killed run's leftover goes
     os.replace(tmp, link)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
@@ -305,7 +305,7 @@ def discard(folder: Path) -> None:
     name that no lookup reads, and only then deleted (a killed prune's leftover is removed
     by the next run or prune)."""
     folder = Path(folder)
-    (folder / outputs.TEMP_FILE).write_text(f"{os.getpid()}\n")
+    outputs.mark_temp(folder)
     aside = folder.with_name(f".{folder.name}.tmp-pruning-{os.getpid()}")
     os.replace(folder, aside)
     shutil.rmtree(aside, ignore_errors=True)

@@ -151,6 +151,71 @@ def test_publish_checks_again_under_the_lock(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the loser's temporary is gone
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "plain-renames"])
+@pytest.mark.parametrize("before", ["absent", "engine"])
+def test_a_kill_at_any_step_of_publish_leaves_only_marked_temporaries(tmp_path, monkeypatch, exchange,
+                                                                      before):
+    """Stop publish after each of its file-system steps (as a kill would) and look: whatever
+    sits under a temporary name carries the engine's marker, so the next run's clean-up
+    removes it (a run once left the swapped-out old charts unmarked beside report.json);
+    and ``out`` holds a whole output, old or new (where renameat2 swaps them, always)."""
+    real = {"rename": os.rename, "rmtree": outputs.shutil.rmtree, "unlink": Path.unlink,
+            "write_text": Path.write_text, "renameat2": outputs._renameat2}
+
+    class Killed(BaseException):
+        pass
+
+    def attempt(stop_at: int) -> bool:
+        """Publish, killed after step ``stop_at``; whether publish finished first."""
+        root = tmp_path / f"run{stop_at}"
+        root.mkdir()
+        out = root / "out"
+        if before == "engine":
+            out.mkdir()
+            (out / "w").write_text("old")
+            outputs.mark_output(out, "test")
+        tmp = outputs.temp_dir(".out.tmp-", root)
+        (tmp / "w").write_text("new")
+        outputs.mark_output(tmp, "test")
+        steps = [0]
+
+        def step(name):
+            def wrapped(*args, **kwargs):
+                if steps[0] >= stop_at:
+                    return None  # the process is dead: publish's own clean-up never runs
+                result = real[name](*args, **kwargs)
+                steps[0] += 1
+                if steps[0] == stop_at:
+                    raise Killed
+                return result
+            return wrapped
+
+        with monkeypatch.context() as m:
+            m.setattr(outputs.os, "rename", step("rename"))
+            m.setattr(outputs.shutil, "rmtree", step("rmtree"))
+            m.setattr(Path, "unlink", step("unlink"))
+            m.setattr(Path, "write_text", step("write_text"))
+            m.setattr(outputs, "_renameat2", step("renameat2") if exchange else lambda *a: False)
+            try:
+                outputs.publish(tmp, out, flag="--out", overwrite=True)
+                finished = True
+            except Killed:
+                finished = False
+        if out.exists() or (before == "engine" and exchange):
+            assert (out / "w").read_text() in ("old", "new")  # (plain renames: a moment without)
+        for item in root.iterdir():
+            if item.name.startswith(".") and ".tmp-" in item.name:
+                assert outputs.is_engine_temp(item), (stop_at, item.name, sorted(os.listdir(item)))
+        stage_cache.remove_stale_temporaries(root)
+        assert [p.name for p in root.iterdir()] in ([], ["out"]), (stop_at, os.listdir(root))
+        return finished
+
+    stop_at = 1
+    while not attempt(stop_at):
+        stop_at += 1
+    assert stop_at >= 2  # some step was interrupted
+
+
 # --- engine extend-tokenizer --------------------------------------------------------------------
 
 
@@ -299,6 +364,31 @@ def test_merge_out_never_replaces_inputs_or_user_folders(tmp_path, family_dir, c
     err = capsys.readouterr().err
     assert err.startswith("error: --out") and "Traceback" not in err, err
     kept(before, tmp_path)
+
+
+def test_merge_removes_what_a_killed_merge_left_and_nothing_else(tmp_path, family_dir):
+    """A merge SIGKILLed mid-write leaves its temporary beside --out; the next merge to that
+    --out removes it. A user's look-alike folder, and the temporary of a writer still alive,
+    stay."""
+    here = tmp_path / "outs"
+    here.mkdir()
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys; from engine.core import outputs; "
+         "(outputs.temp_dir('.out.tmp-', sys.argv[1]) / 'model.safetensors').write_bytes(b'half'); "
+         "os.kill(os.getpid(), signal.SIGKILL)", str(here)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [left] = here.glob(".out.tmp-*")
+    assert outputs.is_engine_temp(left)
+    user = here / ".out.tmp-draft"
+    user.mkdir()
+    (user / "notes.md").write_text("a user's draft")
+    alive = outputs.temp_dir(".out.tmp-", here)  # this process's own: alive
+    before = snapshot(user)
+    assert merge(family_dir, here / "out") == 0
+    assert not left.exists()
+    kept(before, user)
+    assert alive.is_dir()
+    assert sorted(p.name for p in here.iterdir()) == sorted([".out.tmp-draft", alive.name, "out"])
 
 
 def test_merge_refuses_the_same_model_twice(family_dir, tmp_path, capsys):
