@@ -45,6 +45,12 @@ def test_parse_seeds():
     assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5] and parse_seeds("4") == [4]
 
 
+#: the scripts' evaluations cut to a few items, each answer to a few tokens: these tests check
+#: the scripts' plumbing over seeds, not their numbers (most of their time was generation)
+SHORT_EVAL = ["stages.perplexity.params.max_documents=4", "stages.task.params.max_items=4",
+              "stages.task.params.max_new_tokens=3"]
+
+
 def run_seed_script(script: str, short: list[str], tmp_path: Path, *args: str) -> tuple[str, dict]:
     """Run ``benchmarks/<script>`` over seeds 0 and 1 with ``short`` overrides (and any
     further ``args``); (stdout, its JSON)."""
@@ -63,7 +69,7 @@ def test_low_resource_reproduction_runs_over_two_seeds(tmp_path):
     recipe = ROOT / "recipes" / "papers" / "low-resource-merging.yaml"
     stages = [s.name for s in load_recipe(recipe).stages]
     short = [f"stages.{n}.params.steps=2" for n in stages if n.startswith(("ct", "sft"))]
-    short += ["stages.perplexity.params.max_documents=4", "stages.task.params.max_items=8"]
+    short += SHORT_EVAL
     stdout, result = run_seed_script("repro_low_resource_merging.py", short, tmp_path)
     assert "CT-then-SFT" in stdout and "slack 1 − TIES" in stdout
     assert result["seeds"] == [0, 1] and result["overrides"] == short
@@ -79,8 +85,7 @@ def test_low_resource_reproduction_runs_over_two_seeds(tmp_path):
 @pytest.mark.slow
 def test_quickstart_seeds_script_reports_the_merge_gap(tmp_path):
     short = ["stages.elo-lum.params.steps=2", "stages.elo-lum-aligned.params.steps=1",
-             "stages.ct-lum.params.steps=3", "stages.sft-en.params.steps=2",
-             "stages.perplexity.params.max_documents=4", "stages.task.params.max_items=8"]
+             "stages.ct-lum.params.steps=3", "stages.sft-en.params.steps=2", *SHORT_EVAL]
     stdout, result = run_seed_script("quickstart_seeds.py", short, tmp_path)
     m = result["metrics"]
     for key in ("acc/lum", "exact_match/lum"):
@@ -94,7 +99,7 @@ def test_quickstart_seeds_script_reports_the_merge_gap(tmp_path):
 def test_language_merging_reproduction_updates_only_lum(tmp_path):
     recipe = ROOT / "recipes" / "papers" / "language-merging.yaml"
     short = [f"stages.{s.name}.params.steps=2" for s in load_recipe(recipe).stages if s.name.startswith("sft")]
-    short += ["stages.perplexity.params.max_documents=4", "stages.task.params.max_items=8"]
+    short += SHORT_EVAL
     # the script itself fails when the update re-trains anything but lum's model
     stdout, result = run_seed_script("repro_language_merging.py", short, tmp_path, "--variants", "full")
     assert result["seeds"] == [0, 1] and result["overrides"] == short

@@ -14,6 +14,12 @@ all its text tokens, each predicted from BOS and the document's tokens before it
   ``max_length`` positions, here 64 x 1024) never runs out of memory, so it picks 64 after
   costing more than scoring the documents.
 
+* **floor**: no scorer at all, a lower bound: only the matrix products of the model's
+  linear layers over every position the documents have, 2048 positions a product. Exact
+  fp32 scoring of these documents cannot take less than this on the machine (it leaves
+  out attention, norms, activations and the softmax); the script reports it against
+  lm-eval and the engine.
+
 The model is a random Llama (seed 0; default 16 layers, hidden 256, intermediate 1024,
 vocab 4096, context 1024) saved once to a temporary folder with the built-in world's
 tokenizer; the documents are lines of the built-in world's training text (``en``,
@@ -132,6 +138,46 @@ def lm_eval_side(model_dir: Path, docs: list[str], args: argparse.Namespace) -> 
             "setting": f"batch_size={bs}, max_length {lm.max_length}"}
 
 
+def floor_side(model_dir: Path, docs: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """A lower bound for any exact fp32 scorer of this model on this machine: the matrix
+    products of the model's linear layers (every projection, the MLPs and the head) over
+    every position the documents have (each document's tokens after BOS, as the engine
+    encodes them), 2048 positions a product as the engine's batches hold, and nothing else:
+    no attention, norms, activations, softmax, padding or Python. Its "totals" are not
+    scores."""
+    import torch
+
+    from engine.evaluation.spans import encode_document
+    from engine.models import modelio
+
+    t0 = time.perf_counter()
+    model = modelio.load_model(model_dir, device="cpu").eval()
+    tok = modelio.load_tokenizer(model_dir)
+    load_s = time.perf_counter() - t0
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    chunk = 2048
+    x = torch.randn(chunk, max(w.shape[1] for w in weights))
+    outs = {w.shape[0]: torch.empty(chunk, w.shape[0]) for w in weights}
+
+    def score(texts: list[str]) -> list[float]:
+        positions = sum(len(encode_document(tok, text)) for text in texts)
+        with torch.inference_mode():
+            for k in range(0, positions, chunk):
+                n = min(chunk, positions - k)
+                for w in weights:
+                    torch.mm(x[:n, :w.shape[1]], w.t(), out=outs[w.shape[0]][:n])
+        return [float(positions)]
+
+    score(docs[:WARMUP_DOCS])
+    t0 = time.perf_counter()
+    totals = score(docs)
+    flops = 2 * totals[0] * sum(w.numel() for w in weights)
+    return {"load_s": load_s, "score_s": time.perf_counter() - t0, "totals": totals,
+            "gflop": round(flops / 1e9, 1),
+            "setting": f"the linear layers' products alone, {int(totals[0])} positions, "
+                       f"{chunk} a product ({flops / 1e9:.0f} GFLOP)"}
+
+
 def child(side: str, args: argparse.Namespace) -> None:
     import torch
 
@@ -140,7 +186,7 @@ def child(side: str, args: argparse.Namespace) -> None:
         sys.path[:0] = [str(root), str(root / ".pypath")]
     torch.set_num_threads(args.threads)
     docs = json.loads(Path(args.docs_file).read_text(encoding="utf-8"))
-    run = engine_side if side == "engine" else lm_eval_side
+    run = {"engine": engine_side, "lm-eval": lm_eval_side, "floor": floor_side}[side]
     out = run(Path(args.model_dir), docs, args)
     print(json.dumps({"side": side, **out}))
 
@@ -202,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 120 documents, 2 layers, 1 round")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
-    parser.add_argument("--child", choices=("engine", "lm-eval"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("engine", "lm-eval", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--docs-file", help=argparse.SUPPRESS)
     parser.add_argument("--lm-eval-batch-size", default="1", help=argparse.SUPPRESS)
@@ -217,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="lingoforge-ppl-bench-"))
     model_dir, docs_file = prepare(folder, args)
     lm_sides = [f"lm-eval@{bs.strip()}" for bs in args.lm_eval_batch_sizes.split(",") if bs.strip()]
-    sides = ["engine", *(["engine@base"] if args.baseline_root else []), *lm_sides]
+    sides = ["engine", *(["engine@base"] if args.baseline_root else []), *lm_sides, "floor"]
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for r in range(args.rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:
@@ -253,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         if "lm-eval@1" in med else None,
         "target_ratio": 0.25,
         "target_met": ratio <= 0.25,
-        "agreement": {side: agreement(engine, runs[side][0]["totals"]) for side in sides[1:]},
+        "floor_over_fastest_lm_eval": round(med["floor"] / med[best], 3),
+        "engine_over_floor": round(med["engine"] / med["floor"], 3),
+        "agreement": {side: agreement(engine, runs[side][0]["totals"]) for side in sides[1:]
+                      if side != "floor"},
         "engine_rounds_max_abs_diff": max((abs(x - y) for r in runs["engine"][1:]
                                            for x, y in zip(r["totals"], engine, strict=True)),
                                           default=0.0),
@@ -272,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['max_s']:.2f} | {'-' if diff is None else f'{diff:.2g}'} |")
     print(f"\nratio engine / {best} (medians): {ratio:.3f} (target <= 0.25: "
           f"{'met' if ratio <= 0.25 else 'missed'})")
+    print(f"floor (the linear layers' matrix products alone) / {best}: "
+          f"{result['floor_over_fastest_lm_eval']:.3f}; engine / floor: {result['engine_over_floor']:.3f}")
     if result["ratio_engine_over_lm_eval_default"] is not None:
         print(f"ratio engine / lm-eval default batch_size=1: {result['ratio_engine_over_lm_eval_default']:.3f}")
     if args.baseline_root:

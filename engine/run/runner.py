@@ -36,6 +36,7 @@ its order can be read top to bottom; every step it calls lives elsewhere.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -121,6 +122,8 @@ class Runner:
         #: the one-time import of the input models' code, done before the first stage that runs
         self.startup: dict[str, Any] = {"architectures_imported": [], "import_s": 0.0}
         self._imported = False
+        #: whether this run froze the garbage collector (None: outside a run's session)
+        self._froze_gc: bool | None = None
         #: keep checkpoints under <workdir>/.checkpoints (off: no checkpoint folder, no clean-up)
         self._checkpoints = True
         ranks = Ranks.from_env()
@@ -169,11 +172,26 @@ class Runner:
     @contextmanager
     def _session(self) -> Iterator[None]:
         intra_before = torch.get_num_threads()
+        self._froze_gc = False
         try:
             with threads.RunRegistration():  # counted by every run's 'auto' threads
                 yield
         finally:
             torch.set_num_threads(intra_before)  # in-process callers keep their setting
+            if self._froze_gc:
+                gc.unfreeze()  # what existed before the run is collectable again
+            self._froze_gc = None
+
+    def _freeze_gc(self) -> None:
+        """Exempt every object that exists now (torch's, transformers' and the modelling
+        code's, some 370,000) from the cyclic garbage collector for the rest of the run: a
+        full collection, which every training stage's clean-up runs and Python runs now and
+        then, took 0.25-0.3 s on 2 cores walking them, and now walks only what the run
+        made. Undone when the run ends, so an in-process caller's garbage is collected as
+        before; a run inside a run leaves the outer one's freeze alone."""
+        if self._froze_gc is False and gc.get_freeze_count() == 0:
+            gc.freeze()
+            self._froze_gc = True
 
     def _run(self) -> dict[str, Any]:
         if self.main:
@@ -258,6 +276,7 @@ class Runner:
         t0 = time.perf_counter()
         names = {modelio.import_architecture(art.path) for art in self.artifacts.values()
                  if isinstance(art, ModelArtifact)}
+        self._freeze_gc()
         self.startup = {"architectures_imported": sorted(n for n in names if n),
                         "import_s": round(time.perf_counter() - t0, 3)}
 

@@ -34,12 +34,11 @@ import torch
 from engine.core.errors import DataError
 from engine.core.inputs import DataSource
 from engine.data import token_cache
-from engine.data.files import iter_instructions
 from engine.training.examples import (
     Batch,
     collate,
     document_policy,
-    encode_instruction,
+    encoded_records,
     eos_id,
     record_problem,
     tokenized_examples,
@@ -252,9 +251,8 @@ def check_instructions(tokenizer: Any, sources: Sequence[DataSource], *, seq_len
     problems: list[str] = []
     total_bad = checked = 0
     for source in sources:
-        for lineno, record in iter_instructions(source):
+        for _, lineno, prompt, response in encoded_records(tokenizer, source):
             checked += 1
-            prompt, response = encode_instruction(tokenizer, record)
             problem = record_problem(prompt, response, seq_len)
             if problem is not None:
                 total_bad += 1

@@ -171,6 +171,29 @@ def test_prompt_masking_with_chat_template(tmp_path, tiny_tokenizer):
     assert tok.decode(kept).strip() == "blue</s>"  # the turn after the generation prompt only
 
 
+def test_instructions_encoded_in_batches_match_one_at_a_time(tiny_tokenizer):
+    """The batched encoding training uses gives every record the ids encode_instruction
+    gives it alone: single- and multi-turn, with and without a chat template."""
+    from engine.training.examples import encode_instruction, encode_instructions
+
+    records = [{"prompt": "what color is the sky", "response": " blue"},
+               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " yo"},
+                             {"role": "user", "content": "and then?"},
+                             {"role": "assistant", "content": " then more"}]},
+               {"messages": [{"role": "assistant", "content": "alone"}]},
+               {"prompt": "é ü ß", "response": " ok."}]
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    for tok in (plain, chat):
+        one = [encode_instruction(tok, r) for r in records]
+        assert encode_instructions(tok, records) == one
+        assert all(response for _, response in one)
+    assert encode_instructions(chat, []) == []
+
+
 def test_long_prompt_and_empty_file_are_data_errors(tmp_path, tiny_tokenizer):
     f = tmp_path / "long.jsonl"
     f.write_text(json.dumps({"prompt": "x", "response": "y"}) + "\n"
