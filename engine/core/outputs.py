@@ -23,7 +23,7 @@ this module:
    path holds either the complete old output or the complete new one.
 
 Python's ``tempfile`` creates paths private (folders 0700, files 0600) whatever the umask;
-:func:`temp_dir`, :func:`temp_file` and :func:`settle_modes` give outputs the modes a plain
+:func:`temp_dir`, :func:`replace_file` and :func:`settle_modes` give outputs the modes a plain
 ``mkdir``/``open`` would have had (0755 / 0644 under the usual umask 022; 0700 / 0600 under
 077), so a renamed output stays readable to the rest of a team.
 """
@@ -52,7 +52,7 @@ from engine.core.errors import OutputRefused
 __all__ = [
     "LEGACY_MARKERS", "OWNER_FILE", "TEMP_FILE", "check_disjoint", "check_target", "current_umask",
     "foreign_entries", "is_engine_output", "is_engine_temp", "lock_folder", "mark_output", "mark_temp",
-    "publish", "read_owner", "remove_engine_temp", "settle_modes", "temp_dir", "temp_file",
+    "publish", "read_owner", "remove_engine_temp", "replace_file", "settle_modes", "temp_dir",
 ]
 
 #: the engine's marker in every folder it writes as an output
@@ -117,11 +117,24 @@ def temp_dir(prefix: str, dir: Path | str) -> Path:  # noqa: A002 - tempfile's n
     return path
 
 
-def temp_file(prefix: str, suffix: str, dir: Path | str) -> tuple[int, str]:  # noqa: A002
-    """``(fd, path)`` of a new empty file in ``dir``, mode ``0o666 & ~umask``."""
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dir)
-    os.fchmod(fd, 0o666 & ~current_umask())
-    return fd, path
+def replace_file(path: Path | str, content: str | bytes) -> None:
+    """Replace the file ``path`` with ``content`` whole (a reader never sees half a file).
+
+    The new file is written inside a marked temporary folder beside ``path``
+    (:func:`temp_dir`) and renamed over ``path``; so whatever a kill leaves is a folder a
+    clean-up can tell is the engine's, never a loose temporary file. Mode ``0o666 & ~umask``.
+    """
+    path = Path(path)
+    tmp = temp_dir(f".{path.name}.tmp-", path.parent)
+    try:
+        new = tmp / path.name
+        if isinstance(content, bytes):
+            new.write_bytes(content)
+        else:
+            new.write_text(content, encoding="utf-8")
+        os.replace(new, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def settle_modes(folder: Path | str) -> None:

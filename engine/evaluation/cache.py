@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,16 +178,8 @@ class EvalCache:
     def put(self, key: dict[str, Any], result: CachedResult) -> None:
         """Save ``result`` for ``key``: a temporary file renamed over the entry."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(key)
         text = json.dumps({"key": key, "result": result.to_json()}, indent=1, sort_keys=True,
                           default=str)
-        fd, tmp = outputs.temp_file(f".{path.stem}.", ".tmp", self.folder)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        outputs.replace_file(self._path(key), text)
 
 

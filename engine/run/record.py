@@ -7,12 +7,12 @@ the charts and the summary) is :mod:`engine.run.report`, which reads the file al
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.core import outputs
 from engine.core.artifacts import Artifact, LayerSelection, MetricsArtifact
 from engine.models.modelio import resolve_device
 from engine.recipe.plan import Plan, PlannedStage
@@ -103,6 +103,4 @@ def run_report(plan: Plan, records: list[dict[str, Any]], startup: dict[str, Any
 
 def write_report(workdir: Path, report: dict[str, Any]) -> None:
     """Replace ``<workdir>/report.json`` atomically (a reader never sees half a file)."""
-    tmp = Path(workdir) / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, Path(workdir) / REPORT_FILE)
+    outputs.replace_file(Path(workdir) / REPORT_FILE, json.dumps(report, indent=2, default=str))

@@ -325,6 +325,6 @@ def remove_stale_temporaries(workdir: Path) -> None:
                 item.unlink(missing_ok=True)
         else:
             outputs.remove_engine_temp(item)
-    for pattern in (f"{STAGES_DIR}/*/.*", f"{CHECKPOINTS_DIR}/*/.*"):
+    for pattern in (f"{STAGES_DIR}/*/.*", f"{CHECKPOINTS_DIR}/*/.*", ".eval-cache/.*"):
         for item in Path(workdir).glob(pattern):
             outputs.remove_engine_temp(item)  # what a killed prune had set aside

@@ -21,7 +21,6 @@ Every clash is refused at once, in one error that lists them all; nothing is wri
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -103,9 +102,8 @@ def claim(workdir: Path, stage_names: Iterable[str]) -> None:
                             "write, which it never does; rename these or choose another --workdir:\n  "
                             + "\n  ".join(problems))
     names = sorted(claimed | set(ENGINE_NAMES))
-    tmp = workdir / f".{WORKDIR_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"written_by": "lingoforge", "names": names}, indent=1) + "\n")
-    os.replace(tmp, workdir / WORKDIR_FILE)
+    outputs.replace_file(workdir / WORKDIR_FILE,
+                         json.dumps({"written_by": "lingoforge", "names": names}, indent=1) + "\n")
 
 
 def check_report_names(folder: Path) -> None:

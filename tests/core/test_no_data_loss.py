@@ -366,6 +366,61 @@ def test_merge_out_never_replaces_inputs_or_user_folders(tmp_path, family_dir, c
     kept(before, tmp_path)
 
 
+@pytest.mark.parametrize("where", ["report.json", ".eval-cache/0a1b.json"])
+def test_a_kill_at_any_step_of_replace_file_leaves_the_file_whole_and_no_loose_temporary(
+        tmp_path, monkeypatch, where):
+    """report.json, report.md, the workdir's name list and evaluation-cache entries are
+    replaced through outputs.replace_file. Stopped after any of its file-system steps once
+    its folder exists (as a kill would; only the instant between making the folder and
+    marking it leaves an empty unmarked folder), the file holds the old text or the new one, and what is left beside it
+    is an engine-marked folder the next run's clean-up removes (a loose
+    `.report.md.XXXX.tmp` file, which nothing removed, was once left by a kill)."""
+    real = {"replace": os.replace, "rmtree": outputs.shutil.rmtree, "write_text": Path.write_text}
+
+    class Killed(BaseException):
+        pass
+
+    stop_at = 1
+    while True:
+        root = tmp_path / f"w{stop_at}"
+        path = root / where
+        path.parent.mkdir(parents=True)
+        path.write_text("old")
+        steps = [0]
+
+        def step(name):
+            def wrapped(*args, **kwargs):
+                if steps[0] >= stop_at:
+                    return None  # dead: no clean-up runs
+                result = real[name](*args, **kwargs)
+                steps[0] += 1
+                if steps[0] == stop_at:
+                    raise Killed
+                return result
+            return wrapped
+
+        with monkeypatch.context() as m:
+            m.setattr(outputs.os, "replace", step("replace"))
+            m.setattr(outputs.shutil, "rmtree", step("rmtree"))
+            m.setattr(Path, "write_text", step("write_text"))
+            try:
+                outputs.replace_file(path, "new")
+                finished = True
+            except Killed:
+                finished = False
+        assert path.read_text() in ("old", "new"), stop_at
+        loose = [p.name for p in path.parent.iterdir()
+                 if p.name != path.name and not outputs.is_engine_temp(p)]
+        assert not loose, (stop_at, loose)
+        stage_cache.remove_stale_temporaries(root)
+        assert [p.name for p in path.parent.iterdir()] == [path.name], stop_at
+        if finished:
+            assert path.read_text() == "new"
+            break
+        stop_at += 1
+    assert stop_at >= 4  # the marker, the file, the rename and the clean-up were each cut
+
+
 def test_merge_removes_what_a_killed_merge_left_and_nothing_else(tmp_path, family_dir):
     """A merge SIGKILLed mid-write leaves its temporary beside --out; the next merge to that
     --out removes it. A user's look-alike folder, and the temporary of a writer still alive,

@@ -18,7 +18,6 @@ a freshly written one, so no chart of an earlier run is left behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,14 +201,7 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
 
 def _replace_file(path: Path, content: str) -> None:
     """Write ``path`` through a temporary file renamed over it (never half a file)."""
-    fd, tmp = outputs.temp_file(f".{path.name}.", ".tmp", path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    outputs.replace_file(path, content)
 
 
 def _rel(path: Path, folder: Path) -> str:
