@@ -37,6 +37,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -218,9 +219,23 @@ def is_engine_temp(path: Path | str) -> bool:
     return not path.is_symlink() and path.is_dir() and (path / TEMP_FILE).is_file()
 
 
+#: the names :func:`temp_dir` gives (``tempfile``'s eight random characters after the prefix)
+_TEMP_NAME = re.compile(r"\..+\.tmp-.*[a-z0-9_]{8}")
+
+
 def remove_engine_temp(path: Path | str) -> bool:
-    """Delete ``path`` when it is an engine temporary folder; whether it was one."""
+    """Delete ``path`` when it is an engine temporary folder; whether it was one.
+
+    Also an *empty* folder named as :func:`temp_dir` names them: a kill in the instant
+    between making a temporary folder and marking it leaves one, and removing an empty
+    folder loses nothing."""
+    path = Path(path)
     if not is_engine_temp(path):
+        if (_TEMP_NAME.fullmatch(path.name) and not path.is_symlink() and path.is_dir()
+                and not any(path.iterdir())):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+                return True
         return False
     shutil.rmtree(path, ignore_errors=True)
     return True

@@ -325,7 +325,7 @@ class Runner:
             if STAGE_KINDS[stage.spec.stage].loads_models:
                 self._import_architectures()
             threads.apply_threads(stage.runtime.threads)
-            tmp = Path(outputs.temp_dir(f".{name}.rank{self.rank}-", self.workdir))
+            tmp = Path(outputs.temp_dir(f".{name}.tmp-rank{self.rank}-", self.workdir))
             context = StageContext(
                 run_name=self.plan.recipe.name, stage_name=name, stage_kind=stage.spec.stage,
                 plugin=stage.spec.plugin, workdir=self.workdir, output_dir=tmp, runtime=stage.runtime,

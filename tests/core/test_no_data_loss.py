@@ -370,9 +370,8 @@ def test_merge_out_never_replaces_inputs_or_user_folders(tmp_path, family_dir, c
 def test_a_kill_at_any_step_of_replace_file_leaves_the_file_whole_and_no_loose_temporary(
         tmp_path, monkeypatch, where):
     """report.json, report.md, the workdir's name list and evaluation-cache entries are
-    replaced through outputs.replace_file. Stopped after any of its file-system steps once
-    its folder exists (as a kill would; only the instant between making the folder and
-    marking it leaves an empty unmarked folder), the file holds the old text or the new one, and what is left beside it
+    replaced through outputs.replace_file. Stopped after any of its file-system steps (as
+    a kill would), the file holds the old text or the new one, and what is left beside it
     is an engine-marked folder the next run's clean-up removes (a loose
     `.report.md.XXXX.tmp` file, which nothing removed, was once left by a kill)."""
     real = {"replace": os.replace, "rmtree": outputs.shutil.rmtree, "write_text": Path.write_text}
@@ -380,8 +379,8 @@ def test_a_kill_at_any_step_of_replace_file_leaves_the_file_whole_and_no_loose_t
     class Killed(BaseException):
         pass
 
-    stop_at = 1
-    while True:
+    def attempt(stop_at: int) -> bool:
+        """replace_file, killed after step ``stop_at``; whether it finished first."""
         root = tmp_path / f"w{stop_at}"
         path = root / where
         path.parent.mkdir(parents=True)
@@ -414,11 +413,28 @@ def test_a_kill_at_any_step_of_replace_file_leaves_the_file_whole_and_no_loose_t
         assert not loose, (stop_at, loose)
         stage_cache.remove_stale_temporaries(root)
         assert [p.name for p in path.parent.iterdir()] == [path.name], stop_at
-        if finished:
-            assert path.read_text() == "new"
-            break
+        assert not finished or path.read_text() == "new"
+        return finished
+
+    stop_at = 1
+    while not attempt(stop_at):
         stop_at += 1
     assert stop_at >= 4  # the marker, the file, the rename and the clean-up were each cut
+
+
+def test_a_kill_between_making_and_marking_a_temporary_leaves_nothing_after_the_next_run(tmp_path):
+    """The one instant a temporary folder has no marker yet leaves it empty: the clean-up
+    removes an empty folder named as the engine names its temporaries, and nothing of a
+    user's that merely looks like one."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / ".report.json.tmp-k2x_9qaz").mkdir()  # made, not yet marked
+    (work / ".draft.tmp-2024").mkdir()  # a user's, empty, not an engine name
+    (work / ".notes.tmp-abcdefgh").mkdir()  # a user's look-alike with a file in it
+    (work / ".notes.tmp-abcdefgh" / "idea.txt").write_text("keep me")
+    stage_cache.remove_stale_temporaries(work)
+    assert sorted(p.name for p in work.iterdir()) == [".draft.tmp-2024", ".notes.tmp-abcdefgh"]
+    assert (work / ".notes.tmp-abcdefgh" / "idea.txt").read_text() == "keep me"
 
 
 def test_merge_removes_what_a_killed_merge_left_and_nothing_else(tmp_path, family_dir):
