@@ -344,6 +344,7 @@ def publish(tmp: Path | str, final: Path | str, *, flag: str, overwrite: bool) -
     removes ``tmp``.
     """
     tmp, final = Path(tmp), Path(final)
+    marked: Path | None = None  # an old output this call marked, while it may still be in place
     try:
         with lock_folder(final.parent):
             check_target(final, flag=flag, overwrite=overwrite)
@@ -359,16 +360,21 @@ def publish(tmp: Path | str, final: Path | str, *, flag: str, overwrite: bool) -
                 return
             if read_owner(final) is not None:  # (an empty folder is left unmarked: no data)
                 mark_temp(final)
+                marked = final
             if _renameat2(tmp, final, _RENAME_EXCHANGE):
+                marked = None
                 (final / TEMP_FILE).unlink(missing_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
                 return
             old = final.with_name(f".{final.name}.tmp-old-{os.getpid()}")
             os.rename(final, old)
+            marked = None
             os.rename(tmp, final)
             (final / TEMP_FILE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if marked is not None:  # the swap failed: the old output stays, unmarked again
+            (marked / TEMP_FILE).unlink(missing_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -422,6 +422,29 @@ def test_a_kill_at_any_step_of_replace_file_leaves_the_file_whole_and_no_loose_t
     assert stop_at >= 4  # the marker, the file, the rename and the clean-up were each cut
 
 
+def test_a_failed_swap_leaves_the_old_output_as_it_was(tmp_path, monkeypatch):
+    """The old output is marked before it is swapped out; when the swap itself fails (an
+    I/O error), the old output stays in place, whole and unmarked, and the new one's
+    temporary is gone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "w").write_text("old")
+    outputs.mark_output(out, "test")
+    before = snapshot(out)
+    tmp = outputs.temp_dir(".out.tmp-", tmp_path)
+    (tmp / "w").write_text("new")
+    outputs.mark_output(tmp, "test")
+
+    def broken(src, dst, flags):
+        raise OSError(5, "Input/output error", str(dst))
+
+    monkeypatch.setattr(outputs, "_renameat2", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        outputs.publish(tmp, out, flag="--out", overwrite=True)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_kill_between_making_and_marking_a_temporary_leaves_nothing_after_the_next_run(tmp_path):
     """The one instant a temporary folder has no marker yet leaves it empty: the clean-up
     removes an empty folder named as the engine names its temporaries, and nothing of a
