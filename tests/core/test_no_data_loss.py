@@ -151,6 +151,30 @@ def test_publish_checks_again_under_the_lock(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the loser's temporary is gone
 
 
+class Killed(BaseException):
+    """A kill, as the tests below simulate one."""
+
+
+class KillAfter:
+    """Counts the file-system steps of the wrapped functions: raises :class:`Killed` after
+    step ``stop_at`` and makes every later call do nothing (a dead process runs no
+    clean-up)."""
+
+    def __init__(self, stop_at: int) -> None:
+        self.stop_at, self.steps = stop_at, 0
+
+    def wrap(self, fn):
+        def wrapped(*args, **kwargs):
+            if self.steps >= self.stop_at:
+                return None
+            result = fn(*args, **kwargs)
+            self.steps += 1
+            if self.steps == self.stop_at:
+                raise Killed
+            return result
+        return wrapped
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "plain-renames"])
 @pytest.mark.parametrize("before", ["absent", "engine"])
 def test_a_kill_at_any_step_of_publish_leaves_only_marked_temporaries(tmp_path, monkeypatch, exchange,
@@ -161,9 +185,6 @@ def test_a_kill_at_any_step_of_publish_leaves_only_marked_temporaries(tmp_path, 
     and ``out`` holds a whole output, old or new (where renameat2 swaps them, always)."""
     real = {"rename": os.rename, "rmtree": outputs.shutil.rmtree, "unlink": Path.unlink,
             "write_text": Path.write_text, "renameat2": outputs._renameat2}
-
-    class Killed(BaseException):
-        pass
 
     def attempt(stop_at: int) -> bool:
         """Publish, killed after step ``stop_at``; whether publish finished first."""
@@ -177,25 +198,14 @@ def test_a_kill_at_any_step_of_publish_leaves_only_marked_temporaries(tmp_path, 
         tmp = outputs.temp_dir(".out.tmp-", root)
         (tmp / "w").write_text("new")
         outputs.mark_output(tmp, "test")
-        steps = [0]
-
-        def step(name):
-            def wrapped(*args, **kwargs):
-                if steps[0] >= stop_at:
-                    return None  # the process is dead: publish's own clean-up never runs
-                result = real[name](*args, **kwargs)
-                steps[0] += 1
-                if steps[0] == stop_at:
-                    raise Killed
-                return result
-            return wrapped
-
+        kill = KillAfter(stop_at)
         with monkeypatch.context() as m:
-            m.setattr(outputs.os, "rename", step("rename"))
-            m.setattr(outputs.shutil, "rmtree", step("rmtree"))
-            m.setattr(Path, "unlink", step("unlink"))
-            m.setattr(Path, "write_text", step("write_text"))
-            m.setattr(outputs, "_renameat2", step("renameat2") if exchange else lambda *a: False)
+            m.setattr(outputs.os, "rename", kill.wrap(real["rename"]))
+            m.setattr(outputs.shutil, "rmtree", kill.wrap(real["rmtree"]))
+            m.setattr(Path, "unlink", kill.wrap(real["unlink"]))
+            m.setattr(Path, "write_text", kill.wrap(real["write_text"]))
+            m.setattr(outputs, "_renameat2",
+                      kill.wrap(real["renameat2"]) if exchange else lambda *a: False)
             try:
                 outputs.publish(tmp, out, flag="--out", overwrite=True)
                 finished = True
@@ -376,32 +386,17 @@ def test_a_kill_at_any_step_of_replace_file_leaves_the_file_whole_and_no_loose_t
     `.report.md.XXXX.tmp` file, which nothing removed, was once left by a kill)."""
     real = {"replace": os.replace, "rmtree": outputs.shutil.rmtree, "write_text": Path.write_text}
 
-    class Killed(BaseException):
-        pass
-
     def attempt(stop_at: int) -> bool:
         """replace_file, killed after step ``stop_at``; whether it finished first."""
         root = tmp_path / f"w{stop_at}"
         path = root / where
         path.parent.mkdir(parents=True)
         path.write_text("old")
-        steps = [0]
-
-        def step(name):
-            def wrapped(*args, **kwargs):
-                if steps[0] >= stop_at:
-                    return None  # dead: no clean-up runs
-                result = real[name](*args, **kwargs)
-                steps[0] += 1
-                if steps[0] == stop_at:
-                    raise Killed
-                return result
-            return wrapped
-
+        kill = KillAfter(stop_at)
         with monkeypatch.context() as m:
-            m.setattr(outputs.os, "replace", step("replace"))
-            m.setattr(outputs.shutil, "rmtree", step("rmtree"))
-            m.setattr(Path, "write_text", step("write_text"))
+            m.setattr(outputs.os, "replace", kill.wrap(real["replace"]))
+            m.setattr(outputs.shutil, "rmtree", kill.wrap(real["rmtree"]))
+            m.setattr(Path, "write_text", kill.wrap(real["write_text"]))
             try:
                 outputs.replace_file(path, "new")
                 finished = True
