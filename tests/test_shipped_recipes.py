@@ -4,6 +4,7 @@ seeded stage; one reproduction runs end to end, shortened, over two seeds."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,9 @@ def run_seed_script(script: str, short: list[str], tmp_path: Path, *args: str) -
            "--workdir", str(tmp_path / "w"), "--out", str(out), *args]
     for s in short:
         cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    # every engine run inside the script's process: the imports paid once, not per run
+    env = dict(os.environ, LINGOFORGE_PAPERS_IN_PROCESS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
 
