@@ -117,7 +117,7 @@ ComputeDtypeName = Literal["float32", "float64", "bfloat16", "float16"]
 
 class OntoTokenizer(PluginParams):
     """``tokenizer:`` of a merge: every input whose tokenizer differs from one input's is
-    given that tokenizer first (:mod:`engine.merging.transplant`)."""
+    given that tokenizer first (the runner does it: :mod:`engine.run.transplant`)."""
 
     model: str = Field(..., description="The input model (the base or a merged model) whose tokenizer "
                        "every input takes.")

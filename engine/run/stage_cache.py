@@ -197,8 +197,8 @@ def make_current(workdir: Path, name: str, fingerprint: str) -> None:
     trash = None
     if link.is_dir() and not link.is_symlink():  # an older layout's stage folder (checked above)
         trash = Path(workdir) / f".{name}.tmp-old-{os.getpid()}"
+        outputs.mark_temp(link)  # marked before it is set aside: a killed run's leftover goes
         os.replace(link, trash)
-        outputs.mark_temp(trash)  # a killed run's leftover goes
     os.replace(tmp, link)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import torch
+from helpers import write_recipe
 from safetensors.torch import load_file
 
 from engine.cli.commands import main
@@ -46,20 +47,10 @@ def test_merging_across_tokenizers_suggests_the_transplant_then_merges(tmp_path,
         json.loads((target / "tokenizer.json").read_text())["model"]["vocab"]
 
 
-def _recipe(tmp_path: Path, mine: Path, theirs: Path, params: str) -> Path:
-    recipe = tmp_path / "merge.yaml"
-    recipe.write_text(f"""name: across
-models:
-  mine: {{path: {mine}}}
-  theirs: {{path: {theirs}}}
-stages:
-  - name: merged
-    stage: merge
-    plugin: linear
-    models: [mine, theirs]
-    params: {params}
-""")
-    return recipe
+def _recipe(tmp_path: Path, mine: Path, theirs: Path, params: dict) -> Path:
+    return write_recipe(tmp_path / "merge.yaml", "across", {"mine": mine, "theirs": theirs},
+                        [{"name": "merged", "stage": "merge", "plugin": "linear",
+                          "models": ["mine", "theirs"], "params": params}])
 
 
 def test_a_merge_with_params_tokenizer_transplants_first_and_the_result_generates(tmp_path, capsys):
@@ -70,16 +61,16 @@ def test_a_merge_with_params_tokenizer_transplants_first_and_the_result_generate
                               tokenizer=build_tokenizer(tmp_path / "tok", texts=OTHER + TINY_TEXT))
     work = tmp_path / "run"
     # without the param the run is refused before any work, and the error names the param
-    code = main(["run", str(_recipe(tmp_path, mine, theirs, "{}")), "--workdir", str(work)])
+    code = main(["run", str(_recipe(tmp_path, mine, theirs, {})), "--workdir", str(work)])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "tokenizers conflict" in err
     assert re.search(r"params tokenizer: \{model: (mine|theirs), init: omp\}", err), err
     # a model that is not an input of the merge is named at validate time
-    code = main(["validate", str(_recipe(tmp_path, mine, theirs, "{tokenizer: {model: thiers}}"))])
+    code = main(["validate", str(_recipe(tmp_path, mine, theirs, {"tokenizer": {"model": "thiers"}}))])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "'thiers' is not an input of the merge" in err
 
-    recipe = _recipe(tmp_path, mine, theirs, "{tokenizer: {model: theirs, init: omp}}")
+    recipe = _recipe(tmp_path, mine, theirs, {"tokenizer": {"model": "theirs", "init": "omp"}})
     assert main(["run", str(recipe), "--workdir", str(work)]) == 0, capsys.readouterr().err
     out = work / "merged"
     # the same transplant by hand, then the plain mean: bitwise what the stage wrote

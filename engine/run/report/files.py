@@ -195,13 +195,8 @@ def write_markdown(run: RunData, charts: dict[str, Path], note: str | None = Non
             lines += [f"![training loss against steps, tokens and seconds]"
                       f"({_rel(charts['loss'], run.folder)})", ""]
     out = run.folder / REPORT_MD
-    _replace_file(out, "\n".join(lines))
+    outputs.replace_file(out, "\n".join(lines))
     return out
-
-
-def _replace_file(path: Path, content: str) -> None:
-    """Write ``path`` through a temporary file renamed over it (never half a file)."""
-    outputs.replace_file(path, content)
 
 
 def _rel(path: Path, folder: Path) -> str:
